@@ -1,0 +1,3 @@
+from ctmask.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``ctmask`` command line (typer)."""

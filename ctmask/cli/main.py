@@ -1,0 +1,208 @@
+"""``ctmask`` command line: thin commands, each calling one public function.
+
+Heavy modules (torch) are imported inside the command bodies so ``ctmask --help`` and
+the torch-free commands start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from ctmask.core.errors import CtmaskError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="COVID-CT-Mask-Net toolchain: synthetic data, training, evaluation.",
+    pretty_exceptions_enable=False,
+)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print :class:`CtmaskError` without a traceback and exit 2; bugs keep theirs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CtmaskError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def emit_json(obj: Any, path: Optional[Path]) -> None:
+    """Write ``obj`` as JSON to ``path`` (atomically), or to stdout when ``path`` is '-'."""
+    if path is None:
+        return
+    if str(path) == "-":
+        sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+        return
+    from ctmask.core.fileio import write_json_atomic
+
+    write_json_atomic(path, obj)
+    typer.echo(f"wrote {path}", err=True)
+
+
+PresetOpt = typer.Option("small", "--preset", "-p", help="Model preset: 'small' or 'paper'.")
+JsonOpt = typer.Option(None, "--json", help="Write results as JSON to this file ('-' for stdout).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+@app.command()
+@user_errors
+def synth(
+    out: Path = typer.Argument(..., help="Output folder (created)."),
+    slices: int = typer.Option(2500, "--slices", "-n", min=3, help="Total slices over train/val/test."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; same seed, same data."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Write a synthetic chest-CT benchmark in COVIDx-CT and CNCB formats."""
+    from ctmask.core.progress import progress
+    from ctmask.data.synth import synthesize
+
+    with progress(slices, "synth", not quiet) as advance:
+        done = [0]
+
+        def on_progress(n_done: int, n_total: int) -> None:
+            advance(n_done - done[0])
+            done[0] = n_done
+
+        summary = synthesize(out, slices, seed=seed, workers=workers, progress=on_progress)
+    typer.echo(json.dumps(summary.get("counts", summary), indent=2))
+
+
+@app.command("model-info")
+@user_errors
+def model_info(
+    preset: str = PresetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Parameter counts per part and trainable counts per classifier variant."""
+    from ctmask.core.presets import get_preset
+    from ctmask.training.model import parameter_report
+
+    report = parameter_report(get_preset(preset))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for name, n in report["parts"].items():
+        typer.echo(f"{name:<22}{n:>14,}")
+    typer.echo(f"{'mask_rcnn_total':<22}{report['mask_rcnn_total']:>14,}")
+    typer.echo(f"{'total (+S)':<22}{report['total']:>14,}")
+    for v, n in report["trainable_by_variant"].items():
+        typer.echo(f"trainable[{v}]{'':<{11 - len(v)}}{n:>14,}")
+
+
+@app.command("train-seg")
+@user_errors
+def train_seg(
+    train_dir: Path = typer.Argument(..., help="CNCB-layout folder with images/ and masks/."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.pt)."),
+    preset: str = PresetOpt,
+    epochs: int = typer.Option(100, help="Epochs (paper: 100)."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Images per step (paper: 1)."),
+    lr: float = typer.Option(1e-5, help="Adam learning rate (paper: 1e-5)."),
+    weight_decay: float = typer.Option(1e-3, help="Adam weight decay (paper: 1e-3)."),
+    max_images: Optional[int] = typer.Option(None, help="Use only the first N slices."),
+    hflip: bool = typer.Option(True, help="Random left-right flips."),
+    seed: int = typer.Option(0),
+    resume: Optional[Path] = typer.Option(None, help="Continue from this segmentation checkpoint."),
+    json_out: Optional[Path] = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Train the Mask R-CNN lesion detector (the five Mask R-CNN losses)."""
+    from ctmask.core.presets import get_preset
+    from ctmask.data.cncb import list_segmentation
+    from ctmask.training.train_seg import SegTrainOptions, train_segmentation
+
+    opts = SegTrainOptions(epochs, batch_size, lr, weight_decay, hflip, seed, max_images)
+    summary = train_segmentation(get_preset(preset), list_segmentation(train_dir), out, opts, resume, not quiet)
+    last = summary["history"][-1] if summary["history"] else {}
+    typer.echo(f"trained on {summary['n_train']} slices in {summary['seconds']:.0f} s; last epoch losses: "
+               + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k != "epoch"))
+    emit_json(summary, json_out)
+
+
+@app.command("train-cls")
+@user_errors
+def train_cls(
+    init: Path = typer.Argument(..., help="Segmentation checkpoint (or classifier checkpoint to resume)."),
+    train_split: Path = typer.Option(..., "--train-split", help="COVIDx-CT split file for training."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.pt)."),
+    val_split: Optional[Path] = typer.Option(None, "--val-split", help="Split file for per-epoch validation."),
+    preset: str = PresetOpt,
+    variant: str = typer.Option("heads+bn", help="heads | heads+bn | full (paper Table 1)."),
+    epochs: int = typer.Option(50, help="Epochs (paper: 50)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Slices per step (paper: 8)."),
+    lr: float = typer.Option(1e-5, help="Adam learning rate (paper: 1e-5)."),
+    weight_decay: float = typer.Option(1e-3, help="Adam weight decay (paper: 1e-3)."),
+    crop: bool = typer.Option(False, help="Crop slices to the split file's body box."),
+    seed: int = typer.Option(0),
+    json_out: Optional[Path] = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Train the classifier S on the detector's ranked RoIs."""
+    from ctmask.core.presets import get_preset
+    from ctmask.data.covidx import read_split
+    from ctmask.training.train_cls import ClsTrainOptions, train_classifier
+
+    opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed)
+    train = read_split(train_split)
+    val = read_split(val_split) if val_split else None
+    summary = train_classifier(get_preset(preset), init, train, val, out, opts, not quiet)
+    last = summary["history"][-1] if summary["history"] else {}
+    typer.echo(f"trained on {summary['n_train']} slices in {summary['seconds']:.0f} s; last epoch: {last}")
+    emit_json(summary, json_out)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="Classifier or segmentation checkpoint."),
+    split: Optional[Path] = typer.Option(None, "--split", help="COVIDx-CT split file (classifier)."),
+    seg_dir: Optional[Path] = typer.Option(None, "--seg-dir", help="CNCB-layout folder (segmentation)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    crop: bool = typer.Option(False, help="Crop slices to the split file's body box."),
+    json_out: Optional[Path] = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Paper Table 2 (classifier) or mask AP / Dice (segmentation) on a test set."""
+    from ctmask.core.errors import ConfigError
+    from ctmask.core.metrics import format_classification_table, format_segmentation_table
+    from ctmask.training.checkpoint import load_checkpoint
+    from ctmask.training.evaluate import evaluate_classifier, evaluate_segmentation
+
+    ck = load_checkpoint(checkpoint)
+    if ck.kind == "classifier":
+        if split is None:
+            raise ConfigError("a classifier checkpoint is evaluated on a split file: pass --split FILE")
+        from ctmask.data.covidx import read_split
+
+        report = evaluate_classifier(ck, read_split(split), batch_size, crop, not quiet)
+        typer.echo(format_classification_table(report))
+    else:
+        if seg_dir is None:
+            raise ConfigError("a segmentation checkpoint is evaluated on a CNCB folder: pass --seg-dir DIR")
+        from ctmask.data.cncb import list_segmentation
+
+        report = evaluate_segmentation(ck, list_segmentation(seg_dir), batch_size, not quiet)
+        typer.echo(format_segmentation_table(report["mask_ap"], report["dice"]))
+    report = {"checkpoint": str(checkpoint), "kind": ck.kind, "preset": ck.preset.name, **report}
+    emit_json(report, json_out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Numpy-only building blocks shared by training, export and runtime (never imports torch)."""

@@ -1,0 +1,1 @@
+"""PyTorch side: models, data sets, training loops, evaluation (imports torch)."""

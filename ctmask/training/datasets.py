@@ -1,0 +1,119 @@
+"""Torch data sets over the on-disk formats, with the same pre-processing as the runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ctmask.core.preprocess import load_slice, read_gray, resize, resize_mask
+from ctmask.data.cncb import SegSample, mask_to_instances, read_mask
+from ctmask.data.covidx import SplitEntry
+
+
+def instance_targets(mask: np.ndarray, size: int) -> dict[str, torch.Tensor]:
+    """CNCB mask [H, W] (values 0..3) -> Mask R-CNN targets at ``size`` x ``size``.
+
+    Instances are found at the original resolution (connected components > 100 px), then
+    each instance mask is resized with nearest neighbour and its box recomputed from the
+    resized mask; instances that vanish in the resize are dropped.
+
+    Returns:
+        ``boxes`` float32 [K, 4] (x1, y1, x2, y2 pixels, x2/y2 exclusive), ``labels`` int64
+        [K] in {1 GGO, 2 consolidation}, ``masks`` uint8 [K, size, size].
+    """
+    _, labels, masks = mask_to_instances(mask)
+    out_boxes, out_labels, out_masks = [], [], []
+    for lab, m in zip(labels, masks):
+        r = resize_mask(m, size)
+        ys, xs = np.nonzero(r)
+        if len(xs) == 0:
+            continue
+        out_boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        out_labels.append(int(lab))
+        out_masks.append(r)
+    return {
+        "boxes": torch.tensor(np.asarray(out_boxes, dtype=np.float32).reshape(-1, 4)),
+        "labels": torch.tensor(out_labels, dtype=torch.int64),
+        "masks": torch.from_numpy(np.asarray(out_masks, dtype=np.uint8).reshape(-1, size, size)),
+    }
+
+
+def hflip_targets(target: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """Mirror targets left-right in a ``size``-wide image."""
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = size - target["boxes"][:, [2, 0]]
+    return {"boxes": boxes, "labels": target["labels"], "masks": target["masks"].flip(-1)}
+
+
+class SegmentationDataset(Dataset):
+    """CNCB-layout slices with instance targets.
+
+    Items: ``(image float32 [1, S, S] in [0, 1], target dict)``; decoded samples are cached
+    in memory (a small preset set of a few thousand slices fits easily).
+
+    Args:
+        samples: from :func:`ctmask.data.cncb.list_segmentation`.
+        size: model input side.
+        hflip: mirror each item with probability 0.5 (torch's global RNG).
+    """
+
+    def __init__(self, samples: list[SegSample], size: int, hflip: bool = False):
+        self.samples = samples
+        self.size = size
+        self.hflip = hflip
+        self._cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if i not in self._cache:
+            s = self.samples[i]
+            img = read_gray(s.image)
+            mask = read_mask(s.mask, expected_shape=img.shape)
+            image = torch.from_numpy(resize(img, self.size))[None]
+            self._cache[i] = (image, instance_targets(mask, self.size))
+        return self._cache[i]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, target = self.load(i)
+        if self.hflip and bool(torch.rand(()) < 0.5):
+            return image.flip(-1), hflip_targets(target, self.size)
+        return image, target
+
+
+class ClassificationDataset(Dataset):
+    """COVIDx-CT split entries -> ``(image float32 [1, S, S], label int)``, cached in memory.
+
+    Args:
+        entries: from :func:`ctmask.data.covidx.read_split`.
+        size: model input side.
+        crop: crop each slice to its split-file body box before resizing.
+    """
+
+    def __init__(self, entries: list[SplitEntry], size: int, crop: bool = False):
+        self.entries = entries
+        self.size = size
+        self.crop = crop
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i not in self._cache:
+            e = self.entries[i]
+            self._cache[i] = torch.from_numpy(load_slice(e.path, self.size, e.box if self.crop else None))[None]
+        return self._cache[i], self.entries[i].label
+
+
+def collate_detection(batch):
+    """Stack images [B, 1, S, S]; keep targets as a list."""
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+def collate_classification(batch):
+    """Stack images [B, 1, S, S] and labels int64 [B]."""
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.int64)
+

@@ -1,0 +1,92 @@
+"""Evaluation: paper Table 2 for the classifier; mask AP and Dice for the detector."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ctmask.core.metrics import classification_report, dice_scores, mask_ap
+from ctmask.core.progress import progress
+from ctmask.core.preprocess import resize_mask
+from ctmask.data.cncb import SegSample, lesion_label_map, read_mask
+from ctmask.data.covidx import SplitEntry
+from ctmask.training.checkpoint import Checkpoint, load_state
+from ctmask.training.datasets import ClassificationDataset, SegmentationDataset, collate_classification
+from ctmask.training.detector import build_detector, segment
+from ctmask.training.model import CovidCTMaskNet, load_weights
+
+
+def load_classifier(ck: Checkpoint) -> CovidCTMaskNet:
+    """Eval-mode COVID-CT-Mask-Net from a classifier checkpoint."""
+    model = CovidCTMaskNet(ck.preset)
+    load_weights(model, ck.model, ck.path)
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    ck: Checkpoint, entries: list[SplitEntry], batch_size: int = 8, crop: bool = False, show_progress: bool = True
+) -> dict:
+    """Classify every slice of a split; return the Table 2 report plus per-slice predictions."""
+    model = load_classifier(ck)
+    data = ClassificationDataset(entries, ck.preset.image_size, crop)
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
+    preds, probs = [], []
+    with progress(len(loader), "evaluate", show_progress) as advance:
+        for images, _ in loader:
+            _, logits = model(images)
+            probs.append(torch.softmax(logits, -1))
+            preds.append(logits.argmax(-1))
+            advance()
+    y_pred = torch.cat(preds).numpy()
+    y_true = np.array([e.label for e in entries])
+    report = classification_report(y_true, y_pred)
+    report["predictions"] = [
+        {"file": str(e.path), "label": int(e.label), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
+        for e, p, pr in zip(entries, y_pred, torch.cat(probs).numpy())
+    ]
+    return report
+
+
+def label_map_of(det: dict[str, torch.Tensor], size: int, score_thresh: float = 0.5) -> np.ndarray:
+    """Detections -> lesion label map [S, S] (0 bg, 1 GGO, 2 consolidation).
+
+    Pixels with mask probability >= 0.5 of a detection scoring >= ``score_thresh`` take its
+    class; where detections overlap the higher score wins.
+    """
+    out = np.zeros((size, size), dtype=np.uint8)
+    best = np.zeros((size, size), dtype=np.float32)
+    for m, s, lab in zip(det["masks"][:, 0].numpy(), det["scores"].numpy(), det["labels"].numpy()):
+        if s < score_thresh:
+            continue
+        sel = (m >= 0.5) & (s > best)
+        out[sel], best[sel] = lab, s
+    return out
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    ck: Checkpoint, samples: list[SegSample], batch_size: int = 4, show_progress: bool = True
+) -> dict:
+    """Mask AP over IoU 0.50:0.95 and Dice per lesion class at the model's input size."""
+    detector = build_detector(ck.preset)
+    load_state(detector, ck.model, ck.path)
+    detector.eval()
+    size = ck.preset.image_size
+    data = SegmentationDataset(samples, size)
+    preds, gts, pred_maps = [], [], []
+    with progress(len(data), "evaluate-seg", show_progress) as advance:
+        for start in range(0, len(data), batch_size):
+            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            dets = segment(detector, torch.stack([im for im, _ in items]))
+            for (_, tgt), det in zip(items, dets):
+                preds.append(
+                    {"masks": det["masks"][:, 0].numpy() >= 0.5, "scores": det["scores"].numpy(), "labels": det["labels"].numpy()}
+                )
+                gts.append({"masks": tgt["masks"].numpy().astype(bool), "labels": tgt["labels"].numpy()})
+                pred_maps.append(label_map_of(det, size))
+            advance(len(items))
+    # Dice is measured against the full lesion masks, small components included.
+    gt_maps = [resize_mask(lesion_label_map(read_mask(s.mask)), size) for s in samples]
+    return {"mask_ap": mask_ap(preds, gts), "dice": dice_scores(pred_maps, gt_maps), "n": len(samples)}

@@ -1,0 +1,149 @@
+"""COVID-CT-Mask-Net: detector -> ranked RoIs [B, N, 5] -> classifier S -> logits [B, 3]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+
+from ctmask.core.errors import ConfigError
+from ctmask.core.presets import Preset
+from ctmask.training.checkpoint import load_state
+from ctmask.training.detector import build_detector
+from ctmask.training.ranked_rois import RankedRoIs
+
+VARIANTS: tuple[str, ...] = ("heads", "heads+bn", "full")
+"""Classifier training variants (paper Table 1): S only; S + BatchNorm affine; everything."""
+
+
+class RoIClassifier(nn.Module):
+    """S: Linear(5N -> F) + ReLU, Linear(F -> F) + ReLU, Linear(F -> 3), Kaiming-normal init.
+
+    The [N, 5] ranked RoI batch is flattened row-major to ``[s1, dx1, dy1, dw1, dh1, s2, ...]``.
+    """
+
+    def __init__(self, n_rois: int, width: int, num_classes: int = 3):
+        super().__init__()
+        self.n_rois = n_rois
+        self.net = nn.Sequential(
+            nn.Linear(5 * n_rois, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, num_classes),
+        )
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, rois: Tensor) -> Tensor:
+        """``rois`` float32 [B, N, 5] -> logits float32 [B, 3]."""
+        return self.net(rois.flatten(1))
+
+
+class CovidCTMaskNet(nn.Module):
+    """Detector (always in inference mode) + ranked RoI module + S.
+
+    ``forward(images [B, 1, S, S] in [0, 1]) -> (rois [B, N, 5], logits [B, 3])``.
+    """
+
+    def __init__(self, preset: Preset, detector: MaskRCNN | None = None):
+        super().__init__()
+        self.preset = preset
+        self.detector = detector if detector is not None else build_detector(preset)
+        self.ranker = RankedRoIs(self.detector, preset)
+        self.classifier = RoIClassifier(preset.n_rois, preset.classifier_width, preset.num_slice_classes)
+
+    def train(self, mode: bool = True) -> "CovidCTMaskNet":
+        # The detector computes no losses and keeps its BN statistics frozen while S trains.
+        super().train(mode)
+        self.detector.eval()
+        return self
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        rois = self.ranker(images)
+        return rois, self.classifier(rois)
+
+    def state_dict_for_checkpoint(self) -> dict[str, Tensor]:
+        """Detector + S weights under ``detector.*`` / ``classifier.*`` (no duplicates)."""
+        sd = {f"detector.{k}": v for k, v in self.detector.state_dict().items()}
+        sd.update({f"classifier.{k}": v for k, v in self.classifier.state_dict().items()})
+        return sd
+
+
+def count(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (BN running statistics excluded)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def bn_affine_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Weight and bias of every BatchNorm layer in ``module``."""
+    return [p for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()]
+
+
+def set_variant(model: CovidCTMaskNet, variant: str) -> list[nn.Parameter]:
+    """Set ``requires_grad`` for a classifier training variant; return the trained parameters.
+
+    Raises:
+        ConfigError: ``variant`` is not one of :data:`VARIANTS`.
+    """
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown classifier variant {variant!r}; expected one of {list(VARIANTS)}")
+    model.detector.requires_grad_(variant == "full")
+    if variant == "heads+bn":
+        for p in bn_affine_parameters(model.detector):
+            p.requires_grad_(True)
+    model.classifier.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_report(preset: Preset) -> dict:
+    """Parameter counts per part and trainable counts per classifier variant."""
+    model = CovidCTMaskNet(preset)
+    d = model.detector
+    parts = {
+        "backbone_body": count(d.backbone.body),
+        "fpn": count(d.backbone.fpn),
+        "rpn_head": count(d.rpn.head),
+        "box_head": count(d.roi_heads.box_head),
+        "box_predictor": count(d.roi_heads.box_predictor),
+        "mask_branch": count(d.roi_heads.mask_head) + count(d.roi_heads.mask_predictor),
+        "classifier_s": count(model.classifier),
+    }
+    bn_stats = sum(b.numel() for m in d.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers())
+    report = {
+        "preset": preset.name,
+        "parts": parts,
+        "mask_rcnn_total": count(d),
+        "mask_rcnn_total_with_bn_statistics": count(d) + bn_stats,
+        "classifier_s": parts["classifier_s"],
+        "total": count(model),
+        "trainable_by_variant": {},
+    }
+    for v in VARIANTS:
+        set_variant(model, v)
+        report["trainable_by_variant"][v] = count(model, trainable_only=True)
+    return report
+
+
+def load_weights(model: CovidCTMaskNet, state: dict[str, Tensor], path: Path) -> None:
+    """Load :meth:`CovidCTMaskNet.state_dict_for_checkpoint` output (strict).
+
+    Raises:
+        CheckpointError: naming ``path``, when keys or shapes do not fit the model.
+    """
+    det = {k[len("detector.") :]: v for k, v in state.items() if k.startswith("detector.")}
+    cls = {k[len("classifier.") :]: v for k, v in state.items() if k.startswith("classifier.")}
+    load_state(model.detector, det, path)
+    load_state(model.classifier, cls, path)
+
+
+@torch.no_grad()
+def predict(model: CovidCTMaskNet, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Eval-mode forward: rois [B, N, 5], class probabilities [B, 3] (softmax of logits)."""
+    model.eval()
+    rois, logits = model(images)
+    return rois, torch.softmax(logits, -1)

@@ -1,0 +1,192 @@
+"""Fixed-shape inference post-processing: image batch -> ranked RoI tensor [B, N, 5].
+
+Every tensor after the backbone has a static shape except the batch: where torchvision
+drops elements with boolean indexing, this module keeps them and carries a validity mask;
+NMS results are scattered into a keep-mask of fixed size, and selection is ``where`` +
+``topk``. The same code therefore exports with ``torch.onnx.export(..., dynamo=True)``
+to a graph in which only the batch dimension is symbolic.
+
+Ranked RoI rows are ``(score, dx, dy, dw, dh)``: the softmax score of one non-background
+class and that class's *encoded* box-regression output (box coder weights 10, 10, 5, 5),
+highest score first. **Padding:** when fewer than N candidates survive (thresholds, NMS,
+degenerate boxes), the remaining rows are all zeros. A zero row is never produced by a real
+candidate (softmax scores are > 0), so padding is unambiguous and deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import roi_align
+
+from ctmask.core.presets import Preset
+from ctmask.training.detector import FPN_STRIDES, fixed_anchors, normalize
+
+NEG_INF = float("-inf")
+
+
+def static_batched_nms(
+    boxes: Tensor, scores: Tensor, groups: Tensor, n_groups: int, iou: float, extent: float
+) -> Tensor:
+    """Keep-mask of NMS done independently per image and per group, with static shapes.
+
+    Boxes of different images / groups are moved apart by an offset larger than any box
+    coordinate so a single NMS call never lets them suppress each other.
+
+    Args:
+        boxes: float [B, K, 4] (x1, y1, x2, y2), coordinates within [0, extent].
+        scores: float [B, K]; candidates to ignore must carry ``-inf``.
+        groups: int64 [K] or [B, K], group (e.g. class or level) of each candidate, in
+            [0, n_groups).
+        n_groups: number of groups per image.
+        iou: IoU above which the lower-scored box is suppressed.
+        extent: upper bound of any coordinate (the image side).
+
+    Returns:
+        bool [B, K], True where the candidate survives NMS (``-inf`` ones included; mask
+        them with their own validity).
+    """
+    b, k = scores.shape
+    gid = groups.expand(b, k) + torch.arange(b, device=boxes.device).view(b, 1) * n_groups
+    offsets = (gid.to(boxes.dtype) * (extent + 1.0)).unsqueeze(-1)
+    flat_boxes = (boxes + offsets).reshape(-1, 4)
+    keep = box_ops.nms(flat_boxes, scores.reshape(-1), iou)
+    mask = torch.zeros(b * k, dtype=torch.bool, device=boxes.device)
+    mask = mask.scatter(0, keep, torch.ones_like(keep, dtype=torch.bool))
+    return mask.view(b, k)
+
+
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x`` [B, K, D], ``idx`` [B, M] -> [B, M, D]."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def level_mapper_levels(boxes: Tensor, k_min: int, k_max: int) -> Tensor:
+    """FPN level index (0-based) of each box, as torchvision's ``LevelMapper`` assigns it.
+
+    Args:
+        boxes: float [..., 4]. Returns int64 [...] in [0, k_max - k_min].
+    """
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    s = torch.sqrt(area)
+    lvl = torch.floor(4 + torch.log2(s / 224.0) + 1e-6)
+    return (torch.clamp(lvl, min=k_min, max=k_max) - k_min).to(torch.int64)
+
+
+class RankedRoIs(nn.Module):
+    """Detector inference producing the ranked RoI batch, with static shapes.
+
+    Shares (does not copy) the submodules of a torchvision Mask R-CNN built by
+    :func:`ctmask.training.detector.build_detector`.
+
+    Args:
+        detector: the Mask R-CNN.
+        preset: supplies image size, RPN top-N, NMS / score thresholds and N.
+    """
+
+    def __init__(self, detector: MaskRCNN, preset: Preset):
+        super().__init__()
+        self.backbone = detector.backbone
+        self.rpn_head = detector.rpn.head
+        self.box_head = detector.roi_heads.box_head
+        self.box_predictor = detector.roi_heads.box_predictor
+        self.rpn_coder = detector.rpn.box_coder
+        self.box_coder = detector.roi_heads.box_coder
+        self.preset = preset
+        self.image_size = preset.image_size
+        self.register_buffer("anchors", fixed_anchors(detector, preset.image_size), persistent=False)
+        a = preset.anchors_per_location
+        self.level_sizes = [a * (preset.image_size // s) ** 2 for s in FPN_STRIDES]
+        self.k_min = int(math.log2(FPN_STRIDES[0]))
+        self.k_max = int(math.log2(FPN_STRIDES[-1]))
+
+    def proposals(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """RPN proposals [B, P, 4] and their validity [B, P] (P = post-NMS top-N)."""
+        p = self.preset
+        objectness, deltas = self.rpn_head(features)
+        b = features[0].shape[0]
+        obj = torch.cat([o.permute(0, 2, 3, 1).reshape(b, -1) for o in objectness], 1)
+        dl = torch.cat(
+            [d.view(b, -1, 4, d.shape[-2], d.shape[-1]).permute(0, 3, 4, 1, 2).reshape(b, -1, 4) for d in deltas], 1
+        )
+        # Per-level top-k on raw objectness, as torchvision's RPN does.
+        idx, lvl, start = [], [], 0
+        for i, n in enumerate(self.level_sizes):
+            k = min(p.rpn_pre_nms_top_n_test, n)
+            top = obj[:, start : start + n].topk(k, dim=1).indices + start
+            idx.append(top)
+            lvl.append(torch.full((k,), i, dtype=torch.int64, device=obj.device))
+            start += n
+        idx = torch.cat(idx, 1)
+        levels = torch.cat(lvl)
+        scores = torch.sigmoid(torch.gather(obj, 1, idx))
+        anchors = self.anchors[idx.reshape(-1)]
+        boxes = self.rpn_coder.decode_single(gather_rows(dl, idx).reshape(-1, 4), anchors)
+        boxes = box_ops.clip_boxes_to_image(boxes, (self.image_size, self.image_size)).view(b, -1, 4)
+        valid = ((boxes[..., 2] - boxes[..., 0]) >= 1e-3) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-3)
+        scores = torch.where(valid, scores, NEG_INF)
+        keep = static_batched_nms(boxes, scores, levels, len(self.level_sizes), p.rpn_nms_thresh, float(self.image_size)) & valid
+        ranked = torch.where(keep, scores, NEG_INF)
+        top = ranked.topk(min(p.rpn_post_nms_top_n_test, ranked.shape[1]), dim=1)
+        return gather_rows(boxes, top.indices), top.values > NEG_INF
+
+    def roi_features(self, features: list[Tensor], boxes: Tensor) -> Tensor:
+        """Multi-scale RoIAlign 7x7 of ``boxes`` [B, P, 4] -> [B * P, C, 7, 7].
+
+        Every box is pooled from every level and the level torchvision's ``LevelMapper``
+        assigns is selected with ``where``: same values as ``MultiScaleRoIAlign`` without
+        data-dependent gathers.
+        """
+        b, n = boxes.shape[:2]
+        batch_idx = torch.arange(b, device=boxes.device, dtype=boxes.dtype).view(b, 1, 1).expand(b, n, 1)
+        rois = torch.cat([batch_idx, boxes], -1).reshape(-1, 5)
+        levels = level_mapper_levels(boxes.reshape(-1, 4), self.k_min, self.k_max).view(-1, 1, 1, 1)
+        out = None
+        for i, (feat, stride) in enumerate(zip(features, FPN_STRIDES)):
+            pooled = roi_align(feat, rois, (7, 7), spatial_scale=1.0 / stride, sampling_ratio=2, aligned=False)
+            out = pooled if out is None else torch.where(levels == i, pooled, out)
+        return out
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Ranked RoIs of a batch.
+
+        Args:
+            images: float32 [B, 1, S, S], lung-window grayscale in [0, 1].
+
+        Returns:
+            float32 [B, N, 5] rows ``(score, dx, dy, dw, dh)``, highest score first,
+            zero rows as padding.
+        """
+        p = self.preset
+        feats = self.backbone(normalize(images))
+        features = [feats[str(i)] for i in range(len(FPN_STRIDES))]
+        proposals, prop_valid = self.proposals(features)
+        b, n_prop = prop_valid.shape
+        box_feats = self.box_head(self.roi_features(features, proposals))
+        class_logits, box_regression = self.box_predictor(box_feats)
+        n_cls = class_logits.shape[-1]
+        scores = torch.softmax(class_logits, -1).view(b, n_prop, n_cls)[..., 1:]
+        deltas = box_regression.view(b, n_prop, n_cls, 4)[..., 1:, :]
+        boxes = self.box_coder.decode_single(box_regression, proposals.reshape(-1, 4))
+        boxes = box_ops.clip_boxes_to_image(boxes.view(-1, 4), (self.image_size, self.image_size))
+        boxes = boxes.view(b, n_prop, n_cls, 4)[..., 1:, :]
+        # Candidates: one per (proposal, non-background class), proposal-major order.
+        m = n_prop * (n_cls - 1)
+        scores, deltas, boxes = scores.reshape(b, m), deltas.reshape(b, m, 4), boxes.reshape(b, m, 4)
+        classes = torch.arange(n_cls - 1, device=images.device).repeat(n_prop)
+        wh_ok = ((boxes[..., 2] - boxes[..., 0]) >= 1e-2) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-2)
+        valid = prop_valid.repeat_interleave(n_cls - 1, dim=1) & wh_ok & (scores > p.cls_score_thresh)
+        masked = torch.where(valid, scores, NEG_INF)
+        keep = static_batched_nms(boxes, masked, classes, n_cls - 1, p.cls_nms_thresh, float(self.image_size)) & valid
+        ranked = torch.where(keep, scores, NEG_INF)
+        if m < p.n_rois:
+            ranked = torch.cat([ranked, ranked.new_full((b, p.n_rois - m), NEG_INF)], 1)
+            scores = torch.cat([scores, scores.new_zeros(b, p.n_rois - m)], 1)
+            deltas = torch.cat([deltas, deltas.new_zeros(b, p.n_rois - m, 4)], 1)
+        top = ranked.topk(p.n_rois, dim=1)
+        rows = gather_rows(torch.cat([scores.unsqueeze(-1), deltas], -1), top.indices)
+        return torch.where((top.values > NEG_INF).unsqueeze(-1), rows, torch.zeros_like(rows))

@@ -1,0 +1,149 @@
+"""Classifier training: S on the ranked RoIs of the (inference-mode) detector.
+
+Variants (paper Table 1): ``heads`` trains S only, ``heads+bn`` also the BatchNorm affine
+parameters of the detector, ``full`` everything. Loss: per-class sigmoid binary
+cross-entropy on one-hot labels. For ``heads`` the detector is a constant function, so
+its ranked RoIs are computed once per image and S trains on them directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ctmask.core.errors import ConfigError
+from ctmask.core.presets import Preset
+from ctmask.core.progress import progress
+from ctmask.data.covidx import SplitEntry
+from ctmask.training.checkpoint import load_checkpoint, load_state, save_checkpoint
+from ctmask.training.datasets import ClassificationDataset, collate_classification
+from ctmask.training.model import CovidCTMaskNet, load_weights, set_variant
+
+
+@dataclass(frozen=True)
+class ClsTrainOptions:
+    """Options of :func:`train_classifier` (paper defaults; stored in the checkpoint)."""
+
+    variant: str = "heads+bn"
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-5
+    weight_decay: float = 1e-3
+    crop: bool = False
+    seed: int = 0
+
+
+def bce_one_hot(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-class sigmoid BCE of logits [B, C] against one-hot(labels [B])."""
+    return F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype))
+
+
+@torch.no_grad()
+def ranked_rois_of(model: CovidCTMaskNet, data: ClassificationDataset, batch_size: int, show: bool) -> TensorDataset:
+    """Ranked RoIs [M, N, 5] and labels [M] of every slice in ``data`` (eval mode)."""
+    model.eval()
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
+    rois, labels = [], []
+    with progress(len(loader), "ranked RoIs", show) as advance:
+        for images, y in loader:
+            rois.append(model.ranker(images))
+            labels.append(y)
+            advance()
+    return TensorDataset(torch.cat(rois), torch.cat(labels))
+
+
+def accuracy(model: CovidCTMaskNet, loader: DataLoader, cached: bool) -> float:
+    """Top-1 accuracy of the model on ``loader`` (images or cached RoIs)."""
+    model.eval()
+    correct = n = 0
+    with torch.no_grad():
+        for x, y in loader:
+            logits = model.classifier(x) if cached else model(x)[1]
+            correct += int((logits.argmax(-1) == y).sum())
+            n += len(y)
+    return correct / max(n, 1)
+
+
+def init_model(preset: Preset, init: str | Path) -> tuple[CovidCTMaskNet, dict | None, int, dict]:
+    """Model from a segmentation checkpoint (fresh S) or a classifier checkpoint (resume)."""
+    ck = load_checkpoint(init, preset=preset.name)
+    model = CovidCTMaskNet(preset)
+    if ck.kind == "segmentation":
+        load_state(model.detector, ck.model, ck.path)
+        return model, None, 0, {}
+    load_weights(model, ck.model, ck.path)
+    return model, ck.optimizer, ck.epoch, ck.config
+
+
+def train_classifier(
+    preset: Preset,
+    init: str | Path,
+    train: list[SplitEntry],
+    val: list[SplitEntry] | None,
+    out: str | Path,
+    opts: ClsTrainOptions,
+    show_progress: bool = True,
+) -> dict:
+    """Train S (and, per variant, detector parameters); checkpoint after every epoch.
+
+    Args:
+        preset: model preset (must match ``init``).
+        init: segmentation checkpoint (start) or classifier checkpoint (resume).
+        train, val: COVIDx-CT split entries; ``val`` may be None.
+        out: classifier checkpoint path.
+        opts: variant, epochs, batch size, Adam settings, crop, seed.
+
+    Returns:
+        Summary dict with per-epoch loss / validation accuracy and seconds.
+    """
+    if opts.epochs < 1 or opts.batch_size < 1:
+        raise ConfigError(f"epochs and batch size must be >= 1, got {opts.epochs} and {opts.batch_size}")
+    torch.manual_seed(opts.seed)
+    model, opt_state, start_epoch, prev = init_model(preset, init)
+    params = set_variant(model, opts.variant)
+    optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    if opt_state is not None and prev.get("train", {}).get("variant") == opts.variant:
+        optimizer.load_state_dict(opt_state)
+    history = list(prev.get("history", []))
+    t0 = time.perf_counter()
+    train_data = ClassificationDataset(train, preset.image_size, opts.crop)
+    val_data = ClassificationDataset(val, preset.image_size, opts.crop) if val else None
+    cached = opts.variant == "heads"
+    if cached:
+        train_data = ranked_rois_of(model, train_data, opts.batch_size, show_progress)
+        val_data = ranked_rois_of(model, val_data, opts.batch_size, show_progress) if val_data else None
+    collate = None if cached else collate_classification
+    gen = torch.Generator().manual_seed(opts.seed)
+    loader = DataLoader(train_data, batch_size=opts.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+    val_loader = DataLoader(val_data, batch_size=opts.batch_size, collate_fn=collate) if val_data else None
+    for epoch in range(start_epoch, opts.epochs):
+        model.train()
+        total = 0.0
+        with progress(len(loader), f"train-cls {opts.variant} epoch {epoch + 1}/{opts.epochs}", show_progress) as adv:
+            for x, y in loader:
+                logits = model.classifier(x) if cached else model(x)[1]
+                loss = bce_one_hot(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss)
+                adv(status=f"loss {float(loss):.4f}")
+        record = {"epoch": epoch + 1, "loss": total / len(loader)}
+        if val_loader is not None:
+            record["val_accuracy"] = accuracy(model, val_loader, cached)
+        history.append(record)
+        save_checkpoint(
+            out,
+            kind="classifier",
+            preset=preset,
+            model=model.state_dict_for_checkpoint(),
+            optimizer=optimizer.state_dict(),
+            epoch=epoch + 1,
+            config={"train": asdict(opts), "init": str(init), "n_train": len(train), "history": history},
+        )
+    return {"history": history, "seconds": time.perf_counter() - t0, "n_train": len(train)}

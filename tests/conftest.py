@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny synthetic data sets and trained-for-one-step checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores on CI: keep torch from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A 24-slice synthetic benchmark (train/val/test, all three classes)."""
+    from ctmask.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, 24, seed=3, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def seg_ckpt(synth_dir, tmp_path_factory):
+    """A small-preset segmentation checkpoint trained for one short epoch."""
+    from ctmask.core.presets import SMALL
+    from ctmask.data.cncb import list_segmentation
+    from ctmask.training.train_seg import SegTrainOptions, train_segmentation
+
+    out = tmp_path_factory.mktemp("ckpt") / "seg.pt"
+    samples = list_segmentation(synth_dir / "segmentation" / "train")
+    train_segmentation(SMALL, samples, out, SegTrainOptions(epochs=1, batch_size=4, lr=1e-3, max_images=8), None, False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cls_ckpt(synth_dir, seg_ckpt, tmp_path_factory):
+    """A small-preset classifier checkpoint (heads variant, two epochs)."""
+    from ctmask.core.presets import SMALL
+    from ctmask.data.covidx import read_split
+    from ctmask.training.train_cls import ClsTrainOptions, train_classifier
+
+    out = tmp_path_factory.mktemp("ckpt") / "cls.pt"
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")
+    val = read_split(synth_dir / "val_COVIDx_CT.txt")
+    train_classifier(SMALL, seg_ckpt, train, val, out, ClsTrainOptions("heads", epochs=2, batch_size=4, lr=1e-3), False)
+    return out

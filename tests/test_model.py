@@ -1,0 +1,179 @@
+"""Model structure, the fixed-shape ranked RoI module and its export."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ctmask.core.presets import PAPER, SMALL
+from ctmask.training.detector import build_detector, detector_losses, image_list, normalize
+from ctmask.training.model import CovidCTMaskNet, parameter_report, set_variant
+
+
+def test_paper_parameter_counts_match_reference():
+    r = parameter_report(PAPER)
+    assert r["parts"] == {
+        "backbone_body": 23_508_032,
+        "fpn": 3_344_384,
+        "rpn_head": 628_630,
+        "box_head": 1_622_272,
+        "box_predictor": 1_935,
+        "mask_branch": 2_623_491,
+        "classifier_s": 2_364_419,
+    }
+    assert r["mask_rcnn_total"] == 31_728_744
+    assert r["mask_rcnn_total_with_bn_statistics"] == 31_781_917
+    assert r["total"] == 34_093_163
+    assert r["trainable_by_variant"]["heads"] == 2_364_419
+    assert r["trainable_by_variant"]["full"] == 34_093_163
+    # heads+bn adds exactly the backbone's BatchNorm weights and biases.
+    assert r["trainable_by_variant"]["heads+bn"] - 2_364_419 == 31_781_917 - 31_728_744 - 53  # mean+var buffers match weight+bias
+
+
+def test_paper_architecture_details():
+    d = build_detector(PAPER)
+    assert d.backbone.fpn.extra_blocks is None
+    assert d.rpn.anchor_generator.num_anchors_per_location() == [30, 30, 30, 30]
+    assert d.roi_heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert d.rpn.nms_thresh == 0.75
+    assert d.roi_heads.box_head.fc6.in_features == 12544
+    assert d.roi_heads.box_head.fc7.out_features == 128
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in d.backbone.body.modules())
+
+
+def _small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return CovidCTMaskNet(dataclasses.replace(SMALL, **overrides)).eval()
+
+
+def test_ranked_rois_shape_and_determinism():
+    model = _small_model()
+    s = SMALL.image_size
+    images = torch.rand(3, 1, s, s, generator=torch.Generator().manual_seed(1))
+    images[1] = 0.0  # an all-black slice: nothing to detect
+    with torch.no_grad():
+        rois_a, logits_a = model(images)
+        rois_b, logits_b = model(images)
+        rois_single, _ = model(images[1:2])
+    assert rois_a.shape == (3, SMALL.n_rois, 5) and logits_a.shape == (3, 3)
+    assert torch.equal(rois_a, rois_b) and torch.equal(logits_a, logits_b)
+    assert torch.isfinite(rois_a).all()
+    # Scores ranked highest first, and batching does not change a slice's result.
+    assert (rois_a[..., 0].diff(dim=1) <= 0).all()
+    torch.testing.assert_close(rois_single[0], rois_a[1], rtol=1e-5, atol=1e-5)
+
+
+def test_ranked_rois_match_torchvision_postprocessing():
+    """Static-shape post-processing selects exactly what torchvision's dynamic one does."""
+    model = _small_model(seed=2)
+    d = model.detector
+    d.roi_heads.score_thresh = SMALL.cls_score_thresh
+    d.roi_heads.nms_thresh = SMALL.cls_nms_thresh
+    d.roi_heads.detections_per_img = SMALL.n_rois
+    s = SMALL.image_size
+    images = torch.rand(2, 1, s, s, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        rois, _ = model(images)
+        x = normalize(images)
+        il = image_list(x)
+        feats = d.backbone(x)
+        proposals, _ = d.rpn(il, feats)
+        mine, valid = model.ranker.proposals([feats[str(i)] for i in range(4)])
+        dets, _ = d.roi_heads(feats, proposals, il.image_sizes)
+    for i in range(2):
+        n = len(proposals[i])
+        assert int(valid[i].sum()) == n
+        # Same proposals; rows with exactly tied scores may come in another order.
+        torch.testing.assert_close(torch.unique(mine[i, :n], dim=0), torch.unique(proposals[i], dim=0))
+        k = len(dets[i]["scores"])
+        torch.testing.assert_close(rois[i, :k, 0], dets[i]["scores"])
+
+
+def test_padding_is_zero_rows_when_few_candidates():
+    # 40 proposals x 2 classes = 80 candidates < N = 100: the tail must be zero rows.
+    model = _small_model(n_rois=100, rpn_post_nms_top_n_test=40, rpn_pre_nms_top_n_test=40)
+    s = SMALL.image_size
+    with torch.no_grad():
+        rois, logits = model(torch.rand(2, 1, s, s))
+    assert rois.shape == (2, 100, 5)
+    assert torch.equal(rois[:, 80:], torch.zeros(2, 20, 5))
+    assert (rois[:, :1, 0] > 0).all()
+    assert torch.isfinite(logits).all()
+
+
+def test_variants_select_parameters():
+    model = _small_model()
+    n_cls = sum(p.numel() for p in model.classifier.parameters())
+    assert sum(p.numel() for p in set_variant(model, "heads")) == n_cls
+    bn = sum(p.numel() for p in set_variant(model, "heads+bn")) - n_cls
+    assert bn > 0 and all(
+        p.requires_grad == isinstance(m, torch.nn.BatchNorm2d)
+        for m in model.detector.modules() if not list(m.children()) for p in m.parameters(recurse=False)
+    )
+    assert sum(p.numel() for p in set_variant(model, "full")) == sum(p.numel() for p in model.parameters())
+    from ctmask.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown classifier variant"):
+        set_variant(model, "bn-only")
+
+
+def test_detector_stays_in_inference_mode_while_training_s():
+    model = _small_model()
+    model.train()
+    assert model.classifier.training and not model.detector.training
+    assert not any(m.training for m in model.detector.modules())
+
+
+@pytest.mark.slow
+def test_paper_preset_training_step_and_eval_forward():
+    torch.manual_seed(0)
+    s = PAPER.image_size
+    detector = build_detector(PAPER).train()
+    masks = torch.zeros(2, s, s, dtype=torch.uint8)
+    masks[0, 100:160, 120:200] = 1
+    masks[1, 300:420, 280:330] = 1
+    target = {"boxes": torch.tensor([[120.0, 100, 200, 160], [280.0, 300, 330, 420]]),
+              "labels": torch.tensor([1, 2]), "masks": masks}
+    losses = detector_losses(detector, torch.rand(1, 1, s, s), [target])
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    opt = torch.optim.Adam(detector.parameters(), lr=1e-5)
+    before = detector.roi_heads.box_predictor.cls_score.weight.detach().clone()
+    total.backward()
+    opt.step()
+    assert not torch.equal(before, detector.roi_heads.box_predictor.cls_score.weight)
+
+    model = CovidCTMaskNet(PAPER, detector).eval()
+    with torch.no_grad():
+        rois, logits = model(torch.rand(1, 1, s, s))
+    assert rois.shape == (1, 256, 5) and logits.shape == (1, 3)
+    assert torch.isfinite(rois).all() and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_small_model_exports_with_dynamo_and_runs_in_onnxruntime(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _small_model(seed=4)
+    s = SMALL.image_size
+    images = torch.rand(2, 1, s, s, generator=torch.Generator().manual_seed(5))
+    path = tmp_path / "small.onnx"
+    torch.onnx.export(
+        model, (images,), str(path), dynamo=True, opset_version=18,
+        input_names=["images"], output_names=["rois", "logits"], dynamic_shapes={"images": {0: "batch"}},
+    )
+    graph = onnx.load(str(path)).graph
+    dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    assert isinstance(dims["rois"][0], str) and dims["rois"][1:] == [SMALL.n_rois, 5]
+    assert isinstance(dims["logits"][0], str) and dims["logits"][1:] == [3]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (images, images[:1]):
+        rois_o, logits_o = sess.run(None, {"images": batch.numpy()})
+        with torch.no_grad():
+            rois_t, logits_t = model(batch)
+        assert rois_o.shape == tuple(rois_t.shape)
+        assert abs(logits_o - logits_t.numpy()).max() < 1e-3
+        assert abs(rois_o[..., 0] - rois_t[..., 0].numpy()).max() < 1e-4
