@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 
@@ -38,7 +39,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def emit_json(obj: Any, path: Optional[Path]) -> None:
+def emit_json(obj: Any, path: Path | None) -> None:
     """Write ``obj`` as JSON to ``path`` (atomically), or to stdout when ``path`` is '-'."""
     if path is None:
         return
@@ -62,7 +63,7 @@ def synth(
     out: Path = typer.Argument(..., help="Output folder (created)."),
     slices: int = typer.Option(2500, "--slices", "-n", min=3, help="Total slices over train/val/test."),
     seed: int = typer.Option(0, "--seed", help="Random seed; same seed, same data."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+    workers: int | None = typer.Option(None, "--workers", help="Processes (default: all cores)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Write a synthetic chest-CT benchmark in COVIDx-CT and CNCB formats."""
@@ -112,11 +113,11 @@ def train_seg(
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Images per step (paper: 1)."),
     lr: float = typer.Option(1e-5, help="Adam learning rate (paper: 1e-5)."),
     weight_decay: float = typer.Option(1e-3, help="Adam weight decay (paper: 1e-3)."),
-    max_images: Optional[int] = typer.Option(None, help="Use only the first N slices."),
+    max_images: int | None = typer.Option(None, help="Use only the first N slices."),
     hflip: bool = typer.Option(True, help="Random left-right flips."),
     seed: int = typer.Option(0),
-    resume: Optional[Path] = typer.Option(None, help="Continue from this segmentation checkpoint."),
-    json_out: Optional[Path] = JsonOpt,
+    resume: Path | None = typer.Option(None, help="Continue from this segmentation checkpoint."),
+    json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Train the Mask R-CNN lesion detector (the five Mask R-CNN losses)."""
@@ -138,7 +139,7 @@ def train_cls(
     init: Path = typer.Argument(..., help="Segmentation checkpoint (or classifier checkpoint to resume)."),
     train_split: Path = typer.Option(..., "--train-split", help="COVIDx-CT split file for training."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.pt)."),
-    val_split: Optional[Path] = typer.Option(None, "--val-split", help="Split file for per-epoch validation."),
+    val_split: Path | None = typer.Option(None, "--val-split", help="Split file for per-epoch validation."),
     preset: str = PresetOpt,
     variant: str = typer.Option("heads+bn", help="heads | heads+bn | full (paper Table 1)."),
     epochs: int = typer.Option(50, help="Epochs (paper: 50)."),
@@ -147,7 +148,7 @@ def train_cls(
     weight_decay: float = typer.Option(1e-3, help="Adam weight decay (paper: 1e-3)."),
     crop: bool = typer.Option(False, help="Crop slices to the split file's body box."),
     seed: int = typer.Option(0),
-    json_out: Optional[Path] = JsonOpt,
+    json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Train the classifier S on the detector's ranked RoIs."""
@@ -168,11 +169,11 @@ def train_cls(
 @user_errors
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Classifier or segmentation checkpoint."),
-    split: Optional[Path] = typer.Option(None, "--split", help="COVIDx-CT split file (classifier)."),
-    seg_dir: Optional[Path] = typer.Option(None, "--seg-dir", help="CNCB-layout folder (segmentation)."),
+    split: Path | None = typer.Option(None, "--split", help="COVIDx-CT split file (classifier)."),
+    seg_dir: Path | None = typer.Option(None, "--seg-dir", help="CNCB-layout folder (segmentation)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     crop: bool = typer.Option(False, help="Crop slices to the split file's body box."),
-    json_out: Optional[Path] = JsonOpt,
+    json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Paper Table 2 (classifier) or mask AP / Dice (segmentation) on a test set."""

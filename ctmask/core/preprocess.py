@@ -1,7 +1,10 @@
 """Image decoding and pre-processing, shared by training, export checks and runtime.
 
-Pipeline: decode file -> grayscale float32 in [0, 1] (lung-window rendering for HU data)
--> optional crop to a body box -> bilinear resize to the model's square input.
+Pipeline: decode file -> grayscale float32 in [0, 1] -> optional crop to a body box ->
+bilinear resize to the model's square input. Rendered slices (PNG, JPEG, TIFF) are taken
+as already windowed; DICOM slices are converted to Hounsfield units (modality LUT:
+RescaleSlope / RescaleIntercept) and rendered with the lung window, as the synthetic data
+and COVIDx-CT slices are.
 Channel replication and ImageNet normalisation are *not* done here: they live inside
 the model (and its exported graph).
 """
@@ -18,7 +21,8 @@ from ctmask.core.errors import DataError
 LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 """Lung window (level, width) in Hounsfield units: maps [-1350, 150] HU to [0, 1]."""
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 def window_hu(hu: np.ndarray, level: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> np.ndarray:
@@ -37,15 +41,48 @@ def window_hu(hu: np.ndarray, level: float = LUNG_WINDOW[0], width: float = LUNG
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """Decode an 8- or 16-bit image file to a float32 [H, W] array in [0, 1].
+def is_dicom(path: Path) -> bool:
+    """True for a DICOM suffix or a file with the ``DICM`` marker after its preamble."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
 
-    Colour images are converted to luminance. Raises :class:`DataError` naming the file
-    when it is missing, truncated or not an image.
+
+def read_dicom_hu(path: str | Path) -> np.ndarray:
+    """Read a single-frame CT DICOM slice as float32 [H, W] Hounsfield units.
+
+    Raises :class:`DataError` naming the file when it is not a readable single-frame
+    DICOM image (no pixel data, several frames, compressed without a decoder).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+    except (InvalidDicomError, AttributeError, ValueError, RuntimeError, OSError, EOFError) as exc:
+        raise DataError(f"cannot decode DICOM ({exc.__class__.__name__}: {exc})", path) from None
+    if arr.ndim != 2:
+        raise DataError(f"expected a single-frame 2-D slice, found pixel array of shape {arr.shape}", path)
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    return arr.astype(np.float32) * slope + intercept
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Decode a slice to a float32 [H, W] array in [0, 1].
+
+    8- and 16-bit images are scaled by their type's range; colour images are converted to
+    luminance; DICOM is converted to HU and rendered with :data:`LUNG_WINDOW`. Raises
+    :class:`DataError` naming the file when it is missing, truncated or not an image.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError("image file does not exist", path)
+    if is_dicom(path):
+        return window_hu(read_dicom_hu(path))
     try:
         with Image.open(path) as im:
             im.load()
@@ -82,7 +119,7 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape == (size, size):
         return np.ascontiguousarray(img, dtype=np.float32)
     pil = Image.fromarray(np.asarray(img, dtype=np.float32), mode="F")
-    return np.asarray(pil.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return np.array(pil.resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ctmask.core.metrics import classification_report, dice_scores, mask_ap
-from ctmask.core.progress import progress
 from ctmask.core.preprocess import resize_mask
+from ctmask.core.progress import progress
 from ctmask.data.cncb import SegSample, lesion_label_map, read_mask
 from ctmask.data.covidx import SplitEntry
 from ctmask.training.checkpoint import Checkpoint, load_state

@@ -57,7 +57,7 @@ class CovidCTMaskNet(nn.Module):
         self.ranker = RankedRoIs(self.detector, preset)
         self.classifier = RoIClassifier(preset.n_rois, preset.classifier_width, preset.num_slice_classes)
 
-    def train(self, mode: bool = True) -> "CovidCTMaskNet":
+    def train(self, mode: bool = True) -> CovidCTMaskNet:
         # The detector computes no losses and keeps its BN statistics frozen while S trains.
         super().train(mode)
         self.detector.eval()

@@ -80,8 +80,8 @@ def train_segmentation(
                 total.backward()
                 optimizer.step()
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                advance(status=f"loss {float(total):.3f}")
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                advance(status=f"loss {float(total.detach()):.3f}")
         means = {k: v / len(loader) for k, v in sums.items()}
         history.append({"epoch": epoch + 1, **means})
         save_checkpoint(
