@@ -6,7 +6,7 @@ DEMO := demo-out
 # torch / torchvision pinned to the releases this project is verified with.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test clean
+.PHONY: install demo test accuracy clean
 
 $(BIN)/ctmask: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 		--out $(DEMO)/cls.pt --epochs 60 --batch-size 16 --lr 1e-3 --json $(DEMO)/train-cls.json
 	$(BIN)/ctmask evaluate $(DEMO)/cls.pt --split $(DEMO)/data/test_COVIDx_CT.txt --json $(DEMO)/eval-cls.json
 	@echo "demo: trained the small preset on the synthetic set in $(DEMO)/data (see $(DEMO)/data/synth.json)"
+
+# The full accuracy run (2,500 synthetic slices; about 30 minutes on 2 cores).
+accuracy: install
+	scripts/accuracy.sh runs/accuracy
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -91,6 +91,25 @@ def test_ranked_rois_match_torchvision_postprocessing():
         torch.testing.assert_close(rois[i, :k, 0], dets[i]["scores"])
 
 
+def test_export_form_of_roi_pooling_matches_eager():
+    from ctmask.training.ranked_rois import level_mapper_levels
+
+    ranker = _small_model().ranker
+    g = torch.Generator().manual_seed(7)
+    size = 512  # large boxes on a large image reach all four FPN levels
+    features = [torch.randn(2, 8, size // st, size // st, generator=g) for st in (4, 8, 16, 32)]
+    xy = torch.rand(2, 60, 2, generator=g) * size / 8
+    wh = 4 + torch.rand(2, 60, 2, generator=g) ** 2 * (size * 7 / 8 - 4)
+    boxes = torch.cat([xy, xy + wh], -1)
+    boxes[:, -1] = torch.tensor([4.0, 4.0, 508.0, 508.0])  # the coarsest level
+    eager = ranker.roi_features(features, boxes)
+    rois = torch.cat([torch.arange(2.0).view(2, 1, 1).expand(2, 60, 1), boxes], -1).reshape(-1, 5)
+    levels = level_mapper_levels(boxes.reshape(-1, 4), ranker.k_min, ranker.k_max)
+    static = ranker._roi_features_static(features, rois, levels)
+    assert set(levels.tolist()) == {0, 1, 2, 3}
+    torch.testing.assert_close(static, eager, rtol=0, atol=0)
+
+
 def test_padding_is_zero_rows_when_few_candidates():
     # 40 proposals x 2 classes = 80 candidates < N = 100: the tail must be zero rows.
     model = _small_model(n_rois=100, rpn_post_nms_top_n_test=40, rpn_pre_nms_top_n_test=40)
@@ -166,6 +185,9 @@ def test_small_model_exports_with_dynamo_and_runs_in_onnxruntime(tmp_path):
         input_names=["images"], output_names=["rois", "logits"], dynamic_shapes={"images": {0: "batch"}},
     )
     graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert "NonMaxSuppression" in ops and "RoiAlign" in ops and "TopK" in ops
+    assert "NonZero" not in ops  # only NMS itself has a data-dependent size
     dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
     assert isinstance(dims["rois"][0], str) and dims["rois"][1:] == [SMALL.n_rois, 5]
     assert isinstance(dims["logits"][0], str) and dims["logits"][1:] == [3]

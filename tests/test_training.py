@@ -129,3 +129,14 @@ def test_failed_checkpoint_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(out, kind="segmentation", preset=SMALL, model={"w": torch.zeros(1)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_classifier_checkpoint_of_another_variant_is_a_starting_point(cls_ckpt, synth_dir, tmp_path):
+    from ctmask.training.train_cls import init_model
+
+    same = init_model(SMALL, cls_ckpt, "heads")
+    assert same.epoch == 2 and same.optimizer is not None and len(same.history) == 2
+    other = init_model(SMALL, cls_ckpt, "heads+bn")
+    assert other.epoch == 0 and other.optimizer is None and other.history == []
+    trained = load_checkpoint(cls_ckpt).model
+    assert torch.equal(other.model.classifier.net[0].weight, trained["classifier.net.0.weight"])

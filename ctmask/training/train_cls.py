@@ -9,7 +9,7 @@ its ranked RoIs are computed once per image and S trains on them directly.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ctmask.core.errors import ConfigError
 from ctmask.core.presets import Preset
-from ctmask.core.progress import progress
+from ctmask.core.progress import console, progress
 from ctmask.data.covidx import SplitEntry
 from ctmask.training.checkpoint import load_checkpoint, load_state, save_checkpoint
 from ctmask.training.datasets import ClassificationDataset, collate_classification
@@ -69,15 +69,33 @@ def accuracy(model: CovidCTMaskNet, loader: DataLoader, cached: bool) -> float:
     return correct / max(n, 1)
 
 
-def init_model(preset: Preset, init: str | Path) -> tuple[CovidCTMaskNet, dict | None, int, dict]:
-    """Model from a segmentation checkpoint (fresh S) or a classifier checkpoint (resume)."""
+@dataclass
+class StartPoint:
+    """Where classifier training starts: weights, and for a resumed run its state."""
+
+    model: CovidCTMaskNet
+    optimizer: dict | None = None
+    epoch: int = 0
+    history: list = field(default_factory=list)
+
+
+def init_model(preset: Preset, init: str | Path, variant: str) -> StartPoint:
+    """Build the model from ``init``.
+
+    - a segmentation checkpoint: its detector, a freshly initialised S;
+    - a classifier checkpoint of the same variant: resume (weights, optimiser, epochs);
+    - a classifier checkpoint of another variant: fine-tune from its weights, from epoch 0
+      (e.g. ``heads+bn`` starting from a quickly trained ``heads`` S).
+    """
     ck = load_checkpoint(init, preset=preset.name)
     model = CovidCTMaskNet(preset)
     if ck.kind == "segmentation":
         load_state(model.detector, ck.model, ck.path)
-        return model, None, 0, {}
+        return StartPoint(model)
     load_weights(model, ck.model, ck.path)
-    return model, ck.optimizer, ck.epoch, ck.config
+    if ck.config.get("train", {}).get("variant") != variant:
+        return StartPoint(model)
+    return StartPoint(model, ck.optimizer, ck.epoch, list(ck.config.get("history", [])))
 
 
 def train_classifier(
@@ -93,7 +111,8 @@ def train_classifier(
 
     Args:
         preset: model preset (must match ``init``).
-        init: segmentation checkpoint (start) or classifier checkpoint (resume).
+        init: segmentation checkpoint, or classifier checkpoint (same variant: resume;
+            another variant: fine-tune from its weights), see :func:`init_model`.
         train, val: COVIDx-CT split entries; ``val`` may be None.
         out: classifier checkpoint path.
         opts: variant, epochs, batch size, Adam settings, crop, seed.
@@ -104,12 +123,12 @@ def train_classifier(
     if opts.epochs < 1 or opts.batch_size < 1:
         raise ConfigError(f"epochs and batch size must be >= 1, got {opts.epochs} and {opts.batch_size}")
     torch.manual_seed(opts.seed)
-    model, opt_state, start_epoch, prev = init_model(preset, init)
+    start = init_model(preset, init, opts.variant)
+    model, history = start.model, start.history
     params = set_variant(model, opts.variant)
     optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    if opt_state is not None and prev.get("train", {}).get("variant") == opts.variant:
-        optimizer.load_state_dict(opt_state)
-    history = list(prev.get("history", []))
+    if start.optimizer is not None:
+        optimizer.load_state_dict(start.optimizer)
     t0 = time.perf_counter()
     train_data = ClassificationDataset(train, preset.image_size, opts.crop)
     val_data = ClassificationDataset(val, preset.image_size, opts.crop) if val else None
@@ -121,7 +140,7 @@ def train_classifier(
     gen = torch.Generator().manual_seed(opts.seed)
     loader = DataLoader(train_data, batch_size=opts.batch_size, shuffle=True, collate_fn=collate, generator=gen)
     val_loader = DataLoader(val_data, batch_size=opts.batch_size, collate_fn=collate) if val_data else None
-    for epoch in range(start_epoch, opts.epochs):
+    for epoch in range(start.epoch, opts.epochs):
         model.train()
         total = 0.0
         with progress(len(loader), f"train-cls {opts.variant} epoch {epoch + 1}/{opts.epochs}", show_progress) as adv:
@@ -137,6 +156,8 @@ def train_classifier(
         if val_loader is not None:
             record["val_accuracy"] = accuracy(model, val_loader, cached)
         history.append(record)
+        if show_progress:
+            console.print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"))
         save_checkpoint(
             out,
             kind="classifier",

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from ctmask.core.errors import ConfigError
 from ctmask.core.presets import Preset
-from ctmask.core.progress import progress
+from ctmask.core.progress import console, progress
 from ctmask.data.cncb import SegSample
 from ctmask.training.checkpoint import load_checkpoint, load_state, save_checkpoint
 from ctmask.training.datasets import SegmentationDataset, collate_detection
@@ -84,6 +84,8 @@ def train_segmentation(
                 advance(status=f"loss {float(total.detach()):.3f}")
         means = {k: v / len(loader) for k, v in sums.items()}
         history.append({"epoch": epoch + 1, **means})
+        if show_progress:
+            console.print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
         save_checkpoint(
             out,
             kind="segmentation",
