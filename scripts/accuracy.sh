@@ -8,7 +8,7 @@ CT=${CTMASK:-.venv/bin/ctmask}
 mkdir -p "$OUT"
 stamp() { date +%s; }
 
-"$CT" synth "$OUT/data" --slices 2500 --seed 0 -q > "$OUT/synth.json"
+"$CT" synth "$OUT/data" --slices 2500 --seed 0 -q > "$OUT/synth.txt"
 
 t0=$(stamp)
 # 1. segmentation model: 1,500 training slices, 6 epochs
@@ -18,7 +18,7 @@ t1=$(stamp)
 # 2. classifier, variant heads: the detector is frozen, so its ranked RoIs are computed once
 "$CT" train-cls "$OUT/seg.pt" --preset small --variant heads \
   --train-split "$OUT/data/train_COVIDx_CT.txt" --val-split "$OUT/data/val_COVIDx_CT.txt" \
-  --out "$OUT/cls-heads.pt" --epochs 40 --batch-size 8 --lr 1e-4 --json "$OUT/train-cls-heads.json"
+  --out "$OUT/cls-heads.pt" --epochs 100 --batch-size 8 --lr 1e-4 --json "$OUT/train-cls-heads.json"
 t2=$(stamp)
 # 3. classifier, variant heads+bn, fine-tuned from the heads classifier for one epoch
 "$CT" train-cls "$OUT/cls-heads.pt" --preset small --variant heads+bn \

@@ -87,3 +87,13 @@ def test_train_cls_with_checkpoint_of_wrong_preset(seg_ckpt, synth_dir, tmp_path
     assert res.exit_code == 2
     assert str(seg_ckpt) in res.output and "preset 'small'" in res.output
     assert not out.exists()
+
+
+def test_synth_command(tmp_path):
+    out = tmp_path / "data"
+    res = invoke("synth", out, "--slices", "9", "--seed", "1", "--workers", "1", "--json", tmp_path / "s.json", "-q")
+    assert res.exit_code == 0, res.output
+    assert "train" in res.stdout and "SYNTHETIC" in res.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert sum(s["n"] for s in summary["splits"].values()) == 9
+    assert (out / "train_COVIDx_CT.txt").is_file() and (out / "segmentation" / "test" / "masks").is_dir()

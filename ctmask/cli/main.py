@@ -64,6 +64,7 @@ def synth(
     slices: int = typer.Option(2500, "--slices", "-n", min=3, help="Total slices over train/val/test."),
     seed: int = typer.Option(0, "--seed", help="Random seed; same seed, same data."),
     workers: int | None = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+    json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Write a synthetic chest-CT benchmark in COVIDx-CT and CNCB formats."""
@@ -78,7 +79,11 @@ def synth(
             done[0] = n_done
 
         summary = synthesize(out, slices, seed=seed, workers=workers, progress=on_progress)
-    typer.echo(json.dumps(summary.get("counts", summary), indent=2))
+    for split, info in summary["splits"].items():
+        classes = ", ".join(f"{k} {v}" for k, v in info["classes"].items())
+        typer.echo(f"{split:<6}{info['n']:>6} slices ({classes})  {Path(out) / info['file']}")
+    typer.echo("SYNTHETIC data (not patient data): see synth.json for what it models", err=True)
+    emit_json(summary, json_out)
 
 
 @app.command("model-info")

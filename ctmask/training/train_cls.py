@@ -150,8 +150,8 @@ def train_classifier(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += float(loss)
-                adv(status=f"loss {float(loss):.4f}")
+                total += float(loss.detach())
+                adv(status=f"loss {float(loss.detach()):.4f}")
         record = {"epoch": epoch + 1, "loss": total / len(loader)}
         if val_loader is not None:
             record["val_accuracy"] = accuracy(model, val_loader, cached)
