@@ -10,7 +10,6 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 $(BIN)/ctmask: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
@@ -41,6 +40,7 @@ accuracy: install
 	scripts/accuracy.sh runs/accuracy
 
 test: install
+	$(BIN)/ruff check ctmask tests
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -123,8 +123,8 @@ def test_mask_to_instances():
     assert boxes.dtype == np.float32 and labels.dtype == np.int64 and masks.dtype == np.uint8
     np.testing.assert_array_equal(labels, [1, 2])
     assert masks.shape == (2, 64, 64) and masks[0].sum() == 150 and masks[1].sum() == 200
-    b, l, k = mask_to_instances(np.ones((16, 16), np.uint8))
-    assert b.shape == (0, 4) and l.shape == (0,) and k.shape == (0, 16, 16)
+    b, lab, k = mask_to_instances(np.ones((16, 16), np.uint8))
+    assert b.shape == (0, 4) and lab.shape == (0,) and k.shape == (0, 16, 16)
 
 
 # ---------------------------------------------------------------- generator

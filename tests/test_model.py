@@ -28,8 +28,9 @@ def test_paper_parameter_counts_match_reference():
     assert r["total"] == 34_093_163
     assert r["trainable_by_variant"]["heads"] == 2_364_419
     assert r["trainable_by_variant"]["full"] == 34_093_163
-    # heads+bn adds exactly the backbone's BatchNorm weights and biases.
-    assert r["trainable_by_variant"]["heads+bn"] - 2_364_419 == 31_781_917 - 31_728_744 - 53  # mean+var buffers match weight+bias
+    # heads+bn adds exactly the backbone's BatchNorm weights and biases: as many as the
+    # running means and variances (BN statistics minus the 53 num_batches_tracked).
+    assert r["trainable_by_variant"]["heads+bn"] - 2_364_419 == 31_781_917 - 31_728_744 - 53
 
 
 def test_paper_architecture_details():

@@ -47,7 +47,9 @@ def pixel_grid(n: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     return xx, yy
 
 
-def _scatter(shape: tuple[int, int], ox: np.ndarray, oy: np.ndarray, p: int, vals: list[np.ndarray]) -> list[np.ndarray]:
+def _scatter(
+    shape: tuple[int, int], ox: np.ndarray, oy: np.ndarray, p: int, vals: list[np.ndarray]
+) -> list[np.ndarray]:
     """Add per-patch values [S, p, p] (patch origins ox, oy [S]) into images of ``shape``."""
     h, w = shape
     gx = ox[:, None, None] + np.arange(p)[None, None, :]

@@ -81,9 +81,8 @@ def evaluate_segmentation(
             items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
             dets = segment(detector, torch.stack([im for im, _ in items]))
             for (_, tgt), det in zip(items, dets):
-                preds.append(
-                    {"masks": det["masks"][:, 0].numpy() >= 0.5, "scores": det["scores"].numpy(), "labels": det["labels"].numpy()}
-                )
+                masks = det["masks"][:, 0].numpy() >= 0.5
+                preds.append({"masks": masks, "scores": det["scores"].numpy(), "labels": det["labels"].numpy()})
                 gts.append({"masks": tgt["masks"].numpy().astype(bool), "labels": tgt["labels"].numpy()})
                 pred_maps.append(label_map_of(det, size))
             advance(len(items))

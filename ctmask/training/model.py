@@ -79,9 +79,14 @@ def count(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer in ``module``."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def bn_affine_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Weight and bias of every BatchNorm layer in ``module``."""
-    return [p for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()]
+    return [p for m in batchnorm_layers(module) for p in m.parameters()]
 
 
 def set_variant(model: CovidCTMaskNet, variant: str) -> list[nn.Parameter]:
@@ -113,7 +118,7 @@ def parameter_report(preset: Preset) -> dict:
         "mask_branch": count(d.roi_heads.mask_head) + count(d.roi_heads.mask_predictor),
         "classifier_s": count(model.classifier),
     }
-    bn_stats = sum(b.numel() for m in d.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers())
+    bn_stats = sum(b.numel() for m in batchnorm_layers(d) for b in m.buffers())
     report = {
         "preset": preset.name,
         "parts": parts,

@@ -129,7 +129,8 @@ class RankedRoIs(nn.Module):
         boxes = box_ops.clip_boxes_to_image(boxes, (self.image_size, self.image_size)).view(b, -1, 4)
         valid = ((boxes[..., 2] - boxes[..., 0]) >= 1e-3) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-3)
         scores = torch.where(valid, scores, NEG_INF)
-        keep = static_batched_nms(boxes, scores, levels, len(self.level_sizes), p.rpn_nms_thresh, float(self.image_size)) & valid
+        n_levels, extent = len(self.level_sizes), float(self.image_size)
+        keep = static_batched_nms(boxes, scores, levels, n_levels, p.rpn_nms_thresh, extent) & valid
         ranked = torch.where(keep, scores, NEG_INF)
         top = ranked.topk(min(p.rpn_post_nms_top_n_test, ranked.shape[1]), dim=1)
         return gather_rows(boxes, top.indices), top.values > NEG_INF
@@ -196,7 +197,8 @@ class RankedRoIs(nn.Module):
         wh_ok = ((boxes[..., 2] - boxes[..., 0]) >= 1e-2) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-2)
         valid = prop_valid.repeat_interleave(n_cls - 1, dim=1) & wh_ok & (scores > p.cls_score_thresh)
         masked = torch.where(valid, scores, NEG_INF)
-        keep = static_batched_nms(boxes, masked, classes, n_cls - 1, p.cls_nms_thresh, float(self.image_size)) & valid
+        extent = float(self.image_size)
+        keep = static_batched_nms(boxes, masked, classes, n_cls - 1, p.cls_nms_thresh, extent) & valid
         ranked = torch.where(keep, scores, NEG_INF)
         if m < p.n_rois:
             ranked = torch.cat([ranked, ranked.new_full((b, p.n_rois - m), NEG_INF)], 1)
