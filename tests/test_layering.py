@@ -1,0 +1,19 @@
+"""The numpy-only layers (core, data) must never import torch: the runtime builds on them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_core_and_data_do_not_import_torch():
+    code = (
+        "import sys, pkgutil, importlib, ctmask.core, ctmask.data\n"
+        "for pkg in (ctmask.core, ctmask.data):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+        "bad = sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.'))\n"
+        "print(len(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stdout + out.stderr
