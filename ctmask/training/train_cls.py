@@ -57,14 +57,18 @@ def ranked_rois_of(model: CovidCTMaskNet, data: ClassificationDataset, batch_siz
     return TensorDataset(torch.cat(rois), torch.cat(labels))
 
 
+def logits_of(model: CovidCTMaskNet, x: torch.Tensor, cached: bool) -> torch.Tensor:
+    """Logits [B, 3] from images [B, 1, S, S], or from cached ranked RoIs [B, N, 5]."""
+    return model.classifier(x) if cached else model(x)[1]
+
+
 def accuracy(model: CovidCTMaskNet, loader: DataLoader, cached: bool) -> float:
     """Top-1 accuracy of the model on ``loader`` (images or cached RoIs)."""
     model.eval()
     correct = n = 0
     with torch.no_grad():
         for x, y in loader:
-            logits = model.classifier(x) if cached else model(x)[1]
-            correct += int((logits.argmax(-1) == y).sum())
+            correct += int((logits_of(model, x, cached).argmax(-1) == y).sum())
             n += len(y)
     return correct / max(n, 1)
 
@@ -145,13 +149,13 @@ def train_classifier(
         total = 0.0
         with progress(len(loader), f"train-cls {opts.variant} epoch {epoch + 1}/{opts.epochs}", show_progress) as adv:
             for x, y in loader:
-                logits = model.classifier(x) if cached else model(x)[1]
-                loss = bce_one_hot(logits, y)
+                loss = bce_one_hot(logits_of(model, x, cached), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += float(loss.detach())
-                adv(status=f"loss {float(loss.detach()):.4f}")
+                value = float(loss.detach())
+                total += value
+                adv(status=f"loss {value:.4f}")
         record = {"epoch": epoch + 1, "loss": total / len(loader)}
         if val_loader is not None:
             record["val_accuracy"] = accuracy(model, val_loader, cached)
