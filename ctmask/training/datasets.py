@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctmask.core.preprocess import load_slice, read_gray, resize, resize_mask
-from ctmask.data.cncb import SegSample, mask_to_instances, read_mask
+from ctmask.data.cncb import SegSample, lesion_label_map, mask_to_instances, read_mask
 from ctmask.data.covidx import SplitEntry
 
 
@@ -63,18 +63,27 @@ class SegmentationDataset(Dataset):
         self.size = size
         self.hflip = hflip
         self._cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self._label_maps: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Decoded image [1, S, S] and instance targets of sample ``i`` (cached)."""
         if i not in self._cache:
             s = self.samples[i]
             img = read_gray(s.image)
             mask = read_mask(s.mask, expected_shape=img.shape)
             image = torch.from_numpy(resize(img, self.size))[None]
             self._cache[i] = (image, instance_targets(mask, self.size))
+            # The full lesion map, small components included (instances drop those).
+            self._label_maps[i] = resize_mask(lesion_label_map(mask), self.size)
         return self._cache[i]
+
+    def label_map(self, i: int) -> np.ndarray:
+        """Lesion label map uint8 [S, S] of sample ``i``: 0 bg, 1 GGO, 2 consolidation."""
+        self.load(i)
+        return self._label_maps[i]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image, target = self.load(i)

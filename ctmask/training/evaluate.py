@@ -7,9 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ctmask.core.metrics import classification_report, dice_scores, mask_ap
-from ctmask.core.preprocess import resize_mask
 from ctmask.core.progress import progress
-from ctmask.data.cncb import SegSample, lesion_label_map, read_mask
+from ctmask.data.cncb import SegSample
 from ctmask.data.covidx import SplitEntry
 from ctmask.training.checkpoint import Checkpoint, load_state
 from ctmask.training.datasets import ClassificationDataset, SegmentationDataset, collate_classification
@@ -87,5 +86,5 @@ def evaluate_segmentation(
                 pred_maps.append(label_map_of(det, size))
             advance(len(items))
     # Dice is measured against the full lesion masks, small components included.
-    gt_maps = [resize_mask(lesion_label_map(read_mask(s.mask)), size) for s in samples]
+    gt_maps = [data.label_map(i) for i in range(len(data))]
     return {"mask_ap": mask_ap(preds, gts), "dice": dice_scores(pred_maps, gt_maps), "n": len(samples)}
