@@ -103,12 +103,15 @@ def test_export_form_of_roi_pooling_matches_eager():
     wh = 4 + torch.rand(2, 60, 2, generator=g) ** 2 * (size * 7 / 8 - 4)
     boxes = torch.cat([xy, xy + wh], -1)
     boxes[:, -1] = torch.tensor([4.0, 4.0, 508.0, 508.0])  # the coarsest level
+    boxes[:, -2] = torch.tensor([480.0, 490.0, 512.0, 512.0])  # touches the far edges
+    boxes[:, -3] = torch.tensor([0.0, 0.0, 300.0, 512.0])
     eager = ranker.roi_features(features, boxes)
     rois = torch.cat([torch.arange(2.0).view(2, 1, 1).expand(2, 60, 1), boxes], -1).reshape(-1, 5)
     levels = level_mapper_levels(boxes.reshape(-1, 4), ranker.k_min, ranker.k_max)
     static = ranker._roi_features_static(features, rois, levels)
     assert set(levels.tolist()) == {0, 1, 2, 3}
-    torch.testing.assert_close(static, eager, rtol=0, atol=0)
+    # Same samples; only the float rounding of the shifted coordinates differs.
+    torch.testing.assert_close(static, eager, rtol=0, atol=1e-4)
 
 
 def test_padding_is_zero_rows_when_few_candidates():
@@ -181,9 +184,12 @@ def test_small_model_exports_with_dynamo_and_runs_in_onnxruntime(tmp_path):
     s = SMALL.image_size
     images = torch.rand(2, 1, s, s, generator=torch.Generator().manual_seed(5))
     path = tmp_path / "small.onnx"
+    from ctmask.exporter.translations import translation_table
+
     torch.onnx.export(
         model, (images,), str(path), dynamo=True, opset_version=18,
         input_names=["images"], output_names=["rois", "logits"], dynamic_shapes={"images": {0: "batch"}},
+        custom_translation_table=translation_table(),
     )
     graph = onnx.load(str(path)).graph
     ops = {n.op_type for n in graph.node}

@@ -19,45 +19,16 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.models.detection import MaskRCNN
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 
 from ctmask.core.presets import Preset
 from ctmask.training.detector import FPN_STRIDES, fixed_anchors, normalize
+from ctmask.training.grouped_nms import nms_keep
 
 NEG_INF = float("-inf")
-
-
-def static_batched_nms(
-    boxes: Tensor, scores: Tensor, groups: Tensor, n_groups: int, iou: float, extent: float
-) -> Tensor:
-    """Keep-mask of NMS done independently per image and per group, with static shapes.
-
-    Boxes of different images / groups are moved apart by an offset larger than any box
-    coordinate so a single NMS call never lets them suppress each other.
-
-    Args:
-        boxes: float [B, K, 4] (x1, y1, x2, y2), coordinates within [0, extent].
-        scores: float [B, K]; candidates to ignore must carry ``-inf``.
-        groups: int64 [K] or [B, K], group (e.g. class or level) of each candidate, in
-            [0, n_groups).
-        n_groups: number of groups per image.
-        iou: IoU above which the lower-scored box is suppressed.
-        extent: upper bound of any coordinate (the image side).
-
-    Returns:
-        bool [B, K], True where the candidate survives NMS (``-inf`` ones included; mask
-        them with their own validity).
-    """
-    b, k = scores.shape
-    gid = groups.expand(b, k) + torch.arange(b, device=boxes.device).view(b, 1) * n_groups
-    offsets = (gid.to(boxes.dtype) * (extent + 1.0)).unsqueeze(-1)
-    flat_boxes = (boxes + offsets).reshape(-1, 4)
-    keep = box_ops.nms(flat_boxes, scores.reshape(-1), iou)
-    mask = torch.zeros(b * k, dtype=torch.bool, device=boxes.device)
-    mask = mask.scatter(0, keep, torch.ones_like(keep, dtype=torch.bool))
-    return mask.view(b, k)
 
 
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
@@ -113,25 +84,29 @@ class RankedRoIs(nn.Module):
         dl = torch.cat(
             [d.view(b, -1, 4, d.shape[-2], d.shape[-1]).permute(0, 3, 4, 1, 2).reshape(b, -1, 4) for d in deltas], 1
         )
-        # Per-level top-k on raw objectness, as torchvision's RPN does.
-        idx, lvl, start = [], [], 0
-        for i, n in enumerate(self.level_sizes):
-            k = min(p.rpn_pre_nms_top_n_test, n)
-            top = obj[:, start : start + n].topk(k, dim=1).indices + start
+        # Per-level top-k on raw objectness, as torchvision's RPN does; the levels are
+        # padded to a common k (with -inf scores) so NMS can run per (image, level).
+        k = max(min(p.rpn_pre_nms_top_n_test, n) for n in self.level_sizes)
+        idx, start = [], 0
+        for n in self.level_sizes:
+            top = obj[:, start : start + n].topk(min(k, n), dim=1).indices + start
+            if top.shape[1] < k:
+                top = torch.cat([top, top.new_full((b, k - top.shape[1]), -1)], 1)
             idx.append(top)
-            lvl.append(torch.full((k,), i, dtype=torch.int64, device=obj.device))
             start += n
-        idx = torch.cat(idx, 1)
-        levels = torch.cat(lvl)
+        idx = torch.stack(idx, 1)  # [B, L, k], -1 = padding
+        pad = idx < 0
+        idx = idx.clamp(min=0).reshape(b, -1)
         scores = torch.sigmoid(torch.gather(obj, 1, idx))
         anchors = self.anchors[idx.reshape(-1)]
         boxes = self.rpn_coder.decode_single(gather_rows(dl, idx).reshape(-1, 4), anchors)
         boxes = box_ops.clip_boxes_to_image(boxes, (self.image_size, self.image_size)).view(b, -1, 4)
         valid = ((boxes[..., 2] - boxes[..., 0]) >= 1e-3) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-3)
+        valid = valid & ~pad.reshape(b, -1)
         scores = torch.where(valid, scores, NEG_INF)
-        n_levels, extent = len(self.level_sizes), float(self.image_size)
-        keep = static_batched_nms(boxes, scores, levels, n_levels, p.rpn_nms_thresh, extent) & valid
-        ranked = torch.where(keep, scores, NEG_INF)
+        n_levels = len(self.level_sizes)
+        keep = nms_keep(boxes.view(b, n_levels, k, 4), scores.view(b, n_levels, k), p.rpn_nms_thresh)
+        ranked = torch.where(keep.view(b, -1) & valid, scores, NEG_INF)
         top = ranked.topk(min(p.rpn_post_nms_top_n_test, ranked.shape[1]), dim=1)
         return gather_rows(boxes, top.indices), top.values > NEG_INF
 
@@ -147,8 +122,7 @@ class RankedRoIs(nn.Module):
         levels = level_mapper_levels(boxes.reshape(-1, 4), self.k_min, self.k_max)
         if torch.compiler.is_exporting():
             return self._roi_features_static(features, rois, levels)
-        # Eager: pool each box once, at its own level (4x less RoIAlign work, forward and
-        # backward, than the export form; the values are identical).
+        # Eager: pool each box once, at its own level (data-dependent sizes).
         out = rois.new_zeros(rois.shape[0], features[0].shape[1], 7, 7)
         for i, (feat, stride) in enumerate(zip(features, FPN_STRIDES)):
             idx = torch.nonzero(levels == i).squeeze(1)
@@ -158,14 +132,30 @@ class RankedRoIs(nn.Module):
 
     @staticmethod
     def _roi_features_static(features: list[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
-        """Export-only form of :meth:`roi_features`: every box is pooled from every level and
-        its own level is selected with ``where``, so no shape depends on the data."""
-        levels = levels.view(-1, 1, 1, 1)
-        out = None
-        for i, (feat, stride) in enumerate(zip(features, FPN_STRIDES)):
-            pooled = roi_align(feat, rois, (7, 7), spatial_scale=1.0 / stride, sampling_ratio=2, aligned=False)
-            out = pooled if out is None else torch.where(levels == i, pooled, out)
-        return out
+        """Export-only form of :meth:`roi_features`, with no data-dependent shape.
+
+        The FPN levels are laid side by side on one canvas and every box is moved into
+        its own level's region (scaled by 1 / stride, shifted by the region's x offset), so
+        a single RoIAlign at scale 1 pools each box once. Each region gets one replicated
+        row and column: RoIAlign clamps samples in (H - 1, H] to row H - 1, and
+        interpolating towards a copy of that row gives the same value. (Only a box
+        narrower than one feature pixel lying on the far edge samples beyond H; there the
+        eager form reads zeros, the canvas its neighbour.)
+        """
+        height = features[0].shape[-2] + 1
+        regions, offsets, x = [], [], 0
+        for feat in features:
+            region = F.pad(feat, (0, 1, 0, 1), mode="replicate")
+            regions.append(F.pad(region, (0, 0, 0, height - region.shape[-2])))
+            offsets.append(float(x))
+            x += region.shape[-1]
+        canvas = torch.cat(regions, -1)
+        scale = rois.new_tensor([1.0 / s for s in FPN_STRIDES])[levels].unsqueeze(-1)
+        shift = rois.new_tensor(offsets)[levels]
+        zero = torch.zeros_like(shift)
+        boxes = rois[:, 1:] * scale + torch.stack([shift, zero, shift, zero], -1)
+        moved = torch.cat([rois[:, :1], boxes], -1)
+        return roi_align(canvas, moved, (7, 7), spatial_scale=1.0, sampling_ratio=2, aligned=False)
 
     def forward(self, images: Tensor) -> Tensor:
         """Ranked RoIs of a batch.
@@ -191,14 +181,15 @@ class RankedRoIs(nn.Module):
         boxes = box_ops.clip_boxes_to_image(boxes.view(-1, 4), (self.image_size, self.image_size))
         boxes = boxes.view(b, n_prop, n_cls, 4)[..., 1:, :]
         # Candidates: one per (proposal, non-background class), proposal-major order.
-        m = n_prop * (n_cls - 1)
-        scores, deltas, boxes = scores.reshape(b, m), deltas.reshape(b, m, 4), boxes.reshape(b, m, 4)
-        classes = torch.arange(n_cls - 1, device=images.device).repeat(n_prop)
+        n_fg = n_cls - 1
+        m = n_prop * n_fg
         wh_ok = ((boxes[..., 2] - boxes[..., 0]) >= 1e-2) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-2)
-        valid = prop_valid.repeat_interleave(n_cls - 1, dim=1) & wh_ok & (scores > p.cls_score_thresh)
+        valid = prop_valid.unsqueeze(-1) & wh_ok & (scores > p.cls_score_thresh)  # [B, P, C']
         masked = torch.where(valid, scores, NEG_INF)
-        extent = float(self.image_size)
-        keep = static_batched_nms(boxes, masked, classes, n_cls - 1, p.cls_nms_thresh, extent) & valid
+        # NMS per (image, class): classes become the group axis.
+        keep = nms_keep(boxes.transpose(1, 2), masked.transpose(1, 2), p.cls_nms_thresh).transpose(1, 2)
+        keep = (keep & valid).reshape(b, m)
+        scores, deltas = scores.reshape(b, m), deltas.reshape(b, m, 4)
         ranked = torch.where(keep, scores, NEG_INF)
         if m < p.n_rois:
             ranked = torch.cat([ranked, ranked.new_full((b, p.n_rois - m), NEG_INF)], 1)

@@ -1,0 +1,148 @@
+"""The graph spec: names, shapes, tolerances and metadata of an exported model, written once.
+
+The exporter writes it into the ONNX file (``metadata_props``), the runtime reads it back
+from there to drive pre-processing, and the parity checks take their per-output
+tolerances from it. ``images [B, 1, S, S] -> rois [B, N, 5], logits [B, 3], probs [B, 3]``;
+only ``B`` is symbolic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctmask import __version__
+from ctmask.core.errors import CtmaskError
+from ctmask.core.preprocess import LUNG_WINDOW
+from ctmask.core.presets import CLASS_NAMES, Preset
+
+FORMAT = "ctmask-onnx/1"
+"""Value of the ``ctmask.format`` metadata key; bumped when the graph contract changes."""
+
+OPSET = 18
+BATCH = "batch"
+INPUT = "images"
+OUTPUTS: tuple[str, ...] = ("rois", "logits", "probs")
+
+
+class ModelError(CtmaskError):
+    """A model file is missing, not ONNX, or not a ctmask graph."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise check ``|actual - expected| <= atol + rtol * |expected|``."""
+
+    atol: float
+    rtol: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"atol": self.atol, "rtol": self.rtol}
+
+
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    # RoI scores are softmax outputs in (0, 1]; deltas are encoded box offsets (weights
+    # 10, 10, 5, 5), of order 1 and amplified by the coder weights, hence the rtol.
+    "rois.score": Tolerance(1e-4),
+    "rois.deltas": Tolerance(1e-3, 1e-3),
+    "logits": Tolerance(1e-3),
+    "probs": Tolerance(1e-4),
+}
+"""FP32 parity tolerances per output (``rois`` split into its score and delta columns)."""
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Everything a consumer of an exported graph needs to know about it.
+
+    Attributes:
+        preset: preset name of the model.
+        image_size: S, square input side in pixels.
+        n_rois: N, rows of the ranked RoI output.
+        class_names: slice classes in logit order.
+        window: (level, width) in HU used to render DICOM input to [0, 1].
+        precision: "fp32" (more in later graph passes).
+        opset: ONNX opset of the default domain.
+        checkpoint_sha256: sha256 of the checkpoint the graph was exported from.
+        checkpoint_name: that checkpoint's file name (for people; the hash is the identity).
+        version: ctmask version that wrote the graph.
+        tolerances: per-output parity tolerances.
+    """
+
+    preset: str
+    image_size: int
+    n_rois: int
+    class_names: tuple[str, ...] = CLASS_NAMES
+    window: tuple[float, float] = LUNG_WINDOW
+    precision: str = "fp32"
+    opset: int = OPSET
+    checkpoint_sha256: str = ""
+    checkpoint_name: str = ""
+    version: str = __version__
+    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+
+    @classmethod
+    def for_preset(cls, preset: Preset, **kwargs) -> GraphSpec:
+        return cls(preset=preset.name, image_size=preset.image_size, n_rois=preset.n_rois, **kwargs)
+
+    def input_shape(self, batch: int | str = BATCH) -> tuple[int | str, ...]:
+        return (batch, 1, self.image_size, self.image_size)
+
+    def output_shapes(self, batch: int | str = BATCH) -> dict[str, tuple[int | str, ...]]:
+        n_cls = len(self.class_names)
+        return {"rois": (batch, self.n_rois, 5), "logits": (batch, n_cls), "probs": (batch, n_cls)}
+
+    def metadata(self) -> dict[str, str]:
+        """``metadata_props`` entries (all strings) of the exported ONNX file."""
+        return {
+            "ctmask.format": FORMAT,
+            "ctmask.version": self.version,
+            "ctmask.preset": self.preset,
+            "ctmask.input_size": str(self.image_size),
+            "ctmask.n_rois": str(self.n_rois),
+            "ctmask.class_names": json.dumps(list(self.class_names)),
+            "ctmask.input": json.dumps(
+                {"name": INPUT, "shape": list(self.input_shape()), "range": [0.0, 1.0],
+                 "layout": "lung-windowed grayscale; replication and ImageNet mean/std are in the graph"}
+            ),
+            "ctmask.window": json.dumps({"level": self.window[0], "width": self.window[1]}),
+            "ctmask.precision": self.precision,
+            "ctmask.checkpoint_sha256": self.checkpoint_sha256,
+            "ctmask.checkpoint": self.checkpoint_name,
+            "ctmask.tolerances": json.dumps({k: t.to_dict() for k, t in self.tolerances.items()}),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: str | Path) -> GraphSpec:
+        """Rebuild the spec from ``metadata_props``.
+
+        Raises:
+            ModelError: naming ``path`` when the ctmask keys are missing or malformed.
+        """
+        fmt = meta.get("ctmask.format")
+        if fmt is None:
+            raise ModelError(
+                "ONNX model has no ctmask metadata (key 'ctmask.format' missing)",
+                path,
+                hint="export the model with `ctmask export CKPT --out model.onnx`",
+            )
+        if fmt != FORMAT:
+            raise ModelError(f"unsupported graph format {fmt!r}; this ctmask reads {FORMAT!r}", path)
+        try:
+            window = json.loads(meta["ctmask.window"])
+            tols = json.loads(meta.get("ctmask.tolerances", "{}"))
+            return cls(
+                preset=meta["ctmask.preset"],
+                image_size=int(meta["ctmask.input_size"]),
+                n_rois=int(meta["ctmask.n_rois"]),
+                class_names=tuple(json.loads(meta["ctmask.class_names"])),
+                window=(float(window["level"]), float(window["width"])),
+                precision=meta.get("ctmask.precision", "fp32"),
+                checkpoint_sha256=meta.get("ctmask.checkpoint_sha256", ""),
+                checkpoint_name=meta.get("ctmask.checkpoint", ""),
+                version=meta.get("ctmask.version", ""),
+                tolerances={**DEFAULT_TOLERANCES, **{k: Tolerance(**v) for k, v in tols.items()}},
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ModelError(f"malformed ctmask metadata ({exc.__class__.__name__}: {exc})", path) from None
