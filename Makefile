@@ -17,9 +17,11 @@ $(BIN)/ctmask: pyproject.toml
 install: $(BIN)/ctmask
 
 # Synthetic data -> segmentation model -> classifier -> evaluation, `small` preset: the
-# accuracy recipe on a smaller set (360 slices) with shorter training.
+# accuracy recipe on a smaller set (360 slices) with shorter training; then export to
+# ONNX, torch-free inference on the held-out slices, parity against PyTorch, benchmark.
 demo: install
 	scripts/train_eval.sh $(DEMO) 360 5 60
+	scripts/deploy.sh $(DEMO)
 
 # The full accuracy run (2,500 synthetic slices; about 25 minutes of training on 2 cores).
 accuracy: install

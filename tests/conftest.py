@@ -46,3 +46,27 @@ def cls_ckpt(synth_dir, seg_ckpt, tmp_path_factory):
     val = read_split(synth_dir / "val_COVIDx_CT.txt")
     train_classifier(SMALL, seg_ckpt, train, val, out, ClsTrainOptions("heads", epochs=2, batch_size=4, lr=1e-3), False)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_onnx(cls_ckpt, tmp_path_factory):
+    """The classifier checkpoint exported to ONNX with ``ctmask export``'s function."""
+    from ctmask.exporter.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "small.onnx"
+    export_onnx(cls_ckpt, out)
+    return out
+
+
+@pytest.fixture()
+def foreign_model(tmp_path):
+    """A valid ONNX model without ctmask metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path

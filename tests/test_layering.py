@@ -1,4 +1,4 @@
-"""The numpy-only layers (core, data) must never import torch: the runtime builds on them."""
+"""The numpy-only layers (core, data, runtime) must never import torch."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 
-def test_core_and_data_do_not_import_torch():
+def test_core_data_and_runtime_do_not_import_torch():
     code = (
-        "import sys, pkgutil, importlib, ctmask.core, ctmask.data\n"
-        "for pkg in (ctmask.core, ctmask.data):\n"
+        "import sys, pkgutil, importlib, ctmask.core, ctmask.data, ctmask.runtime, ctmask.cli.main\n"
+        "for pkg in (ctmask.core, ctmask.data, ctmask.runtime):\n"
         "    for m in pkgutil.iter_modules(pkg.__path__):\n"
         "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
         "bad = sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.'))\n"

@@ -71,18 +71,18 @@ def read_dicom_hu(path: str | Path) -> np.ndarray:
     return arr.astype(np.float32) * slope + intercept
 
 
-def read_gray(path: str | Path) -> np.ndarray:
+def read_gray(path: str | Path, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
     """Decode a slice to a float32 [H, W] array in [0, 1].
 
     8- and 16-bit images are scaled by their type's range; colour images are converted to
-    luminance; DICOM is converted to HU and rendered with :data:`LUNG_WINDOW`. Raises
+    luminance; DICOM is converted to HU and rendered with ``window`` (level, width). Raises
     :class:`DataError` naming the file when it is missing, truncated or not an image.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError("image file does not exist", path)
     if is_dicom(path):
-        return window_hu(read_dicom_hu(path))
+        return window_hu(read_dicom_hu(path), *window)
     try:
         with Image.open(path) as im:
             im.load()
@@ -130,15 +130,24 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(pil.resize((size, size), Image.NEAREST), dtype=mask.dtype)
 
 
-def load_slice(path: str | Path, size: int, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def load_slice(
+    path: str | Path,
+    size: int,
+    box: tuple[int, int, int, int] | None = None,
+    window: tuple[float, float] = LUNG_WINDOW,
+) -> np.ndarray:
     """Read one slice and return the model input: float32 [size, size] in [0, 1].
 
+    The one pre-processing path of ctmask: training, export checks and the runtime all
+    call it, so they all see identical tensors.
+
     Args:
-        path: PNG/JPEG/TIFF slice (already lung-windowed grayscale).
+        path: PNG/JPEG/TIFF slice (already lung-windowed grayscale) or DICOM (HU).
         size: model input side (``Preset.image_size``).
         box: optional body crop (xmin, ymin, xmax, ymax) from a COVIDx-CT split file.
+        window: (level, width) in HU applied to DICOM input.
     """
-    img = read_gray(path)
+    img = read_gray(path, window)
     try:
         img = crop_box(img, box)
     except ValueError as exc:

@@ -1,0 +1,16 @@
+"""Torch-free inference: numpy + onnxruntime (TensorRT in a later step) behind one runner
+interface, batch prediction over image files, and benchmarking."""
+
+from ctmask.runtime.predict import Failure, Prediction, PredictionWriter, collect_images, predict_files
+from ctmask.runtime.runner import OnnxRuntimeRunner, Runner, onnxruntime_devices
+
+__all__ = [
+    "Failure",
+    "OnnxRuntimeRunner",
+    "Prediction",
+    "PredictionWriter",
+    "Runner",
+    "collect_images",
+    "onnxruntime_devices",
+    "predict_files",
+]

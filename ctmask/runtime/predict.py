@@ -1,0 +1,187 @@
+"""Batch prediction over image files, with pre-processing driven by the graph spec.
+
+Slices are decoded by :func:`ctmask.core.preprocess.load_slice`, the same function
+training uses; the input size and DICOM window come from the model's metadata. A slice
+that cannot be read becomes a :class:`Failure` (path and reason) and the others go on.
+The next batch is decoded on a worker thread while the current one runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ctmask.core.errors import ConfigError, DataError
+from ctmask.core.fileio import atomic_path
+from ctmask.core.preprocess import IMAGE_SUFFIXES, load_slice
+from ctmask.core.spec import INPUT, GraphSpec
+from ctmask.runtime.runner import Runner
+
+
+@dataclass
+class Prediction:
+    """One slice's result. ``rois`` holds the top non-padding rows (score, dx, dy, dw, dh)."""
+
+    file: str
+    class_name: str
+    class_index: int
+    probs: dict[str, float]
+    rois: list[list[float]]
+    n_rois: int
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "class": self.class_name, "class_index": self.class_index,
+                "probs": self.probs, "n_rois": self.n_rois, "top_rois": self.rois}
+
+
+@dataclass
+class Failure:
+    """A slice that could not be processed, and why."""
+
+    file: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "error": self.reason}
+
+
+def collect_images(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]:
+    """Expand files and folders (recursively, sorted) into image files.
+
+    Folders contribute files with an image suffix (:data:`IMAGE_SUFFIXES`); a file given
+    by name is taken whatever its suffix. Paths that do not exist become failures.
+    """
+    files, failures = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                failures.append(Failure(str(path), f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            failures.append(Failure(str(path), "no such file or folder"))
+    return files, failures
+
+
+def load_batch(paths: list[Path], spec: GraphSpec) -> tuple[np.ndarray, list[Path], list[Failure]]:
+    """Decode ``paths`` into a float32 [b, 1, S, S] batch; unreadable files become failures."""
+    arrays, ok, failures = [], [], []
+    for p in paths:
+        try:
+            arrays.append(load_slice(p, spec.image_size, window=spec.window))
+            ok.append(p)
+        except DataError as exc:
+            failures.append(Failure(str(p), exc.message))
+    s = spec.image_size
+    batch = np.stack(arrays)[:, None] if arrays else np.zeros((0, 1, s, s), np.float32)
+    return batch.astype(np.float32, copy=False), ok, failures
+
+
+def to_predictions(paths: list[Path], outputs: dict[str, np.ndarray], spec: GraphSpec,
+                   top_rois: int) -> list[Prediction]:
+    """Per-slice records from one batch of runner outputs."""
+    preds = []
+    for i, path in enumerate(paths):
+        probs = outputs["probs"][i]
+        rois = outputs["rois"][i]
+        real = rois[rois[:, 0] > 0]  # zero rows are padding
+        k = int(probs.argmax())
+        preds.append(Prediction(
+            file=str(path),
+            class_name=spec.class_names[k],
+            class_index=k,
+            probs={name: round(float(v), 6) for name, v in zip(spec.class_names, probs)},
+            rois=[[round(float(v), 6) for v in row] for row in real[:top_rois]],
+            n_rois=int(len(real)),
+        ))
+    return preds
+
+
+def predict_files(
+    runner: Runner,
+    files: list[Path],
+    batch_size: int = 8,
+    top_rois: int = 5,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[Prediction | Failure]:
+    """Predict every file, ``batch_size`` slices per runner call, in input order.
+
+    Args:
+        runner: an active runner.
+        files: image files.
+        batch_size: slices per inference call (the last batch may be smaller).
+        top_rois: RoI rows kept per slice in the records.
+        on_batch: called with the number of files handled after each batch.
+
+    Yields:
+        a :class:`Prediction` or :class:`Failure` per file.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    spec = runner.spec
+    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load_batch, chunks[0], spec) if chunks else None
+        for n, chunk in enumerate(chunks):
+            batch, ok, failures = pending.result()
+            if n + 1 < len(chunks):
+                pending = pool.submit(load_batch, chunks[n + 1], spec)
+            yield from failures
+            if ok:
+                yield from to_predictions(ok, runner.infer({INPUT: batch}), spec, top_rois)
+            if on_batch is not None:
+                on_batch(len(chunk))
+
+
+CSV_COLUMNS = ("file", "class", "class_index", "n_rois", "top_roi_score")
+
+
+class PredictionWriter:
+    """Writes predictions as JSON lines (``.jsonl``) or CSV (``.csv``), atomically.
+
+    Records go to a temporary file as they come; :meth:`close` renames it onto the
+    target, and a failure before that leaves no partial file behind. Use as a context
+    manager.
+    """
+
+    def __init__(self, path: str | Path, class_names: tuple[str, ...]):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in (".jsonl", ".csv"):
+            raise ConfigError(f"cannot tell the output format from {self.path.name!r}: use .jsonl or .csv")
+        self.format = suffix[1:]
+        self.class_names = class_names
+        self.count = 0
+        self._ctx = atomic_path(self.path)
+        self._fh: io.TextIOBase | None = None
+
+    def __enter__(self) -> PredictionWriter:
+        tmp = self._ctx.__enter__()
+        self._fh = open(tmp, "w", newline="", encoding="utf-8")
+        if self.format == "csv":
+            self._csv = csv.writer(self._fh)
+            self._csv.writerow([*CSV_COLUMNS[:3], *(f"prob_{c}" for c in self.class_names), *CSV_COLUMNS[3:]])
+        return self
+
+    def write(self, pred: Prediction) -> None:
+        if self.format == "jsonl":
+            self._fh.write(json.dumps(pred.to_dict()) + "\n")
+        else:
+            top = pred.rois[0][0] if pred.rois else 0.0
+            self._csv.writerow([pred.file, pred.class_name, pred.class_index,
+                                *(pred.probs[c] for c in self.class_names), pred.n_rois, top])
+        self.count += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._fh.close()
+        self._ctx.__exit__(exc_type, exc, tb)

@@ -1,0 +1,216 @@
+"""ctmask export / infer / parity / bench, end to end on the small preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from ctmask.cli.main import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture()
+def slices(synth_dir, tmp_path):
+    """A folder with five good test slices and one truncated PNG."""
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    good = sorted((synth_dir / "images").glob("test_*.png"))[:5]
+    for f in good:
+        shutil.copy(f, folder / f.name)
+    (folder / "test_broken.png").write_bytes(good[0].read_bytes()[:300])
+    return folder
+
+
+def perturbed_graph(src: Path, dst: Path, name: str, scale: float, seed: int = 0) -> Path:
+    """Copy of ``src`` with initializer ``name`` multiplied by (1 + scale * noise)."""
+    model = onnx.load(str(src))
+    for init in model.graph.initializer:
+        if init.name == name:
+            w = numpy_helper.to_array(init)
+            noise = np.random.default_rng(seed).standard_normal(w.shape).astype(w.dtype)
+            init.CopyFrom(numpy_helper.from_array(w * (1 + scale * noise), name))
+            break
+    else:
+        raise KeyError(name)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_export_command(cls_ckpt, tmp_path):
+    out = tmp_path / "m.onnx"
+    res = invoke("export", cls_ckpt, "--out", out, "--json", tmp_path / "e.json")
+    assert res.exit_code == 0, res.output
+    assert "checker (full_check) passed" in res.output
+    info = json.loads((tmp_path / "e.json").read_text())
+    assert info["metadata"]["ctmask.preset"] == "small" and info["metadata"]["ctmask.n_rois"] == "64"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "m.onnx"]
+
+
+def test_infer_skips_bad_slice_and_writes_the_rest(small_onnx, slices, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    res = invoke("infer", small_onnx, slices, "--out", out, "-b", "4", "-q", "--json", tmp_path / "s.json")
+    assert res.exit_code == 1, res.output
+    assert "test_broken.png" in res.output and "cannot decode image" in res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and all(r["class"] in ("normal", "pneumonia", "covid19") for r in rows)
+    assert all(abs(sum(r["probs"].values()) - 1) < 1e-4 and len(r["top_rois"]) == 5 for r in rows)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["predicted"] == 5 and summary["runner"]["provider"] == "CPUExecutionProvider"
+    assert [s["file"] for s in summary["skipped"]] == [str(slices / "test_broken.png")]
+
+
+def test_infer_csv(small_onnx, slices, tmp_path):
+    (slices / "test_broken.png").unlink()
+    out = tmp_path / "preds.csv"
+    res = invoke("infer", small_onnx, slices, "--out", out, "-q")
+    assert res.exit_code == 0, res.output
+    lines = out.read_text().splitlines()
+    assert lines[0] == "file,class,class_index,prob_normal,prob_pneumonia,prob_covid19,n_rois,top_roi_score"
+    assert len(lines) == 6
+
+
+@pytest.mark.parametrize("kind", ["junk", "foreign"])
+def test_infer_with_a_bad_model_writes_nothing(kind, slices, tmp_path, foreign_model):
+    model = tmp_path / "model.onnx"
+    if kind == "junk":
+        model.write_bytes(b"\x08\x07garbage")
+    else:
+        shutil.copy(foreign_model, model)
+    out = tmp_path / "preds.jsonl"
+    res = invoke("infer", model, slices, "--out", out, "-q")
+    assert res.exit_code == 2
+    assert str(model) in res.output
+    assert ("not a loadable ONNX model" if kind == "junk" else "no ctmask metadata") in res.output
+    assert "Traceback" not in res.output and not out.exists()
+
+
+def test_infer_never_imports_torch(small_onnx, slices, tmp_path):
+    """A subprocess in which importing torch raises: infer must still work."""
+    out = tmp_path / "p.jsonl"
+    code = (
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from ctmask.cli.main import app\n"
+        f"sys.argv = ['ctmask', 'infer', {str(small_onnx)!r}, {str(slices)!r}, '--out', {str(out)!r}, '-q']\n"
+        "try:\n"
+        "    app()\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code)\n"
+        "print('torch loaded:', any(m == 'torch' or m.startswith('torch.') for m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "exit 1" in proc.stdout, proc.stdout + proc.stderr  # 1: the broken slice was skipped
+    assert "torch loaded: False" in proc.stdout
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_parity_passes_on_the_exported_graph(cls_ckpt, small_onnx, synth_dir, tmp_path):
+    out = tmp_path / "parity.json"
+    res = invoke("parity", cls_ckpt, small_onnx, "--images", synth_dir / "images", "--json", out, "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["n_images"] == 24 and report["argmax_agreement"] == 1.0
+    outs = report["outputs"]
+    assert set(outs) == {"rois.score", "rois.deltas", "logits", "probs"}
+    assert outs["logits"]["max_abs"] <= 1e-3 and outs["rois.score"]["max_abs"] <= 1e-4
+    for r in outs.values():
+        assert {"max_abs", "mean_abs", "max_rel", "mean_rel", "required_atol", "passed"} <= set(r)
+    assert report["rois"]["unmatched_rows"] == 0 and not report["warnings"]
+
+
+def test_parity_catches_a_perturbed_graph(cls_ckpt, small_onnx, synth_dir, tmp_path):
+    # 1% noise on the box-regression weights: scores and classes are untouched, only the
+    # RoI deltas move. Tie-robust matching must not hide that.
+    bad = perturbed_graph(small_onnx, tmp_path / "bad.onnx", "model.ranker.box_predictor.bbox_pred.weight", 0.01)
+    out = tmp_path / "parity.json"
+    res = invoke("parity", cls_ckpt, bad, "--images", synth_dir / "images", "--json", out, "-q")
+    assert res.exit_code == 1, res.output
+    report = json.loads(out.read_text())
+    assert not report["passed"] and "rois.deltas" in report["failures"]
+    assert report["outputs"]["rois.score"]["passed"]
+    assert "FAILED" in res.output
+
+
+def test_parity_catches_a_perturbed_checkpoint(cls_ckpt, small_onnx, synth_dir, tmp_path):
+    import torch
+
+    from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(cls_ckpt)
+    state = dict(ck.model)
+    key = "detector.backbone.body.layer1.0.conv1.weight"
+    state[key] = state[key] * 1.02
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(bad, kind="classifier", preset=ck.preset, model=state)
+    assert not torch.equal(state[key], ck.model[key])
+    out = tmp_path / "parity.json"
+    res = invoke("parity", bad, small_onnx, "--images", synth_dir / "images", "--json", out, "-q")
+    assert res.exit_code == 1
+    report = json.loads(out.read_text())
+    assert "rois.score" in report["failures"] and "different checkpoint" in report["warnings"][0]
+
+
+def test_polygraphy_judges_onnxruntime_against_saved_torch_outputs(cls_ckpt, small_onnx, synth_dir, tmp_path):
+    polygraphy = shutil.which("polygraphy") or str(Path(sys.executable).parent / "polygraphy")
+    if not Path(polygraphy).exists():
+        pytest.skip("polygraphy is not installed (pip install polygraphy)")
+    saved = tmp_path / "poly"
+    res = invoke("parity", cls_ckpt, small_onnx, "--images", synth_dir / "images", "--polygraphy", saved, "-q")
+    assert res.exit_code == 0, res.output
+    assert (saved / "inputs.json").exists() and (saved / "reference_outputs.json").exists()
+
+    def polygraphy_run(model):
+        cmd = [polygraphy, "run", str(model), "--onnxrt",
+               "--load-inputs", str(saved / "inputs.json"), "--load-outputs", str(saved / "reference_outputs.json"),
+               "--atol", "logits:1e-3", "probs:1e-4", "rois:1e-3", "--rtol", "logits:0", "probs:0", "rois:1e-3",
+               "--check-error-stat", "rois:median", "logits:max", "probs:max"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    ok = polygraphy_run(small_onnx)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
+    assert "PASSED" in ok.stdout and "'logits'" in ok.stdout
+    bad = perturbed_graph(small_onnx, tmp_path / "bad.onnx", "model.classifier.net.4.bias", 0.5)
+    assert polygraphy_run(bad).returncode != 0
+
+
+def test_bench_runs_every_backend_on_the_same_inputs(cls_ckpt, small_onnx, tmp_path):
+    out = tmp_path / "bench.json"
+    res = invoke("bench", small_onnx, "--checkpoint", cls_ckpt, "-b", "1", "-b", "2", "--warmup", "1",
+                 "--iterations", "2", "--json", out, "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    got = {(r["backend"], r["batch_size"]) for r in report["results"]}
+    assert {("onnxruntime-cpu", 1), ("onnxruntime-cpu", 2), ("torch-cpu", 1), ("torch-cpu", 2)} <= got
+    for r in report["results"]:
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] and r["throughput"] > 0
+        assert r["peak_rss_mb"] is None or r["peak_rss_mb"] > 0
+    assert set(report["speedup"]["onnxruntime-cpu"]) == {"1", "2"}
+    assert "vs torch" in res.output
+
+
+def test_bench_without_checkpoint_uses_the_one_in_metadata(small_onnx):
+    res = invoke("bench", small_onnx, "--backend", "torch-cpu", "-b", "1", "--warmup", "0", "--iterations", "1", "-q")
+    assert res.exit_code == 0, res.output
+    res = invoke("bench", small_onnx, "--backend", "tpu", "-q")
+    assert res.exit_code == 2 and "unknown backend" in res.output
