@@ -148,6 +148,8 @@ def test_parity_catches_a_perturbed_graph(cls_ckpt, small_onnx, synth_dir, tmp_p
     report = json.loads(out.read_text())
     assert not report["passed"] and "rois.deltas" in report["failures"]
     assert report["outputs"]["rois.score"]["passed"]
+    assert report["failing_slices"] and all("rois.deltas" in f["max_abs"] for f in report["failing_slices"])
+    assert report["failing_slices"][0]["file"].endswith(".png")
     assert "FAILED" in res.output
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from tests_helpers import write_ct_dicom
 
 from ctmask.core.errors import DataError
 from ctmask.core.preprocess import LUNG_WINDOW, crop_box, load_slice, read_gray, resize, window_hu
@@ -25,31 +26,9 @@ def test_png_8_and_16_bit(tmp_path):
     np.testing.assert_allclose(read_gray(tmp_path / "b.png"), a16 / 65535.0, atol=1e-4)
 
 
-def _write_ct_dicom(path, hu: np.ndarray, slope=1.0, intercept=-1024.0):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.Modality = "CT"
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    stored = np.round((hu - intercept) / slope).astype(np.uint16)
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = stored.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_dicom_is_converted_to_hu_and_windowed(tmp_path):
     hu = np.array([[-1000.0, -600.0], [40.0, 400.0]], dtype=np.float32)
-    _write_ct_dicom(tmp_path / "s.dcm", hu)
+    write_ct_dicom(tmp_path / "s.dcm", hu)
     np.testing.assert_allclose(read_gray(tmp_path / "s.dcm"), window_hu(hu), atol=1e-3)
     # Found by content too, whatever the suffix.
     (tmp_path / "s.dcm").rename(tmp_path / "slice0001")

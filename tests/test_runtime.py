@@ -92,3 +92,20 @@ def test_prediction_writer_is_atomic(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError, match="use .jsonl or .csv"):
         PredictionWriter(tmp_path / "p.txt", ("a",))
+
+
+def test_dicom_and_its_rendering_get_the_same_call(small_onnx, tmp_path):
+    """The runtime windows DICOM with the model's metadata window, as the PNGs were made."""
+    from PIL import Image
+    from tests_helpers import write_ct_dicom
+
+    from ctmask.data.synth import generate_slice
+
+    s = generate_slice(5, 0, 2)
+    hu = np.clip(s.hu, -1024, 3071)
+    write_ct_dicom(tmp_path / "slice.dcm", hu)
+    Image.fromarray(s.image).save(tmp_path / "slice.png")
+    with OnnxRuntimeRunner(small_onnx) as r:
+        dcm, png = list(predict_files(r, [tmp_path / "slice.dcm", tmp_path / "slice.png"], batch_size=2))
+    assert dcm.class_name == png.class_name
+    assert max(abs(dcm.probs[k] - png.probs[k]) for k in dcm.probs) < 0.02  # 8-bit rendering vs float HU

@@ -125,10 +125,16 @@ def parity(
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     min_argmax_agreement: float = typer.Option(1.0, help="Required fraction of identical class calls."),
     polygraphy: Path | None = typer.Option(None, help="Also save inputs + PyTorch outputs here for Polygraphy."),
+    jitter: float = typer.Option(1e-6, min=0.0, help="Input noise of the stability probe for failing slices "
+                                                     "(0: off)."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Run PyTorch and the exported graph on the same tensors; judge every output.
+
+    A failing slice on which PyTorch itself moves beyond the tolerances under +-jitter
+    input noise (a detector top-k / NMS decision on a knife edge) is reported as unstable
+    and judged out, up to 5% of the slices.
 
     Exit status 1 when any output is out of tolerance or class calls disagree.
     """
@@ -142,7 +148,7 @@ def parity(
             advance[0] = stack.enter_context(progress(n, "parity", not quiet))
 
         report = check_parity(checkpoint, model, images, max_images, batch_size, min_argmax_agreement, polygraphy,
-                              on_batch=lambda n: advance[0](n), on_start=on_start)
+                              on_batch=lambda n: advance[0](n), on_start=on_start, jitter=jitter)
     for w in report["warnings"]:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
     for s in report["skipped"]:
@@ -174,6 +180,15 @@ def format_parity(report: dict) -> str:
         lines.append(f"{len(c['tie_affected_images'])} slice(s) with near-tied RoIs: logits judged against torch S "
                      "on the graph's own RoIs")
     lines.append(f"argmax agreement {report['argmax_agreement']:.2%} (required {report['min_argmax_agreement']:.0%})")
+    for item in report["unstable_slices"]:
+        errs = ", ".join(f"{k} {v:.3g}" for k, v in item["graph_max_abs"].items())
+        own = ", ".join(f"{k} {v:.3g}" for k, v in item["reference_jitter_max_abs"].items())
+        lines.append(f"  unstable slice {item['file']} (judged out): graph off by {errs}; PyTorch vs itself under "
+                     f"input jitter: {own}")
+    for item in report.get("failing_slices", [])[:10]:
+        errs = ", ".join(f"{k} {v:.3g}" for k, v in item["max_abs"].items())
+        lines.append(f"  failing slice {item['file']}: {errs or 'class call differs'}"
+                     + (f", {item['unmatched_rows']} unmatched RoI row(s)" if item["unmatched_rows"] else ""))
     lines.append("PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failures"]))
     return "\n".join(lines)
 
