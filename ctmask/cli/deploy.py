@@ -69,8 +69,8 @@ def infer(
 ) -> None:
     """Predict normal / pneumonia / COVID-19 for every slice, in batches.
 
-    Unreadable slices are reported (path and reason) and skipped; the rest are processed
-    and the exit status is 1. The output file appears only when the run completes.
+    Unreadable slices are reported (path and reason) and skipped; the rest are processed and the exit status
+    is 1. The output file appears only when the run completes.
     """
     from ctmask.core.progress import progress
     from ctmask.runtime.predict import Failure, PredictionWriter, collect_images, predict_files
@@ -132,11 +132,9 @@ def parity(
 ) -> None:
     """Run PyTorch and the exported graph on the same tensors; judge every output.
 
-    A failing slice on which PyTorch itself moves beyond the tolerances under +-jitter
-    input noise (a detector top-k / NMS decision on a knife edge) is reported as unstable
-    and judged out, up to 5% of the slices.
-
-    Exit status 1 when any output is out of tolerance or class calls disagree.
+    Exit status 1 when any output is out of tolerance or class calls disagree. A failing slice on which PyTorch
+    itself moves beyond the tolerances under +-jitter input noise (a top-k / NMS decision on a knife edge) is
+    reported as unstable and judged out, up to 5% of the slices.
     """
     from ctmask.core.progress import progress
     from ctmask.exporter.parity import check_parity

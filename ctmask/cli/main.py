@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="COVID-CT-Mask-Net toolchain: synthetic data, training, evaluation, export, inference.",
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs wrap to the terminal
 )
 
 
