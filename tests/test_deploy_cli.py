@@ -74,6 +74,16 @@ def test_infer_skips_bad_slice_and_writes_the_rest(small_onnx, slices, tmp_path)
     assert [s["file"] for s in summary["skipped"]] == [str(slices / "test_broken.png")]
 
 
+def test_infer_from_a_checkpoint_runs_the_pytorch_path(cls_ckpt, small_onnx, slices, tmp_path):
+    for model, name in ((cls_ckpt, "torch.jsonl"), (small_onnx, "onnx.jsonl")):
+        res = invoke("infer", model, slices, "--out", tmp_path / name, "-q", "--json", tmp_path / (name + ".json"))
+        assert res.exit_code == 1, res.output
+    assert json.loads((tmp_path / "torch.jsonl.json").read_text())["runner"]["backend"] == "torch-cpu"
+    torch_rows = [json.loads(line) for line in (tmp_path / "torch.jsonl").read_text().splitlines()]
+    onnx_rows = [json.loads(line) for line in (tmp_path / "onnx.jsonl").read_text().splitlines()]
+    assert [r["class"] for r in torch_rows] == [r["class"] for r in onnx_rows]
+
+
 def test_infer_csv(small_onnx, slices, tmp_path):
     (slices / "test_broken.png").unlink()
     out = tmp_path / "preds.csv"
@@ -211,8 +221,13 @@ def test_bench_runs_every_backend_on_the_same_inputs(cls_ckpt, small_onnx, tmp_p
     assert "vs torch" in res.output
 
 
-def test_bench_without_checkpoint_uses_the_one_in_metadata(small_onnx):
-    res = invoke("bench", small_onnx, "--backend", "torch-cpu", "-b", "1", "--warmup", "0", "--iterations", "1", "-q")
+def test_bench_without_checkpoint_uses_the_one_in_metadata(small_onnx, slices, tmp_path):
+    (slices / "test_broken.png").unlink()
+    out = tmp_path / "b.json"
+    res = invoke("bench", small_onnx, "--backend", "torch-cpu", "-b", "3", "--warmup", "0", "--iterations", "1",
+                 "--images", slices, "--json", out, "-q")
     assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["input"] == str(slices) and [r["backend"] for r in report["results"]] == ["torch-cpu"]
     res = invoke("bench", small_onnx, "--backend", "tpu", "-q")
     assert res.exit_code == 2 and "unknown backend" in res.output

@@ -8,7 +8,6 @@ a context manager. Backends implement the ``*_impl`` hooks. Nothing here imports
 from __future__ import annotations
 
 import abc
-import os
 import warnings
 from pathlib import Path
 
@@ -102,7 +101,7 @@ class OnnxRuntimeRunner(Runner):
         path: ctmask ONNX file.
         device: "cpu" or "cuda" (onnxruntime-gpu; silently falls back to the CPU when CUDA
             cannot be used, which :meth:`describe` reports).
-        threads: intra-op threads (default: all cores).
+        threads: intra-op threads (default: onnxruntime's choice, the physical cores).
         optimization: graph optimisation level, one of :data:`OPT_LEVELS`.
     """
 
@@ -115,7 +114,7 @@ class OnnxRuntimeRunner(Runner):
             raise ConfigError(f"unknown optimisation level {optimization!r}; expected one of {list(OPT_LEVELS)}")
         self.path = Path(path)
         self.device = device
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads
         self.optimization = optimization
         self.name = f"onnxruntime-{device}"
         self.session = None
@@ -126,7 +125,7 @@ class OnnxRuntimeRunner(Runner):
         if not self.path.is_file():
             raise ModelError("model file does not exist", self.path)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
+        opts.intra_op_num_threads = self.threads or 0
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -162,7 +161,7 @@ class OnnxRuntimeRunner(Runner):
         return self.session.get_providers()[0] if self.session is not None else ""
 
     def describe(self) -> dict:
-        d = {"backend": self.name, "model": str(self.path), "threads": self.threads,
+        d = {"backend": self.name, "model": str(self.path), "threads": self.threads or "default",
              "optimization": self.optimization, "requested_provider": PROVIDERS[self.device][0]}
         if self.session is not None:
             d["provider"] = self.provider
