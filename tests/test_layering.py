@@ -17,3 +17,16 @@ def test_core_data_and_runtime_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0", out.stdout + out.stderr
+
+
+def test_no_torch_import_statement_in_torch_free_layers():
+    """Lazy imports escape the test above; the runtime must not hold one at all."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ctmask"
+    pattern = re.compile(r"^\s*(import torch\b|from torch\b|import torchvision\b|from torchvision\b)", re.M)
+    offenders = [f"{p.relative_to(root)}:{m.group(0).strip()}"
+                 for layer in ("core", "data", "runtime") for p in sorted((root / layer).rglob("*.py"))
+                 for m in pattern.finditer(p.read_text())]
+    assert offenders == []

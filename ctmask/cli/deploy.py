@@ -62,7 +62,7 @@ def infer(
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference call."),
     backend: str = typer.Option("auto", help="auto | onnxruntime | torch (auto: by the model file)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
-    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
+    threads: int | None = typer.Option(None, help="CPU threads (default: the backend's own choice)."),
     top_rois: int = typer.Option(5, help="RoI rows kept per slice in the output."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
@@ -82,7 +82,7 @@ def infer(
     with runner:
         spec = runner.spec
         writer = PredictionWriter(out, spec.class_names) if out is not None else None
-        with (writer or _NullWriter()), progress(len(files), "infer", not quiet) as advance:
+        with (writer or contextlib.nullcontext()), progress(len(files), "infer", not quiet) as advance:
             for item in predict_files(runner, files, batch_size, top_rois, on_batch=advance):
                 if isinstance(item, Failure):
                     failures.append(item)
@@ -106,14 +106,6 @@ def infer(
                "out": None if out is None else str(out)}, json_out)
     if failures:
         raise typer.Exit(1)
-
-
-class _NullWriter:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 @user_errors
@@ -203,14 +195,24 @@ def bench(
     images: Path | None = typer.Option(None, help="Folder of slices to run (default: synthetic slices)."),
     warmup: int = typer.Option(2, min=0),
     iterations: int = typer.Option(10, min=1),
-    threads: int | None = typer.Option(None, help="CPU threads for every backend (default: all cores)."),
+    threads: int | None = typer.Option(None, help="CPU threads for every backend (default: each one's own "
+                                                  "choice)."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Latency p50/p90/p99, throughput and peak memory of every backend on the same inputs."""
-    from ctmask.runtime.bench import plan_backends, run_plan
+    from ctmask.runtime.bench import onnxruntime_resolver, plan_backends, run_plan
 
-    plan = plan_backends(model, backend, checkpoint, threads)
+    def torch_backend(device, spec):
+        # Imported only when a torch backend is planned: an onnxruntime-only bench stays torch-free.
+        try:
+            from ctmask.exporter.reference import torch_resolver
+        except ImportError:
+            return None, "torch is not installed"
+        return torch_resolver(checkpoint, threads)(device, spec)
+
+    resolvers = {"onnxruntime": onnxruntime_resolver(model, threads), "torch": torch_backend}
+    plan = plan_backends(model, backend, resolvers)
     for name, why in plan.skipped.items():
         typer.secho(f"not benchmarked: {name}: {why}", fg=typer.colors.YELLOW, err=True)
     report = run_plan(plan, batch_size, images, warmup, iterations, not quiet)

@@ -6,11 +6,14 @@ checks and benchmarks compare like with like.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ctmask.core.errors import ConfigError
 from ctmask.core.fileio import sha256_file
 from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
 from ctmask.exporter.onnx_export import GraphModule
@@ -40,15 +43,12 @@ class TorchRunner(Runner):
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.device == "cuda" and not torch.cuda.is_available():
-            from ctmask.core.errors import ConfigError
-
             raise ConfigError("torch-cuda requested but torch sees no CUDA device")
         ck = load_checkpoint(self.checkpoint, kind="classifier")
         self.module = GraphModule(load_classifier(ck)).to(self.device).eval()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        return GraphSpec.for_preset(ck.preset, checkpoint_sha256=sha256_file(self.checkpoint),
-                                    checkpoint_name=str(self.checkpoint.resolve()))
+        return GraphSpec.for_preset(ck.preset, checkpoint_name=str(self.checkpoint.resolve()))
 
     @torch.inference_mode()
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -73,3 +73,30 @@ class TorchRunner(Runner):
     def describe(self) -> dict:
         return {"backend": self.name, "checkpoint": str(self.checkpoint), "threads": torch.get_num_threads(),
                 "torch": torch.__version__}
+
+
+def reference_checkpoint(spec: GraphSpec, checkpoint: Path | None) -> tuple[Path | None, str]:
+    """The checkpoint to run as the reference of a graph: ``checkpoint`` if given, else the
+    one named in the graph's metadata if it is still there and unchanged (else a reason)."""
+    if checkpoint is not None:
+        return checkpoint, ""
+    named = Path(spec.checkpoint_name) if spec.checkpoint_name else None
+    if named is None or not named.is_file():
+        return None, "no checkpoint: pass --checkpoint (the one named in the model's metadata is not here)"
+    if sha256_file(named) != spec.checkpoint_sha256:
+        return None, f"{named} changed since export (sha256 differs): pass --checkpoint"
+    return named, ""
+
+
+def torch_resolver(checkpoint: str | Path | None, threads: int | None):
+    """Resolver of the ``torch-*`` bench backends (see :func:`ctmask.runtime.bench.plan_backends`)."""
+
+    def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
+        if device == "cuda" and not torch.cuda.is_available():
+            return None, "torch sees no CUDA device"
+        ckpt, why = reference_checkpoint(spec, None if checkpoint is None else Path(checkpoint))
+        if ckpt is None:
+            return None, why
+        return functools.partial(TorchRunner, ckpt, device, threads), ""
+
+    return resolve

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from ctmask.core.errors import ConfigError
-from ctmask.core.fileio import sha256_file
 from ctmask.core.spec import INPUT, GraphSpec
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner, onnxruntime_devices
 
@@ -113,7 +112,6 @@ def benchmark(
     b = images.shape[0]
     return {
         **info,
-        "backend": info["backend"],
         "batch_size": b,
         "iterations": iterations,
         "warmup": warmup,
@@ -145,6 +143,9 @@ def speedups(results: list[dict], reference: str) -> dict[str, dict[int, float]]
 BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "torch-cpu", "torch-cuda")
 REFERENCE = "torch-cpu"
 
+Resolver = Callable[[str, GraphSpec], tuple[Callable[[], Runner] | None, str]]
+"""(device, graph spec) -> (runner factory, "") or (None, why the backend cannot run here)."""
+
 
 @dataclass
 class BenchPlan:
@@ -156,20 +157,26 @@ class BenchPlan:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _reference_checkpoint(spec: GraphSpec, checkpoint: Path | None) -> tuple[Path | None, str]:
-    if checkpoint is not None:
-        return checkpoint, ""
-    named = Path(spec.checkpoint_name) if spec.checkpoint_name else None
-    if named is None or not named.is_file():
-        return None, "no checkpoint: pass --checkpoint (the one named in the model's metadata is not here)"
-    if sha256_file(named) != spec.checkpoint_sha256:
-        return None, f"{named} changed since export (sha256 differs): pass --checkpoint"
-    return named, ""
+def onnxruntime_resolver(model: Path, threads: int | None) -> Resolver:
+    """Resolver of the ``onnxruntime-*`` backends for ``model``."""
+
+    def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
+        if device not in onnxruntime_devices():
+            return None, "this onnxruntime build has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+        return functools.partial(OnnxRuntimeRunner, model, device, threads), ""
+
+    return resolve
 
 
-def plan_backends(model: str | Path, wanted: list[str] | None, checkpoint: str | Path | None,
-                  threads: int | None) -> BenchPlan:
+def plan_backends(model: str | Path, wanted: list[str] | None, resolvers: dict[str, Resolver]) -> BenchPlan:
     """Resolve the backends to benchmark; unavailable ones are skipped with a reason.
+
+    Args:
+        model: ctmask ONNX file.
+        wanted: backend names (default: all of :data:`BACKENDS`).
+        resolvers: per backend kind ("onnxruntime", "torch"), what builds its runners.
+            The runtime knows only onnxruntime; the caller adds the PyTorch reference
+            (:func:`ctmask.exporter.reference.torch_resolver`), so nothing here imports torch.
 
     Raises:
         ConfigError: an unknown backend name, or an explicitly requested backend that
@@ -184,27 +191,12 @@ def plan_backends(model: str | Path, wanted: list[str] | None, checkpoint: str |
             raise ConfigError(f"unknown backend {name!r}; expected one of {list(BACKENDS)}")
     for name in wanted or BACKENDS:
         kind, device = name.rsplit("-", 1)
-        if kind == "onnxruntime":
-            if device in onnxruntime_devices():
-                plan.factories[name] = functools.partial(OnnxRuntimeRunner, model, device, threads)
-            else:
-                plan.skipped[name] = "this onnxruntime build has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
-            continue
-        try:
-            import torch  # noqa: F401  (the reference backend needs it)
-
-            from ctmask.exporter.reference import TorchRunner
-        except ImportError:
-            plan.skipped[name] = "torch is not installed"
-            continue
-        if device == "cuda" and not torch.cuda.is_available():
-            plan.skipped[name] = "torch sees no CUDA device"
-            continue
-        ckpt, why = _reference_checkpoint(spec, None if checkpoint is None else Path(checkpoint))
-        if ckpt is None:
+        resolver = resolvers.get(kind)
+        factory, why = resolver(device, spec) if resolver else (None, f"no {kind} backend was offered")
+        if factory is None:
             plan.skipped[name] = why
-            continue
-        plan.factories[name] = functools.partial(TorchRunner, ckpt, device, threads)
+        else:
+            plan.factories[name] = factory
     if wanted:
         missing = [n for n in wanted if n in plan.skipped]
         if missing:
@@ -215,14 +207,14 @@ def plan_backends(model: str | Path, wanted: list[str] | None, checkpoint: str |
 
 
 def bench_images(spec: GraphSpec, n: int, folder: Path | None) -> np.ndarray:
-    """``n`` input slices [n, 1, S, S]: the first files of ``folder`` (cycled), or synthetic."""
+    """``n`` input slices [n, 1, S, S]: the first files of ``folder`` (repeated), or synthetic."""
     if folder is not None:
         from ctmask.runtime.predict import collect_images, load_batch
 
         files, _ = collect_images([folder])
         if not files:
             raise ConfigError(f"no images in {folder}")
-        batch, ok, bad = load_batch([files[i % len(files)] for i in range(min(n, len(files)))], spec)
+        batch, ok, bad = load_batch(files[:n], spec)
         if bad:
             raise ConfigError("unreadable bench input: " + "; ".join(f"{f.file}: {f.reason}" for f in bad))
         reps = -(-n // len(batch))
