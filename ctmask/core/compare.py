@@ -60,10 +60,9 @@ def compare_arrays(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tol
     diff = np.where(same_special, 0.0, np.abs(a - e))
     diff = np.where(np.isnan(diff), np.inf, diff)
     mag = np.abs(np.where(np.isfinite(e), e, 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / mag)
     fails = diff > tol.atol + tol.rtol * mag
     with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / mag)
         need_rtol = np.where(diff <= tol.atol, 0.0, (diff - tol.atol) / mag)
     n = diff.size
     return OutputComparison(

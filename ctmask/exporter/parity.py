@@ -12,9 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.compare import argmax_agreement, compare_arrays, compare_rois, match_roi_rows
+from ctmask.core.compare import (
+    OutputComparison,
+    argmax_agreement,
+    compare_arrays,
+    compare_rois,
+    match_roi_rows,
+)
 from ctmask.core.errors import ConfigError
-from ctmask.core.fileio import atomic_path
+from ctmask.core.fileio import atomic_path, sha256_file
 from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec, ModelError
 from ctmask.exporter.reference import TorchRunner
 from ctmask.runtime.predict import Failure, collect_images, load_batch
@@ -53,6 +59,24 @@ def resolve_ties(
     return resolved, affected
 
 
+def _rows(outputs: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+    """The same rows (slices) of every output."""
+    return {k: v[index] for k, v in outputs.items()}
+
+
+def _batches(n: int, batch_size: int) -> list[slice]:
+    return [slice(start, start + batch_size) for start in range(0, n, batch_size)]
+
+
+def _checks(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray],
+            spec: GraphSpec) -> tuple[list[OutputComparison], dict]:
+    """Every judged quantity (rois.score, rois.deltas, logits, probs) and the RoI matching counts."""
+    tol = spec.tolerances
+    checks, counts = compare_rois(actual["rois"], expected["rois"], tol["rois.score"], tol["rois.deltas"])
+    checks += [compare_arrays(name, actual[name], expected[name], tol[name]) for name in ("logits", "probs")]
+    return checks, counts
+
+
 def compare_outputs(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], spec: GraphSpec,
                     min_argmax_agreement: float = 1.0) -> dict:
     """Judge ``actual`` (exported graph) against ``expected`` (PyTorch, ties resolved).
@@ -62,9 +86,7 @@ def compare_outputs(actual: dict[str, np.ndarray], expected: dict[str, np.ndarra
         probs), ``rois`` matching counts, ``argmax_agreement``, ``failures`` (names of
         every failing check) and ``passed``.
     """
-    tol = spec.tolerances
-    rows, counts = compare_rois(actual["rois"], expected["rois"], tol["rois.score"], tol["rois.deltas"])
-    rows += [compare_arrays(name, actual[name], expected[name], tol[name]) for name in ("logits", "probs")]
+    rows, counts = _checks(actual, expected, spec)
     agreement = argmax_agreement(actual["logits"], expected["logits"])
     failures = [r.name for r in rows if not r.passed]
     if agreement < min_argmax_agreement:
@@ -82,27 +104,16 @@ def compare_outputs(actual: dict[str, np.ndarray], expected: dict[str, np.ndarra
 
 def failing_slices(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], spec: GraphSpec) -> list[dict]:
     """Per slice: which checks fail there, with the largest error of each (for finding causes)."""
-    tol = spec.tolerances
     out = []
     for i in range(len(expected["logits"])):
         one = slice(i, i + 1)
-        checks, counts = compare_rois(actual["rois"][one], expected["rois"][one], tol["rois.score"], tol["rois.deltas"])
-        checks += [compare_arrays(n, actual[n][one], expected[n][one], tol[n]) for n in ("logits", "probs")]
+        checks, counts = _checks(_rows(actual, one), _rows(expected, one), spec)
         bad = {c.name: c.max_abs for c in checks if not c.passed}
-        if bad or actual["logits"][i].argmax() != expected["logits"][i].argmax():
+        agrees = bool(actual["logits"][i].argmax() == expected["logits"][i].argmax())
+        if bad or not agrees:
             out.append({"index": i, "max_abs": bad, "unmatched_rows": counts["unmatched_rows"],
-                        "argmax_agrees": bool(actual["logits"][i].argmax() == expected["logits"][i].argmax())})
+                        "argmax_agrees": agrees})
     return out
-
-
-def _slice_checks(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], i: int,
-                  spec: GraphSpec) -> dict[str, float]:
-    """Largest error of each check on slice ``i`` of ``expected`` (``actual`` holds one slice)."""
-    tol = spec.tolerances
-    one = slice(i, i + 1)
-    checks, _ = compare_rois(actual["rois"], expected["rois"][one], tol["rois.score"], tol["rois.deltas"])
-    checks += [compare_arrays(n, actual[n], expected[n][one], tol[n]) for n in ("logits", "probs")]
-    return {c.name: c.max_abs for c in checks if not c.passed}
 
 
 def unstable_slices(reference: Runner, images: np.ndarray, failing: list[dict], expected: dict[str, np.ndarray],
@@ -126,8 +137,10 @@ def unstable_slices(reference: Runner, images: np.ndarray, failing: list[dict], 
         for seed in range(seeds):
             noise = np.random.default_rng(seed).uniform(-jitter, jitter, images[i : i + 1].shape)
             jittered = reference.infer({INPUT: np.clip(images[i : i + 1] + noise, 0, 1).astype(np.float32)})
-            for name, err in _slice_checks(jittered, expected, i, spec).items():
-                moved[name] = max(moved.get(name, 0.0), err)
+            checks, _ = _checks(jittered, _rows(expected, slice(i, i + 1)), spec)
+            for c in checks:
+                if not c.passed:
+                    moved[c.name] = max(moved.get(c.name, 0.0), c.max_abs)
             class_moved |= bool(jittered["logits"][0].argmax() != expected["logits"][i].argmax())
         if all(name in moved for name in item["max_abs"]) and (item["argmax_agrees"] or class_moved):
             out[i] = moved
@@ -146,8 +159,7 @@ def judge_out_unstable(report: dict, unstable: dict[int, dict[str, float]], actu
     if unstable:
         n = len(resolved["logits"])
         keep = [i for i in range(n) if i not in unstable]
-        report = compare_outputs({k: v[keep] for k, v in actual.items()}, {k: v[keep] for k, v in resolved.items()},
-                                 spec, min_argmax_agreement)
+        report = compare_outputs(_rows(actual, keep), _rows(resolved, keep), spec, min_argmax_agreement)
         for item in report["failing_slices"]:
             item["index"] = keep[item["index"]]
         if len(unstable) > max_unstable_fraction * n:
@@ -162,8 +174,8 @@ def run_pair(reference: Runner, candidate: Runner, images: np.ndarray, batch_siz
     """Run both active runners on ``images`` [M, 1, S, S] in batches; concatenate outputs."""
     ref: dict[str, list] = {k: [] for k in OUTPUTS}
     cand: dict[str, list] = {k: [] for k in OUTPUTS}
-    for start in range(0, len(images), batch_size):
-        feed = {INPUT: np.ascontiguousarray(images[start : start + batch_size])}
+    for batch in _batches(len(images), batch_size):
+        feed = {INPUT: np.ascontiguousarray(images[batch])}
         for store, runner in ((ref, reference), (cand, candidate)):
             for k, v in runner.infer(feed).items():
                 store[k].append(v)
@@ -215,9 +227,10 @@ def check_parity(
                              f"checkpoint is preset {ref_spec.preset!r} ({ref_spec.image_size} px, "
                              f"N={ref_spec.n_rois})", model)
         warnings = []
-        if spec.checkpoint_sha256 and spec.checkpoint_sha256 != ref_spec.checkpoint_sha256:
+        ref_sha = sha256_file(checkpoint)
+        if spec.checkpoint_sha256 and spec.checkpoint_sha256 != ref_sha:
             warnings.append(f"{model} was exported from a different checkpoint (sha256 {spec.checkpoint_sha256[:12]}"
-                            f"..., {checkpoint} is {ref_spec.checkpoint_sha256[:12]}...)")
+                            f"..., {checkpoint} is {ref_sha[:12]}...)")
         images, ok, bad = load_batch(files, spec)
         skipped += bad
         if not ok:
@@ -270,11 +283,9 @@ def save_for_polygraphy(out_dir: str | Path, images: np.ndarray, expected: dict[
         raise ConfigError("writing Polygraphy files needs polygraphy: pip install polygraphy") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    feeds, outs = [], []
-    for start in range(0, len(images), batch_size):
-        sl = slice(start, start + batch_size)
-        feeds.append({INPUT: np.ascontiguousarray(images[sl])})
-        outs.append({k: np.ascontiguousarray(v[sl]) for k, v in expected.items()})
+    batches = _batches(len(images), batch_size)
+    feeds = [{INPUT: np.ascontiguousarray(images[b])} for b in batches]
+    outs = [{k: np.ascontiguousarray(v) for k, v in _rows(expected, b).items()} for b in batches]
     paths = {"inputs": out_dir / "inputs.json", "outputs": out_dir / "reference_outputs.json"}
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its "[I] Saving ..." lines would mix into our output
     results = RunResults()
