@@ -17,7 +17,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
     The temporary file lives in the same directory so the final ``os.replace`` is atomic
-    on POSIX. On any exception the temporary file is removed and ``path`` is untouched.
+    on POSIX. On success the temporary file is ``fsync``-ed before the rename and the
+    directory after it, so a crash (or power loss) leaves either the old file or the
+    complete new one, never an empty one. On any exception the temporary file is removed
+    and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,10 +33,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to the disk (``os.fsync``), so a rename onto it is durable."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows fsyncs writable handles only
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory entry change (a rename) to the disk; a no-op where directories
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the rename itself happened
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
