@@ -2,8 +2,9 @@
 
 Paper preset: ResNet50 with plain BatchNorm2d (no ImageNet weights), FPN on layer1..layer4
 with 256 channels and 4 levels (no extra max-pool level), 30 anchors per location on every
-level, RPN NMS 0.75, box head 12544 -> 128 -> 128, box coder weights (10, 10, 5, 5),
-3 classes (background, GGO, consolidation), mask head.
+level, RPN NMS 0.75 with min size 0 (zero-area proposals are kept, as in the reference),
+box head 12544 -> 128 -> 128, box coder weights (10, 10, 5, 5), 3 classes (background,
+GGO, consolidation), mask head.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def build_detector(preset: Preset) -> MaskRCNN:
     n_anchors = preset.anchors_per_location
     levels = len(FPN_STRIDES)
     mc = preset.mask_head_channels
-    return MaskRCNN(
+    detector = MaskRCNN(
         build_backbone(preset),
         num_classes=None,
         min_size=preset.image_size,
@@ -79,6 +80,12 @@ def build_detector(preset: Preset) -> MaskRCNN:
         mask_head=MaskRCNNHeads(c, (mc,) * 4, 1),
         mask_predictor=MaskRCNNPredictor(mc, mc, preset.num_lesion_classes),
     )
+    # Not a MaskRCNN argument; torchvision's RPN defaults to 1e-3, the reference uses 0.
+    # Zero-area proposals are safe downstream: their IoU with any box is 0 (never a
+    # positive, so their infinite regression targets never reach a loss), RoIAlign
+    # pools at least one pixel, and the heads drop decoded boxes under 1e-2.
+    detector.rpn.min_size = preset.rpn_min_size
+    return detector
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
