@@ -42,3 +42,8 @@ class CheckpointError(CtmaskError):
 
 class ConfigError(CtmaskError):
     """An option or preset name is invalid."""
+
+
+class CtmaskWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it
+    as one ``warning:`` line on stderr)."""
