@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 import torch
+from tests_helpers import assert_rois_match
+from typer.testing import CliRunner
 
+from ctmask.cli.main import app
 from ctmask.core.errors import CheckpointError
 from ctmask.core.fileio import sha256_file
 from ctmask.core.presets import PAPER, SMALL
 from ctmask.core.spec import GraphSpec
-from ctmask.exporter.onnx_export import export_onnx, graph_problems
+from ctmask.exporter import onnx_export
+from ctmask.exporter.onnx_export import ExportError, default_opset, export_onnx, graph_problems
 from ctmask.runtime.runner import OnnxRuntimeRunner
 
 
@@ -33,9 +39,18 @@ def test_small_graph_contract_and_metadata(small_onnx, cls_ckpt):
     ops = {node.op_type for node in model.graph.node}
     assert "NonZero" not in ops and {"NonMaxSuppression", "RoiAlign", "TopK"} <= ops
     assert max(i.version for i in model.opset_import if i.domain in ("", "ai.onnx")) >= 18
-    spec = GraphSpec.from_metadata({p.key: p.value for p in model.metadata_props}, small_onnx)
+    meta = {p.key: p.value for p in model.metadata_props}
+    spec = GraphSpec.from_metadata(meta, small_onnx)
     assert (spec.preset, spec.image_size, spec.n_rois) == ("small", s, n)
     assert spec.checkpoint_sha256 == sha256_file(cls_ckpt)
+    from ctmask.training.checkpoint import load_checkpoint
+
+    # The weights' identity travels with the graph, and the pre-processing it was trained with.
+    ck = load_checkpoint(cls_ckpt)
+    assert ck.verified and len(spec.weights_sha256) == 64 and meta["ctmask.weights_sha256"] == ck.weights_sha256
+    assert json.loads(meta["ctmask.preprocess"]) == {"crop": False, "resize": "bilinear",
+                                                     "window": {"level": -600.0, "width": 1500.0}}
+    assert spec.opset == default_opset(model) == int(meta["ctmask.opset"]) == 18
     assert spec.class_names == ("normal", "pneumonia", "covid19") and spec.window == (-600.0, 1500.0)
     assert graph_problems(model, spec) == []
 
@@ -62,7 +77,7 @@ def test_normalisation_is_inside_the_graph(small_onnx, cls_ckpt):
         rois, logits = load_classifier(load_checkpoint(cls_ckpt))(torch.from_numpy(x))
     np.testing.assert_allclose(got["logits"], logits.numpy(), atol=1e-3)
     np.testing.assert_allclose(got["probs"], torch.softmax(logits, -1).numpy(), atol=1e-4)
-    np.testing.assert_allclose(got["rois"][..., 0], rois[..., 0].numpy(), atol=1e-4)
+    assert_rois_match(got["rois"], rois.numpy())
 
 
 def test_segmentation_checkpoint_is_refused_and_nothing_written(seg_ckpt, tmp_path):
@@ -94,4 +109,38 @@ def test_paper_preset_exports_and_matches_torch(tmp_path):
     with torch.no_grad():
         rois, logits = model(x)
     np.testing.assert_allclose(got["logits"], logits.numpy(), atol=1e-3)
-    np.testing.assert_allclose(np.sort(got["rois"][..., 0], 1), np.sort(rois[..., 0].numpy(), 1), atol=1e-4)
+    # Untrained weights rank many near-identical scores: near-tied rows may swap.
+    assert_rois_match(got["rois"], rois.numpy())
+
+
+def test_an_opset_onnx_does_not_know_is_refused_before_any_work(cls_ckpt, tmp_path):
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="opset 40 does not exist"):
+        export_onnx(cls_ckpt, out, opset=40)
+    res = CliRunner().invoke(app, ["export", str(cls_ckpt), "--out", str(out), "--opset", "40"])
+    assert res.exit_code == 2 and "opset 40 does not exist" in res.output and "between 18 and" in res.output
+    assert "Traceback" not in res.output and "wrote" not in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_opset_the_exporter_silently_falls_back_from_is_refused(cls_ckpt, small_onnx, tmp_path, monkeypatch):
+    """torch.onnx converts to the requested opset and, when that fails, keeps its own one
+    without an error: the file would say opset 18 while ctmask reported 21."""
+    monkeypatch.setattr(onnx_export, "trace_to_onnx", lambda model, opset: onnx.load(str(small_onnx)))
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="could not produce opset 21 .*came out at opset 18"):
+        export_onnx(cls_ckpt, out, opset=21)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_at_a_newer_opset_reports_the_files_real_opset(cls_ckpt, tmp_path):
+    out = tmp_path / "m21.onnx"
+    res = CliRunner().invoke(app, ["export", str(cls_ckpt), "--out", str(out), "--opset", "21", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    model = onnx.load(str(out))
+    assert default_opset(model) == 21 == info["opset"] == int(info["metadata"]["ctmask.opset"])
+    assert {p.key: p.value for p in model.metadata_props}["ctmask.opset"] == "21"
+    assert "opset 21" in res.stderr
+    with OnnxRuntimeRunner(out) as r:
+        assert r.spec.opset == 21

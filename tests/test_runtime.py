@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from ctmask.core.errors import ConfigError
-from ctmask.core.spec import ModelError
-from ctmask.runtime.predict import PredictionWriter, collect_images, predict_files
-from ctmask.runtime.runner import OnnxRuntimeRunner
+from ctmask.core.preprocess import Preprocessing
+from ctmask.core.presets import SMALL
+from ctmask.core.spec import GraphSpec, ModelError
+from ctmask.runtime.predict import CropBoxes, PredictionWriter, collect_images, load_batch, predict_files
+from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
 
 
 class CountingRunner(OnnxRuntimeRunner):
@@ -94,18 +96,99 @@ def test_prediction_writer_is_atomic(tmp_path):
         PredictionWriter(tmp_path / "p.txt", ("a",))
 
 
-def test_dicom_and_its_rendering_get_the_same_call(small_onnx, tmp_path):
-    """The runtime windows DICOM with the model's metadata window, as the PNGs were made."""
+def test_dicom_is_decoded_like_its_rendering(small_onnx, tmp_path):
+    """The runtime windows DICOM with the model's metadata window, as the PNGs were made:
+    the decoded input arrays agree to the quantisation of the two files."""
     from PIL import Image
     from tests_helpers import write_ct_dicom
 
+    from ctmask.core.preprocess import read_gray
     from ctmask.data.synth import generate_slice
 
     s = generate_slice(5, 0, 2)
-    hu = np.clip(s.hu, -1024, 3071)
-    write_ct_dicom(tmp_path / "slice.dcm", hu)
+    assert -1024 <= s.hu.min() and s.hu.max() <= 3071  # storable as uint16 with intercept -1024
+    write_ct_dicom(tmp_path / "slice.dcm", s.hu)
     Image.fromarray(s.image).save(tmp_path / "slice.png")
+    # PNG: 8 bits of the window (<= 0.5 / 255 off); DICOM: HU rounded to integers (<= 0.5 / width off).
     with OnnxRuntimeRunner(small_onnx) as r:
-        dcm, png = list(predict_files(r, [tmp_path / "slice.dcm", tmp_path / "slice.png"], batch_size=2))
-    assert dcm.class_name == png.class_name
-    assert max(abs(dcm.probs[k] - png.probs[k]) for k in dcm.probs) < 0.02  # 8-bit rendering vs float HU
+        spec = r.spec
+    width = spec.window[1]
+    tol = 0.5 / 255 + 0.5 / width + 1e-6
+    dcm_full, png_full = read_gray(tmp_path / "slice.dcm", spec.window), read_gray(tmp_path / "slice.png")
+    assert dcm_full.shape == png_full.shape == (512, 512)
+    np.testing.assert_allclose(dcm_full, png_full, rtol=0, atol=tol)
+    batch, ok, failures = load_batch([tmp_path / "slice.dcm", tmp_path / "slice.png"], spec)
+    assert not failures and batch.shape == (2, 1, spec.image_size, spec.image_size)
+    np.testing.assert_allclose(batch[0], batch[1], rtol=0, atol=tol)  # resizing only averages the errors
+    assert np.abs(batch[0] - batch[1]).mean() < 1.5e-3
+    # A 5% wider window is already far outside that: the check sees the window.
+    other = GraphSpec.for_preset(SMALL, window=(spec.window[0], width * 1.05))
+    off = np.abs(load_batch([tmp_path / "slice.dcm"], other)[0][0] - batch[1]).max()
+    assert off > 10 * tol
+
+
+class SpecOnlyRunner(Runner):
+    """A runner that never gets a batch: only its spec matters."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.fixed = spec
+
+    def activate_impl(self):
+        return self.fixed
+
+    def infer_impl(self, feed):
+        raise AssertionError("no slice should reach the model")
+
+    def deactivate_impl(self):
+        pass
+
+
+def test_crop_boxes_from_a_split_file(tmp_path):
+    from PIL import Image
+
+    from ctmask.core.preprocess import load_slice
+
+    img = np.zeros((40, 60), np.uint8)
+    img[10:30, 20:50] = 200
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(img).save(tmp_path / "images" / name)
+    split = tmp_path / "split.txt"
+    split.write_text("a.png 2 20 10 50 30\nb.png 0 0 0 60 40\n")
+    boxes = CropBoxes.from_split(split)
+    elsewhere = tmp_path / "copy" / "a.png"  # same name in another folder: matched by name
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes((tmp_path / "images" / "a.png").read_bytes())
+    assert boxes.lookup(tmp_path / "images" / "a.png") == boxes.lookup(elsewhere) == (20, 10, 50, 30)
+    assert boxes.lookup(tmp_path / "images" / "c.png") is None
+    ambiguous = CropBoxes([(tmp_path / "x" / "s.png", (0, 0, 5, 5)), (tmp_path / "y" / "s.png", (1, 1, 5, 5))], "f")
+    assert ambiguous.lookup(tmp_path / "x" / "s.png") == (0, 0, 5, 5) and ambiguous.lookup(tmp_path / "s.png") is None
+
+    spec = GraphSpec.for_preset(SMALL, preprocessing=Preprocessing(crop=True))
+    files = [tmp_path / "images" / n for n in ("a.png", "c.png")]
+    batch, ok, failures = load_batch(files, spec, boxes)
+    assert ok == files[:1] and [f.file for f in failures] == [str(files[1])]
+    assert "no crop box" in failures[0].reason and str(split) in failures[0].reason
+    np.testing.assert_array_equal(batch[0, 0], load_slice(files[0], spec.image_size, box=(20, 10, 50, 30)))
+    assert np.allclose(batch[0, 0], 200 / 255)  # the box holds only the bright block
+
+    with SpecOnlyRunner(spec) as r:
+        with pytest.raises(ConfigError, match="trained on slices cropped") as err:
+            list(predict_files(r, files))
+        assert "--boxes" in str(err.value) and "--uncropped" in str(err.value)
+
+
+def test_graph_metadata_carries_the_preprocessing():
+    spec = GraphSpec.for_preset(SMALL, preprocessing=Preprocessing(crop=True), weights_sha256="ab" * 32)
+    meta = spec.metadata()
+    back = GraphSpec.from_metadata(meta, "m.onnx")
+    assert back.crop and back.resize == "bilinear" and back.weights_sha256 == "ab" * 32 and back == spec
+    assert back.preprocessing == Preprocessing(crop=True)
+    # Graphs written before the key existed were served uncropped.
+    del meta["ctmask.preprocess"], meta["ctmask.weights_sha256"]
+    old = GraphSpec.from_metadata(meta, "m.onnx")
+    assert not old.crop and old.weights_sha256 == ""
+    meta["ctmask.preprocess"] = '{"crop": true, "resize": "lanczos"}'
+    with pytest.raises(ModelError, match="unsupported resize method 'lanczos'"):
+        GraphSpec.from_metadata(meta, "m.onnx")

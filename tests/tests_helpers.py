@@ -37,3 +37,34 @@ def write_ct_dicom(path, hu: np.ndarray, slope=1.0, intercept=-1024.0):
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = stored.tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+def assert_rois_match(actual, expected, score_atol=1e-4, delta_atol=1e-3, delta_rtol=1e-3):
+    """Ranked RoIs [B, N, 5] agree in all five columns (score, dx, dy, dw, dh).
+
+    Rows are compared in order, except that rows whose scores are within ``score_atol``
+    of each other may come out in either order: each reference row is matched to a free
+    row of the same score (within ``score_atol``) whose deltas are within
+    ``delta_atol + delta_rtol * |delta|``. A reference row that ties with the lowest kept
+    score of a full output may be missing (the other side kept another candidate of that
+    score). Padding rows must be all zeros on both sides, equally many.
+    """
+    a_all, e_all = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a_all.shape == e_all.shape and a_all.ndim == 3 and a_all.shape[-1] == 5, (a_all.shape, e_all.shape)
+    np.testing.assert_allclose(np.sort(a_all[..., 0], 1), np.sort(e_all[..., 0], 1), rtol=0, atol=score_atol)
+    for i, (a, e) in enumerate(zip(a_all, e_all)):
+        for side in (a, e):
+            assert not side[side[:, 0] == 0].any(), f"image {i}: a padding row is not all zeros"
+            assert (np.diff(side[:, 0]) <= 0).all(), f"image {i}: rows are not ranked by score"
+        free = a[:, 0] > 0
+        cut = e[:, 0].min()
+        for j in np.flatnonzero(e[:, 0] > 0):
+            cand = np.flatnonzero(free & (np.abs(a[:, 0] - e[j, 0]) <= score_atol))
+            if len(cand):
+                err = (np.abs(a[cand, 1:] - e[j, 1:]) - delta_rtol * np.abs(e[j, 1:])).max(1)
+                if err.min() <= delta_atol:
+                    free[cand[err.argmin()]] = False
+                    continue
+            assert cut > 0 and e[j, 0] - cut <= score_atol, (
+                f"image {i}, reference row {j} {e[j].tolist()} has no partner in the output "
+                f"(nearest score rows: {a[np.argsort(np.abs(a[:, 0] - e[j, 0]))[:3]].tolist()})")

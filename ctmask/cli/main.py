@@ -6,13 +6,13 @@ the torch-free commands start fast.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
+from ctmask import __version__
 from ctmask.cli import deploy
-from ctmask.cli.common import JsonOpt, PresetOpt, QuietOpt, emit_json, user_errors
+from ctmask.cli.common import JsonOpt, PresetOpt, QuietOpt, emit_json, human_echo, show_ctmask_warnings, user_errors
 
 app = typer.Typer(
     add_completion=False,
@@ -21,6 +21,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs wrap to the terminal
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ctmask {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the ctmask version and exit."),
+) -> None:
+    """Options of every command; ctmask's warnings print as one ``warning:`` line."""
+    show_ctmask_warnings()
 
 
 @app.command()
@@ -45,9 +60,10 @@ def synth(
             done[0] = n_done
 
         summary = synthesize(out, slices, seed=seed, workers=workers, progress=on_progress)
+    echo = human_echo(json_out)
     for split, info in summary["splits"].items():
         classes = ", ".join(f"{k} {v}" for k, v in info["classes"].items())
-        typer.echo(f"{split:<6}{info['n']:>6} slices ({classes})  {Path(out) / info['file']}")
+        echo(f"{split:<6}{info['n']:>6} slices ({classes})  {Path(out) / info['file']}")
     typer.echo("SYNTHETIC data (not patient data): see synth.json for what it models", err=True)
     emit_json(summary, json_out)
 
@@ -56,22 +72,21 @@ def synth(
 @user_errors
 def model_info(
     preset: str = PresetOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    json_out: Path | None = JsonOpt,
 ) -> None:
     """Parameter counts per part and trainable counts per classifier variant."""
     from ctmask.core.presets import get_preset
     from ctmask.training.model import parameter_report
 
     report = parameter_report(get_preset(preset))
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))
-        return
+    echo = human_echo(json_out)
     for name, n in report["parts"].items():
-        typer.echo(f"{name:<22}{n:>14,}")
-    typer.echo(f"{'mask_rcnn_total':<22}{report['mask_rcnn_total']:>14,}")
-    typer.echo(f"{'total (+S)':<22}{report['total']:>14,}")
+        echo(f"{name:<22}{n:>14,}")
+    echo(f"{'mask_rcnn_total':<22}{report['mask_rcnn_total']:>14,}")
+    echo(f"{'total (+S)':<22}{report['total']:>14,}")
     for v, n in report["trainable_by_variant"].items():
-        typer.echo(f"trainable[{v}]{'':<{11 - len(v)}}{n:>14,}")
+        echo(f"trainable[{v}]{'':<{11 - len(v)}}{n:>14,}")
+    emit_json(report, json_out)
 
 
 @app.command("train-seg")
@@ -99,8 +114,9 @@ def train_seg(
     opts = SegTrainOptions(epochs, batch_size, lr, weight_decay, hflip, seed, max_images)
     summary = train_segmentation(get_preset(preset), list_segmentation(train_dir), out, opts, resume, not quiet)
     last = summary["history"][-1] if summary["history"] else {}
-    typer.echo(f"trained on {summary['n_train']} slices in {summary['seconds']:.0f} s; last epoch losses: "
-               + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k != "epoch"))
+    losses = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k != "epoch")
+    human_echo(json_out)(f"trained on {summary['n_train']} slices in {summary['seconds']:.0f} s; last epoch losses: "
+                         + losses)
     emit_json(summary, json_out)
 
 
@@ -132,7 +148,7 @@ def train_cls(
     val = read_split(val_split) if val_split else None
     summary = train_classifier(get_preset(preset), init, train, val, out, opts, not quiet)
     last = summary["history"][-1] if summary["history"] else {}
-    typer.echo(f"trained on {summary['n_train']} slices in {summary['seconds']:.0f} s; last epoch: {last}")
+    human_echo(json_out)(f"trained on {summary['n_train']} slices in {summary['seconds']:.0f} s; last epoch: {last}")
     emit_json(summary, json_out)
 
 
@@ -143,7 +159,9 @@ def evaluate(
     split: Path | None = typer.Option(None, "--split", help="COVIDx-CT split file (classifier)."),
     seg_dir: Path | None = typer.Option(None, "--seg-dir", help="CNCB-layout folder (segmentation)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
-    crop: bool = typer.Option(False, help="Crop slices to the split file's body box."),
+    crop: bool | None = typer.Option(None, "--crop/--no-crop",
+                                     help="Crop slices to the split file's body box (default: as the classifier "
+                                          "was trained)."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -153,21 +171,29 @@ def evaluate(
     from ctmask.training.checkpoint import load_checkpoint
     from ctmask.training.evaluate import evaluate_classifier, evaluate_segmentation
 
+    echo = human_echo(json_out)
     ck = load_checkpoint(checkpoint)
     if ck.kind == "classifier":
         if split is None:
             raise ConfigError("a classifier checkpoint is evaluated on a split file: pass --split FILE")
         from ctmask.data.covidx import read_split
 
+        trained_crop = ck.preprocessing.crop
+        if crop is None:
+            crop = trained_crop
+        elif crop != trained_crop:
+            typer.secho(f"warning: evaluating {'with' if crop else 'without'} the body crop, but {checkpoint} was "
+                        f"trained {'with' if trained_crop else 'without'} it", fg=typer.colors.YELLOW, err=True)
         report = evaluate_classifier(ck, read_split(split), batch_size, crop, not quiet)
-        typer.echo(format_classification_table(report))
+        report["crop"] = crop
+        echo(format_classification_table(report))
     else:
         if seg_dir is None:
             raise ConfigError("a segmentation checkpoint is evaluated on a CNCB folder: pass --seg-dir DIR")
         from ctmask.data.cncb import list_segmentation
 
         report = evaluate_segmentation(ck, list_segmentation(seg_dir), batch_size, not quiet)
-        typer.echo(format_segmentation_table(report["mask_ap"], report["dice"]))
+        echo(format_segmentation_table(report["mask_ap"], report["dice"]))
     report = {"checkpoint": str(checkpoint), "kind": ck.kind, "preset": ck.preset.name, **report}
     emit_json(report, json_out)
 

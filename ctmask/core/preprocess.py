@@ -11,15 +11,28 @@ the model (and its exported graph).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ctmask.core.errors import DataError
 
 LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 """Lung window (level, width) in Hounsfield units: maps [-1350, 150] HU to [0, 1]."""
+
+RESIZE_METHODS = ("bilinear",)
+"""Resize methods :func:`load_slice` implements (recorded per model, checked at run time)."""
+
+MIN_IMAGE_SIDE = 32
+"""Smallest slice side (pixels) :func:`read_gray` accepts: a smaller image carries too little
+to classify, and resizing it up would only invent pixels."""
+
+MAX_IMAGE_SIDE = 8192
+"""Largest slice side (pixels) :func:`read_gray` accepts, checked on the size a file declares
+*before* its pixels are decoded (a 65-byte PNG can declare 20000 x 20000)."""
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -50,52 +63,118 @@ def is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def check_image_size(width: int, height: int, path: str | Path) -> None:
+    """Refuse a slice whose sides are outside [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`].
+
+    Raises:
+        DataError: naming ``path``, the size found and the accepted range.
+    """
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+        raise DataError(f"image declares {width}x{height} pixels, more than the maximum of "
+                        f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} (refused before decoding)", path)
+    if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
+        raise DataError(f"image is {width}x{height} pixels, less than the minimum of "
+                        f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}", path)
+
+
+def _rescale_value(ds, keyword: str, default: float, path: str | Path) -> float:
+    """``RescaleSlope`` / ``RescaleIntercept`` as a finite float (``default`` when absent or 0/empty)."""
+    try:
+        raw = ds.get(keyword, None)
+    except Exception as exc:  # pydicom converts values lazily and may raise anything
+        raise DataError(f"cannot read {keyword} ({exc.__class__.__name__}: {exc})", path) from None
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"{keyword} {str(raw)!r} is not a number", path) from None
+    if not math.isfinite(value):
+        raise DataError(f"{keyword} is {str(raw)!r}; it must be a finite number", path)
+    return value or default
+
+
 def read_dicom_hu(path: str | Path) -> np.ndarray:
     """Read a single-frame CT DICOM slice as float32 [H, W] Hounsfield units.
 
     Raises :class:`DataError` naming the file when it is not a readable single-frame
-    DICOM image (no pixel data, several frames, compressed without a decoder).
+    DICOM image (no pixel data, several frames, compressed without a decoder), declares a
+    size outside [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`] (checked before the pixels
+    are decoded), or has a non-numeric or non-finite rescale slope / intercept or
+    non-finite Hounsfield units.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception as exc:  # a decoder of untrusted bytes: any failure is this file's
+        raise DataError(f"cannot decode DICOM ({exc.__class__.__name__}: {exc})", path) from None
+    if frames != 1:
+        raise DataError(f"expected a single-frame 2-D slice, found {frames} frames", path)
+    if "PixelData" in ds or rows or cols:
+        check_image_size(cols, rows, path)
+    slope = _rescale_value(ds, "RescaleSlope", 1.0, path)
+    intercept = _rescale_value(ds, "RescaleIntercept", 0.0, path)
+    try:
         arr = ds.pixel_array
-    except (InvalidDicomError, AttributeError, ValueError, RuntimeError, OSError, EOFError) as exc:
+    except Exception as exc:
         raise DataError(f"cannot decode DICOM ({exc.__class__.__name__}: {exc})", path) from None
     if arr.ndim != 2:
         raise DataError(f"expected a single-frame 2-D slice, found pixel array of shape {arr.shape}", path)
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    return arr.astype(np.float32) * slope + intercept
+    with np.errstate(over="ignore", invalid="ignore"):
+        hu = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if not np.isfinite(hu).all():
+        raise DataError(f"{int((~np.isfinite(hu)).sum())} pixels are not finite numbers after the rescale "
+                        f"(slope {slope}, intercept {intercept})", path)
+    return hu
 
 
 def read_gray(path: str | Path, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
     """Decode a slice to a float32 [H, W] array in [0, 1].
 
     8- and 16-bit images are scaled by their type's range; colour images are converted to
-    luminance; DICOM is converted to HU and rendered with ``window`` (level, width). Raises
-    :class:`DataError` naming the file when it is missing, truncated or not an image.
+    luminance; DICOM is converted to HU and rendered with ``window`` (level, width).
+
+    Every decoding failure is a :class:`DataError` naming the file (the per-file failure
+    the runtime reports and skips): missing, unreadable, truncated or not an image; a
+    declared size outside [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`] pixels per side
+    (checked before the pixels are decoded); non-finite pixels or DICOM rescale values.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError("image file does not exist", path)
-    if is_dicom(path):
+    try:
+        dicom = is_dicom(path)
+    except OSError as exc:
+        raise DataError(f"cannot read image ({exc.__class__.__name__}: {exc})", path) from None
+    if dicom:
         return window_hu(read_dicom_hu(path), *window)
     try:
         with Image.open(path) as im:
+            check_image_size(*im.size, path)
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float32)
-                scale = 65535.0 if arr.max() > 255 else 255.0
-                return np.clip(arr / scale, 0.0, 1.0)
-            arr = np.asarray(im.convert("L"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                scale = 65535.0 if arr.size and arr.max() > 255 else 255.0
+                arr = np.clip(arr / scale, 0.0, 1.0)
+            else:
+                if im.mode == "F" and not np.isfinite(np.asarray(im)).all():
+                    raise DataError("image holds pixels that are not finite numbers (NaN or infinity)", path)
+                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image declares too many pixels ({exc}); the maximum is "
+                        f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}, refused before decoding", path) from None
+    except Exception as exc:  # a decoder of untrusted bytes: any failure is this file's
         raise DataError(f"cannot decode image ({exc.__class__.__name__}: {exc})", path) from None
     if arr.ndim != 2 or arr.size == 0:
         raise DataError(f"expected a 2-D image, found shape {arr.shape}", path)
-    return arr / 255.0
+    if not np.isfinite(arr).all():
+        raise DataError("image holds pixels that are not finite numbers (NaN or infinity)", path)
+    return arr
 
 
 def crop_box(img: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
@@ -153,3 +232,43 @@ def load_slice(
     except ValueError as exc:
         raise DataError(str(exc), path) from None
     return resize(img, size)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Every pre-processing choice a model was trained with; the runtime repeats them.
+
+    Stored in the checkpoint config (``preprocess``) and in the exported graph's metadata
+    (``ctmask.preprocess``, ``ctmask.window``), so a served model sees the slices it was
+    trained on.
+
+    Attributes:
+        crop: slices were cropped to their per-slice body box (COVIDx-CT split file,
+            ``train-cls --crop``) before resizing; the runtime then needs those boxes.
+        resize: resize method to the square input (one of :data:`RESIZE_METHODS`).
+        window: (level, width) in HU that renders DICOM input to [0, 1].
+    """
+
+    crop: bool = False
+    resize: str = "bilinear"
+    window: tuple[float, float] = LUNG_WINDOW
+
+    def to_dict(self) -> dict:
+        return {"crop": self.crop, "resize": self.resize, "window": {"level": self.window[0], "width": self.window[1]}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """Inverse of :meth:`to_dict`; missing keys take the defaults (what older files meant).
+
+        Raises:
+            ValueError: a value has the wrong type or the resize method is unknown.
+        """
+        crop = d.get("crop", False)
+        if not isinstance(crop, bool):
+            raise ValueError(f"preprocess.crop must be true or false, got {crop!r}")
+        resize = d.get("resize", "bilinear")
+        if resize not in RESIZE_METHODS:
+            raise ValueError(f"unsupported resize method {resize!r}; this ctmask implements "
+                             f"{', '.join(RESIZE_METHODS)}")
+        w = d.get("window", {"level": LUNG_WINDOW[0], "width": LUNG_WINDOW[1]})
+        return cls(crop=crop, resize=resize, window=(float(w["level"]), float(w["width"])))

@@ -12,7 +12,7 @@ uses it). Blank lines and lines starting with ``#`` are ignored.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
@@ -31,11 +31,14 @@ class SplitEntry:
         path: image file (resolved against the image directory).
         label: slice class, 0 normal, 1 pneumonia, 2 COVID-19.
         box: body crop (xmin, ymin, xmax, ymax), int pixels, xmax/ymax exclusive.
+        line: line number in the split file it was read from (0 if not read from one;
+            not compared).
     """
 
     path: Path
     label: int
     box: Box
+    line: int = field(default=0, compare=False, repr=False)
 
 
 Row = Union[SplitEntry, Sequence]
@@ -73,6 +76,8 @@ def _parse_line(text: str, split_file: Path, lineno: int) -> tuple[str, int, Box
         box = tuple(int(float(v)) for v in parts[2:])
     except ValueError:
         raise DataError(f"{where}: box {parts[2:]} is not numeric", split_file) from None
+    except OverflowError:  # inf, 1e400
+        raise DataError(f"{where}: box {parts[2:]} is not finite", split_file) from None
     x0, y0, x1, y1 = box
     if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
         raise DataError(
@@ -108,7 +113,8 @@ def read_split(
         raise DataError("split file does not exist", split_file)
     root = default_image_dir(split_file) if image_dir is None else Path(image_dir)
     try:
-        lines = split_file.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows editors) is not part of the first file name.
+        lines = split_file.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read split file ({exc})", split_file) from None
     entries: list[SplitEntry] = []
@@ -120,7 +126,7 @@ def read_split(
         path = root / name
         if check_exists and not path.is_file():
             raise DataError(f"image does not exist (listed in {split_file} line {lineno})", path)
-        entries.append(SplitEntry(path=path, label=label, box=box))
+        entries.append(SplitEntry(path=path, label=label, box=box, line=lineno))
     if not entries:
         raise DataError("split file lists no slices", split_file)
     return entries

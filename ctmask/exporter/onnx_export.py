@@ -33,6 +33,15 @@ class ExportError(CtmaskError):
     """The exported graph does not meet the graph contract."""
 
 
+MAX_OPSET = onnx.defs.onnx_opset_version()
+"""Newest default-domain opset the installed ``onnx`` package knows (and can check)."""
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    """The default-domain (``ai.onnx``) opset a model proto really imports (0 if none)."""
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
 class GraphModule(nn.Module):
     """The exported contract: ``images -> (rois, logits, probs)``."""
 
@@ -57,6 +66,7 @@ class ExportResult:
     def to_dict(self) -> dict:
         return {
             "path": str(self.path),
+            "opset": self.spec.opset,
             "metadata": self.spec.metadata(),
             "seconds": round(self.seconds, 2),
             "nodes": self.n_nodes,
@@ -65,11 +75,13 @@ class ExportResult:
         }
 
 
-def trace_to_onnx(model: CovidCTMaskNet, opset: int = OPSET, example_batch: int = 2) -> onnx.ModelProto:
+def trace_to_onnx(model: CovidCTMaskNet, opset: int = OPSET, example_batch: int = 2,
+                  graph: nn.Module | None = None) -> onnx.ModelProto:
     """Export ``model`` (eval mode) with the dynamo exporter; return the model proto.
 
     The example batch has ``example_batch`` (>= 2) random slices so the batch axis is
-    traced as symbolic.
+    traced as symbolic. ``graph`` is the module traced (default ``GraphModule(model)``;
+    parity's tests trace deliberately wrong wrappers of ``model`` through it).
     """
     size = model.preset.image_size
     example = torch.rand(max(2, example_batch), 1, size, size, generator=torch.Generator().manual_seed(0))
@@ -78,7 +90,7 @@ def trace_to_onnx(model: CovidCTMaskNet, opset: int = OPSET, example_batch: int 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            GraphModule(model.eval()),
+            graph if graph is not None else GraphModule(model.eval()),
             (example,),
             None,
             dynamo=True,
@@ -122,27 +134,62 @@ def graph_problems(proto: onnx.ModelProto, spec: GraphSpec) -> list[str]:
     return problems
 
 
+def onnxruntime_problem(proto: onnx.ModelProto) -> str | None:
+    """Why onnxruntime's CPU provider cannot load ``proto`` (its message), or ``None`` if it can.
+
+    ``onnx.checker`` knows every opset the ``onnx`` package defines, onnxruntime only the
+    kernels it implements (e.g. no ``RoiAlign(22)``): a graph that passes the checker may
+    still not run.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3  # errors come back as the exception, not on stderr
+    try:
+        ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own (Fail, NotImplemented, InvalidGraph ...)
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    return None
+
+
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> ExportResult:
     """Export a classifier checkpoint to one verified ONNX file.
+
+    The graph's metadata carries the checkpoint's weights digest and its pre-processing
+    (crop, resize, window), and the opset reported is the one the file really imports.
 
     Args:
         checkpoint: classifier checkpoint written by ``ctmask train-cls``.
         out: ONNX file to write (single file, weights inside).
-        opset: ONNX opset (>= 18).
+        opset: ONNX opset, ``OPSET`` (18) .. :data:`MAX_OPSET`.
 
     Raises:
-        CheckpointError: the checkpoint is missing, unreadable or not a classifier.
-        ExportError: the traced graph breaks the contract (all problems listed) or fails
-            ``onnx.checker.check_model(full_check=True)``. Nothing is written then.
+        CheckpointError: the checkpoint is missing, unreadable, corrupt or not a classifier.
+        ExportError: the opset is out of range or the exporter could not produce it; the
+            traced graph breaks the contract (all problems listed), fails
+            ``onnx.checker.check_model(full_check=True)``, or cannot be loaded by an
+            onnxruntime CPU session (an operator version it does not implement: the error
+            names the opset and onnxruntime's message). Nothing is written then.
     """
     if opset < OPSET:
         raise ExportError(f"opset {opset} is too old: RoiAlign / NMS semantics need opset >= {OPSET}")
+    if opset > MAX_OPSET:
+        raise ExportError(f"opset {opset} does not exist yet: the installed onnx {onnx.__version__} knows opsets up "
+                          f"to {MAX_OPSET}", hint=f"pass --opset between {OPSET} and {MAX_OPSET}")
     t0 = time.perf_counter()
     ck = load_checkpoint(checkpoint, kind="classifier")
     model = load_classifier(ck)
-    spec = GraphSpec.for_preset(ck.preset, opset=opset, checkpoint_sha256=sha256_file(checkpoint),
-                                checkpoint_name=str(Path(checkpoint).resolve()))
     proto = trace_to_onnx(model, opset)
+    real = default_opset(proto)
+    if real != opset:
+        # torch.onnx exports at its own opset and converts; when the conversion fails it
+        # keeps the unconverted graph without an error.
+        raise ExportError(f"torch.onnx.export could not produce opset {opset} (the graph came out at opset {real}); "
+                          "nothing was written", out, hint=f"export at opset {real}")
+    spec = GraphSpec.for_preset(ck.preset, preprocessing=ck.preprocessing, opset=real,
+                                checkpoint_sha256=sha256_file(checkpoint),
+                                checkpoint_name=str(Path(checkpoint).resolve()), weights_sha256=ck.weights_sha256)
     proto.doc_string = f"COVID-CT-Mask-Net ({spec.preset} preset) exported by ctmask {spec.version}"
     del proto.metadata_props[:]
     for key, value in spec.metadata().items():
@@ -154,6 +201,13 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> 
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected the graph: {str(exc).splitlines()[0]}", out) from None
+    problem = onnxruntime_problem(proto)
+    if problem:
+        import onnxruntime
+
+        raise ExportError(f"onnxruntime {onnxruntime.__version__} cannot run the opset {real} graph ({problem}); "
+                          "nothing was written", out,
+                          hint=f"export at an opset onnxruntime implements, e.g. --opset {OPSET} (the default)")
     out = Path(out)
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))

@@ -1,8 +1,10 @@
 """Batch prediction over image files, with pre-processing driven by the graph spec.
 
 Slices are decoded by :func:`ctmask.core.preprocess.load_slice`, the same function
-training uses; the input size and DICOM window come from the model's metadata. A slice
-that cannot be read becomes a :class:`Failure` (path and reason) and the others go on.
+training uses; the input size, DICOM window and body crop come from the model's metadata.
+A model trained on body-cropped slices (``train-cls --crop``) needs each slice's crop
+box: :class:`CropBoxes` reads them from a COVIDx-CT split file. A slice that cannot be
+read (or has no box) becomes a :class:`Failure` (path and reason) and the others go on.
 The next batch is decoded on a worker thread while the current one runs.
 """
 
@@ -22,6 +24,7 @@ from ctmask.core.errors import ConfigError, DataError
 from ctmask.core.fileio import atomic_path
 from ctmask.core.preprocess import IMAGE_SUFFIXES, load_slice
 from ctmask.core.spec import INPUT, GraphSpec
+from ctmask.data.covidx import Box, SplitEntry, read_split
 from ctmask.runtime.runner import Runner
 
 
@@ -73,12 +76,73 @@ def collect_images(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]
     return files, failures
 
 
-def load_batch(paths: list[Path], spec: GraphSpec) -> tuple[np.ndarray, list[Path], list[Failure]]:
-    """Decode ``paths`` into a float32 [b, 1, S, S] batch; unreadable files become failures."""
+class CropBoxes:
+    """Body crop boxes per slice, for models trained on cropped slices.
+
+    Args:
+        boxes: (image path, box) pairs; box = (xmin, ymin, xmax, ymax), pixels, max exclusive.
+        source: where they came from (named in failures).
+    """
+
+    def __init__(self, boxes: list[tuple[Path, Box]], source: str | Path):
+        self.source = Path(source)
+        self.by_path: dict[Path, Box] = {}
+        by_name: dict[str, set[Box]] = {}
+        for path, box in boxes:
+            self.by_path[Path(path).resolve()] = tuple(box)
+            by_name.setdefault(Path(path).name, set()).add(tuple(box))
+        # A bare file name identifies a slice only when it is not listed with two boxes.
+        self.by_name = {name: next(iter(b)) for name, b in by_name.items() if len(b) == 1}
+
+    @classmethod
+    def from_split(cls, split_file: str | Path) -> CropBoxes:
+        """Boxes of a COVIDx-CT split file (``filename class xmin ymin xmax ymax``; class ignored).
+
+        Raises:
+            DataError: the split file is missing or malformed, or lists the same slice twice
+                with different boxes (file and line named).
+        """
+        entries = read_split(split_file, check_exists=False)
+        first: dict[Path, SplitEntry] = {}
+        for e in entries:
+            key = e.path.resolve()
+            seen = first.setdefault(key, e)
+            if seen.box != e.box:
+                raise DataError(
+                    f"line {e.line}: {e.path.name} is listed again with another box {list(e.box)} "
+                    f"(line {seen.line} gives {list(seen.box)}); which one the slice was cropped with is ambiguous",
+                    split_file,
+                )
+        return cls([(e.path, e.box) for e in entries], split_file)
+
+    def lookup(self, path: str | Path) -> Box | None:
+        """The box of ``path``: listed with the same resolved path, else by file name."""
+        path = Path(path)
+        return self.by_path.get(path.resolve()) or self.by_name.get(path.name)
+
+
+def load_batch(paths: list[Path], spec: GraphSpec,
+               boxes: CropBoxes | None = None) -> tuple[np.ndarray, list[Path], list[Failure]]:
+    """Decode ``paths`` into a float32 [b, 1, S, S] batch; unreadable files become failures.
+
+    Args:
+        paths: image files.
+        spec: the model's spec (input size, window, crop).
+        boxes: crop boxes, used when ``spec.crop``: a slice without one is a failure.
+            ``None`` decodes whole slices whatever the spec says (parity checks feed both
+            sides the same tensors; :func:`predict_files` refuses it for a cropping model).
+    """
     arrays, ok, failures = [], [], []
     for p in paths:
+        box = None
+        if spec.crop and boxes is not None:
+            box = boxes.lookup(p)
+            if box is None:
+                failures.append(Failure(str(p), f"no crop box for this slice in {boxes.source} (the model was "
+                                                "trained on body-cropped slices)"))
+                continue
         try:
-            arrays.append(load_slice(p, spec.image_size, window=spec.window))
+            arrays.append(load_slice(p, spec.image_size, box=box, window=spec.window))
             ok.append(p)
         except DataError as exc:
             failures.append(Failure(str(p), exc.message))
@@ -113,6 +177,8 @@ def predict_files(
     batch_size: int = 8,
     top_rois: int = 5,
     on_batch: Callable[[int], None] | None = None,
+    boxes: CropBoxes | None = None,
+    uncropped: bool = False,
 ) -> Iterator[Prediction | Failure]:
     """Predict every file, ``batch_size`` slices per runner call, in input order.
 
@@ -122,25 +188,50 @@ def predict_files(
         batch_size: slices per inference call (the last batch may be smaller).
         top_rois: RoI rows kept per slice in the records.
         on_batch: called with the number of files handled after each batch.
+        boxes: per-slice body crop boxes; required when the model was trained on
+            cropped slices (``runner.spec.crop``), ignored otherwise.
+        uncropped: run a cropping model on whole slices anyway (off its training
+            distribution: the caller should say so).
 
     Yields:
         a :class:`Prediction` or :class:`Failure` per file.
+
+    Raises:
+        ConfigError: a bad batch size, or a cropping model without ``boxes`` or ``uncropped``.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     spec = runner.spec
+    check_crop(spec, boxes, uncropped)
+    if not spec.crop or uncropped:
+        boxes = None
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load_batch, chunks[0], spec) if chunks else None
+        pending = pool.submit(load_batch, chunks[0], spec, boxes) if chunks else None
         for n, chunk in enumerate(chunks):
             batch, ok, failures = pending.result()
             if n + 1 < len(chunks):
-                pending = pool.submit(load_batch, chunks[n + 1], spec)
+                pending = pool.submit(load_batch, chunks[n + 1], spec, boxes)
             yield from failures
             if ok:
                 yield from to_predictions(ok, runner.infer({INPUT: batch}), spec, top_rois)
             if on_batch is not None:
                 on_batch(len(chunk))
+
+
+def check_crop(spec: GraphSpec, boxes: CropBoxes | None, uncropped: bool) -> None:
+    """Refuse to run a model trained on body-cropped slices without crop boxes.
+
+    Raises:
+        ConfigError: ``spec.crop`` and neither ``boxes`` nor ``uncropped``.
+    """
+    if spec.crop and boxes is None and not uncropped:
+        raise ConfigError(
+            "this model was trained on slices cropped to their body box (train-cls --crop), so every slice needs "
+            "its crop box",
+            hint="pass --boxes SPLIT_FILE (COVIDx-CT format: 'filename class xmin ymin xmax ymax'; the class is "
+                 "ignored), or --uncropped to run on whole slices anyway (off the training distribution)",
+        )
 
 
 CSV_COLUMNS = ("file", "class", "class_index", "n_rois", "top_roi_score")
