@@ -141,11 +141,13 @@ def test_parity_passes_on_the_exported_graph(cls_ckpt, small_onnx, synth_dir, tm
     report = json.loads(out.read_text())
     assert report["passed"] and report["n_images"] == 24 and report["argmax_agreement"] == 1.0
     outs = report["outputs"]
-    assert set(outs) == {"rois.score", "rois.deltas", "logits", "probs"}
+    assert set(outs) == {"rois.score", "rois.deltas", "rois.order", "logits", "probs", "s.logits"}
     assert outs["logits"]["max_abs"] <= 1e-3 and outs["rois.score"]["max_abs"] <= 1e-4
     for r in outs.values():
         assert {"max_abs", "mean_abs", "max_rel", "mean_rel", "required_atol", "passed"} <= set(r)
-    assert report["rois"]["unmatched_rows"] == 0 and not report["warnings"]
+    rows = report["rois"]
+    assert rows["rows"] == 24 * 64 and rows["unmatched"] == rows["missing"] == rows["intruders"] == 0
+    assert report["reference_candidates"] == 64 and report["precision"] == "fp32" and not report["warnings"]
 
 
 def test_parity_catches_a_perturbed_graph(cls_ckpt, small_onnx, synth_dir, tmp_path):
@@ -179,7 +181,9 @@ def test_parity_catches_a_perturbed_checkpoint(cls_ckpt, small_onnx, synth_dir, 
     res = invoke("parity", bad, small_onnx, "--images", synth_dir / "images", "--json", out, "-q")
     assert res.exit_code == 1
     report = json.loads(out.read_text())
-    assert "rois.score" in report["failures"] and "different checkpoint" in report["warnings"][0]
+    # The detector's rows move: they are no longer the graph's candidates one to one.
+    assert "rois.rows" in report["failures"] and report["rois"]["unmatched"] > 0
+    assert "different checkpoint" in report["warnings"][0]
 
 
 def test_polygraphy_judges_onnxruntime_against_saved_torch_outputs(cls_ckpt, small_onnx, synth_dir, tmp_path):
@@ -231,3 +235,106 @@ def test_bench_without_checkpoint_uses_the_one_in_metadata(small_onnx, slices, t
     assert report["input"] == str(slices) and [r["backend"] for r in report["results"]] == ["torch-cpu"]
     res = invoke("bench", small_onnx, "--backend", "tpu", "-q")
     assert res.exit_code == 2 and "unknown backend" in res.output
+
+
+def test_json_to_stdout_is_the_only_stdout(cls_ckpt, small_onnx, slices, tmp_path):
+    """With ``--json -`` stdout carries the JSON alone; ``export --json -`` is in test_export."""
+    (slices / "test_broken.png").unlink()
+    runs = {
+        "infer": ("infer", small_onnx, slices, "--json", "-"),
+        "infer --out": ("infer", small_onnx, slices, "--out", tmp_path / "p.jsonl", "--json", "-"),
+        "parity": ("parity", cls_ckpt, small_onnx, "--images", slices, "--json", "-"),
+        "bench": ("bench", small_onnx, "--backend", "onnxruntime-cpu", "-b", "1", "--warmup", "0",
+                  "--iterations", "1", "--images", slices, "--json", "-"),
+    }
+    reports, stderr = {}, {}
+    for what, args in runs.items():
+        res = invoke(*args)
+        assert res.exit_code == 0, (what, res.output)
+        reports[what] = json.loads(res.stdout)  # nothing but the JSON
+        stderr[what] = res.stderr
+    # Without --out the predictions themselves are in the JSON (and printed to stderr).
+    preds = reports["infer"]["predictions"]
+    assert len(preds) == 5 and all(p["file"] in stderr["infer"] for p in preds)
+    assert reports["infer --out"]["out"] == str(tmp_path / "p.jsonl") and "predictions" not in reports["infer --out"]
+    assert "passed" in reports["parity"] and reports["bench"]["results"]
+
+
+# ---------------------------------------------------------------- a model trained on body-cropped slices
+
+
+@pytest.fixture(scope="module")
+def crop_model(seg_ckpt, synth_dir, tmp_path_factory):
+    """A classifier trained with ``crop=True`` (heads, one epoch on 8 slices) and its graph."""
+    from ctmask.core.presets import SMALL
+    from ctmask.data.covidx import read_split
+    from ctmask.exporter.onnx_export import export_onnx
+    from ctmask.training.train_cls import ClsTrainOptions, train_classifier
+
+    out = tmp_path_factory.mktemp("crop") / "cls-crop.pt"
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")[:8]
+    opts = ClsTrainOptions("heads", epochs=1, batch_size=4, lr=1e-3, crop=True)
+    train_classifier(SMALL, seg_ckpt, train, None, out, opts, False)
+    model = out.with_suffix(".onnx")
+    export_onnx(out, model)
+    return out, model
+
+
+def test_crop_trained_graph_carries_the_crop_and_infer_crops_like_training(crop_model, synth_dir, tmp_path):
+    import torch
+
+    from ctmask.core.presets import SMALL
+    from ctmask.data.covidx import read_split
+    from ctmask.runtime.predict import CropBoxes, load_batch
+    from ctmask.runtime.runner import OnnxRuntimeRunner
+    from ctmask.training.checkpoint import load_checkpoint
+    from ctmask.training.datasets import ClassificationDataset
+
+    ckpt, model = crop_model
+    assert load_checkpoint(ckpt).preprocessing.crop
+    meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    assert json.loads(meta["ctmask.preprocess"])["crop"] is True
+    split = synth_dir / "test_COVIDx_CT.txt"
+    entries = read_split(split)
+    files = [e.path for e in entries]
+    training_view = torch.stack([ClassificationDataset(entries, SMALL.image_size, crop=True)[i][0]
+                                 for i in range(len(entries))]).numpy()
+    with OnnxRuntimeRunner(model) as r:
+        assert r.spec.crop
+        batch, ok, failures = load_batch(files, r.spec, CropBoxes.from_split(split))
+        whole, _, _ = load_batch(files, r.spec)
+        expected = r.infer({"images": training_view})["probs"]
+    assert ok == files and not failures
+    np.testing.assert_array_equal(batch, training_view)  # bit for bit what training fed the model
+    assert np.abs(whole - training_view).max() > 0.1  # and the crop matters
+
+    # The CLI: copies of the slices in another folder (boxes matched by file name) plus one
+    # slice the split file does not list.
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    stray = sorted((synth_dir / "images").glob("train_*.png"))[0]
+    shutil.copy(stray, folder / stray.name)
+    out = tmp_path / "p.jsonl"
+    res = invoke("infer", model, folder, "--out", out, "-q")
+    assert res.exit_code == 2 and "trained on slices cropped to their body box" in res.output
+    assert "--boxes" in res.output and "Traceback" not in res.output and not out.exists()
+    res = invoke("infer", model, folder, "--boxes", split, "--out", out, "-q", "--json", "-")
+    assert res.exit_code == 1, res.output  # the stray slice has no box
+    summary = json.loads(res.stdout)
+    assert summary["crop"] is True and summary["predicted"] == len(files)
+    assert [s["file"] for s in summary["skipped"]] == [str(folder / stray.name)]
+    assert "no crop box" in summary["skipped"][0]["error"]
+    rows = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    got = np.array([[rows[f.name]["probs"][c] for c in ("normal", "pneumonia", "covid19")] for f in files])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)  # records round to 6 decimals
+    res = invoke("infer", model, folder, "--uncropped", "-q", "--json", "-")
+    assert res.exit_code == 0 and "warning:" in res.stderr and json.loads(res.stdout)["crop"] is False
+    # evaluate crops as the classifier was trained unless told otherwise.
+    res = invoke("evaluate", ckpt, "--split", split, "--json", "-", "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["crop"] is True
+    torch_probs = np.array([p["probs"] for p in report["predictions"]])
+    np.testing.assert_allclose(torch_probs, expected, rtol=0, atol=1e-4)

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from tests_helpers import assert_rois_match
 
 from ctmask.core.presets import PAPER, SMALL
 from ctmask.training.detector import build_detector, detector_losses, image_list, normalize
@@ -66,10 +67,17 @@ def test_ranked_rois_shape_and_determinism():
     torch.testing.assert_close(rois_single[0], rois_a[1], rtol=1e-5, atol=1e-5)
 
 
-def test_ranked_rois_match_torchvision_postprocessing():
-    """Static-shape post-processing selects exactly what torchvision's dynamic one does."""
-    model = _small_model(seed=2)
+def _zero_height(boxes):
+    return (boxes[..., 3] - boxes[..., 1]) == 0
+
+
+@pytest.mark.parametrize("min_size", sorted({SMALL.rpn_min_size, PAPER.rpn_min_size}))
+def test_ranked_rois_match_torchvision_postprocessing(min_size):
+    """Static-shape post-processing selects exactly what torchvision's dynamic one does,
+    at each preset's RPN min size (0.0 keeps zero-area proposals, 1e-3 drops them)."""
+    model = _small_model(seed=2, rpn_min_size=min_size)
     d = model.detector
+    assert d.rpn.min_size == min_size
     d.roi_heads.score_thresh = SMALL.cls_score_thresh
     d.roi_heads.nms_thresh = SMALL.cls_nms_thresh
     d.roi_heads.detections_per_img = SMALL.n_rois
@@ -86,10 +94,108 @@ def test_ranked_rois_match_torchvision_postprocessing():
     for i in range(2):
         n = len(proposals[i])
         assert int(valid[i].sum()) == n
+        # Zero-height proposals (anchors of size 2 at ratios 0.1 / 0.25) hold post-NMS
+        # slots exactly when the min size is 0.
+        assert (int(_zero_height(proposals[i]).sum()) > 0) == (min_size == 0)
+        assert int((_zero_height(mine[i]) & valid[i]).sum()) == int(_zero_height(proposals[i]).sum())
         # Same proposals; rows with exactly tied scores may come in another order.
         torch.testing.assert_close(torch.unique(mine[i, :n], dim=0), torch.unique(proposals[i], dim=0))
         k = len(dets[i]["scores"])
         torch.testing.assert_close(rois[i, :k, 0], dets[i]["scores"])
+        assert int((rois[i, :, 0] > 0).sum()) == k  # the rest is padding
+
+
+def test_paper_rpn_keeps_zero_area_proposals():
+    """The paper preset follows the reference RPN (min size 0): the base anchors of size 2
+    at ratios 0.1 and 0.25 have zero height, and their proposals survive RPN NMS into the
+    post-NMS set, in torchvision's RPN and in RankedRoIs alike."""
+    from torchvision.models.detection.image_list import ImageList
+
+    from ctmask.training.ranked_rois import RankedRoIs
+
+    torch.manual_seed(0)
+    d = build_detector(PAPER).eval()
+    assert PAPER.rpn_min_size == 0.0 and d.rpn.min_size == 0.0
+    assert SMALL.rpn_min_size == build_detector(SMALL).rpn.min_size == 1e-3
+    # Cell anchors are ratio-major: index r * 5 + 0 is size 2 at ratio r.
+    cell = d.rpn.anchor_generator.cell_anchors[0].view(len(PAPER.aspect_ratios), len(PAPER.anchor_sizes), 4)
+    heights = cell[:, 0, 3] - cell[:, 0, 1]
+    assert heights.tolist()[:3] == [0.0, 0.0, 2.0]  # ratios 0.1, 0.25 round to 0; 0.5 does not
+    assert int(_zero_height(cell).sum()) == 2
+    s = PAPER.image_size
+    g = torch.Generator().manual_seed(1)
+    feats = {str(i): torch.randn(1, PAPER.fpn_channels, s // st, s // st, generator=g)
+             for i, st in enumerate((4, 8, 16, 32))}
+    with torch.no_grad():
+        mine, valid = RankedRoIs(d, PAPER).proposals(list(feats.values()))
+        theirs, _ = d.rpn(ImageList(torch.zeros(1, 3, s, s), [(s, s)]), feats)
+    n = len(theirs[0])
+    assert n == int(valid.sum()) == PAPER.rpn_post_nms_top_n_test
+    zero = int(_zero_height(theirs[0]).sum())
+    assert zero > 0 and int((_zero_height(mine[0]) & valid[0]).sum()) == zero
+    assert torch.equal(torch.unique(mine[0, :n], dim=0), torch.unique(theirs[0], dim=0))
+
+
+def test_training_with_zero_area_proposals_keeps_losses_finite():
+    """With RPN min size 0 (paper), zero-area proposals reach the RoI heads in training;
+    their regression targets are infinite, but as they never overlap a ground-truth box
+    they are never positives, so no loss or gradient sees them."""
+    torch.manual_seed(0)
+    preset = dataclasses.replace(SMALL, rpn_min_size=0.0)
+    d = build_detector(preset).train()
+    # Nudge the zero-height anchors' objectness so their proposals surely hold some of
+    # the post-NMS slots (random weights alone give anywhere from none to many).
+    with torch.no_grad():
+        d.rpn.head.cls_logits.bias[_zero_height(d.rpn.anchor_generator.cell_anchors[0])] += 0.06
+    s = preset.image_size
+    masks = torch.zeros(2, s, s, dtype=torch.uint8)
+    masks[0, 40:70, 50:100] = 1
+    masks[1, 110:160, 100:125] = 1
+    target = {"boxes": torch.tensor([[50.0, 40, 100, 70], [100.0, 110, 125, 160]]),
+              "labels": torch.tensor([1, 2]), "masks": masks}
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, s, s, dtype=torch.uint8)}
+    images = torch.rand(2, 1, s, s, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = normalize(images)
+        proposals, _ = d.rpn(image_list(x), d.backbone(x), [target, empty])
+    assert all(0 < int(_zero_height(p).sum()) < len(p) for p in proposals)
+    sampled, _, labels, reg_targets = d.roi_heads.select_training_samples(proposals, [target, empty])
+    for boxes, lab, reg in zip(sampled, labels, reg_targets):
+        zero = _zero_height(boxes)
+        assert zero.any() and (lab[zero] == 0).all()  # sampled, always as background
+        assert not torch.isfinite(reg[zero]).all() and torch.isfinite(reg[lab > 0]).all()
+    opt = torch.optim.Adam(d.parameters(), lr=1e-4)
+    for _ in range(2):
+        losses = detector_losses(d, images, [target, empty])
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(p.grad).all() for p in d.parameters() if p.grad is not None)
+        opt.step()
+
+
+def test_roi_comparison_checks_all_five_columns():
+    """The helper the export tests use: near-tied rows may swap, nothing else may differ."""
+    import numpy as np
+    from tests_helpers import ranked_rows
+
+    ref = ranked_rows(n_images=2, n=16, pad=3)
+    assert_rois_match(ref + np.float32(5e-5) * (ref != 0), ref)
+    swapped = ref.copy()
+    swapped[0, 5, 0] = swapped[0, 4, 0] - 1e-6  # rows 4 and 5 tie; they may come out in either order
+    tied = swapped.copy()
+    tied[0, [4, 5]] = tied[0, [5, 4]]
+    tied[0, [4, 5], 0] = tied[0, [5, 4], 0]
+    assert_rois_match(tied, swapped)
+    bad_delta = ref.copy()
+    row, col = np.argwhere(np.abs(ref[1, :13, 1:]) > 0.5)[0]
+    bad_delta[1, row, 1 + col] *= 1.01  # one box delta off by 1%
+    dropped = ref.copy()
+    dropped[0, 7:] = np.concatenate([ref[0, 8:], np.zeros((1, 5), np.float32)])  # a row missing
+    for broken in (bad_delta, dropped):
+        with pytest.raises(AssertionError):
+            assert_rois_match(broken, ref)
 
 
 def test_export_form_of_roi_pooling_matches_eager():
@@ -205,4 +311,4 @@ def test_small_model_exports_with_dynamo_and_runs_in_onnxruntime(tmp_path):
             rois_t, logits_t = model(batch)
         assert rois_o.shape == tuple(rois_t.shape)
         assert abs(logits_o - logits_t.numpy()).max() < 1e-3
-        assert abs(rois_o[..., 0] - rois_t[..., 0].numpy()).max() < 1e-4
+        assert_rois_match(rois_o, rois_t.numpy())  # all five columns, near-tied rows may swap

@@ -1,11 +1,16 @@
-"""Output comparison maths for parity checks (numpy only).
+"""Output comparison maths for parity checks (numpy and scipy; no torch).
 
-Every output is judged elementwise, ``|actual - expected| <= atol + rtol * |expected|``,
+Every numeric output is judged elementwise, ``|actual - expected| <= atol + rtol * |expected|``,
 and the report says how far off it was and which tolerance would have been needed.
-Ranked RoIs get a tie-robust comparison: two candidates whose scores differ by less
-than the numerical noise may legitimately trade places (or trade the last row), so
-score columns are compared as sorted values and delta rows are matched to rows of
-(nearly) the same score before their values are compared.
+
+Ranked RoIs are judged against a reference that ranked *more* candidates than the graph
+keeps (N + K rows from the same module): every real row of the graph is matched
+one-to-one to the reference candidate it is (:func:`align_rows`), so a row that entered
+at the N cut is checked against its own reference values, not excused. Two rows may come
+out in the other order only when their reference scores are within the ``rois.order``
+tolerance; a reference row may be missing from the graph only when a candidate ranked
+below N by the reference took its place and both scores are within that tolerance of
+each other.
 """
 
 from __future__ import annotations
@@ -81,110 +86,133 @@ def compare_arrays(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tol
     )
 
 
+PAD = -1
+"""Rank code of a padding row (all zeros) in :attr:`RowAlignment.ranks`."""
+UNMATCHED = -2
+"""Rank code of a real graph row that matches no reference candidate."""
+_INFEASIBLE = 1e12
+
+
 @dataclass
-class RoIMatch:
-    """Result of matching the rows of one ranked-RoI batch to the reference's.
+class RowAlignment:
+    """How one slice's ranked RoI rows map onto the reference's ranked candidates.
 
     Attributes:
-        actual_rows: int [M], matched row indices into the actual output (flattened B*N).
-        expected_rows: int [M], the reference rows they were matched to.
-        reordered: matched pairs whose row positions differ (near-tie swaps).
-        boundary: reference rows left unmatched only because they tie with the last
-            row's score (the candidate set differs at the cut-off, legitimately).
-        unmatched: reference rows with no partner within the score window: a defect.
-        tie_affected: indices of images with reordered or boundary rows: S saw a
-            different row order there, so their logits may legitimately differ.
+        ranks: int64 [N], the reference rank each graph row was matched to; :data:`PAD`
+            for padding, :data:`UNMATCHED` for a real row with no reference partner.
+        unmatched: real graph rows that are no reference candidate (score and deltas).
+        missing: reference top-N rows absent from the graph and not explained by a cut swap.
+        intruders: graph rows matched to candidates the reference ranked below N, not
+            explained by a cut swap.
+        cut_swaps: graph rows matched to candidates ranked below N that legitimately took
+            the place of as many missing top-N rows whose scores are within the order
+            tolerance of theirs.
+        reordered: matched rows placed below a row that the reference ranked lower.
+        bad_padding: rows breaking the padding rule (a zero-score row with non-zero deltas,
+            or a real row after padding).
+        order_gap: largest reference-score gap between two rows the graph put in the other
+            order (0 when in order); also covers the gap of a cut swap.
+        rise: largest increase of the graph's own score from one real row to the next
+            (rows must be score-descending).
     """
 
-    actual_rows: np.ndarray
-    expected_rows: np.ndarray
-    reordered: int
-    boundary: int
-    unmatched: int
-    tie_affected: list[int]
+    ranks: np.ndarray
+    unmatched: int = 0
+    missing: int = 0
+    intruders: int = 0
+    cut_swaps: int = 0
+    reordered: int = 0
+    bad_padding: int = 0
+    order_gap: float = 0.0
+    rise: float = 0.0
+
+    @property
+    def bad_rows(self) -> int:
+        """Rows that break the one-to-one correspondence with the reference."""
+        return self.unmatched + self.missing + self.intruders + self.bad_padding
+
+    @property
+    def permuted(self) -> bool:
+        """Whether the graph's rows differ in order or membership from the reference's top N."""
+        return self.reordered > 0 or self.cut_swaps > 0
 
 
-def match_roi_rows(actual: np.ndarray, expected: np.ndarray, window: float,
-                   delta_tol: Tolerance | None = None) -> RoIMatch:
-    """Match ranked-RoI rows of ``actual`` to ``expected``, tolerating near-tie swaps.
+def _limit(values: np.ndarray, tol: Tolerance) -> np.ndarray:
+    return tol.atol + tol.rtol * np.abs(values)
 
-    Within each image, a reference row may be matched to any not-yet-matched actual row
-    whose score is within ``window``; among those the one with the closest deltas wins.
-    A reference row that ties with the cut-off score (all N rows filled) and has no
-    partner with matching deltas is a *boundary* row: the other side kept a different
-    candidate of the same score.
+
+def align_rows(actual: np.ndarray, candidates: np.ndarray, n: int, tol: dict[str, Tolerance]) -> RowAlignment:
+    """Match one slice's graph rows to the reference's ranked candidates, one to one.
+
+    A graph row may match a reference candidate whose score is within the ``rois.score``
+    tolerance; among all such one-to-one assignments the one with the smallest summed
+    normalised error (deltas, then score) is taken (Hungarian algorithm), so near-tied
+    candidates are told apart by their deltas. Whether the matched deltas are *within*
+    tolerance is judged afterwards, on the matched pairs.
 
     Args:
-        actual: float [B, N, 5] rows (score, dx, dy, dw, dh), score-descending.
-        expected: float [B, N, 5], the reference.
-        window: largest score difference still considered a tie (the score atol).
-        delta_tol: what "matching deltas" means at the cut-off (default: exact).
+        actual: float [N, 5] graph rows ``(score, dx, dy, dw, dh)``, zero rows = padding.
+        candidates: float [N + K, 5] reference rows, score-descending, zero rows = padding.
+        n: N, the rows the graph keeps (the reference's first ``n`` rows are its output).
+        tol: parity tolerances (``rois.score``, ``rois.deltas``, ``rois.order``).
     """
-    delta_tol = delta_tol or Tolerance(0.0)
-    if actual.shape != expected.shape or actual.ndim != 3 or actual.shape[-1] != 5:
-        raise ValueError(f"rois: expected two [B, N, 5] arrays, got {actual.shape} and {expected.shape}")
-    b, n, _ = expected.shape
-    act_rows, exp_rows = [], []
-    reordered = boundary = unmatched = 0
-    affected = []
-    for i in range(b):
-        before = reordered + boundary
-        a, e = actual[i].astype(np.float64), expected[i].astype(np.float64)
-        free = np.ones(n, dtype=bool)
-        # With all N rows filled on both sides, the lowest score is the cut-off: a row
-        # that ties with it may be in one output and not the other.
-        cut = min(a[:, 0].min(), e[:, 0].min())
-        full = cut > 0
-        for j in np.argsort(-e[:, 0], kind="stable"):
-            at_cut = full and e[j, 0] - cut <= window
-            cand = np.flatnonzero(free & (np.abs(a[:, 0] - e[j, 0]) <= window))
-            if len(cand):
-                err = np.abs(a[cand, 1:] - e[j, 1:]) - delta_tol.rtol * np.abs(e[j, 1:])
-                best = cand[np.argmin(err.max(axis=1))]
-                if at_cut and err.max(axis=1).min() > delta_tol.atol:
-                    cand = []
-            if not len(cand):
-                boundary += int(at_cut)
-                unmatched += int(not at_cut)
-                continue
-            free[best] = False
-            reordered += int(best != j)
-            act_rows.append(i * n + best)
-            exp_rows.append(i * n + j)
-        if reordered + boundary > before:
-            affected.append(i)
-    return RoIMatch(np.array(act_rows, dtype=np.int64), np.array(exp_rows, dtype=np.int64),
-                    reordered, boundary, unmatched, affected)
+    from scipy.optimize import linear_sum_assignment
+
+    a, e = np.asarray(actual, np.float64), np.asarray(candidates, np.float64)
+    if a.ndim != 2 or e.ndim != 2 or a.shape[1] != 5 or e.shape[1] != 5 or len(e) < len(a) or len(a) != n:
+        raise ValueError(f"rois: expected [N, 5] graph rows and [N + K, 5] reference rows with N = {n}, got "
+                         f"{a.shape} and {e.shape}")
+    tau = tol["rois.order"].atol
+    real = a[:, 0] != 0
+    first_pad = int(np.argmin(real)) if not real.all() else len(a)
+    bad_padding = int((~real & np.any(a[:, 1:] != 0, axis=1)).sum() + real[first_pad:].sum())
+    ranks = np.where(real, UNMATCHED, PAD).astype(np.int64)
+    ia, ie = np.flatnonzero(real), np.flatnonzero(e[:, 0] != 0)
+    if len(ia) and len(ie):
+        s_err = np.abs(a[ia, None, 0] - e[None, ie, 0])
+        s_lim = _limit(e[ie, 0], tol["rois.score"])[None]
+        d_err = (np.abs(a[ia, None, 1:] - e[None, ie, 1:]) / _limit(e[ie, 1:], tol["rois.deltas"])[None]).max(-1)
+        # A non-finite delta still matches by score (and then fails the deltas check).
+        d_err = np.where(np.isfinite(d_err), np.minimum(d_err, _INFEASIBLE / 1e3), _INFEASIBLE / 1e3)
+        cost = np.where(s_err <= s_lim, d_err + s_err / s_lim, _INFEASIBLE)
+        rows, cols = linear_sum_assignment(cost)
+        ok = cost[rows, cols] < _INFEASIBLE
+        ranks[ia[rows[ok]]] = ie[cols[ok]]
+    matched = ranks >= 0
+    n_ref = int(min(n, (e[:, 0] != 0).sum()))
+    missing = np.setdiff1d(np.arange(n_ref), ranks[matched])
+    extra = ranks[matched & (ranks >= n)]
+    out = RowAlignment(ranks=ranks, unmatched=int((ranks == UNMATCHED).sum()), bad_padding=bad_padding)
+    if len(missing) and len(missing) == len(extra) and e[missing.min(), 0] - e[extra.max(), 0] <= tau:
+        out.cut_swaps = len(extra)
+        out.order_gap = float(e[missing.min(), 0] - e[extra.max(), 0])
+    else:
+        out.missing, out.intruders = len(missing), len(extra)
+    # Rows in graph order: each must not sit below a row the reference ranked lower,
+    # unless their reference scores are within the order tolerance.
+    r = ranks[matched]
+    if len(r) > 1:
+        before = np.maximum.accumulate(r)[:-1]
+        inverted = before > r[1:]
+        out.reordered = int(inverted.sum())
+        if inverted.any():
+            gaps = e[r[1:][inverted], 0] - e[before[inverted], 0]
+            out.order_gap = max(out.order_gap, float(gaps.max()))
+    s = a[:first_pad, 0]
+    out.rise = float(max(0.0, np.diff(s).max())) if len(s) > 1 else 0.0
+    return out
 
 
-def compare_rois(
-    actual: np.ndarray, expected: np.ndarray, score_tol: Tolerance, delta_tol: Tolerance
-) -> tuple[list[OutputComparison], dict]:
-    """Tie-robust comparison of ranked RoI batches [B, N, 5].
+def reference_in_graph_order(alignment: RowAlignment, candidates: np.ndarray) -> np.ndarray:
+    """The reference's own rows in the graph's order and membership: [N, 5].
 
-    Returns:
-        ``[rois.score, rois.deltas]`` comparisons and a dict of matching counts
-        (``reordered_rows``, ``boundary_rows``, ``unmatched_rows``) and the
-        ``tie_affected_images``. Scores are compared
-        as per-image sorted values; deltas on matched rows. Unmatched rows fail the
-        deltas check.
+    Row ``k`` is the reference candidate matched to graph row ``k``; padding stays zero.
+    Only meaningful for an alignment without bad rows.
     """
-    a, e = np.asarray(actual), np.asarray(expected)
-    match = match_roi_rows(a, e, score_tol.atol, delta_tol)
-    scores = compare_arrays("rois.score", -np.sort(-a[..., 0], axis=1), -np.sort(-e[..., 0], axis=1), score_tol)
-    flat_a, flat_e = a.reshape(-1, 5), e.reshape(-1, 5)
-    deltas = compare_arrays("rois.deltas", flat_a[match.actual_rows, 1:], flat_e[match.expected_rows, 1:], delta_tol)
-    if match.unmatched:
-        deltas.passed = False
-        deltas.n_failing += 4 * match.unmatched
-    counts = {
-        "rows": int(e.shape[0] * e.shape[1]),
-        "reordered_rows": match.reordered,
-        "boundary_rows": match.boundary,
-        "unmatched_rows": match.unmatched,
-        "tie_affected_images": match.tie_affected,
-    }
-    return [scores, deltas], counts
+    rows = np.zeros((len(alignment.ranks), 5), candidates.dtype)
+    keep = alignment.ranks >= 0
+    rows[keep] = candidates[alignment.ranks[keep]]
+    return rows
 
 
 def argmax_agreement(actual: np.ndarray, expected: np.ndarray) -> float:

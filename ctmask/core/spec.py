@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ctmask import __version__
 from ctmask.core.errors import CtmaskError
-from ctmask.core.preprocess import LUNG_WINDOW
+from ctmask.core.preprocess import LUNG_WINDOW, Preprocessing
 from ctmask.core.presets import CLASS_NAMES, Preset
 
 FORMAT = "ctmask-onnx/1"
@@ -41,15 +41,55 @@ class Tolerance:
         return {"atol": self.atol, "rtol": self.rtol}
 
 
-DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    # RoI scores are softmax outputs in (0, 1]; deltas are encoded box offsets (weights
-    # 10, 10, 5, 5), of order 1 and amplified by the coder weights, hence the rtol.
-    "rois.score": Tolerance(1e-4),
-    "rois.deltas": Tolerance(1e-3, 1e-3),
-    "logits": Tolerance(1e-3),
-    "probs": Tolerance(1e-4),
+def _declared_tolerances(text: str | None) -> dict[str, Tolerance] | None:
+    """The informational ``ctmask.tolerances`` of a graph, or ``None`` when absent or malformed.
+
+    Nothing uses these values to judge a graph (parity takes ctmask's own table,
+    :func:`parity_tolerances`), so a malformed entry must not make a model unusable.
+    """
+    if text is None:
+        return None
+    try:
+        tols = json.loads(text)
+        out = {}
+        for k, v in tols.items():
+            tol = Tolerance(**v)
+            out[str(k)] = Tolerance(float(tol.atol), float(tol.rtol))
+        return out
+    except Exception:  # informational only: any malformation just means "declares nothing usable"
+        return None
+
+
+PARITY_TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "fp32": {
+        # RoI scores are softmax outputs in (0, 1]; deltas are encoded box offsets (weights
+        # 10, 10, 5, 5), of order 1 and amplified by the coder weights, hence the rtol.
+        "rois.score": Tolerance(1e-4),
+        "rois.deltas": Tolerance(1e-3, 1e-3),
+        # Two candidates may come out in either order only when their reference scores are
+        # this close: each score may be off by up to the score atol, so they can cross.
+        "rois.order": Tolerance(2e-4),
+        "logits": Tolerance(1e-3),
+        "probs": Tolerance(1e-4),
+    },
 }
-"""FP32 parity tolerances per output (``rois`` split into its score and delta columns)."""
+"""ctmask's own parity tolerances per graph precision (``rois`` split into score, delta and
+order checks). Parity takes them from here for the precision a graph declares, never from
+the graph file, so an edited or converted graph cannot loosen its own pass criteria."""
+
+DEFAULT_TOLERANCES = PARITY_TOLERANCES["fp32"]
+
+
+def parity_tolerances(precision: str, path: str | Path | None = None) -> dict[str, Tolerance]:
+    """The parity tolerances of ``precision`` from ctmask's table.
+
+    Raises:
+        ModelError: ctmask has no tolerances for that precision (naming ``path``).
+    """
+    if precision not in PARITY_TOLERANCES:
+        raise ModelError(f"graph declares precision {precision!r}; this ctmask has parity tolerances for "
+                         f"{', '.join(PARITY_TOLERANCES)} only", path)
+    return dict(PARITY_TOLERANCES[precision])
 
 
 @dataclass(frozen=True)
@@ -67,7 +107,13 @@ class GraphSpec:
         checkpoint_sha256: sha256 of the checkpoint the graph was exported from.
         checkpoint_name: that checkpoint's file name (for people; the hash is the identity).
         version: ctmask version that wrote the graph.
-        tolerances: per-output parity tolerances.
+        crop: the model was trained on slices cropped to their body box (``train-cls
+            --crop``); the runtime crops with the same boxes before resizing.
+        resize: resize method to the input size (``bilinear``).
+        weights_sha256: digest of the checkpoint's weights (``weights_digest`` in
+            ``ctmask.training.checkpoint``): the identity of the model, whatever file holds it.
+        declared_tolerances: the tolerances written in the graph file, if read from one
+            (informational: parity uses :attr:`tolerances`, ctmask's table for the precision).
     """
 
     preset: str
@@ -80,11 +126,31 @@ class GraphSpec:
     checkpoint_sha256: str = ""
     checkpoint_name: str = ""
     version: str = __version__
-    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    crop: bool = False
+    resize: str = "bilinear"
+    weights_sha256: str = ""
+    declared_tolerances: dict[str, Tolerance] | None = field(default=None, compare=False)
+
+    @property
+    def tolerances(self) -> dict[str, Tolerance]:
+        """Parity tolerances of the declared precision, from ctmask's own table.
+
+        Raises:
+            ModelError: the precision has no entry in the table.
+        """
+        return parity_tolerances(self.precision)
 
     @classmethod
-    def for_preset(cls, preset: Preset, **kwargs) -> GraphSpec:
+    def for_preset(cls, preset: Preset, preprocessing: Preprocessing | None = None, **kwargs) -> GraphSpec:
+        """The spec of a model of ``preset``, trained with ``preprocessing`` (default: none)."""
+        if preprocessing is not None:
+            kwargs.update(crop=preprocessing.crop, resize=preprocessing.resize, window=preprocessing.window)
         return cls(preset=preset.name, image_size=preset.image_size, n_rois=preset.n_rois, **kwargs)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The pre-processing the model expects (crop, resize, DICOM window)."""
+        return Preprocessing(crop=self.crop, resize=self.resize, window=self.window)
 
     def input_shape(self, batch: int | str = BATCH) -> tuple[int | str, ...]:
         return (batch, 1, self.image_size, self.image_size)
@@ -107,9 +173,12 @@ class GraphSpec:
                  "layout": "lung-windowed grayscale; replication and ImageNet mean/std are in the graph"}
             ),
             "ctmask.window": json.dumps({"level": self.window[0], "width": self.window[1]}),
+            "ctmask.preprocess": json.dumps(self.preprocessing.to_dict()),
             "ctmask.precision": self.precision,
+            "ctmask.opset": str(self.opset),
             "ctmask.checkpoint_sha256": self.checkpoint_sha256,
             "ctmask.checkpoint": self.checkpoint_name,
+            "ctmask.weights_sha256": self.weights_sha256,
             "ctmask.tolerances": json.dumps({k: t.to_dict() for k, t in self.tolerances.items()}),
         }
 
@@ -131,7 +200,8 @@ class GraphSpec:
             raise ModelError(f"unsupported graph format {fmt!r}; this ctmask reads {FORMAT!r}", path)
         try:
             window = json.loads(meta["ctmask.window"])
-            tols = json.loads(meta.get("ctmask.tolerances", "{}"))
+            # Graphs written before the key existed were served uncropped, bilinear.
+            prep = Preprocessing.from_dict({**json.loads(meta.get("ctmask.preprocess", "{}")), "window": window})
             return cls(
                 preset=meta["ctmask.preset"],
                 image_size=int(meta["ctmask.input_size"]),
@@ -139,10 +209,14 @@ class GraphSpec:
                 class_names=tuple(json.loads(meta["ctmask.class_names"])),
                 window=(float(window["level"]), float(window["width"])),
                 precision=meta.get("ctmask.precision", "fp32"),
+                opset=int(meta.get("ctmask.opset", OPSET)),
                 checkpoint_sha256=meta.get("ctmask.checkpoint_sha256", ""),
                 checkpoint_name=meta.get("ctmask.checkpoint", ""),
                 version=meta.get("ctmask.version", ""),
-                tolerances={**DEFAULT_TOLERANCES, **{k: Tolerance(**v) for k, v in tols.items()}},
+                crop=prep.crop,
+                resize=prep.resize,
+                weights_sha256=meta.get("ctmask.weights_sha256", ""),
+                declared_tolerances=_declared_tolerances(meta.get("ctmask.tolerances")),
             )
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise ModelError(f"malformed ctmask metadata ({exc.__class__.__name__}: {exc})", path) from None

@@ -29,10 +29,14 @@ class TorchRunner(Runner):
         checkpoint: classifier checkpoint.
         device: "cpu" or "cuda".
         threads: intra-op threads on the CPU (default: torch's own choice).
+        candidates: K > 0 also returns ``candidates`` [B, N + K, 5], the module's ranking of
+            N + K candidates (its first N rows are ``rois``, which S reads), for parity.
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", threads: int | None = None,
+                 candidates: int = 0):
         super().__init__()
+        self.candidates = candidates
         self.checkpoint = Path(checkpoint)
         self.device = device
         self.threads = threads
@@ -48,13 +52,20 @@ class TorchRunner(Runner):
         self.module = GraphModule(load_classifier(ck)).to(self.device).eval()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        return GraphSpec.for_preset(ck.preset, checkpoint_name=str(self.checkpoint.resolve()))
+        return GraphSpec.for_preset(ck.preset, preprocessing=ck.preprocessing, weights_sha256=ck.weights_sha256,
+                                    checkpoint_name=str(self.checkpoint.resolve()))
 
     @torch.inference_mode()
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.from_numpy(feed[INPUT]).to(self.device)
-        values = self.module(images)
-        return {name: v.float().cpu().numpy() for name, v in zip(OUTPUTS, values)}
+        if not self.candidates:
+            return {name: v.float().cpu().numpy() for name, v in zip(OUTPUTS, self.module(images))}
+        model = self.module.model
+        ranked = model.ranker(images, model.preset.n_rois + self.candidates)
+        rois = ranked[:, : model.preset.n_rois]
+        logits = model.classifier(rois)
+        values = {"rois": rois, "logits": logits, "probs": torch.softmax(logits, -1), "candidates": ranked}
+        return {name: v.float().cpu().numpy() for name, v in values.items()}
 
     @torch.inference_mode()
     def classify(self, rois: np.ndarray) -> dict[str, np.ndarray]:

@@ -56,7 +56,7 @@ class RankedRoIs(nn.Module):
 
     Args:
         detector: the Mask R-CNN.
-        preset: supplies image size, RPN top-N, NMS / score thresholds and N.
+        preset: supplies image size, RPN top-N and min size, NMS / score thresholds and N.
     """
 
     def __init__(self, detector: MaskRCNN, preset: Preset):
@@ -101,7 +101,11 @@ class RankedRoIs(nn.Module):
         anchors = self.anchors[idx.reshape(-1)]
         boxes = self.rpn_coder.decode_single(gather_rows(dl, idx).reshape(-1, 4), anchors)
         boxes = box_ops.clip_boxes_to_image(boxes, (self.image_size, self.image_size)).view(b, -1, 4)
-        valid = ((boxes[..., 2] - boxes[..., 0]) >= 1e-3) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-3)
+        # torchvision's remove_small_boxes with the preset's min size: 0.0 (paper, as the
+        # reference) keeps zero-area proposals; they cannot suppress or be suppressed in
+        # NMS (IoU 0) and the heads' 1e-2 filter in forward drops their decoded boxes.
+        w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        valid = (w >= p.rpn_min_size) & (h >= p.rpn_min_size)
         valid = valid & ~pad.reshape(b, -1)
         scores = torch.where(valid, scores, NEG_INF)
         n_levels = len(self.level_sizes)
@@ -157,17 +161,21 @@ class RankedRoIs(nn.Module):
         moved = torch.cat([rois[:, :1], boxes], -1)
         return roi_align(canvas, moved, (7, 7), spatial_scale=1.0, sampling_ratio=2, aligned=False)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, n_rows: int | None = None) -> Tensor:
         """Ranked RoIs of a batch.
 
         Args:
             images: float32 [B, 1, S, S], lung-window grayscale in [0, 1].
+            n_rows: rows to return (default: the preset's N). Parity's reference asks for
+                more than N, so a candidate that another backend ranks into the last
+                rows can be matched to the reference candidate it really is.
 
         Returns:
-            float32 [B, N, 5] rows ``(score, dx, dy, dw, dh)``, highest score first,
+            float32 [B, n_rows, 5] rows ``(score, dx, dy, dw, dh)``, highest score first,
             zero rows as padding.
         """
         p = self.preset
+        n_rows = n_rows or p.n_rois
         feats = self.backbone(normalize(images))
         features = [feats[str(i)] for i in range(len(FPN_STRIDES))]
         proposals, prop_valid = self.proposals(features)
@@ -191,10 +199,10 @@ class RankedRoIs(nn.Module):
         keep = (keep & valid).reshape(b, m)
         scores, deltas = scores.reshape(b, m), deltas.reshape(b, m, 4)
         ranked = torch.where(keep, scores, NEG_INF)
-        if m < p.n_rois:
-            ranked = torch.cat([ranked, ranked.new_full((b, p.n_rois - m), NEG_INF)], 1)
-            scores = torch.cat([scores, scores.new_zeros(b, p.n_rois - m)], 1)
-            deltas = torch.cat([deltas, deltas.new_zeros(b, p.n_rois - m, 4)], 1)
-        top = ranked.topk(p.n_rois, dim=1)
+        if m < n_rows:
+            ranked = torch.cat([ranked, ranked.new_full((b, n_rows - m), NEG_INF)], 1)
+            scores = torch.cat([scores, scores.new_zeros(b, n_rows - m)], 1)
+            deltas = torch.cat([deltas, deltas.new_zeros(b, n_rows - m, 4)], 1)
+        top = ranked.topk(n_rows, dim=1)
         rows = gather_rows(torch.cat([scores.unsqueeze(-1), deltas], -1), top.indices)
         return torch.where((top.values > NEG_INF).unsqueeze(-1), rows, torch.zeros_like(rows))
