@@ -22,10 +22,21 @@ def invoke(*args):
 
 
 def test_model_info_paper_json():
-    res = invoke("model-info", "--preset", "paper", "--json")
+    res = invoke("model-info", "--preset", "paper", "--json", "-")
     assert res.exit_code == 0, res.output
-    info = json.loads(res.stdout)
+    info = json.loads(res.stdout)  # stdout is the JSON alone; the table goes to stderr
     assert info["mask_rcnn_total"] == 31_728_744 and info["classifier_s"] == 2_364_419
+    assert "mask_rcnn_total" in res.stderr
+
+
+def test_model_info_json_takes_a_file_like_every_command(tmp_path):
+    out = tmp_path / "info.json"
+    res = invoke("model-info", "--preset", "paper", "--json", out)
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["mask_rcnn_total"] == 31_728_744
+    assert "31,728,744" in res.stdout  # the table still prints
+    res = invoke("model-info", "--json")  # a bare --json needs its argument, as elsewhere
+    assert res.exit_code == 2 and "requires an argument" in res.output
 
 
 def test_unknown_preset_is_a_clear_error():
@@ -376,5 +387,5 @@ def test_json_to_stdout_is_the_only_stdout(seg_ckpt, cls_ckpt, synth_dir, tmp_pa
     assert "accuracy" in res.stderr or "AP" in res.stderr  # the table still reaches the terminal
     res = invoke("evaluate", cls_ckpt, "--split", test_split, "--json", "-", "-q")
     assert "accuracy" in json.dumps(json.loads(res.stdout)) and "sensitivity" in res.stderr
-    info = json.loads(invoke("model-info", "--json").stdout)
+    info = json.loads(invoke("model-info", "--json", "-").stdout)
     assert info["total"] > 0

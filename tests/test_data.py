@@ -68,6 +68,24 @@ def test_read_split_malformed_line(split_dir, line, words):
     assert all(w in msg for w in words)
 
 
+@pytest.mark.parametrize("box", ["0 0 inf 100", "0 0 1e400 100", "-inf 0 8 8", "0 0 nan 8"])
+def test_read_split_non_finite_box_is_a_data_error(split_dir, box):
+    """int(float('inf')) raises OverflowError, not ValueError: still a DataError naming file and line."""
+    f = split_dir / "inf.txt"
+    f.write_text("a.png 0 0 0 8 8\nb.png 1 " + box + "\n")
+    with pytest.raises(DataError) as exc:
+        read_split(f)
+    assert f"{f}: line 2: box" in str(exc.value)
+
+
+def test_read_split_ignores_a_byte_order_mark(split_dir):
+    f = split_dir / "bom.txt"
+    f.write_bytes("\ufeffa.png 0 1 2 7 8\nb.png 2 0 0 8 8\n".encode())
+    entries = read_split(f)
+    assert [e.path.name for e in entries] == ["a.png", "b.png"]
+    assert [e.line for e in entries] == [1, 2]
+
+
 def test_read_split_empty_is_error(split_dir):
     f = split_dir / "empty.txt"
     f.write_text("# nothing\n")
@@ -207,3 +225,18 @@ def test_synthesize_refuses_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="not a synth output"):
         synthesize(tmp_path, 3, workers=1)
+
+
+def test_train_cls_with_an_infinite_box_is_a_clear_error(split_dir):
+    """`train-cls --train-split` (and evaluate, infer --boxes: the same reader) used to die with
+    an OverflowError traceback on a box of `inf`."""
+    from typer.testing import CliRunner
+
+    from ctmask.cli.main import app
+
+    f = split_dir / "tr_inf.txt"
+    f.write_text("a.png 0 0 0 8 8\nb.png 1 0 0 1e400 8\n")
+    res = CliRunner().invoke(app, ["train-cls", str(split_dir / "seg.pt"), "--train-split", str(f),
+                                   "--out", str(split_dir / "cls.pt"), "-q"])
+    assert res.exit_code == 2 and f"{f}: line 2: box" in res.output and "not finite" in res.output
+    assert "Traceback" not in res.output and not (split_dir / "cls.pt").exists()

@@ -144,3 +144,45 @@ def test_export_at_a_newer_opset_reports_the_files_real_opset(cls_ckpt, tmp_path
     assert "opset 21" in res.stderr
     with OnnxRuntimeRunner(out) as r:
         assert r.spec.opset == 21
+
+
+def _at_opset(path, opset):
+    model = onnx.load(str(path))
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = opset
+    return model
+
+
+def test_a_graph_onnxruntime_cannot_load_is_refused_and_nothing_written(cls_ckpt, small_onnx, tmp_path, monkeypatch):
+    """onnx.checker passes an opset-22 graph, but onnxruntime has no RoiAlign(22) kernel:
+    export must fail naming the opset and onnxruntime's message instead of writing a file
+    that cannot run. (The exporter is simulated: the real graph, its opset import set to 22.)"""
+    bumped = _at_opset(small_onnx, 22)
+    onnx.checker.check_model(bumped, full_check=True)  # what export used to rely on
+    problem = onnx_export.onnxruntime_problem(bumped)
+    if problem is None:
+        pytest.skip("the installed onnxruntime runs this graph at opset 22")
+    monkeypatch.setattr(onnx_export, "trace_to_onnx", lambda model, opset: _at_opset(small_onnx, opset))
+    out = tmp_path / "m22.onnx"
+    res = CliRunner().invoke(app, ["export", str(cls_ckpt), "--out", str(out), "--opset", "22"])
+    assert res.exit_code == 2, res.output
+    assert "opset 22" in res.output and problem in res.output and "nothing was written" in res.output
+    assert "Traceback" not in res.output and "passed" not in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_real_export_at_opset_22_writes_only_what_onnxruntime_runs(cls_ckpt, tmp_path):
+    """The real exporter at opset 22: either the file is written and onnxruntime runs it,
+    or export fails naming the opset (onnxruntime 1.2x: RoiAlign(22) not implemented)."""
+    out = tmp_path / "m22.onnx"
+    res = CliRunner().invoke(app, ["export", str(cls_ckpt), "--out", str(out), "--opset", "22"])
+    assert "Traceback" not in res.output
+    if res.exit_code == 0:
+        with OnnxRuntimeRunner(out) as r:
+            got = r.infer({"images": np.zeros((1, 1, r.spec.image_size, r.spec.image_size), np.float32)})
+        assert got["probs"].shape == (1, 3)
+    else:
+        assert res.exit_code == 2 and "opset 22" in res.output and "onnxruntime" in res.output, res.output
+        assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -192,3 +194,79 @@ def test_graph_metadata_carries_the_preprocessing():
     meta["ctmask.preprocess"] = '{"crop": true, "resize": "lanczos"}'
     with pytest.raises(ModelError, match="unsupported resize method 'lanczos'"):
         GraphSpec.from_metadata(meta, "m.onnx")
+
+
+def test_a_split_file_listing_one_slice_with_two_boxes_is_refused(tmp_path):
+    """--boxes: the same path twice with different boxes is an error naming file and line
+    (not the last box silently); the same box twice is harmless."""
+    from ctmask.core.errors import DataError
+
+    split = tmp_path / "boxes.txt"
+    split.write_text("a.png 0 0 0 40 40\nb.png 0 1 1 30 30\na.png 1 0 0 50 50\n")
+    with pytest.raises(DataError) as err:
+        CropBoxes.from_split(split)
+    msg = str(err.value)
+    assert msg.startswith(f"{split}: line 3: a.png") and "[0, 0, 50, 50]" in msg and "line 1" in msg
+    split.write_text("a.png 0 0 0 40 40\na.png 1 0 0 40 40\n")
+    assert CropBoxes.from_split(split).lookup(tmp_path / "a.png") == (0, 0, 40, 40)
+
+
+def test_load_batch_turns_every_bad_slice_into_a_failure(tmp_path):
+    """The decoding path of infer, parity and bench: bad files become failures with the
+    reason, the good ones are decoded; no exception escapes."""
+    from PIL import Image
+    from test_preprocess import write_bad_slices
+    from tests_helpers import write_ct_dicom
+
+    bad = write_bad_slices(tmp_path / "bad")
+    good = [tmp_path / "good.png", tmp_path / "good.dcm"]
+    Image.fromarray(np.full((64, 48), 100, np.uint8)).save(good[0])
+    write_ct_dicom(good[1], np.full((40, 40), -600.0, np.float32))
+    spec = GraphSpec.for_preset(SMALL)
+    files = [good[0], *bad, good[1]]
+    batch, ok, failures = load_batch(files, spec)
+    assert ok == good and batch.shape == (2, 1, spec.image_size, spec.image_size) and np.isfinite(batch).all()
+    assert {f.file: f.reason for f in failures}.keys() == {str(p) for p in bad}
+    for f in failures:
+        assert bad[Path(f.file)] in f.reason, f
+
+
+def test_infer_skips_undecodable_slices_and_writes_the_rest(small_onnx, synth_dir, tmp_path):
+    """A decompression bomb, DICOM with a non-numeric / NaN / infinite rescale, a 1x1 image,
+    NaN pixels among good slices: the good ones are predicted and written, each bad one is
+    reported with its path and reason, exit 1, no traceback."""
+    import json
+
+    from test_preprocess import write_bad_slices
+    from typer.testing import CliRunner
+
+    from ctmask.cli.main import app
+
+    bad = write_bad_slices(tmp_path / "bad")
+    good = sorted((synth_dir / "images").glob("test_*.png"))[:2]
+    out = tmp_path / "preds.jsonl"
+    args = ["infer", small_onnx, good[0], *bad, good[1], "--out", out, "-b", "3", "-q", "--json", tmp_path / "s.json"]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and (res.exception is None or isinstance(res.exception, SystemExit))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in records] == [str(p) for p in good]
+    for path, words in bad.items():
+        assert f"skipped {path}: " in res.output and words in res.output, (path, res.output)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["predicted"] == 2 and {s["file"] for s in summary["skipped"]} == {str(p) for p in bad}
+
+
+@pytest.mark.parametrize("value", ['{"logits": {"atol": 0.001, "note": "x"}}', "not json", "[1, 2]",
+                                   '{"logits": 5}', '{"logits": {"atol": "loose"}}'])
+def test_malformed_informational_tolerances_do_not_make_a_graph_unusable(value):
+    """Parity never judges by the graph's own ``ctmask.tolerances`` (ctmask's table does), so a
+    malformed value only means it declares none; the model still loads."""
+    spec = GraphSpec.for_preset(SMALL)
+    meta = {**spec.metadata(), "ctmask.tolerances": value}
+    back = GraphSpec.from_metadata(meta, "m.onnx")
+    assert back == spec and back.declared_tolerances is None and back.tolerances == spec.tolerances
+    del meta["ctmask.tolerances"]
+    assert GraphSpec.from_metadata(meta, "m.onnx").declared_tolerances is None
+    good = GraphSpec.from_metadata(spec.metadata(), "m.onnx")
+    assert good.declared_tolerances == spec.tolerances
