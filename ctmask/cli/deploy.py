@@ -211,6 +211,9 @@ def format_parity(report: dict) -> str:
                         for k, v in item["reference_jitter_max_abs"].items())
         verdict = "unstable slice (judged out)" if item["judged_out"] else "probed, not judged out"
         lines.append(f"  {verdict} {item['file']}: graph error vs PyTorch's own movement under input jitter: {own}")
+    if report.get("probe_skipped"):
+        lines.append(f"stability probe skipped: {len(report['failing_slices'])} of {report['n_images']} slices fail, "
+                     "more than may ever be judged out")
     for item in report.get("failing_slices", [])[:10]:
         errs = ", ".join(f"{k} {v:.3g}" for k, v in item["max_abs"].items())
         lines.append(f"  failing slice {item['file']}: {errs}")
