@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from ctmask.core.errors import CheckpointError
+from ctmask.core.errors import CheckpointError, ConfigError
 from ctmask.core.presets import SMALL
 from ctmask.data.cncb import list_segmentation
 from ctmask.data.covidx import read_split
 from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
+from ctmask.training.datasets import ClassificationDataset, SegmentationDataset, TensorCache
 from ctmask.training.evaluate import evaluate_classifier, evaluate_segmentation
 from ctmask.training.model import CovidCTMaskNet, bn_affine_parameters, load_weights
 from ctmask.training.train_cls import ClsTrainOptions, train_classifier
@@ -20,7 +23,7 @@ from ctmask.training.train_seg import SegTrainOptions, train_segmentation
 
 def test_checkpoint_is_plain_data(seg_ckpt):
     blob = torch.load(seg_ckpt, weights_only=True)
-    assert blob["format"] == "ctmask-checkpoint/1" and blob["kind"] == "segmentation"
+    assert blob["format"] == "ctmask-checkpoint/2" and blob["kind"] == "segmentation"
     cfg = json.loads(blob["config"])
     assert cfg["preset"]["name"] == "small" and cfg["epoch"] == 1
     assert json.loads(seg_ckpt.with_name(seg_ckpt.name + ".json").read_text())["kind"] == "segmentation"
@@ -86,8 +89,41 @@ def test_segmentation_evaluation(seg_ckpt, synth_dir):
     samples = list_segmentation(synth_dir / "segmentation" / "test")
     report = evaluate_segmentation(load_checkpoint(seg_ckpt), samples, batch_size=4, show_progress=False)
     assert report["n"] == len(samples)
-    assert 0.0 <= report["mask_ap"]["mAP"] <= 1.0 or report["mask_ap"]["mAP"] != report["mask_ap"]["mAP"]
+    assert math.isfinite(report["mask_ap"]["mAP"]) and 0.0 <= report["mask_ap"]["mAP"] <= 1.0
     assert set(report["dice"]["per_class"]) == {1, 2}
+
+
+def _detections_from_ground_truth(samples, swap_labels: bool):
+    """A stand-in for ``segment`` that returns each slice's ground-truth instances."""
+    data = SegmentationDataset(samples, SMALL.image_size)
+    targets = iter([data[i][1] for i in range(len(data))])
+
+    def fake_segment(detector, images):
+        out = []
+        for _ in range(images.shape[0]):
+            t = next(targets)
+            labels = 3 - t["labels"] if swap_labels else t["labels"]
+            scores = torch.linspace(0.9, 0.6, len(labels))
+            masks = t["masks"][:, None].float()
+            out.append({"boxes": t["boxes"], "labels": labels, "scores": scores, "masks": masks})
+        return out
+
+    return fake_segment
+
+
+@pytest.mark.parametrize("swap_labels, expected", [(False, 1.0), (True, 0.0)])
+def test_segmentation_evaluation_known_map(seg_ckpt, synth_dir, monkeypatch, swap_labels, expected):
+    # Detections equal to the ground truth give mask AP 1 at every IoU threshold; the same
+    # masks with GGO and consolidation swapped match nothing and give 0.
+    import ctmask.training.evaluate as ev
+
+    samples = list_segmentation(synth_dir / "segmentation" / "test")
+    monkeypatch.setattr(ev, "segment", _detections_from_ground_truth(samples, swap_labels))
+    report = evaluate_segmentation(load_checkpoint(seg_ckpt), samples, batch_size=3, show_progress=False)
+    ap = report["mask_ap"]
+    assert sum(ap["per_class"][c]["n_gt"] for c in (1, 2)) > 0
+    assert ap["mAP"] == pytest.approx(expected) and ap["AP50"] == pytest.approx(expected)
+    assert ap["AP75"] == pytest.approx(expected)
 
 
 def test_wrong_preset_checkpoint_is_rejected(seg_ckpt):
@@ -140,3 +176,214 @@ def test_classifier_checkpoint_of_another_variant_is_a_starting_point(cls_ckpt, 
     assert other.epoch == 0 and other.optimizer is None and other.history == []
     trained = load_checkpoint(cls_ckpt).model
     assert torch.equal(other.model.classifier.net[0].weight, trained["classifier.net.0.weight"])
+
+
+# --- reproducibility --------------------------------------------------------------------
+
+
+def _weights(path):
+    return load_checkpoint(path).model
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+
+
+def test_classifier_training_is_deterministic_and_seeded(seg_ckpt, synth_dir, tmp_path):
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")
+    val = read_split(synth_dir / "val_COVIDx_CT.txt")
+    opts = ClsTrainOptions("heads", epochs=3, batch_size=4, lr=1e-3, seed=5)
+    runs = []
+    for name, o in [("a", opts), ("b", opts), ("other-seed", replace(opts, seed=6))]:
+        out = tmp_path / f"{name}.pt"
+        runs.append(train_classifier(SMALL, seg_ckpt, train, val, out, o, False))
+    _assert_same_weights(_weights(tmp_path / "a.pt"), _weights(tmp_path / "b.pt"))
+    assert runs[0]["history"] == runs[1]["history"]
+    other = _weights(tmp_path / "other-seed.pt")
+    assert not torch.equal(other["classifier.net.0.weight"], _weights(tmp_path / "a.pt")["classifier.net.0.weight"])
+    cfg = load_checkpoint(tmp_path / "a.pt").config
+    assert cfg["train"]["seed"] == 5
+    assert cfg["environment"]["threads"] == torch.get_num_threads() and cfg["environment"]["torch"]
+
+
+def test_resumed_classifier_repeats_the_uninterrupted_run(seg_ckpt, synth_dir, tmp_path):
+    # Every epoch draws its data order from (seed, epoch): resuming after epoch 1 must give
+    # the weights of the run that never stopped (it used to replay epoch 1's order).
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")
+    opts = ClsTrainOptions("heads", epochs=2, batch_size=4, lr=1e-3, seed=2)
+    train_classifier(SMALL, seg_ckpt, train, None, tmp_path / "straight.pt", opts, False)
+    train_classifier(SMALL, seg_ckpt, train, None, tmp_path / "first.pt", replace(opts, epochs=1), False)
+    train_classifier(SMALL, tmp_path / "first.pt", train, None, tmp_path / "resumed.pt", opts, False)
+    _assert_same_weights(_weights(tmp_path / "straight.pt"), _weights(tmp_path / "resumed.pt"))
+    resumed = load_checkpoint(tmp_path / "resumed.pt")
+    assert resumed.config["resumed_from"] == {"checkpoint": str(tmp_path / "first.pt"), "epoch": 1}
+    straight = load_checkpoint(tmp_path / "straight.pt")
+    assert resumed.config["history"] == straight.config["history"]
+
+
+def test_heads_bn_training_is_deterministic(seg_ckpt, synth_dir, tmp_path):
+    # Gradients reach the detector's BatchNorm parameters through RoIAlign and the heads.
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")[:8]
+    opts = ClsTrainOptions("heads+bn", epochs=1, batch_size=4, lr=1e-2, seed=1)
+    for name in ("a", "b"):
+        train_classifier(SMALL, seg_ckpt, train, None, tmp_path / f"{name}.pt", opts, False)
+    _assert_same_weights(_weights(tmp_path / "a.pt"), _weights(tmp_path / "b.pt"))
+
+
+def test_deterministic_mode_is_restored_after_training(seg_ckpt, synth_dir, tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")[:4]
+    train_classifier(SMALL, seg_ckpt, train, None, tmp_path / "c.pt", ClsTrainOptions("heads", 1, 4, 1e-3), False)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+# --- resuming: new learning rate / weight decay, nothing left to train ---------------------
+
+
+def test_resumed_classifier_uses_the_new_lr_and_weight_decay(cls_ckpt, synth_dir, tmp_path):
+    saved = load_checkpoint(cls_ckpt)
+    assert saved.optimizer["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")
+    out = tmp_path / "resumed.pt"
+    opts = ClsTrainOptions("heads", epochs=3, batch_size=4, lr=2.5e-4, weight_decay=0.0)
+    train_classifier(SMALL, cls_ckpt, train, None, out, opts, False)
+    ck = load_checkpoint(out)
+    assert ck.epoch == 3
+    for group in ck.optimizer["param_groups"]:
+        assert group["lr"] == pytest.approx(2.5e-4) and group["weight_decay"] == 0.0
+    assert ck.config["train"]["lr"] == pytest.approx(2.5e-4) and ck.config["train"]["weight_decay"] == 0.0
+    # Adam's moments were restored, not restarted: the step count went on from 2 epochs.
+    steps = [float(s["step"]) for s in ck.optimizer["state"].values()]
+    saved_steps = [float(s["step"]) for s in saved.optimizer["state"].values()]
+    assert steps[0] == pytest.approx(saved_steps[0] * 3 / 2)
+
+
+def test_resumed_segmentation_uses_the_new_lr_and_weight_decay(seg_ckpt, synth_dir, tmp_path):
+    samples = list_segmentation(synth_dir / "segmentation" / "train")
+    out = tmp_path / "seg2.pt"
+    opts = SegTrainOptions(epochs=2, batch_size=4, lr=3e-4, weight_decay=0.0, max_images=4)
+    train_segmentation(SMALL, samples, out, opts, resume=seg_ckpt, show_progress=False)
+    ck = load_checkpoint(out)
+    for group in ck.optimizer["param_groups"]:
+        assert group["lr"] == pytest.approx(3e-4) and group["weight_decay"] == 0.0
+    assert ck.config["train"]["lr"] == pytest.approx(3e-4)
+    assert ck.config["resumed_from"] == {"checkpoint": str(seg_ckpt), "epoch": 1}
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_resume_without_epochs_left_is_a_user_error(cls_ckpt, seg_ckpt, synth_dir, tmp_path, epochs):
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")
+    out = tmp_path / "cls.pt"
+    with pytest.raises(ConfigError, match=f"already been trained for 2 epochs and --epochs {epochs}") as err:
+        train_classifier(SMALL, cls_ckpt, train, None, out, ClsTrainOptions("heads", epochs, 4, 1e-3), False)
+    assert err.value.path == cls_ckpt and not out.exists()
+    samples = list_segmentation(synth_dir / "segmentation" / "train")
+    with pytest.raises(ConfigError, match="already been trained for 1 epochs and --epochs 1") as err:
+        train_segmentation(SMALL, samples, out, SegTrainOptions(epochs=1, batch_size=4), seg_ckpt, False)
+    assert err.value.path == seg_ckpt and not out.exists()
+
+
+def test_cli_reports_resume_without_epochs_left_without_traceback(cls_ckpt, synth_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ctmask.cli.main import app
+
+    args = ["train-cls", str(cls_ckpt), "--train-split", str(synth_dir / "train_COVIDx_CT.txt")]
+    args += ["--out", str(tmp_path / "x.pt"), "--variant", "heads", "--epochs", "2", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "already been trained for 2 epochs" in result.output and str(cls_ckpt) in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x.pt").exists()
+
+
+# --- option validation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ClsTrainOptions("heads", epochs=0),
+        lambda: ClsTrainOptions("heads", batch_size=0),
+        lambda: ClsTrainOptions("heads", lr=0.0),
+        lambda: ClsTrainOptions("heads", weight_decay=-1.0),
+        lambda: ClsTrainOptions("heads+everything"),
+        lambda: SegTrainOptions(epochs=0),
+        lambda: SegTrainOptions(batch_size=-2),
+        lambda: SegTrainOptions(max_images=0),
+        lambda: SegTrainOptions(lr=float("nan")),
+    ],
+)
+def test_invalid_training_options_are_user_errors(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_evaluation_refuses_batch_size_zero(cls_ckpt, seg_ckpt, synth_dir):
+    test = read_split(synth_dir / "test_COVIDx_CT.txt")
+    with pytest.raises(ConfigError, match="batch size must be an integer >= 1, got 0"):
+        evaluate_classifier(load_checkpoint(cls_ckpt), test, batch_size=0, show_progress=False)
+    samples = list_segmentation(synth_dir / "segmentation" / "test")
+    with pytest.raises(ConfigError, match="batch size"):
+        evaluate_segmentation(load_checkpoint(seg_ckpt), samples, batch_size=0, show_progress=False)
+
+
+def test_cli_evaluate_batch_size_zero_exits_2(cls_ckpt, synth_dir):
+    from typer.testing import CliRunner
+
+    from ctmask.cli.main import app
+
+    split = str(synth_dir / "test_COVIDx_CT.txt")
+    result = CliRunner().invoke(app, ["evaluate", str(cls_ckpt), "--split", split, "-b", "0", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "batch size" in result.output and "Traceback" not in result.output
+
+
+# --- bounded image cache ---------------------------------------------------------------------
+
+
+def test_tensor_cache_evicts_least_recently_used_within_its_budget():
+    cache = TensorCache(max_bytes=3 * 400)
+    for i in range(3):
+        cache.put(i, torch.zeros(100))  # 400 bytes each
+    assert cache.get(0) is not None  # 0 is now the most recently used
+    cache.put(3, torch.zeros(100))
+    assert cache.get(1) is None and cache.get(0) is not None and len(cache) == 3 and cache.nbytes == 1200
+    cache.put(4, torch.zeros(1000))  # larger than the whole budget: not kept
+    assert cache.get(4) is None and cache.nbytes == 1200
+    assert len(TensorCache(0)) == 0 and TensorCache(0).get(1) is None
+
+
+def test_classification_cache_stays_within_its_bound(synth_dir):
+    entries = read_split(synth_dir / "train_COVIDx_CT.txt")
+    size = SMALL.image_size
+    image_bytes = 4 * size * size
+    budget = 3 * image_bytes + image_bytes // 2
+    data = ClassificationDataset(entries, size, cache_bytes=budget)
+    fresh = ClassificationDataset(entries, size, cache_bytes=0)
+    assert len(entries) * image_bytes > 2 * budget
+    for _ in range(2):
+        for i in range(len(data)):
+            image, label = data[i]
+            assert data.cache.nbytes <= budget and len(data.cache) <= 3
+            assert torch.equal(image, fresh[i][0]) and label == entries[i].label
+    assert len(fresh.cache) == 0
+    # Recently used items are served from the cache.
+    assert data[len(data) - 1][0] is data[len(data) - 1][0]
+
+
+def test_classifier_evaluation_keeps_no_decoded_images(cls_ckpt, synth_dir, monkeypatch):
+    import ctmask.training.evaluate as ev
+
+    made = []
+
+    class Recording(ClassificationDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(ev, "ClassificationDataset", Recording)
+    test = read_split(synth_dir / "test_COVIDx_CT.txt")
+    evaluate_classifier(load_checkpoint(cls_ckpt), test, batch_size=4, show_progress=False)
+    assert len(made) == 1 and made[0].cache.max_bytes == 0 and len(made[0].cache) == 0

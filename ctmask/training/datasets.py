@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Hashable
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -9,6 +12,48 @@ from torch.utils.data import Dataset
 from ctmask.core.preprocess import load_slice, read_gray, resize, resize_mask
 from ctmask.data.cncb import SegSample, lesion_label_map, mask_to_instances, read_mask
 from ctmask.data.covidx import SplitEntry
+
+DEFAULT_CACHE_BYTES = 256 * 2**20
+"""Default budget of decoded images a :class:`ClassificationDataset` keeps (256 MiB)."""
+
+
+class TensorCache:
+    """Least-recently-used cache of tensors, bounded by their total size in bytes.
+
+    Args:
+        max_bytes: budget; 0 disables caching. An item larger than the budget is not kept.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        """The cached tensor of ``key`` (now the most recently used), or None."""
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        """Keep ``value`` under ``key``, evicting the least recently used to fit the budget."""
+        size = value.element_size() * value.nelement()
+        if key in self._items:
+            old = self._items.pop(key)
+            self.nbytes -= old.element_size() * old.nelement()
+        if size > self.max_bytes:
+            return
+        while self.nbytes + size > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.element_size() * old.nelement()
+        self._items[key] = value
+        self.nbytes += size
 
 
 def instance_targets(mask: np.ndarray, size: int) -> dict[str, torch.Tensor]:
@@ -93,28 +138,38 @@ class SegmentationDataset(Dataset):
 
 
 class ClassificationDataset(Dataset):
-    """COVIDx-CT split entries -> ``(image float32 [1, S, S], label int)``, cached in memory.
+    """COVIDx-CT split entries -> ``(image float32 [1, S, S], label int)``.
+
+    Decoded images are kept in a least-recently-used cache of at most ``cache_bytes``
+    (a real split does not fit in memory: COVIDx CT-2A's training split is ~140 GiB of
+    float32 at 512 px). Pass 0 when every image is read once (evaluation, or the
+    ``heads`` variant, whose ranked RoIs are cached instead).
 
     Args:
         entries: from :func:`ctmask.data.covidx.read_split`.
         size: model input side.
         crop: crop each slice to its split-file body box before resizing.
+        cache_bytes: budget of the decoded-image cache; 0 disables it.
     """
 
-    def __init__(self, entries: list[SplitEntry], size: int, crop: bool = False):
+    def __init__(
+        self, entries: list[SplitEntry], size: int, crop: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ):
         self.entries = entries
         self.size = size
         self.crop = crop
-        self._cache: dict[int, torch.Tensor] = {}
+        self.cache = TensorCache(cache_bytes)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if i not in self._cache:
+        image = self.cache.get(i)
+        if image is None:
             e = self.entries[i]
-            self._cache[i] = torch.from_numpy(load_slice(e.path, self.size, e.box if self.crop else None))[None]
-        return self._cache[i], self.entries[i].label
+            image = torch.from_numpy(load_slice(e.path, self.size, e.box if self.crop else None))[None]
+            self.cache.put(i, image)
+        return image, self.entries[i].label
 
 
 def collate_detection(batch):
@@ -125,4 +180,3 @@ def collate_detection(batch):
 def collate_classification(batch):
     """Stack images [B, 1, S, S] and labels int64 [B]."""
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.int64)
-

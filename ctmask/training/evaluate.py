@@ -14,6 +14,7 @@ from ctmask.training.checkpoint import Checkpoint, load_state
 from ctmask.training.datasets import ClassificationDataset, SegmentationDataset, collate_classification
 from ctmask.training.detector import build_detector, segment
 from ctmask.training.model import CovidCTMaskNet, load_weights
+from ctmask.training.options import require_at_least
 
 
 def load_classifier(ck: Checkpoint) -> CovidCTMaskNet:
@@ -27,9 +28,16 @@ def load_classifier(ck: Checkpoint) -> CovidCTMaskNet:
 def evaluate_classifier(
     ck: Checkpoint, entries: list[SplitEntry], batch_size: int = 8, crop: bool = False, show_progress: bool = True
 ) -> dict:
-    """Classify every slice of a split; return the Table 2 report plus per-slice predictions."""
+    """Classify every slice of a split; return the Table 2 report plus per-slice predictions.
+
+    Slices are decoded batch by batch and not kept: memory does not grow with the split.
+
+    Raises:
+        ConfigError: ``batch_size`` < 1.
+    """
+    require_at_least("batch size", batch_size)
     model = load_classifier(ck)
-    data = ClassificationDataset(entries, ck.preset.image_size, crop)
+    data = ClassificationDataset(entries, ck.preset.image_size, crop, cache_bytes=0)
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
     preds, probs = [], []
     with progress(len(loader), "evaluate", show_progress) as advance:
@@ -68,7 +76,12 @@ def label_map_of(det: dict[str, torch.Tensor], size: int, score_thresh: float = 
 def evaluate_segmentation(
     ck: Checkpoint, samples: list[SegSample], batch_size: int = 4, show_progress: bool = True
 ) -> dict:
-    """Mask AP over IoU 0.50:0.95 and Dice per lesion class at the model's input size."""
+    """Mask AP over IoU 0.50:0.95 and Dice per lesion class at the model's input size.
+
+    Raises:
+        ConfigError: ``batch_size`` < 1.
+    """
+    require_at_least("batch size", batch_size)
     detector = build_detector(ck.preset)
     load_state(detector, ck.model, ck.path)
     detector.eval()

@@ -21,13 +21,27 @@ from ctmask.core.presets import Preset
 from ctmask.core.progress import console, progress
 from ctmask.data.covidx import SplitEntry
 from ctmask.training.checkpoint import load_checkpoint, load_state, save_checkpoint
-from ctmask.training.datasets import ClassificationDataset, collate_classification
-from ctmask.training.model import CovidCTMaskNet, load_weights, set_variant
+from ctmask.training.datasets import DEFAULT_CACHE_BYTES, ClassificationDataset, collate_classification
+from ctmask.training.model import VARIANTS, CovidCTMaskNet, load_weights, set_variant
+from ctmask.training.options import (
+    require_adam,
+    require_at_least,
+    require_more_epochs,
+    set_adam_hyperparameters,
+)
+from ctmask.training.reproducibility import deterministic, environment, seed_everything, start_epoch
 
 
 @dataclass(frozen=True)
 class ClsTrainOptions:
-    """Options of :func:`train_classifier` (paper defaults; stored in the checkpoint)."""
+    """Options of :func:`train_classifier` (paper defaults; stored in the checkpoint).
+
+    ``seed`` drives S's initialisation and every epoch's data order (see
+    :mod:`ctmask.training.reproducibility`).
+
+    Raises:
+        ConfigError: unknown variant, epochs or batch size < 1, lr <= 0, weight decay < 0.
+    """
 
     variant: str = "heads+bn"
     epochs: int = 50
@@ -36,6 +50,13 @@ class ClsTrainOptions:
     weight_decay: float = 1e-3
     crop: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"unknown classifier variant {self.variant!r}; expected one of {list(VARIANTS)}")
+        require_at_least("epochs", self.epochs)
+        require_at_least("batch size", self.batch_size)
+        require_adam(self.lr, self.weight_decay)
 
 
 def bce_one_hot(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -75,12 +96,16 @@ def accuracy(model: CovidCTMaskNet, loader: DataLoader, cached: bool) -> float:
 
 @dataclass
 class StartPoint:
-    """Where classifier training starts: weights, and for a resumed run its state."""
+    """Where classifier training starts: weights, and for a resumed run its state.
+
+    ``resumed`` is the checkpoint a run resumes (same variant), else None.
+    """
 
     model: CovidCTMaskNet
     optimizer: dict | None = None
     epoch: int = 0
     history: list = field(default_factory=list)
+    resumed: Path | None = None
 
 
 def init_model(preset: Preset, init: str | Path, variant: str) -> StartPoint:
@@ -99,7 +124,7 @@ def init_model(preset: Preset, init: str | Path, variant: str) -> StartPoint:
     load_weights(model, ck.model, ck.path)
     if ck.config.get("train", {}).get("variant") != variant:
         return StartPoint(model)
-    return StartPoint(model, ck.optimizer, ck.epoch, list(ck.config.get("history", [])))
+    return StartPoint(model, ck.optimizer, ck.epoch, list(ck.config.get("history", [])), ck.path)
 
 
 def train_classifier(
@@ -119,32 +144,51 @@ def train_classifier(
             another variant: fine-tune from its weights), see :func:`init_model`.
         train, val: COVIDx-CT split entries; ``val`` may be None.
         out: classifier checkpoint path.
-        opts: variant, epochs, batch size, Adam settings, crop, seed.
+        opts: variant, epochs (the total, resumed epochs included), batch size, Adam
+            settings, crop, seed. A resumed run uses ``opts.lr`` / ``opts.weight_decay``,
+            not the saved ones.
+        show_progress: progress bars and per-epoch lines.
 
     Returns:
         Summary dict with per-epoch loss / validation accuracy and seconds.
+
+    Raises:
+        ConfigError: invalid options, or a resumed checkpoint already has ``opts.epochs``
+            epochs.
+        CheckpointError: ``init`` is unreadable or of another preset.
     """
-    if opts.epochs < 1 or opts.batch_size < 1:
-        raise ConfigError(f"epochs and batch size must be >= 1, got {opts.epochs} and {opts.batch_size}")
-    torch.manual_seed(opts.seed)
+    with deterministic():
+        return _train(preset, init, train, val, out, opts, show_progress)
+
+
+def _train(preset, init, train, val, out, opts: ClsTrainOptions, show_progress: bool) -> dict:
+    """:func:`train_classifier`'s body (run with deterministic algorithms)."""
+    seed_everything(opts.seed)  # S's initialisation
     start = init_model(preset, init, opts.variant)
+    if start.resumed is not None:
+        require_more_epochs(start.resumed, start.epoch, opts.epochs)
     model, history = start.model, start.history
     params = set_variant(model, opts.variant)
     optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
     if start.optimizer is not None:
         optimizer.load_state_dict(start.optimizer)
+        set_adam_hyperparameters(optimizer, opts.lr, opts.weight_decay)
     t0 = time.perf_counter()
-    train_data = ClassificationDataset(train, preset.image_size, opts.crop)
-    val_data = ClassificationDataset(val, preset.image_size, opts.crop) if val else None
     cached = opts.variant == "heads"
+    # ``heads`` reads every image once (its ranked RoIs are cached), so decoded images are
+    # not kept; the other variants re-read them every epoch, within the cache's budget.
+    cache_bytes = 0 if cached else DEFAULT_CACHE_BYTES
+    train_data = ClassificationDataset(train, preset.image_size, opts.crop, cache_bytes)
+    val_data = ClassificationDataset(val, preset.image_size, opts.crop, cache_bytes) if val else None
     if cached:
         train_data = ranked_rois_of(model, train_data, opts.batch_size, show_progress)
         val_data = ranked_rois_of(model, val_data, opts.batch_size, show_progress) if val_data else None
     collate = None if cached else collate_classification
-    gen = torch.Generator().manual_seed(opts.seed)
+    gen = torch.Generator()
     loader = DataLoader(train_data, batch_size=opts.batch_size, shuffle=True, collate_fn=collate, generator=gen)
     val_loader = DataLoader(val_data, batch_size=opts.batch_size, collate_fn=collate) if val_data else None
     for epoch in range(start.epoch, opts.epochs):
+        start_epoch(opts.seed, epoch, gen)
         model.train()
         total = 0.0
         with progress(len(loader), f"train-cls {opts.variant} epoch {epoch + 1}/{opts.epochs}", show_progress) as adv:
@@ -169,6 +213,13 @@ def train_classifier(
             model=model.state_dict_for_checkpoint(),
             optimizer=optimizer.state_dict(),
             epoch=epoch + 1,
-            config={"train": asdict(opts), "init": str(init), "n_train": len(train), "history": history},
+            config={
+                "train": asdict(opts),
+                "init": str(init),
+                "resumed_from": None if start.resumed is None else {"checkpoint": str(init), "epoch": start.epoch},
+                "n_train": len(train),
+                "history": history,
+                "environment": environment(),
+            },
         )
     return {"history": history, "seconds": time.perf_counter() - t0, "n_train": len(train)}
