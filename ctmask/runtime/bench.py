@@ -1,7 +1,8 @@
 """Latency, throughput and peak memory of a runner on a fixed batch (no torch here).
 
 Runners are measured one after another in the same process on the same inputs, so
-their ratios are meaningful even on a shared, noisy machine. Peak memory is the
+their ratios are meaningful even on a shared, noisy machine: several graphs of one model
+(FP32, FP16, INT8) on several backends, next to the PyTorch reference, in one run. Peak memory is the
 process's resident-set high-water mark while the runner is built and run (Linux:
 ``VmHWM``, reset through ``/proc/self/clear_refs``), which includes what the backend
 loads (libraries, weights, arenas).
@@ -13,14 +14,15 @@ import functools
 import gc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError
-from ctmask.core.spec import INPUT, GraphSpec
+from ctmask.core.errors import ConfigError, CtmaskError
+from ctmask.core.spec import INPUT, GraphSpec, ModelError
+from ctmask.runtime.openvino_runner import HINTS, OpenVinoRunner, import_openvino
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner, onnxruntime_devices
 
 _STATUS = Path("/proc/self/status")
@@ -131,7 +133,7 @@ def _memory(measured_peak: bool, before: float | None) -> dict:
 
 
 def speedups(results: list[dict], reference: str) -> dict[str, dict[int, float]]:
-    """Throughput of every backend over ``reference``'s, per batch size."""
+    """Throughput of every backend over ``reference``'s, per batch size (one model's rows)."""
     ref = {r["batch_size"]: r["throughput"] for r in results if r["backend"] == reference}
     out: dict[str, dict[int, float]] = {}
     for r in results:
@@ -140,21 +142,110 @@ def speedups(results: list[dict], reference: str) -> dict[str, dict[int, float]]
     return out
 
 
-BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "torch-cpu", "torch-cuda")
+def speedups_by_model(results: list[dict], reference: str) -> dict[str, dict[str, dict[int, float]]]:
+    """``[backend][model][batch]``: throughput of every graph row over ``reference``'s (the
+    PyTorch checkpoint) at the same batch size."""
+    ref = {r["batch_size"]: r["throughput"] for r in results if r["backend"] == reference}
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for r in results:
+        if r["backend"] != reference and r["batch_size"] in ref:
+            out.setdefault(r["backend"], {}).setdefault(r["model"], {})[r["batch_size"]] = round(
+                r["throughput"] / ref[r["batch_size"]], 3)
+    return out
+
+
+def speedups_vs_fp32(results: list[dict], baseline: str) -> dict[str, dict[str, dict[int, float]]]:
+    """``[backend][model][batch]``: throughput of every row over the ``baseline`` graph's
+    (the FP32 one) on the same backend at the same batch size; the baseline itself is 1."""
+    ref = {(r["backend"], r["batch_size"]): r["throughput"] for r in results if r["model"] == baseline}
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for r in results:
+        base = ref.get((r["backend"], r["batch_size"]))
+        if base:
+            out.setdefault(r["backend"], {}).setdefault(r["model"], {})[r["batch_size"]] = round(
+                r["throughput"] / base, 3)
+    return out
+
+
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu", "torch-cpu", "torch-cuda")
+"""Backends benchmarked by default (each one that can run here)."""
+ON_REQUEST = ("openvino-bf16",)
+"""Backends benchmarked only when named: OpenVINO with the bf16 precision hint changes class
+calls, so it is a figure to report, never a default."""
 REFERENCE = "torch-cpu"
+ONCE = ("torch",)
+"""Backend kinds that run the checkpoint, not a graph: planned for the first model only."""
 
 Resolver = Callable[[str, GraphSpec], tuple[Callable[[], Runner] | None, str]]
 """(device, graph spec) -> (runner factory, "") or (None, why the backend cannot run here)."""
 
 
+def _kind(backend: str) -> str:
+    """``onnxruntime-cpu`` -> ``onnxruntime``."""
+    return backend.rsplit("-", 1)[0]
+
+
+def precision_label(precision: str, int8_target: str | None = None) -> str:
+    """``fp32``, ``fp16``, ``int8 (cpu)``, ``int8 (tensorrt)``."""
+    return f"{precision} ({int8_target})" if precision == "int8" and int8_target else precision
+
+
+def read_spec(model: Path) -> GraphSpec:
+    """The ctmask spec of an ONNX file, from its metadata (no backend, weights not loaded).
+
+    Raises:
+        ModelError: the file is missing, not ONNX, or not a ctmask graph.
+    """
+    import onnx
+
+    if not model.is_file():
+        raise ModelError("model file does not exist", model)
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError, onnx others
+        raise ModelError(f"not a loadable ONNX model ({_first_line(exc)})", model) from None
+    return GraphSpec.from_metadata({p.key: p.value for p in proto.metadata_props}, model)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, CtmaskError) else str(exc).strip()
+    line = text.splitlines()[0][:300] if text else ""
+    return line if isinstance(exc, CtmaskError) else f"{exc.__class__.__name__}: {line}".rstrip(": ")
+
+
 @dataclass
 class BenchPlan:
-    """Which backends to run (name -> runner factory) and which were left out, and why."""
+    """One model's backends to run (name -> runner factory) and which were left out, and why."""
 
     model: Path
     spec: GraphSpec
     factories: dict[str, Callable[[], Runner]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MultiPlan:
+    """The plans of several graphs of one model (same preset and input size), benchmarked
+    together; the checkpoint backends (``torch-*``) are in the first plan only."""
+
+    plans: list[BenchPlan]
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self.plans[0].spec
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Backends that cannot run here (those of the first model: the backend's own reason)."""
+        return self.plans[0].skipped
+
+    @property
+    def backends(self) -> list[str]:
+        """Every planned backend, in plan order."""
+        names: dict[str, None] = {}
+        for plan in self.plans:
+            names |= dict.fromkeys(plan.factories)
+        return list(names)
 
 
 def onnxruntime_resolver(model: Path, threads: int | None) -> Resolver:
@@ -168,42 +259,104 @@ def onnxruntime_resolver(model: Path, threads: int | None) -> Resolver:
     return resolve
 
 
+def openvino_resolver(model: Path, threads: int | None) -> Resolver:
+    """Resolver of the ``openvino-*`` backends for ``model``: ``openvino-cpu`` (f32 hint) and
+    ``openvino-bf16`` (bf16 hint, on the CPU too); skipped when OpenVINO is not installed."""
+
+    def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
+        hint = "f32" if device == "cpu" else device
+        if hint not in HINTS:
+            return None, f"no OpenVINO precision hint {device!r}"
+        try:
+            import_openvino()
+        except ConfigError as exc:
+            return None, f"{exc.message} ({exc.hint})"
+        return functools.partial(OpenVinoRunner, model, threads, hint), ""
+
+    return resolve
+
+
 def plan_backends(model: str | Path, wanted: list[str] | None, resolvers: dict[str, Resolver]) -> BenchPlan:
-    """Resolve the backends to benchmark; unavailable ones are skipped with a reason.
+    """Resolve the backends to benchmark one model; unavailable ones are skipped with a reason.
 
     Args:
         model: ctmask ONNX file.
-        wanted: backend names (default: all of :data:`BACKENDS`).
-        resolvers: per backend kind ("onnxruntime", "torch"), what builds its runners.
+        wanted: backend names, from :data:`BACKENDS` and :data:`ON_REQUEST` (default: all of
+            :data:`BACKENDS`).
+        resolvers: per backend kind ("onnxruntime", "openvino", "torch"), what builds its runners.
             The runtime knows only onnxruntime; the caller adds the PyTorch reference
             (:func:`ctmask.exporter.reference.torch_resolver`), so nothing here imports torch.
 
     Raises:
         ConfigError: an unknown backend name, or an explicitly requested backend that
             cannot run here.
+        ModelError: the model is missing or not a ctmask graph.
     """
-    model = Path(model)
-    with OnnxRuntimeRunner(model) as probe:
-        spec = probe.spec
-    plan = BenchPlan(model, spec)
+    return plan_models([model], wanted, lambda _: resolvers).plans[0]
+
+
+def plan_models(models: Sequence[str | Path], wanted: list[str] | None,
+                resolvers: Callable[[Path], dict[str, Resolver]]) -> MultiPlan:
+    """Resolve the backends to benchmark several graphs of one model (e.g. FP32, FP16, INT8).
+
+    Every graph is planned on every backend; the checkpoint backends (``torch-*``, see
+    :data:`ONCE`) only for the first graph, whose metadata names the checkpoint.
+
+    Args:
+        models: ctmask ONNX files, all of one preset and input size.
+        wanted: as for :func:`plan_backends`.
+        resolvers: model -> its resolvers per backend kind (as for :func:`plan_backends`).
+
+    Raises:
+        ConfigError: no model, a model given twice, models of different presets or input
+            sizes, an unknown backend name, or an explicitly requested backend that cannot
+            run here.
+        ModelError: a model is missing or not a ctmask graph.
+    """
+    paths = [Path(m) for m in models]
+    if not paths:
+        raise ConfigError("no model to benchmark")
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            raise ConfigError(f"{path} is given twice" + (f" (as {seen[key]})" if seen[key] != path else ""))
+        seen[key] = path
+    specs = [read_spec(p) for p in paths]
+    first = specs[0]
+    for path, spec in zip(paths[1:], specs[1:], strict=True):
+        if (spec.preset, spec.image_size) != (first.preset, first.image_size):
+            raise ConfigError(
+                f"all models must share preset and input size, to run on the same inputs: {paths[0]} is "
+                f"{first.preset} ({first.image_size} x {first.image_size}), {path} is {spec.preset} "
+                f"({spec.image_size} x {spec.image_size})")
     for name in wanted or ():
-        if name not in BACKENDS:
-            raise ConfigError(f"unknown backend {name!r}; expected one of {list(BACKENDS)}")
-    for name in wanted or BACKENDS:
-        kind, device = name.rsplit("-", 1)
-        resolver = resolvers.get(kind)
-        factory, why = resolver(device, spec) if resolver else (None, f"no {kind} backend was offered")
-        if factory is None:
-            plan.skipped[name] = why
-        else:
-            plan.factories[name] = factory
+        if name not in BACKENDS + ON_REQUEST:
+            raise ConfigError(f"unknown backend {name!r}; expected one of {list(BACKENDS + ON_REQUEST)}")
+    names = list(dict.fromkeys(wanted or BACKENDS))
+    plans = []
+    for i, (path, spec) in enumerate(zip(paths, specs, strict=True)):
+        plan = BenchPlan(path, spec)
+        offered = resolvers(path)
+        for name in names:
+            kind, device = name.rsplit("-", 1)
+            if i and kind in ONCE:
+                continue
+            resolver = offered.get(kind)
+            factory, why = resolver(device, spec) if resolver else (None, f"no {kind} backend was offered")
+            if factory is None:
+                plan.skipped[name] = why
+            else:
+                plan.factories[name] = factory
+        plans.append(plan)
+    skipped = plans[0].skipped
     if wanted:
-        missing = [n for n in wanted if n in plan.skipped]
+        missing = [n for n in names if n in skipped]
         if missing:
-            raise ConfigError("cannot run " + "; ".join(f"{n}: {plan.skipped[n]}" for n in missing))
-    if not plan.factories:
-        raise ConfigError("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in plan.skipped.items()))
-    return plan
+            raise ConfigError("cannot run " + "; ".join(f"{n}: {skipped[n]}" for n in missing))
+    if not plans[0].factories:
+        raise ConfigError("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return MultiPlan(plans)
 
 
 def bench_images(spec: GraphSpec, n: int, folder: Path | None) -> np.ndarray:
@@ -226,29 +379,89 @@ def bench_images(spec: GraphSpec, n: int, folder: Path | None) -> np.ndarray:
     return np.stack(slices)[:, None].astype(np.float32)
 
 
-def run_plan(plan: BenchPlan, batch_sizes: list[int], folder: Path | None, warmup: int, iterations: int,
-             show_progress: bool = True) -> dict:
-    """Benchmark every planned backend at every batch size, on the same inputs."""
+def _display_names(paths: list[Path]) -> dict[str, str]:
+    """Model path -> what the table calls it: the file name, or the path where names clash."""
+    names = [p.name for p in paths]
+    return {str(p): (p.name if names.count(p.name) == 1 else str(p)) for p in paths}
+
+
+def run_plan(plan: BenchPlan | MultiPlan, batch_sizes: list[int], folder: Path | None, warmup: int,
+             iterations: int, show_progress: bool = True) -> dict:
+    """Benchmark every planned model on every planned backend at every batch size, on the same
+    inputs, one after another (backend by backend, model by model).
+
+    A model a backend refuses (it does not load, compile or run) is left out with the reason,
+    in ``not_benchmarked``, and the others go on.
+
+    Returns:
+        The report: per-run ``results`` (each names ``backend``, ``model``, ``precision`` and
+        ``int8_target``), ``speedup`` (the first model over ``torch-cpu``, per backend and batch),
+        ``speedup_vs_torch`` and ``speedup_vs_fp32`` (per backend, model and batch; the latter
+        over the first FP32 graph, ``fp32_baseline``, on the same backend) and ``not_benchmarked``.
+    """
     from ctmask.core.progress import progress
 
+    multi = plan if isinstance(plan, MultiPlan) else MultiPlan([plan])
     if any(b < 1 for b in batch_sizes):
         raise ConfigError(f"batch sizes must be >= 1, got {batch_sizes}")
-    inputs = bench_images(plan.spec, max(batch_sizes), folder)
-    results = []
-    total = len(plan.factories) * len(batch_sizes) * (warmup + iterations)
+    inputs = bench_images(multi.spec, max(batch_sizes), folder)
+    graphs = [p.model for p in multi.plans]
+    display = _display_names(graphs)
+    results: list[dict] = []
+    # Backends the first model can use but a later one cannot (resolvers are per model).
+    failed = [{"backend": name, "model": str(p.model), "batch_size": None, "reason": why}
+              for p in multi.plans[1:] for name, why in p.skipped.items() if name not in multi.skipped]
+    per_run = warmup + iterations
+    total = sum(len(p.factories) for p in multi.plans) * len(batch_sizes) * per_run
     with progress(total, "bench", show_progress) as advance:
-        for name, factory in plan.factories.items():
-            for b in batch_sizes:
-                advance(0, status=f"{name} b={b}")
-                results.append({**benchmark(factory, inputs[:b], warmup, iterations, advance), "backend": name})
-    reference = REFERENCE if REFERENCE in plan.factories else None
+        for name in multi.backends:
+            for p in multi.plans:
+                factory = p.factories.get(name)
+                if factory is None:
+                    continue
+                done = 0
+
+                def step(n: int = 1, status: str = "") -> None:
+                    nonlocal done
+                    done += n
+                    advance(n, status=status)
+
+                graph = _kind(name) not in ONCE
+                label = display[str(p.model)] if graph else "reference"
+                for b in batch_sizes:
+                    advance(0, status=f"{name} {label} b={b}")
+                    try:
+                        row = benchmark(factory, inputs[:b], warmup, iterations, step)
+                    except Exception as exc:  # a backend refusing a graph is a finding, not a crash
+                        failed.append({"backend": name, "model": str(p.model), "batch_size": b,
+                                       "reason": _first_line(exc)})
+                        advance(len(batch_sizes) * per_run - done)
+                        break
+                    if graph:
+                        row |= {"model": str(p.model), "precision": p.spec.precision,
+                                "int8_target": p.spec.int8_target or None}
+                    else:
+                        row |= {"model": row.get("checkpoint", ""), "precision": "fp32", "int8_target": None}
+                    results.append({**row, "backend": name})
+    reference = REFERENCE if any(r["backend"] == REFERENCE for r in results) else None
+    fp32 = next((p.model for p in multi.plans if p.spec.precision == "fp32"), None)
+    first = str(graphs[0])
+    first_rows = [r for r in results if r["model"] == first or _kind(r["backend"]) in ONCE]
     return {
-        "model": str(plan.model),
-        "preset": plan.spec.preset,
+        "model": first,
+        "models": [{"model": str(p.model), "name": display[str(p.model)], "precision": p.spec.precision,
+                    "int8_target": p.spec.int8_target or None, "label": precision_label(p.spec.precision,
+                                                                                      p.spec.int8_target)}
+                   for p in multi.plans],
+        "preset": multi.spec.preset,
         "input": "synthetic slices" if folder is None else str(folder),
         "cpu_count": os.cpu_count(),
         "reference": reference,
-        "skipped": plan.skipped,
+        "fp32_baseline": None if fp32 is None else str(fp32),
+        "skipped": multi.skipped,
+        "not_benchmarked": failed,
         "results": results,
-        "speedup": speedups(results, reference) if reference else {},
+        "speedup": speedups(first_rows, reference) if reference else {},
+        "speedup_vs_torch": speedups_by_model(results, reference) if reference else {},
+        "speedup_vs_fp32": speedups_vs_fp32(results, str(fp32)) if fp32 is not None else {},
     }
