@@ -387,3 +387,42 @@ def test_classifier_evaluation_keeps_no_decoded_images(cls_ckpt, synth_dir, monk
     test = read_split(synth_dir / "test_COVIDx_CT.txt")
     evaluate_classifier(load_checkpoint(cls_ckpt), test, batch_size=4, show_progress=False)
     assert len(made) == 1 and made[0].cache.max_bytes == 0 and len(made[0].cache) == 0
+
+
+def test_perturbation_hooks_move_the_detector_and_come_off():
+    from ctmask.training.perturb import perturbed
+
+    model = CovidCTMaskNet(SMALL).eval()
+    x = torch.rand(2, 1, SMALL.image_size, SMALL.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clean = model.ranker(x)
+        with perturbed(model.ranker, 1e-2, torch.Generator().manual_seed(1)):
+            noisy = model.ranker(x)
+        again = model.ranker(x)
+    assert not torch.equal(clean, noisy)
+    assert torch.equal(clean, again)  # the hooks are gone
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_training_on_perturbed_copies_with_consistency(seg_ckpt, synth_dir, tmp_path):
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")
+    out = tmp_path / "robust.pt"
+    opts = ClsTrainOptions("heads", epochs=1, batch_size=4, lr=1e-3, seed=1, perturb=(1e-3, 1e-2), consistency=0.5)
+    summary = train_classifier(SMALL, seg_ckpt, train, None, out, opts, False)
+    assert math.isfinite(summary["history"][-1]["loss"])
+    cfg = load_checkpoint(out).config
+    assert cfg["train"]["perturb"] == [1e-3, 1e-2] and cfg["train"]["consistency"] == 0.5
+    bn = tmp_path / "robust-bn.pt"
+    opts = ClsTrainOptions("heads+bn", epochs=1, batch_size=4, lr=1e-3, seed=1, perturb=(1e-3,))
+    assert math.isfinite(train_classifier(SMALL, out, train[:8], None, bn, opts, False)["history"][-1]["loss"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"perturb": (0.5,)}, "perturbation scale"),
+    ({"perturb": (0.0,)}, "perturbation scale"),
+    ({"consistency": 1.0}, "needs perturbed copies"),
+    ({"perturb": (1e-3,), "consistency": -1.0}, "consistency weight"),
+])
+def test_perturbation_options_are_checked(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ClsTrainOptions("heads", **kwargs)

@@ -29,6 +29,7 @@ from ctmask.training.options import (
     require_more_epochs,
     set_adam_hyperparameters,
 )
+from ctmask.training.perturb import check_scales, perturbed
 from ctmask.training.reproducibility import deterministic, environment, seed_everything, start_epoch
 
 
@@ -37,7 +38,12 @@ class ClsTrainOptions:
     """Options of :func:`train_classifier` (paper defaults; stored in the checkpoint).
 
     ``seed`` drives S's initialisation and every epoch's data order (see
-    :mod:`ctmask.training.reproducibility`).
+    :mod:`ctmask.training.reproducibility`). ``perturb``: relative noise scales of the
+    detector (:mod:`ctmask.training.perturb`); S also trains on the RoIs of the detector
+    perturbed at each scale (``heads``: one extra copy of the training RoIs per scale; other
+    variants: batches cycle through exact and perturbed forward passes). ``consistency``
+    (``heads`` with ``perturb``): weight of the squared logit change between each slice's
+    perturbed and exact RoIs in the loss.
 
     Raises:
         ConfigError: unknown variant, epochs or batch size < 1, lr <= 0, weight decay < 0.
@@ -50,6 +56,8 @@ class ClsTrainOptions:
     weight_decay: float = 1e-3
     crop: bool = False
     seed: int = 0
+    perturb: tuple[float, ...] = ()
+    consistency: float = 0.0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -57,6 +65,11 @@ class ClsTrainOptions:
         require_at_least("epochs", self.epochs)
         require_at_least("batch size", self.batch_size)
         require_adam(self.lr, self.weight_decay)
+        object.__setattr__(self, "perturb", check_scales(tuple(self.perturb)))
+        if not 0.0 <= float(self.consistency) < float("inf"):
+            raise ConfigError(f"consistency weight must be a finite number >= 0, got {self.consistency!r}")
+        if self.consistency and not self.perturb:
+            raise ConfigError("a consistency weight needs perturbed copies: pass --perturb too")
 
 
 def bce_one_hot(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,17 +78,38 @@ def bce_one_hot(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ranked_rois_of(model: CovidCTMaskNet, data: ClassificationDataset, batch_size: int, show: bool) -> TensorDataset:
-    """Ranked RoIs [M, N, 5] and labels [M] of every slice in ``data`` (eval mode)."""
+def ranked_rois_of(model: CovidCTMaskNet, data: ClassificationDataset, batch_size: int, show: bool,
+                   scales: tuple[float, ...] = (), seed: int = 0) -> TensorDataset:
+    """Ranked RoIs [M, N, 5] and labels [M] of every slice in ``data`` (eval mode).
+
+    With ``scales``, also the RoIs of the detector perturbed at each scale (seeded by
+    ``seed``): the RoIs are then [M, 1 + len(scales), N, 5], the exact copy first.
+    """
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
     rois, labels = [], []
-    with progress(len(loader), "ranked RoIs", show) as advance:
+    gen = torch.Generator().manual_seed(seed + 7919)
+    with progress(len(loader) * (1 + len(scales)), "ranked RoIs", show) as advance:
         for images, y in loader:
-            rois.append(model.ranker(images))
+            copies = []
+            for scale in (0.0, *scales):
+                with perturbed(model.ranker, scale, gen):
+                    copies.append(model.ranker(images))
+                advance()
+            rois.append(torch.stack(copies, 1) if scales else copies[0])
             labels.append(y)
-            advance()
     return TensorDataset(torch.cat(rois), torch.cat(labels))
+
+
+def copies_loss(model: CovidCTMaskNet, x: torch.Tensor, y: torch.Tensor, consistency: float) -> torch.Tensor:
+    """Loss on RoI copies [B, C, N, 5] (exact copy first): the mean BCE over the copies, plus
+    ``consistency`` times the mean squared logit change of each perturbed copy from the exact one."""
+    b, c = x.shape[:2]
+    logits = model.classifier(x.flatten(0, 1)).view(b, c, -1)
+    loss = bce_one_hot(logits.flatten(0, 1), y.repeat_interleave(c))
+    if consistency > 0 and c > 1:
+        loss = loss + consistency * (logits[:, 1:] - logits[:, :1]).pow(2).mean()
+    return loss
 
 
 def logits_of(model: CovidCTMaskNet, x: torch.Tensor, cached: bool) -> torch.Tensor:
@@ -181,19 +215,27 @@ def _train(preset, init, train, val, out, opts: ClsTrainOptions, show_progress: 
     train_data = ClassificationDataset(train, preset.image_size, opts.crop, cache_bytes)
     val_data = ClassificationDataset(val, preset.image_size, opts.crop, cache_bytes) if val else None
     if cached:
-        train_data = ranked_rois_of(model, train_data, opts.batch_size, show_progress)
+        train_data = ranked_rois_of(model, train_data, opts.batch_size, show_progress, opts.perturb, opts.seed)
         val_data = ranked_rois_of(model, val_data, opts.batch_size, show_progress) if val_data else None
     collate = None if cached else collate_classification
     gen = torch.Generator()
     loader = DataLoader(train_data, batch_size=opts.batch_size, shuffle=True, collate_fn=collate, generator=gen)
     val_loader = DataLoader(val_data, batch_size=opts.batch_size, collate_fn=collate) if val_data else None
+    noise = torch.Generator()
+    # Uncached variants perturb the detector batch by batch: exact, then each scale in turn.
+    cycle = (0.0, *opts.perturb) if not cached else (0.0,)
     for epoch in range(start.epoch, opts.epochs):
         start_epoch(opts.seed, epoch, gen)
+        noise.manual_seed(opts.seed * 1000 + epoch)
         model.train()
         total = 0.0
         with progress(len(loader), f"train-cls {opts.variant} epoch {epoch + 1}/{opts.epochs}", show_progress) as adv:
-            for x, y in loader:
-                loss = bce_one_hot(logits_of(model, x, cached), y)
+            for step, (x, y) in enumerate(loader):
+                if cached and x.dim() == 4:
+                    loss = copies_loss(model, x, y, opts.consistency)
+                else:
+                    with perturbed(model.ranker, cycle[step % len(cycle)], noise):
+                        loss = bce_one_hot(logits_of(model, x, cached), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
