@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Deployment half of the demo: export the trained classifier to ONNX, predict the
-# held-out test slices with the torch-free runtime, check parity against PyTorch and
-# benchmark both. Usage: scripts/deploy.sh OUT  (OUT holds cls.pt and data/ from
+# Deployment half of the demo: export the trained classifier to ONNX (FP32, then FP16 with
+# measured FP32 islands and INT8 for the CPU from calibrated ranges), predict the held-out
+# test slices with the torch-free runtime, check parity of every graph against PyTorch and
+# benchmark them side by side. Usage: scripts/deploy.sh OUT  (OUT holds cls.pt and data/ from
 # scripts/train_eval.sh); needs `make install`.
 set -euo pipefail
 OUT=${1:?usage: scripts/deploy.sh OUT}
@@ -18,5 +19,17 @@ done < "$DATA/test_COVIDx_CT.txt"
 "$CT" export "$OUT/cls.pt" --out "$OUT/model.onnx" --json "$OUT/export.json"
 "$CT" infer "$OUT/model.onnx" "$HELD" --batch-size 8 --out "$OUT/predictions.jsonl" -q --json "$OUT/infer.json"
 "$CT" parity "$OUT/cls.pt" "$OUT/model.onnx" --images "$HELD" --max-images 64 --json "$OUT/parity.json" -q
-"$CT" bench "$OUT/model.onnx" --checkpoint "$OUT/cls.pt" --batch-size 1 --batch-size 8 --iterations 10 \
-  --json "$OUT/bench.json" -q
+# Reduced precision: calibration and the islands' measurement use the training split.
+"$CT" calibrate "$OUT/model.onnx" --images "$DATA/train_COVIDx_CT.txt" --out "$OUT/model.ranges.json" -q
+"$CT" export "$OUT/cls.pt" --out "$OUT/model.fp16.onnx" --precision fp16 --calibration "$DATA/train_COVIDx_CT.txt" \
+  --measure-size 100 --json "$OUT/export-fp16.json" -q
+# The ranges were measured on model.onnx: the export's FP32 graph is the same file (same sha256),
+# so nothing is calibrated again; the islands are measured on the ranges file's own slices.
+"$CT" export "$OUT/cls.pt" --out "$OUT/model.int8.onnx" --precision int8 --int8-target cpu \
+  --calibration "$OUT/model.ranges.json" --json "$OUT/export-int8.json" -q
+for p in fp16 int8; do
+  "$CT" parity "$OUT/cls.pt" "$OUT/model.$p.onnx" --images "$HELD" --max-images 90 --fp32 "$OUT/model.onnx" \
+    --labels "$DATA/test_COVIDx_CT.txt" --json "$OUT/parity-$p.json" -q || echo "parity of the $p graph FAILED"
+done
+"$CT" bench "$OUT/model.onnx" "$OUT/model.fp16.onnx" "$OUT/model.int8.onnx" --checkpoint "$OUT/cls.pt" \
+  --batch-size 1 --batch-size 8 --iterations 10 --json "$OUT/bench.json" -q

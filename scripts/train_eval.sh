@@ -9,6 +9,11 @@
 # checkpoints, bit for bit.
 # REUSE=DIR (environment): take DIR/data and DIR/seg.pt from an earlier run and redo only
 # the classifier stages and their evaluation (seed spread: REUSE=runs/accuracy ... 100 1).
+# PERTURB / CONSISTENCY / PERTURB_BN (environment): S also trains on the RoIs of the detector
+# perturbed at these relative noise scales, with a penalty on the logit change, and the
+# heads+bn epoch cycles through perturbed forward passes, so the class calls survive FP16 /
+# INT8 (README, "Reduced precision"); PERTURB= PERTURB_BN= CONSISTENCY=0 trains on exact RoIs
+# only, as the paper does.
 set -euo pipefail
 OUT=${1:?usage: scripts/train_eval.sh OUT [SLICES] [SEG_EPOCHS] [HEADS_EPOCHS] [SEED]}
 SLICES=${2:-2500}
@@ -16,6 +21,10 @@ SEG_EPOCHS=${3:-6}
 HEADS_EPOCHS=${4:-100}
 SEED=${5:-0}
 REUSE=${REUSE:-}
+PERTURB=${PERTURB-1e-3,3e-3,1e-2,2e-2,4e-2}
+CONSISTENCY=${CONSISTENCY-1.0}
+PERTURB_BN=${PERTURB_BN-1e-3,1e-2,3e-2}
+[ -n "$PERTURB" ] || CONSISTENCY=0
 # The recipe is defined on 2 threads: torch's float sums depend on the thread count, and S
 # is fed near-tied ranked RoIs, so another count can move the classifier. Idle OpenMP
 # threads sleep instead of spinning: on a busy machine spinning made each training step
@@ -46,11 +55,12 @@ fi
 t1=$(stamp)
 # 2. classifier, variant heads: the detector is frozen, so its ranked RoIs are computed once
 "$CT" train-cls "$SEG" --preset small --variant heads "${SPLITS[@]}" --seed "$SEED" \
-  --out "$OUT/cls-heads.pt" --epochs "$HEADS_EPOCHS" --batch-size 8 --lr 1e-4 --json "$OUT/train-cls-heads.json"
+  --out "$OUT/cls-heads.pt" --epochs "$HEADS_EPOCHS" --batch-size 8 --lr 1e-4 --perturb "$PERTURB" \
+  --consistency "$CONSISTENCY" --json "$OUT/train-cls-heads.json"
 t2=$(stamp)
 # 3. classifier, variant heads+bn, fine-tuned from the heads classifier for one epoch
 "$CT" train-cls "$OUT/cls-heads.pt" --preset small --variant heads+bn "${SPLITS[@]}" --seed "$SEED" \
-  --out "$OUT/cls.pt" --epochs 1 --batch-size 8 --lr 1e-4 --json "$OUT/train-cls.json"
+  --out "$OUT/cls.pt" --epochs 1 --batch-size 8 --lr 1e-4 --perturb "$PERTURB_BN" --json "$OUT/train-cls.json"
 t3=$(stamp)
 
 "$CT" evaluate "$OUT/cls.pt" --split "$DATA/test_COVIDx_CT.txt" --json "$OUT/eval-cls.json" -q

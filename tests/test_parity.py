@@ -178,3 +178,40 @@ def test_wrong_probs_are_never_excused_through_their_logits():
     report = judge_parity(actual, expected, TOL, ref.classify,
                           probe=lambda idx: probe_stability(ref, images, expected, idx, TOL, jitter=1e-6))
     assert not report["passed"] and "probs.softmax" in report["failures"] and report["unstable_slices"] == []
+
+
+def test_reduced_precision_excuses_few_off_tolerance_slices_but_counts_every_class_call():
+    from ctmask.core.spec import PARITY_TOLERANCES
+
+    tol16 = PARITY_TOLERANCES["fp16"]
+    ref = reference(n_images=20)
+    rows = ref["rois"].copy()
+    rows[3, 4, 1] += 0.5  # one slice's row deltas and logits off (S reads row 4 by position)
+    report = judge_parity(graph_from(rows), ref, tol16, order_sensitive_s, min_argmax_agreement=0.9,
+                          off_tolerance=0.05)
+    assert report["passed"] and [f["index"] for f in report["off_tolerance_slices"]] == [3]
+    # Two such slices exceed 5% of 20: nothing is excused and the check fails.
+    rows[7, 4, 1] += 0.5
+    report = judge_parity(graph_from(rows), ref, tol16, order_sensitive_s, min_argmax_agreement=0.9,
+                          off_tolerance=0.05)
+    assert not report["passed"] and report["off_tolerance_slices"] == [] and "rois.deltas" in report["failures"]
+    # An excused slice whose class call flipped still counts against the agreement.
+    rows = ref["rois"].copy()
+    rows[3, 4, 1] = 50.0
+    report = judge_parity(graph_from(rows), ref, tol16, order_sensitive_s, min_argmax_agreement=1.0,
+                          off_tolerance=0.05)
+    assert report["off_tolerance_slices"] and report["argmax_agreement"] == pytest.approx(19 / 20)
+    assert report["failures"] == ["class"]
+
+
+def test_reduced_precision_never_excuses_a_wrong_s():
+    from ctmask.core.spec import PARITY_TOLERANCES
+
+    ref = reference(n_images=20)
+    graph = graph_from(ref["rois"].copy())
+    graph["logits"] = graph["logits"].copy()
+    graph["logits"][2] += 0.1  # S's own error on one slice: s.logits fails there, never excused
+    graph["probs"] = softmax(graph["logits"])
+    report = judge_parity(graph, ref, PARITY_TOLERANCES["int8"], order_sensitive_s, min_argmax_agreement=0.0,
+                          off_tolerance=0.10)
+    assert not report["passed"] and "s.logits" in report["failures"] and report["off_tolerance_slices"] == []

@@ -1,4 +1,4 @@
-"""Deployment commands: export, infer, parity, bench.
+"""Deployment commands: infer, parity, bench (export: :mod:`ctmask.cli.precision`).
 
 ``infer`` on an ONNX model never imports torch (a test enforces it): torch-backed
 pieces are imported only when a checkpoint is run.
@@ -18,43 +18,26 @@ from ctmask.core.errors import ConfigError
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
-@user_errors
-def export(
-    checkpoint: Path = typer.Argument(..., help="Classifier checkpoint (from train-cls)."),
-    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
-    opset: int = typer.Option(18, help="ONNX opset: 18 up to the newest the installed onnx package knows; an "
-                                       "opset the exporter cannot produce is refused."),
-    json_out: Path | None = JsonOpt,
-) -> None:
-    """Export detector + S to one ONNX graph: images [B,1,S,S] -> rois [B,N,5], logits, probs."""
-    from ctmask.core.progress import console
-    from ctmask.exporter.onnx_export import export_onnx
-
-    echo = human_echo(json_out)
-    with console.status(f"exporting {checkpoint} (torch.onnx.export, dynamo=True)"):
-        result = export_onnx(checkpoint, out, opset)
-    spec = result.spec
-    echo(f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, {result.n_nodes} nodes, opset {spec.opset}) "
-               f"in {result.seconds:.1f} s")
-    echo(f"  preset {spec.preset}: images [B, 1, {spec.image_size}, {spec.image_size}] -> rois [B, "
-         f"{spec.n_rois}, 5], logits [B, 3], probs [B, 3]; checker (full_check) passed"
-         + ("; slices body-cropped (crop boxes needed at inference)" if spec.crop else ""))
-    emit_json(result.to_dict(), json_out)
-
-
 def make_runner(model: Path, backend: str, device: str, threads: int | None):
-    """The runner for ``model``: a checkpoint runs in torch, anything else in onnxruntime."""
+    """The runner for ``model``: a checkpoint runs in torch, anything else in onnxruntime
+    (or, when asked, OpenVINO on the CPU with the f32 precision hint)."""
     if backend == "auto":
         backend = "torch" if model.suffix.lower() in CHECKPOINT_SUFFIXES else "onnxruntime"
     if backend == "onnxruntime":
         from ctmask.runtime.runner import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(model, device=device, threads=threads)
+    if backend == "openvino":
+        if device != "cpu":
+            raise ConfigError(f"the openvino backend runs on the CPU only; got --device {device}")
+        from ctmask.runtime.openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner(model, threads=threads)
     if backend == "torch":
         from ctmask.exporter.reference import TorchRunner
 
         return TorchRunner(model, device=device, threads=threads)
-    raise ConfigError(f"unknown backend {backend!r}; expected auto, onnxruntime or torch")
+    raise ConfigError(f"unknown backend {backend!r}; expected auto, onnxruntime, openvino or torch")
 
 
 @user_errors
@@ -63,7 +46,8 @@ def infer(
     inputs: list[Path] = typer.Argument(..., help="Slices (PNG, JPEG, TIFF, DICOM) or folders of them."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Predictions file: .jsonl or .csv (default: stdout)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference call."),
-    backend: str = typer.Option("auto", help="auto | onnxruntime | torch (auto: by the model file)."),
+    backend: str = typer.Option("auto", help="auto | onnxruntime | openvino | torch (auto: by the model file; "
+                                              "openvino: CPU only, pip install 'ctmask[openvino]')."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     threads: int | None = typer.Option(None, help="CPU threads (default: the backend's own choice)."),
     top_rois: int = typer.Option(5, help="RoI rows kept per slice in the output."),
@@ -140,7 +124,13 @@ def parity(
     images: list[Path] = typer.Option(..., "--images", help="Slices or folders (repeatable)."),
     max_images: int = typer.Option(64, min=1, help="Compare on the first N slices."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
-    min_argmax_agreement: float = typer.Option(1.0, help="Required fraction of identical class calls."),
+    min_argmax_agreement: float | None = typer.Option(None, help="Required fraction of identical class calls "
+                                                                 "(default: ctmask's table: 1.0 for fp32, 0.995 "
+                                                                 "fp16, 0.99 int8)."),
+    fp32: Path | None = typer.Option(None, "--fp32", help="The FP32 graph a reduced-precision graph was made "
+                                                          "from: its class calls and accuracy are reported too."),
+    labels: Path | None = typer.Option(None, "--labels", help="COVIDx-CT split file with the slices' classes: "
+                                                              "accuracy of each side and the change against FP32."),
     polygraphy: Path | None = typer.Option(None, help="Also save inputs + PyTorch outputs here for Polygraphy."),
     jitter: float = typer.Option(1e-6, min=0.0, help="Input noise of the stability probe for failing slices "
                                                      "(0: off)."),
@@ -151,7 +141,9 @@ def parity(
 
     Tolerances come from ctmask's own table for the precision the graph declares. RoI rows are matched one to
     one against PyTorch's ranking of N + 64 candidates; near-tied rows may trade places only within the order
-    tolerance. Exit status 1 when any line fails or a class call differs end to end. A failing slice on which
+    tolerance. Exit status 1 when any line fails or fewer class calls agree end to end than the precision
+    requires (FP32 100%, FP16 99.5%, INT8 99%; an FP16 / INT8 graph may also exceed the row and logit
+    tolerances on at most 5% / 10% of the slices). A failing slice on which
     PyTorch itself moves by at least half the graph's error under +-jitter input noise (a top-k / NMS decision
     on a knife edge) is reported with both figures and judged out, up to 5% of the slices.
     """
@@ -165,7 +157,8 @@ def parity(
             advance[0] = stack.enter_context(progress(n, "parity", not quiet))
 
         report = check_parity(checkpoint, model, images, max_images, batch_size, min_argmax_agreement, polygraphy,
-                              on_batch=lambda n: advance[0](n), on_start=on_start, jitter=jitter)
+                              on_batch=lambda n: advance[0](n), on_start=on_start, jitter=jitter, fp32_model=fp32,
+                              labels=labels)
     for w in report["warnings"]:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
     for s in report["skipped"]:
@@ -205,7 +198,19 @@ def format_parity(report: dict) -> str:
         lines.append(f"metadata: the graph's {name} {m['graph']!r} differs from the checkpoint's {m['checkpoint']!r}  "
                      "FAIL")
     lines.append(f"class agreement (end to end) {report['argmax_agreement']:.2%} "
-                 f"(required {report['min_argmax_agreement']:.0%})")
+                 f"(required {report['min_argmax_agreement']:.1%})")
+    d = report.get("decisions", {})
+    if "agreement_vs_fp32_graph" in d:
+        lines.append(f"class agreement with the FP32 graph {d['agreement_vs_fp32_graph']:.2%} "
+                     f"({d['changed_vs_fp32_graph']} call(s) changed)")
+    if "accuracy" in d:
+        acc = ", ".join(f"{k} {v:.2%}" for k, v in d["accuracy"].items())
+        lines.append(f"accuracy on {d['labelled']} labelled slices: {acc}; change against FP32 "
+                     f"{100 * d['accuracy_change_vs_fp32']:+.2f} points")
+    if report.get("off_tolerance_slices") or report.get("off_tolerance_candidates"):
+        lines.append(f"off tolerance ({report['precision']}): {len(report['off_tolerance_slices'])} slice(s) excused "
+                     f"of {report['off_tolerance_candidates']} outside the row / logit tolerances (at most "
+                     f"{report['off_tolerance_allowed']} may be)")
     for item in report["probed_slices"]:
         own = ", ".join(f"{k} {item['graph_max_abs'][k]:.3g} vs {v:.3g}"
                         for k, v in item["reference_jitter_max_abs"].items())
@@ -223,13 +228,18 @@ def format_parity(report: dict) -> str:
 
 @user_errors
 def bench(
-    model: Path = typer.Argument(..., help="ctmask ONNX model."),
+    models: list[Path] = typer.Argument(..., metavar="MODEL",
+                                        help="ctmask ONNX graphs of one model (e.g. its FP32, FP16 and INT8 "
+                                             "graphs; same preset and input size), measured in the same run."),
     backend: list[str] | None = typer.Option(None, "--backend",
-                                             help="torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda "
-                                                  "(repeatable; default: every available one)."),
+                                             help="torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda, "
+                                                  "openvino-cpu (repeatable; default: every available one), and "
+                                                  "openvino-bf16 (OpenVINO's bf16 precision hint; only when "
+                                                  "named: it changes class calls)."),
     batch_size: list[int] = typer.Option([1, 8], "--batch-size", "-b", help="Batch sizes (repeatable)."),
     checkpoint: Path | None = typer.Option(None, help="Checkpoint for the PyTorch reference (default: the one "
-                                                      "named in the model's metadata, if present and unchanged)."),
+                                                      "named in the first model's metadata, if present and "
+                                                      "unchanged)."),
     images: Path | None = typer.Option(None, help="Folder of slices to run (default: synthetic slices)."),
     warmup: int = typer.Option(2, min=0),
     iterations: int = typer.Option(10, min=1),
@@ -238,8 +248,9 @@ def bench(
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Latency p50/p90/p99, throughput and peak memory of every backend on the same inputs."""
-    from ctmask.runtime.bench import onnxruntime_resolver, plan_backends, run_plan
+    """Latency p50/p90/p99, throughput and peak memory of every model on every backend, on the same
+    inputs; ratios over PyTorch (vs torch) and over the FP32 graph on the same backend (vs fp32)."""
+    from ctmask.runtime.bench import onnxruntime_resolver, openvino_resolver, plan_models, run_plan
 
     def torch_backend(device, spec):
         # Imported only when a torch backend is planned: an onnxruntime-only bench stays torch-free.
@@ -249,28 +260,56 @@ def bench(
             return None, "torch is not installed"
         return torch_resolver(checkpoint, threads)(device, spec)
 
-    resolvers = {"onnxruntime": onnxruntime_resolver(model, threads), "torch": torch_backend}
-    plan = plan_backends(model, backend, resolvers)
+    def resolvers(model: Path) -> dict:
+        return {"onnxruntime": onnxruntime_resolver(model, threads), "openvino": openvino_resolver(model, threads),
+                "torch": torch_backend}
+
+    plan = plan_models(models, backend, resolvers)
     for name, why in plan.skipped.items():
         typer.secho(f"not benchmarked: {name}: {why}", fg=typer.colors.YELLOW, err=True)
     report = run_plan(plan, batch_size, images, warmup, iterations, not quiet)
+    names = {m["model"]: m["name"] for m in report["models"]}
+    for item in report["not_benchmarked"]:
+        typer.secho(f"not benchmarked: {item['backend']} {names.get(item['model'], item['model'])}: "
+                    f"{item['reason']}", fg=typer.colors.YELLOW, err=True)
+    if not report["results"]:
+        raise ConfigError("nothing could be benchmarked (see the lines above)")
     human_echo(json_out)(format_bench(report))
     emit_json(report, json_out)
 
 
 def format_bench(report: dict) -> str:
-    lines = [f"{'backend':<18}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'slices/s':>10}"
-             f"{'+RSS MB':>9}{'peak MB':>9}{'vs torch':>10}"]
+    """The bench table: one row per backend, model and batch size, with its ratios over
+    PyTorch (``vs torch``) and over the FP32 graph on the same backend (``vs fp32``)."""
+    from ctmask.runtime.bench import precision_label
+
+    names = {m["model"]: m["name"] for m in report.get("models", [])}
+
+    def name_of(r: dict) -> str:
+        model = r.get("model") or report.get("model", "")
+        return names.get(model) or Path(model).name
+
+    def ratio(table: dict, r: dict) -> str:
+        value = table.get(r["backend"], {}).get(r.get("model"), {}).get(r["batch_size"])
+        if value is None:  # read back from JSON: batch sizes are strings there
+            value = table.get(r["backend"], {}).get(r.get("model"), {}).get(str(r["batch_size"]))
+        return f"{value:.2f}x" if value is not None else "-"
+
+    width = max([len("model")] + [len(name_of(r)) for r in report["results"]]) + 2
+    lines = [f"{'backend':<18}{'model':<{width}}{'precision':<17}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}"
+             f"{'p99 ms':>10}{'slices/s':>10}{'+RSS MB':>9}{'peak MB':>9}{'vs torch':>10}{'vs fp32':>9}"]
     ref = report.get("reference")
     for r in report["results"]:
-        ratio = report["speedup"].get(r["backend"], {}).get(r["batch_size"]) if ref else None
-        ratio_s = "1.00x" if r["backend"] == ref else (f"{ratio:.2f}x" if ratio else "-")
+        vs_torch = "1.00x" if r["backend"] == ref else ratio(report.get("speedup_vs_torch", {}), r) if ref else "-"
+        vs_fp32 = ratio(report.get("speedup_vs_fp32", {}), r)
         added = f"{r['added_rss_mb']:.0f}" if r.get("added_rss_mb") is not None else "-"
         peak = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
+        precision = precision_label(r.get("precision", "fp32"), r.get("int8_target"))
         lat = r["latency_ms"]
-        lines.append(f"{r['backend']:<18}{r['batch_size']:>6}{lat['p50']:>10.1f}{lat['p90']:>10.1f}{lat['p99']:>10.1f}"
-                     f"{r['throughput']:>10.2f}{added:>9}{peak:>9}{ratio_s:>10}")
+        lines.append(f"{r['backend']:<18}{name_of(r):<{width}}{precision:<17}{r['batch_size']:>6}"
+                     f"{lat['p50']:>10.1f}{lat['p90']:>10.1f}{lat['p99']:>10.1f}{r['throughput']:>10.2f}"
+                     f"{added:>9}{peak:>9}{vs_torch:>10}{vs_fp32:>9}")
     return "\n".join(lines)
 
 
-COMMANDS = {"export": export, "infer": infer, "parity": parity, "bench": bench}
+COMMANDS = {"infer": infer, "parity": parity, "bench": bench}

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from ctmask import __version__
-from ctmask.cli import deploy
+from ctmask.cli import deploy, precision
 from ctmask.cli.common import JsonOpt, PresetOpt, QuietOpt, emit_json, human_echo, show_ctmask_warnings, user_errors
 
 app = typer.Typer(
@@ -135,15 +135,26 @@ def train_cls(
     weight_decay: float = typer.Option(1e-3, help="Adam weight decay (paper: 1e-3)."),
     crop: bool = typer.Option(False, help="Crop slices to the split file's body box."),
     seed: int = typer.Option(0),
+    perturb: str = typer.Option("", "--perturb", help="Comma-separated relative noise scales of the detector, e.g. "
+                                                      "1e-3,3e-3,1e-2: S also trains on the RoIs of the detector "
+                                                      "perturbed at each scale, so its calls survive FP16 / INT8."),
+    consistency: float = typer.Option(0.0, "--consistency", help="With --perturb (heads variant): weight of the "
+                                                                  "squared logit change between a slice's perturbed "
+                                                                  "and exact RoIs in the loss."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Train the classifier S on the detector's ranked RoIs."""
+    from ctmask.core.errors import ConfigError
     from ctmask.core.presets import get_preset
     from ctmask.data.covidx import read_split
     from ctmask.training.train_cls import ClsTrainOptions, train_classifier
 
-    opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed)
+    try:
+        scales = tuple(float(v) for v in perturb.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--perturb takes comma-separated numbers, got {perturb!r}") from None
+    opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed, scales, consistency)
     train = read_split(train_split)
     val = read_split(val_split) if val_split else None
     summary = train_classifier(get_preset(preset), init, train, val, out, opts, not quiet)
@@ -198,7 +209,8 @@ def evaluate(
     emit_json(report, json_out)
 
 
-for _name, _fn in deploy.COMMANDS.items():
+# precision's ``export`` (every precision) replaces deploy's FP32-only one.
+for _name, _fn in {**deploy.COMMANDS, **precision.COMMANDS}.items():
     app.command(_name)(_fn)
 
 

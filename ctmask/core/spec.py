@@ -77,6 +77,40 @@ PARITY_TOLERANCES: dict[str, dict[str, Tolerance]] = {
 order checks). Parity takes them from here for the precision a graph declares, never from
 the graph file, so an edited or converted graph cannot loosen its own pass criteria."""
 
+PARITY_TOLERANCES["fp16"] = {
+    # Measured (README, "Reduced precision"): FP16 storage moves detector activations by
+    # ~5e-4 relative, which reorders near-tied rows and swaps proposals at the NMS / top-N
+    # cuts; per-row agreement is judged loosely, decisions strictly (PARITY_AGREEMENT).
+    "rois.score": Tolerance(2e-2),
+    "rois.deltas": Tolerance(5e-2, 5e-2),
+    "rois.order": Tolerance(4e-2),
+    "logits": Tolerance(0.5),
+    "probs": Tolerance(5e-2),
+    # S on the graph's own RoIs: S's own precision (FP32 island or FP16).
+    "s.logits": Tolerance(2e-2),
+    # The output softmax is always FP32 (block "other"): probs = softmax(logits) exactly.
+    "probs.softmax": Tolerance(1e-4),
+}
+PARITY_TOLERANCES["int8"] = {
+    "rois.score": Tolerance(5e-2),
+    "rois.deltas": Tolerance(1e-1, 1e-1),
+    "rois.order": Tolerance(1e-1),
+    "logits": Tolerance(1.0),
+    "probs": Tolerance(1e-1),
+    # S in INT8 quantizes scores in [0, 1] and deltas of several units with one scale: its
+    # own error (0.02-0.2 measured) is not allowed; S stays an FP32 island.
+    "s.logits": Tolerance(1e-3),
+    "probs.softmax": Tolerance(1e-4),
+}
+
+PARITY_AGREEMENT: dict[str, float] = {"fp32": 1.0, "fp16": 0.995, "int8": 0.99}
+"""Fraction of class calls a graph of each precision must share with PyTorch FP32."""
+
+PARITY_OFF_TOLERANCE: dict[str, float] = {"fp32": 0.0, "fp16": 0.05, "int8": 0.10}
+"""Fraction of slices on which a reduced-precision graph may exceed its row / logit
+tolerances (its decisions and ``s.logits`` / ``probs.softmax`` are judged on every slice).
+FP32 has none: its only excuse is PyTorch's own instability (the probe)."""
+
 DEFAULT_TOLERANCES = PARITY_TOLERANCES["fp32"]
 
 
@@ -112,6 +146,10 @@ class GraphSpec:
         resize: resize method to the input size (``bilinear``).
         weights_sha256: digest of the checkpoint's weights (``weights_digest`` in
             ``ctmask.training.checkpoint``): the identity of the model, whatever file holds it.
+        fp32_islands: blocks kept FP32 in a reduced-precision graph (why: the graph's
+            ``ctmask.fp32_islands`` metadata).
+        int8_target: ``tensorrt`` or ``cpu`` for an INT8 graph (its Q/DQ flavour).
+        source_sha256: sha256 of the FP32 graph a reduced-precision graph was made from.
         declared_tolerances: the tolerances written in the graph file, if read from one
             (informational: parity uses :attr:`tolerances`, ctmask's table for the precision).
     """
@@ -129,6 +167,9 @@ class GraphSpec:
     crop: bool = False
     resize: str = "bilinear"
     weights_sha256: str = ""
+    fp32_islands: tuple[str, ...] = ()
+    int8_target: str = ""
+    source_sha256: str = ""
     declared_tolerances: dict[str, Tolerance] | None = field(default=None, compare=False)
 
     @property
@@ -180,7 +221,9 @@ class GraphSpec:
             "ctmask.checkpoint": self.checkpoint_name,
             "ctmask.weights_sha256": self.weights_sha256,
             "ctmask.tolerances": json.dumps({k: t.to_dict() for k, t in self.tolerances.items()}),
-        }
+        } | ({} if self.precision == "fp32" else {
+            "ctmask.source_sha256": self.source_sha256,
+        }) | ({"ctmask.int8_target": self.int8_target} if self.precision == "int8" else {})
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: str | Path) -> GraphSpec:
@@ -216,6 +259,9 @@ class GraphSpec:
                 crop=prep.crop,
                 resize=prep.resize,
                 weights_sha256=meta.get("ctmask.weights_sha256", ""),
+                fp32_islands=tuple(sorted(json.loads(meta.get("ctmask.fp32_islands", "{}")))),
+                int8_target=meta.get("ctmask.int8_target", ""),
+                source_sha256=meta.get("ctmask.source_sha256", ""),
                 declared_tolerances=_declared_tolerances(meta.get("ctmask.tolerances")),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:

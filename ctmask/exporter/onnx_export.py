@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ctmask.core.errors import CtmaskError
 from ctmask.core.fileio import atomic_path, sha256_file
+from ctmask.core.graphs import io_problems
 from ctmask.core.spec import BATCH, INPUT, OPSET, OUTPUTS, GraphSpec
 from ctmask.exporter.translations import translation_table
 from ctmask.training.checkpoint import load_checkpoint
@@ -107,29 +108,8 @@ def trace_to_onnx(model: CovidCTMaskNet, opset: int = OPSET, example_batch: int 
 
 def graph_problems(proto: onnx.ModelProto, spec: GraphSpec) -> list[str]:
     """Every way ``proto`` breaks the graph contract of ``spec`` (empty if none)."""
-    problems = []
-
-    def dims(value_info) -> list[int | str]:
-        return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
-
-    inputs = {i.name: i for i in proto.graph.input}
-    outputs = {o.name: o for o in proto.graph.output}
-    if list(inputs) != [INPUT]:
-        problems.append(f"graph inputs are {list(inputs)}, expected [{INPUT!r}]")
-    if list(outputs) != list(OUTPUTS):
-        problems.append(f"graph outputs are {list(outputs)}, expected {list(OUTPUTS)}")
-    wanted = {INPUT: spec.input_shape(), **spec.output_shapes()}
-    for name, shape in wanted.items():
-        info = inputs.get(name) or outputs.get(name)
-        if info is None:
-            continue
-        got = dims(info)
-        if info.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            problems.append(f"{name} has element type {info.type.tensor_type.elem_type}, expected float32")
-        if len(got) != len(shape) or not isinstance(got[0], str) or got[0] == "" or list(got[1:]) != list(shape[1:]):
-            problems.append(f"{name} has shape {got}, expected [<batch>, {', '.join(map(str, shape[1:]))}]")
-    ops = {n.op_type for n in proto.graph.node}
-    if "NonZero" in ops:
+    problems = io_problems(proto, spec)
+    if "NonZero" in {n.op_type for n in proto.graph.node}:
         problems.append("graph contains NonZero: a data-dependent size outside NMS")
     return problems
 
@@ -153,11 +133,67 @@ def onnxruntime_problem(proto: onnx.ModelProto) -> str | None:
     return None
 
 
+def trace_checked(checkpoint: str | Path, opset: int = OPSET) -> tuple[onnx.ModelProto, GraphSpec]:
+    """The FP32 graph of a classifier checkpoint, with its metadata, checked as :func:`export_onnx` says.
+
+    Raises:
+        CheckpointError, ExportError: as :func:`export_onnx`.
+    """
+    if opset < OPSET:
+        raise ExportError(f"opset {opset} is too old: RoiAlign / NMS semantics need opset >= {OPSET}")
+    if opset > MAX_OPSET:
+        raise ExportError(f"opset {opset} does not exist yet: the installed onnx {onnx.__version__} knows opsets up "
+                          f"to {MAX_OPSET}", hint=f"pass --opset between {OPSET} and {MAX_OPSET}")
+    ck = load_checkpoint(checkpoint, kind="classifier")
+    model = load_classifier(ck)
+    proto = trace_to_onnx(model, opset)
+    real = default_opset(proto)
+    if real != opset:
+        # torch.onnx exports at its own opset and converts; when the conversion fails it
+        # keeps the unconverted graph without an error.
+        raise ExportError(f"torch.onnx.export could not produce opset {opset} (the graph came out at opset {real}); "
+                          "nothing was written", hint=f"export at opset {real}")
+    spec = GraphSpec.for_preset(ck.preset, preprocessing=ck.preprocessing, opset=real,
+                                checkpoint_sha256=sha256_file(checkpoint),
+                                checkpoint_name=str(Path(checkpoint).resolve()), weights_sha256=ck.weights_sha256)
+    set_metadata(proto, spec)
+    verify_graph(proto, spec)
+    return proto, spec
+
+
+def set_metadata(proto: onnx.ModelProto, spec: GraphSpec, extra: dict[str, str] | None = None) -> None:
+    """Replace the graph's ``metadata_props`` with ``spec``'s (plus ``extra``) and its doc string."""
+    proto.doc_string = f"COVID-CT-Mask-Net ({spec.preset} preset, {spec.precision}) exported by ctmask {spec.version}"
+    del proto.metadata_props[:]
+    for key, value in {**spec.metadata(), **(extra or {})}.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
+def verify_graph(proto: onnx.ModelProto, spec: GraphSpec, out: str | Path | None = None) -> None:
+    """Raise :class:`ExportError` unless ``proto`` keeps the contract, passes the full
+    checker and loads in an onnxruntime CPU session."""
+    problems = graph_problems(proto, spec)
+    if problems:
+        raise ExportError("exported graph breaks the contract:\n  - " + "\n  - ".join(problems), out)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected the graph: {str(exc).splitlines()[0]}", out) from None
+    problem = onnxruntime_problem(proto)
+    if problem:
+        import onnxruntime
+
+        raise ExportError(f"onnxruntime {onnxruntime.__version__} cannot run the opset {spec.opset} "
+                          f"{spec.precision} graph ({problem}); nothing was written", out,
+                          hint=f"export at an opset onnxruntime implements, e.g. --opset {OPSET} (the default)")
+
+
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> ExportResult:
-    """Export a classifier checkpoint to one verified ONNX file.
+    """Export a classifier checkpoint to one verified FP32 ONNX file.
 
     The graph's metadata carries the checkpoint's weights digest and its pre-processing
     (crop, resize, window), and the opset reported is the one the file really imports.
+    Reduced precision: :func:`ctmask.exporter.reduced.export_reduced`.
 
     Args:
         checkpoint: classifier checkpoint written by ``ctmask train-cls``.
@@ -172,42 +208,13 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> 
             onnxruntime CPU session (an operator version it does not implement: the error
             names the opset and onnxruntime's message). Nothing is written then.
     """
-    if opset < OPSET:
-        raise ExportError(f"opset {opset} is too old: RoiAlign / NMS semantics need opset >= {OPSET}")
-    if opset > MAX_OPSET:
-        raise ExportError(f"opset {opset} does not exist yet: the installed onnx {onnx.__version__} knows opsets up "
-                          f"to {MAX_OPSET}", hint=f"pass --opset between {OPSET} and {MAX_OPSET}")
     t0 = time.perf_counter()
-    ck = load_checkpoint(checkpoint, kind="classifier")
-    model = load_classifier(ck)
-    proto = trace_to_onnx(model, opset)
-    real = default_opset(proto)
-    if real != opset:
-        # torch.onnx exports at its own opset and converts; when the conversion fails it
-        # keeps the unconverted graph without an error.
-        raise ExportError(f"torch.onnx.export could not produce opset {opset} (the graph came out at opset {real}); "
-                          "nothing was written", out, hint=f"export at opset {real}")
-    spec = GraphSpec.for_preset(ck.preset, preprocessing=ck.preprocessing, opset=real,
-                                checkpoint_sha256=sha256_file(checkpoint),
-                                checkpoint_name=str(Path(checkpoint).resolve()), weights_sha256=ck.weights_sha256)
-    proto.doc_string = f"COVID-CT-Mask-Net ({spec.preset} preset) exported by ctmask {spec.version}"
-    del proto.metadata_props[:]
-    for key, value in spec.metadata().items():
-        proto.metadata_props.add(key=key, value=value)
-    problems = graph_problems(proto, spec)
-    if problems:
-        raise ExportError("exported graph breaks the contract:\n  - " + "\n  - ".join(problems), out)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"onnx.checker rejected the graph: {str(exc).splitlines()[0]}", out) from None
-    problem = onnxruntime_problem(proto)
-    if problem:
-        import onnxruntime
+    proto, spec = trace_checked(checkpoint, opset)
+    return write_graph(proto, spec, out, t0)
 
-        raise ExportError(f"onnxruntime {onnxruntime.__version__} cannot run the opset {real} graph ({problem}); "
-                          "nothing was written", out,
-                          hint=f"export at an opset onnxruntime implements, e.g. --opset {OPSET} (the default)")
+
+def write_graph(proto: onnx.ModelProto, spec: GraphSpec, out: str | Path, t0: float) -> ExportResult:
+    """Write ``proto`` atomically and describe it."""
     out = Path(out)
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))

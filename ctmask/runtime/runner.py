@@ -146,6 +146,10 @@ class OnnxRuntimeRunner(Runner):
         if [i.name for i in self.session.get_inputs()] != [INPUT] or names != list(OUTPUTS):
             raise ModelError(f"graph inputs/outputs are {[i.name for i in self.session.get_inputs()]} -> {names}, "
                              f"expected [{INPUT!r}] -> {list(OUTPUTS)}", self.path)
+        types = {t.name: t.type for t in (*self.session.get_inputs(), *self.session.get_outputs())}
+        wrong = {k: v for k, v in types.items() if v != "tensor(float)"}
+        if wrong:
+            raise ModelError(f"graph inputs/outputs must be float32 at every precision; found {wrong}", self.path)
         return spec
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -70,6 +70,8 @@ class ClsTrainOptions:
             raise ConfigError(f"consistency weight must be a finite number >= 0, got {self.consistency!r}")
         if self.consistency and not self.perturb:
             raise ConfigError("a consistency weight needs perturbed copies: pass --perturb too")
+        if self.consistency and self.variant != "heads":
+            raise ConfigError(f"--consistency applies to the heads variant (cached RoI copies), not {self.variant}")
 
 
 def bce_one_hot(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,236 @@
+"""Export at any precision, calibration and the per-block sensitivity report.
+
+``export`` writes the FP32 graph, or its FP16 / INT8 form; ``calibrate`` measures the
+activation ranges of an FP32 graph into a ranges file; ``precision-report`` measures what
+running each block in reduced precision does to the class calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ctmask.cli.common import JsonOpt, QuietOpt, emit_json, human_echo, user_errors
+
+CalibrationOpt = typer.Option(None, "--calibration", help="INT8 ranges: a ranges file from `ctmask calibrate` (no "
+                                                          "calibration runs), or slices to calibrate on: a folder, "
+                                                          "a COVIDx-CT split file or a `ctmask synth` folder (its "
+                                                          "training split). FP16 and INT8 measure their FP32 "
+                                                          "islands on these slices.")
+SizeOpt = typer.Option(64, "--calibration-size", min=1, help="Calibration slices, drawn class-balanced where "
+                                                             "labels exist.")
+MeasureOpt = typer.Option(200, "--measure-size", min=1, help="Slices the FP32 islands are measured on (drawn "
+                                                             "like the calibration slices): 200 lets 0.5% be one "
+                                                             "changed call.")
+MethodOpt = typer.Option(None, "--method", help="Calibration method: minmax (default) | entropy | percentile.")
+TargetOpt = typer.Option(None, "--int8-target", help="Q/DQ flavour: tensorrt (int8 symmetric activations, "
+                                                           "zero-point 0) or cpu (uint8 activations: onnxruntime's "
+                                                           "fast x86 form). Default: tensorrt.")
+
+
+def _blocks(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(b.strip() for b in value.split(",") if b.strip() and b.strip() != "none")
+
+
+@user_errors
+def export(
+    checkpoint: Path = typer.Argument(..., help="Classifier checkpoint (from train-cls)."),
+    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8."),
+    calibration: Path | None = CalibrationOpt,
+    int8_target: str | None = TargetOpt,
+    islands: Path | None = typer.Option(None, "--islands", help="Reuse the FP32 islands of a precision report "
+                                                                "(written beside an earlier export, or by "
+                                                                "`ctmask precision-report`) instead of measuring."),
+    fp32_blocks: str | None = typer.Option(None, "--fp32-blocks", help="Explicit FP32 islands, comma-separated "
+                                                                       "block names ('none' for none): an "
+                                                                       "experiment, recorded as not measured."),
+    calibration_size: int = SizeOpt,
+    measure_size: int = MeasureOpt,
+    method: str | None = MethodOpt,
+    opset: int = typer.Option(18, help="ONNX opset: 18 up to the newest the installed onnx package knows; an "
+                                       "opset the exporter cannot produce is refused."),
+    json_out: Path | None = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Export detector + S to one ONNX graph: images [B,1,S,S] -> rois [B,N,5], logits, probs.
+
+    `--precision fp16` keeps FP32 islands where a per-block measurement shows class calls move; `--precision
+    int8` adds Q/DQ from calibrated ranges (saved beside the graph as `<name>.ranges.json`; pass that file to
+    `--calibration` next time and nothing is calibrated again). The measurement is saved as
+    `<name>.precision.json`. Inputs and outputs stay float32 at every precision.
+    """
+    from ctmask.core.errors import ConfigError
+    from ctmask.core.progress import console
+
+    echo = human_echo(json_out)
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ConfigError(f"unknown --precision {precision!r}; expected fp32, fp16 or int8")
+    if precision != "int8" and int8_target is not None:
+        raise ConfigError(f"--int8-target applies to --precision int8, not {precision}")
+    if precision == "fp32":
+        given = [n for n, v in (("--calibration", calibration), ("--islands", islands),
+                                ("--fp32-blocks", fp32_blocks), ("--method", method)) if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to --precision fp16 or int8")
+        from ctmask.exporter.onnx_export import export_onnx
+
+        with console.status(f"exporting {checkpoint} (torch.onnx.export, dynamo=True)"):
+            result = export_onnx(checkpoint, out, opset)
+        summary = None
+    else:
+        from ctmask.exporter.reduced import ReducedOptions, export_reduced
+
+        opts = ReducedOptions(precision, calibration, int8_target or "tensorrt", islands, _blocks(fp32_blocks),
+                              calibration_size, measure_size, method or "minmax")
+        with console.status(f"exporting {checkpoint} at {precision}") as status:
+            result, summary = export_reduced(checkpoint, out, opts, opset,
+                                             on_step=None if quiet else lambda s: status.update(f"{precision}: {s}"))
+    spec = result.spec
+    echo(f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, {result.n_nodes} nodes, opset {spec.opset}, "
+         f"{spec.precision}) in {result.seconds:.1f} s")
+    echo(f"  preset {spec.preset}: images [B, 1, {spec.image_size}, {spec.image_size}] -> rois [B, "
+         f"{spec.n_rois}, 5], logits [B, 3], probs [B, 3]; checker (full_check) passed"
+         + ("; slices body-cropped (crop boxes needed at inference)" if spec.crop else ""))
+    if summary is not None:
+        echo(format_summary(summary))
+    emit_json(result.to_dict() | ({"precision_summary": summary} if summary else {}), json_out)
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"  reduced to {summary['precision']}: {', '.join(summary['reduced_blocks']) or 'nothing'}"]
+    for block, why in sorted(summary["fp32_islands"].items()):
+        lines.append(f"  FP32 island {block}: {why}")
+    cal = summary.get("calibration")
+    if cal:
+        lines.append(f"  calibration: {cal['method']} on {cal['slices']} slices, "
+                     + ("calibrated now" if summary["calibrated"] else f"ranges reused from {cal['from']} "
+                                                                        "(no calibration ran)"))
+    if "weights" in summary:
+        w = summary["weights"]
+        lines.append(f"  weights: {w['float16']:,} float16, {w['float32']:,} float32 elements")
+    if "qdq" in summary:
+        q = summary["qdq"]
+        lines.append(f"  Q/DQ ({summary['int8_target']}): {q['quantize_linear']} QuantizeLinear, "
+                     f"{q['dequantize_linear']} DequantizeLinear; activations {q['activation_types']}, "
+                     f"zero-points {'all 0' if q['activation_zero_points_all_zero'] else 'asymmetric'}; "
+                     f"weights {q['weight_types']}")
+    final = (summary.get("sensitivity") or {}).get("final")
+    if final:
+        lines.append(f"  measured on {final['n']} slices against the FP32 graph: {final['changed_calls']} class "
+                     f"call(s) changed, max |dlogit| {final['max_abs_logits']:.3g}")
+    for note in summary.get("notes", []):
+        lines.append(f"  note: {note}")
+    for kind, path in summary["files"].items():
+        if kind != "graph":
+            lines.append(f"  wrote {kind.replace('_', ' ')} {path}")
+    return "\n".join(lines)
+
+
+@user_errors
+def calibrate(
+    model: Path = typer.Argument(..., help="FP32 ctmask ONNX graph."),
+    images: Path = typer.Option(..., "--images", help="A folder of slices, a COVIDx-CT split file or a "
+                                                      "`ctmask synth` folder (its training split)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Ranges file to write (JSON)."),
+    size: int = typer.Option(64, "--size", min=1, help="Slices, drawn class-balanced where labels exist."),
+    method: str | None = MethodOpt,
+    percentile: float = typer.Option(99.999, help="Kept percentile for --method percentile."),
+    seed: int = typer.Option(0, help="Seed of the class-balanced draw."),
+    ops: str = typer.Option("conv", "--ops", help="Operators INT8 will quantize: conv (Conv, Gemm, MatMul) or "
+                                                  "residual (also Add, Relu, MaxPool: faster on onnxruntime's "
+                                                  "CPU, more class calls move)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    json_out: Path | None = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Measure the activation ranges of an FP32 graph on calibration slices (for INT8 export)."""
+    from ctmask.calibration.collect import OP_SETS, check_calibratable, collect_ranges
+    from ctmask.calibration.ranges import METHODS
+    from ctmask.calibration.slices import calibration_set
+    from ctmask.core.errors import ConfigError
+    from ctmask.core.graphs import load_proto, spec_of
+    from ctmask.core.progress import progress
+
+    method = method or "minmax"
+    if method not in METHODS:
+        raise ConfigError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    if ops not in OP_SETS:
+        raise ConfigError(f"unknown --ops {ops!r}; expected one of {', '.join(OP_SETS)}")
+    if not 0 < percentile <= 100:
+        raise ConfigError(f"--percentile must be in (0, 100], got {percentile}")
+    if out.is_dir():
+        raise ConfigError("--out is a folder; give the ranges file's name", out)
+    if out.resolve() in (model.resolve(), images.resolve()):
+        raise ConfigError("--out would overwrite an input", out)
+    spec = spec_of(load_proto(model), model)
+    check_calibratable(model, spec)
+    cal = calibration_set(images, spec, size, seed)
+    for f in cal.skipped:
+        typer.secho(f"skipped {f.file}: {f.reason}", fg=typer.colors.YELLOW, err=True)
+    with progress(len(cal.images), f"calibrate ({method})", not quiet) as advance:
+        ranges = collect_ranges(model, spec, cal, method, batch_size, percentile, on_batch=advance,
+                                op_types=OP_SETS[ops])
+    try:
+        ranges.save(out)
+    except OSError as exc:
+        from ctmask.core.errors import DataError
+
+        raise DataError(f"cannot write the ranges file ({exc.__class__.__name__}: {exc.strerror or exc})", out) \
+            from None
+    counts = ", ".join(f"class {k}: {v}" for k, v in sorted(cal.class_counts().items()))
+    human_echo(json_out)(f"wrote {out}: {len(ranges.ranges)} tensor ranges ({method}) from {len(cal.slices)} slices "
+                         f"({counts}) in {ranges.options['seconds']:.1f} s; graph sha256 "
+                         f"{ranges.graph_sha256[:12]}...")
+    emit_json({"ranges": str(out), "method": method, "tensors": len(ranges.ranges), "slices": len(cal.slices),
+               "classes": cal.class_counts(), "graph_sha256": ranges.graph_sha256,
+               "skipped": [f.to_dict() for f in cal.skipped], "seconds": ranges.options["seconds"]}, json_out)
+
+
+@user_errors
+def precision_report(
+    checkpoint: Path = typer.Argument(..., help="Classifier checkpoint."),
+    images: Path = typer.Option(..., "--images", help="Measurement slices: a folder, a split file or a synth "
+                                                      "folder; for INT8 also a ranges file (its slices are used)."),
+    precision: str = typer.Option("fp16", "--precision", help="fp16 | int8."),
+    int8_target: str | None = TargetOpt,
+    size: int = SizeOpt,
+    measure_size: int = MeasureOpt,
+    method: str | None = MethodOpt,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Report to write (JSON; reusable by export "
+                                                              "--islands)."),
+    json_out: Path | None = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Per-block sensitivity: each block alone in FP16 / INT8, its effect on class calls and logits."""
+    from ctmask.core.progress import console
+    from ctmask.exporter.reduced import ReducedOptions, measure_precision
+
+    opts = ReducedOptions(precision, images, int8_target or "tensorrt", None, None, size, measure_size,
+                          method or "minmax")
+    with console.status(f"measuring {checkpoint} at {precision}") as status:
+        report = measure_precision(checkpoint, opts, out,
+                                   on_step=None if quiet else lambda s: status.update(f"{precision}: {s}"))
+    human_echo(json_out)(format_report(report, out))
+    emit_json(report, json_out)
+
+
+def format_report(report: dict, out: Path | None) -> str:
+    c = report["choice"]
+    lines = [f"{c['precision']} sensitivity on {c['n_slices']} slices, against the FP32 graph",
+             f"{'block(s) reduced':<58}{'calls changed':>14}{'max |dlogit|':>14}{'max |dscore|':>14}"]
+    for e in c["alone"] + c["combined_steps"]:
+        lines.append(f"{'+'.join(e['blocks']):<58}{e['changed_calls']:>9} / {e['n']:<3}{e['max_abs_logits']:>14.3g}"
+                     f"{e['max_abs_score']:>14.3g}")
+    lines.append(f"reduced: {', '.join(c['reduced']) or 'nothing'}")
+    for block, why in sorted(c["fp32_islands"].items()):
+        lines.append(f"FP32 island {block}: {why}")
+    if out is not None:
+        lines.append(f"wrote {out}")
+    return "\n".join(lines)
+
+
+COMMANDS = {"export": export, "calibrate": calibrate, "precision-report": precision_report}
