@@ -423,3 +423,33 @@ def test_parity_refuses_a_graph_whose_contents_contradict_its_precision(cls_ckpt
     onnx.save(proto, str(fake))
     res = invoke("parity", cls_ckpt, fake, "--images", synth_dir / "images", "--max-images", 2)
     assert res.exit_code == 2 and "contradict" in res.output and "no QuantizeLinear" in res.output
+
+
+def test_content_hash_ignores_metadata_and_stack_traces_but_not_weights(small_onnx):
+    proto = onnx.load(str(small_onnx))
+    base = content_sha256(proto)
+    proto.metadata_props.add(key="x", value="y")
+    for node in proto.graph.node[:5]:
+        for p in node.metadata_props:
+            p.value = "File \"/somewhere/else.py\", line 1"
+    assert content_sha256(proto) == base
+    w = proto.graph.initializer[0]
+    arr = numpy_helper.to_array(w).copy()
+    arr.flat[0] += 1
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    assert content_sha256(proto) != base
+
+
+def test_residual_ops_calibrate_and_quantize(small_onnx, cls_ckpt, synth_dir, tmp_path):
+    ranges = tmp_path / "res.json"
+    res = invoke("calibrate", small_onnx, "--images", synth_dir, "--size", 4, "--ops", "residual", "--out", ranges,
+                 "-q")
+    assert res.exit_code == 0, res.output
+    d = json.loads(ranges.read_text())
+    assert "Add" in d["options"]["op_types"] and all(np.isfinite(v).all() for v in d["ranges"].values())
+    out = tmp_path / "r8.onnx"
+    res = invoke("export", cls_ckpt, "--out", out, "--precision", "int8", "--int8-target", "cpu", "--calibration",
+                 ranges, "--fp32-blocks", "classifier", "-q")
+    assert res.exit_code == 0, res.output
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in ops

@@ -72,13 +72,22 @@ class _Reader:
         self.i = 0
 
 
-def plain_ranges(tensors) -> dict[str, tuple[float, float]]:
-    """onnxruntime ``TensorsData`` -> tensor name -> (lowest, highest) floats."""
-    out = {}
+def plain_ranges(tensors) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """onnxruntime ``TensorsData`` -> (tensor name -> (lowest, highest) floats, names dropped).
+
+    A tensor with a non-finite range is dropped: the ranking block masks scores with -inf
+    (an ``Add`` there is calibrated when ``Add`` is quantized) and is never quantized; if a
+    quantized tensor is ever missing, the INT8 export names it.
+    """
+    out, dropped = {}, []
     for name, data in tensors.items():
         lo, hi = data.range_value
-        out[str(name)] = (float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
-    return out
+        lo, hi = float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0])
+        if np.isfinite(lo) and np.isfinite(hi):
+            out[str(name)] = (lo, hi)
+        else:
+            dropped.append(str(name))
+    return out, sorted(dropped)
 
 
 def check_calibratable(model: Path, spec: GraphSpec) -> None:
@@ -141,7 +150,9 @@ def collect_ranges(model: str | Path, spec: GraphSpec, cal: CalibrationSet, meth
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc.__class__.__name__
             raise ModelError(f"onnxruntime could not run the graph for calibration ({first})", model) from None
         del calibrator
-    ranges = plain_ranges(tensors)
+    ranges, dropped = plain_ranges(tensors)
+    if dropped:
+        options["dropped_non_finite"] = dropped
     if not ranges:
         raise ModelError(f"the graph has no {', '.join(op_types)} tensors to calibrate", model)
     options["seconds"] = round(time.perf_counter() - t0, 2)

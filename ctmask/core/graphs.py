@@ -19,11 +19,23 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 def content_sha256(proto: onnx.ModelProto) -> str:
-    """sha256 of ``proto`` without its ``metadata_props`` and doc string."""
+    """sha256 of ``proto`` without metadata and doc strings (model, graph and every node's).
+
+    The exporter's per-node metadata holds the Python stack trace of each op (source file
+    paths and line numbers): the same model exported from another checkout would otherwise
+    hash differently.
+    """
     bare = onnx.ModelProto()
     bare.CopyFrom(proto)
     del bare.metadata_props[:]
     bare.doc_string = ""
+    bare.graph.doc_string = ""
+    for node in [*bare.graph.node, *(n for f in bare.functions for n in f.node)]:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for fn in bare.functions:
+        del fn.metadata_props[:]
+        fn.doc_string = ""
     return hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
 
 
