@@ -29,7 +29,9 @@ done < "$DATA/test_COVIDx_CT.txt"
   --calibration "$OUT/model.ranges.json" --json "$OUT/export-int8.json" -q
 for p in fp16 int8; do
   "$CT" parity "$OUT/cls.pt" "$OUT/model.$p.onnx" --images "$HELD" --max-images 90 --fp32 "$OUT/model.onnx" \
-    --labels "$DATA/test_COVIDx_CT.txt" --json "$OUT/parity-$p.json" -q || echo "parity of the $p graph FAILED"
+    --labels "$DATA/test_COVIDx_CT.txt" --json "$OUT/parity-$p.json" -q ||
+    echo "the $p graph did NOT pass parity (see $OUT/parity-$p.json): deploy the FP32 graph, or measure the" \
+         "islands on more slices (--measure-size)" >&2
 done
 "$CT" bench "$OUT/model.onnx" "$OUT/model.fp16.onnx" "$OUT/model.int8.onnx" --checkpoint "$OUT/cls.pt" \
   --batch-size 1 --batch-size 8 --iterations 10 --json "$OUT/bench.json" -q
