@@ -143,7 +143,7 @@ def parity(
     one against PyTorch's ranking of N + 64 candidates; near-tied rows may trade places only within the order
     tolerance. Exit status 1 when any line fails or fewer class calls agree end to end than the precision
     requires (FP32 100%, FP16 99.5%, INT8 99%; an FP16 / INT8 graph may also exceed the row and logit
-    tolerances on at most 5% / 10% of the slices). A failing slice on which
+    tolerances on at most 10% of the slices). A failing slice on which
     PyTorch itself moves by at least half the graph's error under +-jitter input noise (a top-k / NMS decision
     on a knife edge) is reported with both figures and judged out, up to 5% of the slices.
     """

@@ -105,6 +105,17 @@ def _detach_outputs(proto: onnx.ModelProto) -> None:
         graph.node.append(helper.make_node("Identity", [inner], [name], name=f"{name}__ctmask_output"))
 
 
+def _working_copy(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` with every node named, after checking the block names."""
+    unknown = set(fp32_blocks) - set(BLOCKS)
+    if unknown:
+        raise PrecisionError(f"unknown block(s) {sorted(unknown)}; blocks are {', '.join(BLOCKS)}")
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
+    name_all_nodes(work)
+    return work
+
+
 def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelProto:
     """The FP16 graph of an FP32 ctmask graph, with the nodes of ``fp32_blocks`` kept FP32.
 
@@ -120,12 +131,7 @@ def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelPro
     """
     from onnxconverter_common import float16
 
-    unknown = set(fp32_blocks) - set(BLOCKS)
-    if unknown:
-        raise PrecisionError(f"unknown block(s) {sorted(unknown)}; blocks are {', '.join(BLOCKS)}")
-    work = onnx.ModelProto()
-    work.CopyFrom(proto)
-    name_all_nodes(work)
+    work = _working_copy(proto, fp32_blocks)
     del work.graph.value_info[:]  # stale FP32 types; shape inference redoes them
     _detach_outputs(work)
     keep = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}]
@@ -302,12 +308,7 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
 
     if target not in INT8_TARGETS:
         raise PrecisionError(f"unknown INT8 target {target!r}; expected one of {', '.join(INT8_TARGETS)}")
-    unknown = set(fp32_blocks) - set(BLOCKS)
-    if unknown:
-        raise PrecisionError(f"unknown block(s) {sorted(unknown)}; blocks are {', '.join(BLOCKS)}")
-    work = onnx.ModelProto()
-    work.CopyFrom(proto)
-    name_all_nodes(work)
+    work = _working_copy(proto, fp32_blocks)
     exclude = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}]
     op_types = list(ranges.options.get("op_types", QUANTIZED_OPS))
     missing = uncovered_tensors(work, set(exclude), op_types, set(ranges.ranges))
