@@ -453,3 +453,22 @@ def test_residual_ops_calibrate_and_quantize(small_onnx, cls_ckpt, synth_dir, tm
     assert res.exit_code == 0, res.output
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "QuantizeLinear" in ops
+
+
+def test_runner_refuses_a_graph_with_float16_outputs(small_onnx, tmp_path):
+    from onnx import TensorProto, helper
+
+    from ctmask.core.spec import ModelError
+    from ctmask.runtime.runner import OnnxRuntimeRunner
+
+    proto = onnx.load(str(small_onnx))
+    for node in proto.graph.node:
+        node.output[:] = ["probs32" if o == "probs" else o for o in node.output]
+    proto.graph.node.append(helper.make_node("Cast", ["probs32"], ["probs"], to=TensorProto.FLOAT16))
+    for out in proto.graph.output:
+        if out.name == "probs":
+            out.type.tensor_type.elem_type = TensorProto.FLOAT16
+    path = tmp_path / "half-out.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelError, match="float32 at every precision"):
+        OnnxRuntimeRunner(path).activate()

@@ -22,7 +22,7 @@ SizeOpt = typer.Option(64, "--calibration-size", min=1, help="Calibration slices
                                                              "labels exist.")
 MeasureOpt = typer.Option(200, "--measure-size", min=1, help="Slices the FP32 islands are measured on (drawn "
                                                              "like the calibration slices): 200 lets 0.5% be one "
-                                                             "changed call.")
+                                                             "changed call. With a ranges file, its own slices.")
 MethodOpt = typer.Option(None, "--method", help="Calibration method: minmax (default) | entropy | percentile.")
 TargetOpt = typer.Option(None, "--int8-target", help="Q/DQ flavour: tensorrt (int8 symmetric activations, "
                                                            "zero-point 0) or cpu (uint8 activations: onnxruntime's "
