@@ -90,7 +90,7 @@ def plain_ranges(tensors) -> tuple[dict[str, tuple[float, float]], list[str]]:
     return out, sorted(dropped)
 
 
-def check_calibratable(model: Path, spec: GraphSpec) -> None:
+def check_calibratable(proto: onnx.ModelProto, spec: GraphSpec, model: Path) -> None:
     """Raise unless ``model`` is an FP32 ctmask graph with the contract's inputs and outputs.
 
     Raises:
@@ -100,7 +100,7 @@ def check_calibratable(model: Path, spec: GraphSpec) -> None:
     if spec.precision != "fp32":
         raise ConfigError(f"calibration measures an FP32 graph; this one is {spec.precision}", model,
                           hint="calibrate the FP32 graph (`ctmask export CKPT --out model.onnx`)")
-    problems = io_problems(load_proto(model), spec)
+    problems = io_problems(proto, spec)
     if problems:
         raise ModelError("not a ctmask graph: " + "; ".join(problems), model)
 
@@ -108,7 +108,8 @@ def check_calibratable(model: Path, spec: GraphSpec) -> None:
 def collect_ranges(model: str | Path, spec: GraphSpec, cal: CalibrationSet, method: str = "minmax",
                    batch_size: int = 8, percentile: float = 99.999, num_bins: int = 2048,
                    on_batch: Callable[[int], None] | None = None,
-                   op_types: tuple[str, ...] = QUANTIZED_OPS) -> RangesFile:
+                   op_types: tuple[str, ...] = QUANTIZED_OPS,
+                   proto: onnx.ModelProto | None = None) -> RangesFile:
     """Run the FP32 graph ``model`` over the calibration slices and return their ranges.
 
     Args:
@@ -122,6 +123,7 @@ def collect_ranges(model: str | Path, spec: GraphSpec, cal: CalibrationSet, meth
         on_batch: progress callback (slices in the batch).
         op_types: operators whose tensors are calibrated, and later quantized (the ranges
             file records them).
+        proto: ``model`` already loaded (it is read once, for the checks and its hash).
 
     Raises:
         ConfigError: an unknown method, or a graph that is not FP32.
@@ -129,7 +131,8 @@ def collect_ranges(model: str | Path, spec: GraphSpec, cal: CalibrationSet, meth
     from onnxruntime.quantization.calibrate import create_calibrator
 
     ort_m = _method(method)
-    check_calibratable(Path(model), spec)
+    proto = proto if proto is not None else load_proto(model)
+    check_calibratable(proto, spec, Path(model))
     options: dict = {"op_types": list(op_types), "batch_size": batch_size}
     extra: dict = {}
     if method in ("entropy", "percentile"):
@@ -158,10 +161,10 @@ def collect_ranges(model: str | Path, spec: GraphSpec, cal: CalibrationSet, meth
     options["seconds"] = round(time.perf_counter() - t0, 2)
     return RangesFile(
         method=method,
-        graph_sha256=content_sha256(onnx.load(str(model))),
+        graph_sha256=content_sha256(proto),
         ranges=ranges,
         slices=[s.to_dict() for s in cal.slices],
         options=options,
         graph={"file": str(Path(model).resolve()), "preset": spec.preset, "weights_sha256": spec.weights_sha256,
-               "n_nodes": len(onnx.load(str(model), load_external_data=False).graph.node)},
+               "n_nodes": len(proto.graph.node)},
     )

@@ -166,14 +166,15 @@ def calibrate(
         raise ConfigError("--out is a folder; give the ranges file's name", out)
     if out.resolve() in (model.resolve(), images.resolve()):
         raise ConfigError("--out would overwrite an input", out)
-    spec = spec_of(load_proto(model), model)
-    check_calibratable(model, spec)
+    proto = load_proto(model)
+    spec = spec_of(proto, model)
+    check_calibratable(proto, spec, model)
     cal = calibration_set(images, spec, size, seed)
     for f in cal.skipped:
         typer.secho(f"skipped {f.file}: {f.reason}", fg=typer.colors.YELLOW, err=True)
     with progress(len(cal.images), f"calibrate ({method})", not quiet) as advance:
         ranges = collect_ranges(model, spec, cal, method, batch_size, percentile, on_batch=advance,
-                                op_types=OP_SETS[ops])
+                                op_types=OP_SETS[ops], proto=proto)
     try:
         ranges.save(out)
     except OSError as exc:

@@ -166,7 +166,7 @@ def _ranges_for(proto: onnx.ModelProto, spec: GraphSpec, sha: str, opts: Reduced
     with tempfile.TemporaryDirectory(prefix="ctmask-export-") as tmp:
         path = Path(tmp) / "fp32.onnx"
         onnx.save(proto, str(path))
-        ranges = collect_ranges(path, spec, cal, opts.method)
+        ranges = collect_ranges(path, spec, cal, opts.method, proto=proto)
     ranges.graph["file"] = "(traced in memory by ctmask export)"
     return ranges, True, cal
 
