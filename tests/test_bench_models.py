@@ -9,21 +9,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
-from typer.testing import CliRunner
+from tests_helpers import invoke
 
 from ctmask.cli.deploy import format_bench
-from ctmask.cli.main import app
 from ctmask.core.presets import SMALL
 from ctmask.core.spec import GraphSpec
 from ctmask.runtime.bench import BenchPlan, MultiPlan, plan_models, run_plan
 from ctmask.runtime.runner import Runner
 
-runner = CliRunner()
 FAST = ("-b", "1", "--warmup", "0", "--iterations", "1", "-q")
 
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def with_metadata(src: Path, dst: Path, **meta: str) -> Path:

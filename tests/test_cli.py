@@ -9,16 +9,9 @@ import struct
 import zipfile
 
 import pytest
-from typer.testing import CliRunner
+from tests_helpers import invoke
 
 import ctmask
-from ctmask.cli.main import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_model_info_paper_json():

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests_helpers import assert_rois_match
-from typer.testing import CliRunner
+from tests_helpers import assert_rois_match, invoke
 
-from ctmask.cli.main import app
 from ctmask.core.errors import ConfigError
 from ctmask.core.spec import ModelError
 from ctmask.runtime.openvino_runner import OpenVinoRunner
-
-cli = CliRunner()
-
-
-def invoke(*args):
-    return cli.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture()

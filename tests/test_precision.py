@@ -10,18 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from typer.testing import CliRunner
+from tests_helpers import invoke
 
-from ctmask.cli.main import app
 from ctmask.core.fileio import sha256_file
 from ctmask.core.graphs import content_sha256
 
-runner = CliRunner()
 CANDIDATES = "backbone.body,backbone.fpn,rpn_head,box_head,box_predictor,classifier"
 
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def meta(path: Path) -> dict[str, str]:

@@ -68,3 +68,12 @@ def assert_rois_match(actual, expected, score_atol=1e-4, delta_atol=1e-3, delta_
             assert cut > 0 and e[j, 0] - cut <= score_atol, (
                 f"image {i}, reference row {j} {e[j].tolist()} has no partner in the output "
                 f"(nearest score rows: {a[np.argsort(np.abs(a[:, 0] - e[j, 0]))[:3]].tolist()})")
+
+
+def invoke(*args):
+    """Run the ``ctmask`` CLI in-process with ``args`` (paths and numbers as strings)."""
+    from typer.testing import CliRunner
+
+    from ctmask.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
