@@ -5,13 +5,18 @@ BIN := $(VENV)/bin
 DEMO := demo-out
 # torch / torchvision pinned to the releases this project is verified with.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 
 .PHONY: install demo test accuracy clean
 
+# `pip install ctmask` alone is the torch-free runtime; the train extra adds torch & co, dev adds
+# the test tools. tensorrt-stubs (mypy's view of TensorRT) requires the real tensorrt wheel in its
+# metadata, which cannot be installed without a GPU: hence --no-deps, on its own line.
 $(BIN)/ctmask: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q --no-deps $(TRT_STUBS)
 	touch $@
 
 install: $(BIN)/ctmask
@@ -31,7 +36,9 @@ accuracy: install
 
 test: install
 	$(BIN)/ruff check ctmask tests
+	$(BIN)/python scripts/trt_stubs.py build/trt-stubs
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache build/trt-stubs

@@ -14,9 +14,38 @@ import typer
 
 from ctmask.core.errors import CtmaskError, CtmaskWarning
 
+# Optional dependencies: the module whose absence means the package is not installed -> (the
+# ctmask extra that installs it, what it is). `pip install ctmask` is the torch-free runtime; a
+# command that needs one of these names the extra.
+EXTRA_OF_MODULE: dict[str, tuple[str, str]] = {
+    "torch": ("train", "PyTorch"),
+    "torchvision": ("train", "torchvision"),
+    "onnxscript": ("train", "onnxscript"),
+    "onnx_ir": ("train", "onnx-ir"),
+    "safetensors": ("train", "safetensors"),
+    "onnxconverter_common": ("train", "onnxconverter-common"),
+    "openvino": ("openvino", "OpenVINO"),
+    "tensorrt": ("trt", "TensorRT"),
+    "cuda": ("trt", "cuda-python"),
+    "cuda.bindings": ("trt", "cuda-python"),  # `cuda` can be a namespace other NVIDIA packages fill
+}
+
+
+def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
+    """The message for a command that needs an extra which is not installed, or None when
+    ``exc`` is not about one: another module, or a submodule of an installed package such as
+    ``torch._C`` (a broken install or a bug, which keeps its traceback)."""
+    name = exc.name or ""
+    if name not in EXTRA_OF_MODULE:
+        return None
+    extra, what = EXTRA_OF_MODULE[name]
+    return f"`ctmask {command}` needs {what} ({name} is not installed): pip install 'ctmask[{extra}]'"
+
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print :class:`CtmaskError` without a traceback and exit 2; bugs keep theirs."""
+    """Print :class:`CtmaskError`, or an optional dependency that is not installed (with the
+    extra to install), without a traceback and exit 2; bugs keep theirs."""
+    command = fn.__name__.replace("_", "-")
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -24,6 +53,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except CtmaskError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as exc:
+            message = missing_extra(exc, command)
+            if message is None:
+                raise
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
     return wrapper
