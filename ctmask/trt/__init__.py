@@ -1,0 +1,1 @@
+"""TensorRT deployment: the GPU-free graph check (``check-trt``), engine build and runner."""
