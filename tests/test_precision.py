@@ -133,6 +133,7 @@ def test_int8_graphs_hold_the_promised_qdq(int8_graphs):
         if target == "tensorrt":
             assert q["activation_types"] == {"int8": q["activation_types"]["int8"]}
             assert q["activation_zero_points_all_zero"]
+            assert set(q["weight_types"]) == {"int8"}  # biases stay float: TensorRT dequantizes int8 only
         else:
             assert set(q["activation_types"]) == {"uint8"}
         inits = {t.name: t for t in proto.graph.initializer}

@@ -290,9 +290,9 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
     Args:
         proto: FP32 graph (not modified); the ranges must have been measured on it.
         ranges: its ranges file.
-        target: ``tensorrt`` (int8 activations, symmetric, zero-point 0: what TensorRT's
-            explicit quantization requires) or ``cpu`` (uint8 asymmetric activations, the
-            form onnxruntime's x86 kernels run fastest).
+        target: ``tensorrt`` (int8 activations, symmetric, zero-point 0, float biases: what
+            TensorRT's explicit quantization requires) or ``cpu`` (uint8 asymmetric
+            activations and int32 biases, the form onnxruntime's x86 kernels run fastest).
         fp32_blocks: blocks kept FP32 (their nodes are excluded).
 
     Raises:
@@ -336,7 +336,11 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
                 nodes_to_exclude=exclude,
                 calibrate_method=ort_method(ranges.method),
                 calibration_cache_path=str(cache),
-                extra_options={"ActivationSymmetric": tensorrt, "WeightSymmetric": True},
+                # TensorRT dequantizes int8 only: onnxruntime's int32 biases behind a
+                # DequantizeLinear stop its ONNX parser (check-trt finds them), so the
+                # tensorrt form keeps biases float, as TensorRT fuses them itself.
+                extra_options={"ActivationSymmetric": tensorrt, "WeightSymmetric": True,
+                               "QuantizeBias": not tensorrt},
             )
         out = onnx.load(str(dst))
     return out
