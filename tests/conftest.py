@@ -70,3 +70,26 @@ def foreign_model(tmp_path):
     path = tmp_path / "foreign.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``tensorrt`` / ``gpu`` skip, with the reason, where TensorRT or a GPU is missing."""
+    marked = [i for i in items if "tensorrt" in i.keywords or "gpu" in i.keywords]
+    if not marked:
+        return
+    from ctmask.trt.api import TensorRTUnavailable, require_tensorrt
+    from ctmask.trt.cuda import open_cuda
+
+    reasons = {}
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable as exc:
+        reasons["tensorrt"] = f"needs TensorRT: {exc.message} ({exc.hint})"
+    try:
+        open_cuda().close()
+    except TensorRTUnavailable as exc:
+        reasons["gpu"] = f"needs an NVIDIA GPU: {exc.message}"
+    for item in marked:
+        why = [reasons[k] for k in ("tensorrt", "gpu") if k in item.keywords and k in reasons]
+        if why:
+            item.add_marker(pytest.mark.skip(reason="; ".join(why)))

@@ -19,10 +19,21 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def make_runner(model: Path, backend: str, device: str, threads: int | None):
-    """The runner for ``model``: a checkpoint runs in torch, anything else in onnxruntime
-    (or, when asked, OpenVINO on the CPU with the f32 precision hint)."""
+    """The runner for ``model``: a checkpoint runs in torch, an engine (``.engine``) in
+    TensorRT on the GPU, anything else in onnxruntime (or, when asked, OpenVINO on the CPU
+    with the f32 precision hint)."""
+    from ctmask.trt.engine import is_engine_path
+
     if backend == "auto":
-        backend = "torch" if model.suffix.lower() in CHECKPOINT_SUFFIXES else "onnxruntime"
+        backend = ("torch" if model.suffix.lower() in CHECKPOINT_SUFFIXES else
+                   "tensorrt" if is_engine_path(model) else "onnxruntime")
+    if backend == "tensorrt" or is_engine_path(model):
+        if backend != "tensorrt" or not is_engine_path(model):
+            raise ConfigError(f"{model}: TensorRT runs engine files (.engine, from `ctmask export MODEL.onnx --engine "
+                              f"tensorrt`) and an engine runs on TensorRT only; got backend {backend}")
+        from ctmask.runtime.tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(model)
     if backend == "onnxruntime":
         from ctmask.runtime.runner import OnnxRuntimeRunner
 
@@ -42,11 +53,13 @@ def make_runner(model: Path, backend: str, device: str, threads: int | None):
 
 @user_errors
 def infer(
-    model: Path = typer.Argument(..., help="ctmask ONNX model (or a classifier checkpoint for the PyTorch path)."),
+    model: Path = typer.Argument(..., help="ctmask ONNX model, TensorRT engine (.engine), or a classifier checkpoint "
+                                           "for the PyTorch path."),
     inputs: list[Path] = typer.Argument(..., help="Slices (PNG, JPEG, TIFF, DICOM) or folders of them."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Predictions file: .jsonl or .csv (default: stdout)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference call."),
-    backend: str = typer.Option("auto", help="auto | onnxruntime | openvino | torch (auto: by the model file; "
+    backend: str = typer.Option("auto", help="auto | onnxruntime | openvino | tensorrt | torch (auto: by the model "
+                                              "file: .engine runs on TensorRT (GPU, pip install 'ctmask[trt]'); "
                                               "openvino: CPU only, pip install 'ctmask[openvino]')."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     threads: int | None = typer.Option(None, help="CPU threads (default: the backend's own choice)."),
@@ -120,7 +133,7 @@ def infer(
 @user_errors
 def parity(
     checkpoint: Path = typer.Argument(..., help="Classifier checkpoint (the PyTorch reference)."),
-    model: Path = typer.Argument(..., help="ONNX model exported from it."),
+    model: Path = typer.Argument(..., help="ONNX model exported from it, or a TensorRT engine built from that."),
     images: list[Path] = typer.Option(..., "--images", help="Slices or folders (repeatable)."),
     max_images: int = typer.Option(64, min=1, help="Compare on the first N slices."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
@@ -250,19 +263,19 @@ def bench(
 ) -> None:
     """Latency p50/p90/p99, throughput and peak memory of every model on every backend, on the same
     inputs; ratios over PyTorch (vs torch) and over the FP32 graph on the same backend (vs fp32)."""
-    from ctmask.runtime.bench import onnxruntime_resolver, openvino_resolver, plan_models, run_plan
+    from ctmask.runtime.bench import onnxruntime_resolver, openvino_resolver, plan_models, run_plan, tensorrt_resolver
 
     def torch_backend(device, spec):
         # Imported only when a torch backend is planned: an onnxruntime-only bench stays torch-free.
         try:
             from ctmask.exporter.reference import torch_resolver
         except ImportError:
-            return None, "torch is not installed"
+            return None, "torch is not installed (pip install 'ctmask[train]')"
         return torch_resolver(checkpoint, threads)(device, spec)
 
     def resolvers(model: Path) -> dict:
         return {"onnxruntime": onnxruntime_resolver(model, threads), "openvino": openvino_resolver(model, threads),
-                "torch": torch_backend}
+                "tensorrt": tensorrt_resolver(model), "torch": torch_backend}
 
     plan = plan_models(models, backend, resolvers)
     for name, why in plan.skipped.items():

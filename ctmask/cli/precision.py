@@ -37,9 +37,12 @@ def _blocks(value: str | None) -> tuple[str, ...] | None:
 
 @user_errors
 def export(
-    checkpoint: Path = typer.Argument(..., help="Classifier checkpoint (from train-cls)."),
-    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8."),
+    checkpoint: Path = typer.Argument(..., metavar="CKPT_OR_ONNX",
+                                      help="Classifier checkpoint (from train-cls); with --engine, also a ctmask "
+                                           "ONNX graph."),
+    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write (with --engine: the engine, .engine)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 | fp16 | int8 (default fp32; an engine "
+                                                                   "from an ONNX graph: the graph's own)."),
     calibration: Path | None = CalibrationOpt,
     int8_target: str | None = TargetOpt,
     islands: Path | None = typer.Option(None, "--islands", help="Reuse the FP32 islands of a precision report "
@@ -53,6 +56,17 @@ def export(
     method: str | None = MethodOpt,
     opset: int = typer.Option(18, help="ONNX opset: 18 up to the newest the installed onnx package knows; an "
                                        "opset the exporter cannot produce is refused."),
+    engine: str | None = typer.Option(None, "--engine", help="tensorrt: build a TensorRT engine (NVIDIA GPU, pip "
+                                                             "install 'ctmask[trt]'); from a checkpoint, the ONNX "
+                                                             "graph is exported beside it and proven first."),
+    batch: str = typer.Option("1,8,32", "--batch", help="Engine batch profile MIN,OPT,MAX."),
+    workspace: float = typer.Option(4.0, "--workspace", help="Engine builder workspace limit, GB."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache: read if it "
+                                                                          "exists, saved after the build."),
+    images: list[Path] | None = typer.Option(None, "--images", help="Slices or folders for the parity check that "
+                                                                    "proves the ONNX graph before an engine is "
+                                                                    "built from a checkpoint (repeatable)."),
+    parity_size: int = typer.Option(64, "--parity-size", min=1, help="Slices of --images the parity check uses."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -62,11 +76,39 @@ def export(
     int8` adds Q/DQ from calibrated ranges (saved beside the graph as `<name>.ranges.json`; pass that file to
     `--calibration` next time and nothing is calibrated again). The measurement is saved as
     `<name>.precision.json`. Inputs and outputs stay float32 at every precision.
+
+    `--engine tensorrt` builds a TensorRT engine (strongly typed: the precision is the graph's) with its
+    sidecar `<name>.engine.json`, after `check-trt` finds nothing fatal. From a checkpoint, the graph is
+    exported to `<name>.onnx` and parity against PyTorch on `--images` must pass first.
     """
+    from ctmask.core.errors import ConfigError
+
+    if engine is not None:
+        _export_engine(checkpoint, out, engine, precision, batch, workspace, timing_cache, images, parity_size,
+                       json_out, quiet, dict(calibration=calibration, int8_target=int8_target, islands=islands,
+                                             fp32_blocks=fp32_blocks, calibration_size=calibration_size,
+                                             measure_size=measure_size, method=method, opset=opset))
+        return
+    engine_only = [n for n, v in (("--timing-cache", timing_cache), ("--images", images)) if v]
+    engine_only += [n for n, v, d in (("--batch", batch, "1,8,32"), ("--workspace", workspace, 4.0)) if v != d]
+    if engine_only:
+        raise ConfigError(f"{', '.join(engine_only)} only apply to --engine tensorrt")
+    if checkpoint.suffix.lower() == ".onnx":
+        raise ConfigError(f"{checkpoint} is an ONNX graph already; export takes a checkpoint (or, with --engine "
+                          "tensorrt, builds an engine from the graph)")
+    result, summary = _export_graph(checkpoint, out, precision or "fp32", calibration, int8_target, islands,
+                                    fp32_blocks, calibration_size, measure_size, method, opset, quiet)
+    _echo_graph(result, summary, human_echo(json_out))
+    emit_json(result.to_dict() | ({"precision_summary": summary} if summary else {}), json_out)
+
+
+def _export_graph(checkpoint: Path, out: Path, precision: str, calibration: Path | None, int8_target: str | None,
+                  islands: Path | None, fp32_blocks: str | None, calibration_size: int, measure_size: int,
+                  method: str | None, opset: int, quiet: bool):
+    """The ONNX graph at ``precision`` (and the reduced-precision summary, or None)."""
     from ctmask.core.errors import ConfigError
     from ctmask.core.progress import console
 
-    echo = human_echo(json_out)
     if precision not in ("fp32", "fp16", "int8"):
         raise ConfigError(f"unknown --precision {precision!r}; expected fp32, fp16 or int8")
     if precision != "int8" and int8_target is not None:
@@ -79,16 +121,17 @@ def export(
         from ctmask.exporter.onnx_export import export_onnx
 
         with console.status(f"exporting {checkpoint} (torch.onnx.export, dynamo=True)"):
-            result = export_onnx(checkpoint, out, opset)
-        summary = None
-    else:
-        from ctmask.exporter.reduced import ReducedOptions, export_reduced
+            return export_onnx(checkpoint, out, opset), None
+    from ctmask.exporter.reduced import ReducedOptions, export_reduced
 
-        opts = ReducedOptions(precision, calibration, int8_target or "tensorrt", islands, _blocks(fp32_blocks),
-                              calibration_size, measure_size, method or "minmax")
-        with console.status(f"exporting {checkpoint} at {precision}") as status:
-            result, summary = export_reduced(checkpoint, out, opts, opset,
-                                             on_step=None if quiet else lambda s: status.update(f"{precision}: {s}"))
+    opts = ReducedOptions(precision, calibration, int8_target or "tensorrt", islands, _blocks(fp32_blocks),
+                          calibration_size, measure_size, method or "minmax")
+    with console.status(f"exporting {checkpoint} at {precision}") as status:
+        return export_reduced(checkpoint, out, opts, opset,
+                              on_step=None if quiet else lambda s: status.update(f"{precision}: {s}"))
+
+
+def _echo_graph(result, summary: dict | None, echo) -> None:
     spec = result.spec
     echo(f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, {result.n_nodes} nodes, opset {spec.opset}, "
          f"{spec.precision}) in {result.seconds:.1f} s")
@@ -97,7 +140,67 @@ def export(
          + ("; slices body-cropped (crop boxes needed at inference)" if spec.crop else ""))
     if summary is not None:
         echo(format_summary(summary))
-    emit_json(result.to_dict() | ({"precision_summary": summary} if summary else {}), json_out)
+
+
+def _export_engine(source: Path, out: Path, engine: str, precision: str | None, batch: str, workspace: float,
+                   timing_cache: Path | None, images: list[Path] | None, parity_size: int, json_out: Path | None,
+                   quiet: bool, graph_opts: dict) -> None:
+    """``export --engine tensorrt``: TensorRT and the GPU are checked before anything is written."""
+    from ctmask.core.errors import ConfigError
+    from ctmask.core.progress import console
+    from ctmask.trt.api import require_tensorrt
+    from ctmask.trt.build import BuildOptions, build_engine
+    from ctmask.trt.cuda import open_cuda
+    from ctmask.trt.engine import BatchProfile, EngineError, is_engine_path
+
+    echo = human_echo(json_out)
+    if engine != "tensorrt":
+        raise ConfigError(f"unknown --engine {engine!r}; expected tensorrt")
+    if not is_engine_path(out):
+        raise ConfigError(f"--out {out} must name an engine file (.engine, .plan or .trt)")
+    profile = BatchProfile.parse(batch)
+    from_graph = source.suffix.lower() == ".onnx"
+    if from_graph:
+        given = ["--" + k.replace("_", "-") for k, v in graph_opts.items()
+                 if v is not None and k not in ("opset", "calibration_size", "measure_size")]
+        given += ["--images"] if images else []
+        if given:
+            raise ConfigError(f"{source} is an ONNX graph already: {', '.join(given)} apply when exporting from a "
+                              "checkpoint")
+    elif not images:
+        raise ConfigError("building an engine from a checkpoint proves its ONNX graph against PyTorch first: pass "
+                          "--images DIR (slices for the parity check), or export the graph, check it with `ctmask "
+                          "parity`, and build from the ONNX file")
+    if not source.is_file():
+        raise ConfigError(f"{source} does not exist")
+    require_tensorrt()  # before anything is written: TensorRT and a GPU must be here
+    open_cuda().close()
+    options = BuildOptions(profile, workspace, timing_cache, precision if from_graph else None)
+    summary: dict = {"engine": str(out)}
+    graph = source
+    if not from_graph:
+        from ctmask.exporter.parity import check_parity
+
+        graph = out.with_suffix(".onnx")
+        result, reduced = _export_graph(source, graph, precision or "fp32", quiet=quiet, **graph_opts)
+        _echo_graph(result, reduced, echo)
+        with console.status(f"parity of {graph} against PyTorch"):
+            report = check_parity(source, graph, list(images or []), parity_size)
+        echo(f"parity of {graph}: {'PASSED' if report['passed'] else 'FAILED'} (class agreement "
+             f"{report['argmax_agreement']:.2%} on {report['n_images']} slices)")
+        summary["onnx"] = str(graph)
+        summary["parity"] = {k: report[k] for k in ("passed", "argmax_agreement", "n_images", "failures")}
+        if not report["passed"]:
+            raise EngineError("the exported graph failed parity against PyTorch; no engine was built: "
+                              + ", ".join(report["failures"]), graph,
+                              hint=f"ctmask parity {source} {graph} --images ... shows the details")
+    with console.status(f"building a TensorRT engine from {graph}") as status:
+        info = build_engine(graph, out, options, on_step=None if quiet else lambda s: status.update(f"tensorrt: {s}"))
+    spec = info.spec
+    echo(f"wrote {out} ({info.plan_bytes / 2**20:.1f} MiB, {spec.precision}, TensorRT {info.tensorrt_version}, "
+         f"{info.gpu_name} sm {info.compute_capability}, batch {profile.min}-{profile.max}) in "
+         f"{info.build_seconds:.1f} s, and its sidecar {out}.json")
+    emit_json(summary | info.to_dict(), json_out)
 
 
 def format_summary(summary: dict) -> str:

@@ -352,6 +352,36 @@ def _judge_reduced(judged: list[SliceJudgement], expected: dict[str, np.ndarray]
     return report
 
 
+def candidate_runner(model: str | Path) -> Runner:
+    """The runner of the graph under test: a TensorRT engine (``.engine``) or an ONNX graph."""
+    from ctmask.trt.engine import is_engine_path
+
+    if is_engine_path(model):
+        from ctmask.runtime.tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(model)
+    return OnnxRuntimeRunner(model)
+
+
+def source_graph(model: str | Path, notes: list[str]) -> Path | None:
+    """The ONNX file whose contents parity checks against the declared precision: the model
+    itself, or for an engine the graph it was built from, when that file is still there
+    unchanged (otherwise a note says the contents were not re-checked)."""
+    from ctmask.core.fileio import sha256_file
+    from ctmask.trt.engine import is_engine_path, read_sidecar
+
+    if not is_engine_path(model):
+        return Path(model)
+    info = read_sidecar(model)
+    onnx_file = Path(info.onnx_file) if info.onnx_file else None
+    if onnx_file is not None and onnx_file.is_file() and sha256_file(onnx_file) == info.onnx_sha256:
+        return onnx_file
+    notes.append(f"the ONNX graph {model} was built from ({info.onnx_file or 'unnamed'}, sha256 "
+                 f"{info.onnx_sha256[:12]}...) is not at hand unchanged: its contents were not re-checked against "
+                 "its declared precision")
+    return None
+
+
 def check_parity(
     checkpoint: str | Path,
     model: str | Path,
@@ -403,26 +433,30 @@ def check_parity(
     """
     files, skipped = collect_images(inputs)
     files = files[:max_images]
-    with OnnxRuntimeRunner(model) as candidate, TorchRunner(checkpoint, candidates=CANDIDATES) as reference:
+    notes: list[str] = []
+    graph_file = source_graph(model, notes)
+    with candidate_runner(model) as candidate, TorchRunner(checkpoint, candidates=CANDIDATES) as reference:
         spec, ref_spec = candidate.spec, reference.spec
         if (spec.preset, spec.image_size, spec.n_rois) != (ref_spec.preset, ref_spec.image_size, ref_spec.n_rois):
             raise ModelError(f"graph is preset {spec.preset!r} ({spec.image_size} px, N={spec.n_rois}) but the "
                              f"checkpoint is preset {ref_spec.preset!r} ({ref_spec.image_size} px, "
                              f"N={ref_spec.n_rois})", model)
         tol = parity_tolerances(spec.precision, model)
-        proto = load_proto(model)
-        reduced = json.loads({p.key: p.value for p in proto.metadata_props}.get("ctmask.reduced_blocks", "null"))
-        contradictions = precision_problems(proto, spec, reduced if isinstance(reduced, list) else None)
-        del proto
-        if contradictions:
-            raise ModelError("the graph's contents contradict its metadata: " + "; ".join(contradictions), model)
+        if graph_file is not None:
+            proto = load_proto(graph_file)
+            reduced = json.loads({p.key: p.value for p in proto.metadata_props}.get("ctmask.reduced_blocks", "null"))
+            contradictions = precision_problems(proto, spec, reduced if isinstance(reduced, list) else None)
+            del proto
+            if contradictions:
+                raise ModelError("the graph's contents contradict its metadata: " + "; ".join(contradictions),
+                                 graph_file)
         if min_argmax_agreement is None:
             min_argmax_agreement = PARITY_AGREEMENT[spec.precision]
         off_tolerance = PARITY_OFF_TOLERANCE[spec.precision]
         # What the runtime reads from the graph's metadata must be what the model was trained with.
         mismatches = {name: {"graph": getattr(spec, name), "checkpoint": getattr(ref_spec, name)}
                       for name in SERVED_METADATA if getattr(spec, name) != getattr(ref_spec, name)}
-        warnings = []
+        warnings = list(notes)
         declared = spec.declared_tolerances
         if declared is not None and declared != tol:
             warnings.append(f"{model} declares its own parity tolerances; they are ignored: ctmask judges a "

@@ -167,7 +167,7 @@ def speedups_vs_fp32(results: list[dict], baseline: str) -> dict[str, dict[str, 
     return out
 
 
-BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu", "torch-cpu", "torch-cuda")
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu", "tensorrt-cuda", "torch-cpu", "torch-cuda")
 """Backends benchmarked by default (each one that can run here)."""
 ON_REQUEST = ("openvino-bf16",)
 """Backends benchmarked only when named: OpenVINO with the bf16 precision hint changes class
@@ -191,13 +191,18 @@ def precision_label(precision: str, int8_target: str | None = None) -> str:
 
 
 def read_spec(model: Path) -> GraphSpec:
-    """The ctmask spec of an ONNX file, from its metadata (no backend, weights not loaded).
+    """The ctmask spec of an ONNX file, from its metadata (no backend, weights not loaded), or
+    of a TensorRT engine, from its sidecar.
 
     Raises:
         ModelError: the file is missing, not ONNX, or not a ctmask graph.
     """
     import onnx
 
+    from ctmask.trt.engine import is_engine_path, read_sidecar
+
+    if is_engine_path(model):
+        return read_sidecar(model).spec
     if not model.is_file():
         raise ModelError("model file does not exist", model)
     try:
@@ -252,6 +257,8 @@ def onnxruntime_resolver(model: Path, threads: int | None) -> Resolver:
     """Resolver of the ``onnxruntime-*`` backends for ``model``."""
 
     def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
+        if _is_engine(model):
+            return None, "an engine runs on tensorrt only"
         if device not in onnxruntime_devices():
             return None, "this onnxruntime build has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
         return functools.partial(OnnxRuntimeRunner, model, device, threads), ""
@@ -264,6 +271,8 @@ def openvino_resolver(model: Path, threads: int | None) -> Resolver:
     ``openvino-bf16`` (bf16 hint, on the CPU too); skipped when OpenVINO is not installed."""
 
     def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
+        if _is_engine(model):
+            return None, "an engine runs on tensorrt only"
         hint = "f32" if device == "cpu" else device
         if hint not in HINTS:
             return None, f"no OpenVINO precision hint {device!r}"
@@ -272,6 +281,33 @@ def openvino_resolver(model: Path, threads: int | None) -> Resolver:
         except ConfigError as exc:
             return None, f"{exc.message} ({exc.hint})"
         return functools.partial(OpenVinoRunner, model, threads, hint), ""
+
+    return resolve
+
+
+def _is_engine(model: Path) -> bool:
+    from ctmask.trt.engine import is_engine_path
+
+    return is_engine_path(model)
+
+
+def tensorrt_resolver(model: Path) -> Resolver:
+    """Resolver of ``tensorrt-cuda`` for an engine file; skipped (with the reason) for an ONNX
+    graph, or where TensorRT, CUDA or a GPU is missing."""
+
+    def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
+        if not _is_engine(model):
+            return None, "runs engine files (ctmask export MODEL.onnx --engine tensorrt)"
+        from ctmask.runtime.tensorrt_runner import TensorRTRunner
+        from ctmask.trt.api import TensorRTUnavailable, require_tensorrt
+        from ctmask.trt.cuda import open_cuda
+
+        try:
+            require_tensorrt()
+            open_cuda().close()
+        except TensorRTUnavailable as exc:
+            return None, f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+        return functools.partial(TensorRTRunner, model), ""
 
     return resolve
 
