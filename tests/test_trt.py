@@ -184,6 +184,17 @@ def test_sidecar_problems_are_named(engine_pair, tmp_path):
     side.write_text(json.dumps({k: v for k, v in data.items() if k != "profile"}))
     with pytest.raises(EngineError, match="malformed engine sidecar"):
         read_sidecar(engine)
+    for bad, why in ((dict(data, profile={"min": 1, "opt": 8, "max": 10**9}), "profile"),
+                     (dict(data, tensorrt_version=None), "tensorrt_version"),
+                     (dict(data, plan={"sha256": "x", "bytes": 4096}), "sha256"),
+                     (dict(data, graph_metadata=dict(data["graph_metadata"], **{"ctmask.precision": "int4"})),
+                      "int4"),
+                     (dict(data, graph_metadata=dict(data["graph_metadata"], **{"ctmask.input_size": "-5"})),
+                      "input size -5")):
+        side.write_text(json.dumps(bad))
+        with pytest.raises(EngineError, match=why) as err:
+            read_sidecar(engine)
+        assert "--engine tensorrt" in str(err.value)  # says how to rebuild
     side.unlink()
     with pytest.raises(EngineError, match="no sidecar"):
         read_sidecar(engine)
@@ -232,9 +243,12 @@ def test_export_engine_without_tensorrt_exits_2_and_writes_nothing(small_onnx, c
     (["--out", "m.onnx"], "must name an engine file"),
     (["--out", "m.engine", "--engine", "onnxruntime"], "unknown --engine"),
     (["--out", "m.engine", "--batch", "4,2,8"], "--batch"),
+    (["--out", "m.engine", "--workspace", "0"], "--workspace"),
+    (["--out", "m.engine", "--workspace", "nan"], "--workspace"),
+    (["--out", "m.engine", "--timing-cache", "."], "--timing-cache"),
 ])
 def test_export_engine_option_errors(small_onnx, tmp_path, args, message):
-    args = [a if a not in ("m.onnx", "m.engine") else tmp_path / a for a in args]
+    args = [tmp_path / a if a in ("m.onnx", "m.engine") else tmp_path if a == "." else a for a in args]
     if "--engine" not in args:
         args += ["--engine", "tensorrt"]
     r = invoke("export", small_onnx, *args)

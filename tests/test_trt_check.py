@@ -124,6 +124,17 @@ def test_topk_k_initializer_over_3840_is_fatal(fp32_copy):
     assert "K = 5000" in bad[0].message and "3840" in bad[0].message
 
 
+@pytest.mark.parametrize("k, message", [(np.array([-3], np.int64), "TopK needs K >= 1"),
+                                        (np.array([0], np.int64), "TopK needs K >= 1"),
+                                        (np.zeros(0, np.int64), "holds 0 values")])
+def test_topk_k_empty_zero_or_negative_is_fatal(fp32_copy, k, message):
+    node = nodes_of(fp32_copy, "TopK")[0]
+    fp32_copy.graph.initializer.append(numpy_helper.from_array(k, "k_bad"))
+    node.input[1] = "k_bad"
+    bad = fatal(check_graph(fp32_copy))
+    assert [(f.node, f.op) for f in bad] == [(node.name, "TopK")] and message in bad[0].message
+
+
 def test_unsupported_operator_is_fatal(fp32_copy):
     node = nodes_of(fp32_copy, "Sigmoid")[0]
     node.op_type = "Bernoulli"  # same float -> float signature; the matrix lists it unsupported
@@ -262,6 +273,8 @@ def test_subgraph_nodes_are_checked_for_support():
                                                 else_branch=else_g)], "g", [x], [out])
     findings = check_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     assert [(f.node, f.op) for f in fatal(findings)] == [("inner_unique", "Unique")]
+    # what a subgraph is not checked for is said, as a warning on its owner
+    assert any(f.node == "if" and f.severity == WARNING and "not for types" in f.message for f in findings)
 
 
 # ---- API and CLI --------------------------------------------------------------------------
@@ -286,6 +299,10 @@ def test_bad_inputs_raise_user_errors(tmp_path):
             check_graph(path)
     with pytest.raises(ConfigError):
         check_graph(tiny_topk(1), trt_version=9)
+    with pytest.raises(ConfigError, match="--max-batch"):  # shape inference at a fixed batch grows with it
+        check_graph(tiny_topk(1), max_batch=5000)
+    with pytest.raises(ModelError, match="is a folder"):
+        check_graph(tmp_path)
 
 
 def test_cli_exit_status_and_json(small_onnx, fp32_copy, tmp_path):

@@ -159,6 +159,10 @@ def _export_engine(source: Path, out: Path, engine: str, precision: str | None, 
     if not is_engine_path(out):
         raise ConfigError(f"--out {out} must name an engine file (.engine, .plan or .trt)")
     profile = BatchProfile.parse(batch)
+    if not 0 < workspace <= 1024:  # also refuses nan
+        raise ConfigError(f"--workspace must be a number of GB in (0, 1024], got {workspace}")
+    if timing_cache is not None and (timing_cache.is_dir() or not timing_cache.parent.is_dir()):
+        raise ConfigError(f"--timing-cache {timing_cache} must name a file in an existing folder")
     from_graph = source.suffix.lower() == ".onnx"
     if from_graph:
         given = ["--" + k.replace("_", "-") for k, v in graph_opts.items()

@@ -14,7 +14,7 @@ from ctmask.cli.common import JsonOpt, emit_json, human_echo, user_errors
 def check_trt(
     model: Path = typer.Argument(..., help="ONNX graph (a ctmask graph or any ONNX model)."),
     trt_version: int = typer.Option(10, "--trt-version", help="TensorRT major version: 10 or 11."),
-    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Largest batch of the engine's optimisation "
+    max_batch: int = typer.Option(32, "--max-batch", min=1, max=4096, help="Largest batch of the engine's optimisation "
                                                                  "profile: shapes that grow with the batch (TopK's "
                                                                  "K, NMS boxes, tensor sizes) are judged at it."),
     json_out: Path | None = JsonOpt,

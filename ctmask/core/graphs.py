@@ -46,12 +46,16 @@ def load_proto(path: str | Path) -> onnx.ModelProto:
         ModelError: missing or not ONNX (naming the file).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ModelError("is a folder, not an ONNX file", path)
     if not path.is_file():
         raise ModelError("model file does not exist", path)
     try:
         return onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError, OSError ...
-        raise ModelError(f"not an ONNX model ({exc.__class__.__name__})", path) from None
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValidationError (external data) ...
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelError(f"not a loadable ONNX model ({exc.__class__.__name__}{': ' + detail if detail else ''})",
+                         path) from None
 
 
 def spec_of(proto: onnx.ModelProto, path: str | Path) -> GraphSpec:

@@ -609,8 +609,9 @@ class _Checker:
             self.op_support(node)
             for sub in _subgraphs(node):
                 self.subgraph(node, sub)
-        self.add_node(INFO, owner, f"subgraph {graph.name!r} ({len(graph.node)} nodes): checked for operator "
-                                   "support only")
+        self.add_node(WARNING, owner, f"subgraph {graph.name!r} ({len(graph.node)} nodes): checked for operator "
+                                      "support only, not for types, limits or Q/DQ (ctmask graphs have no "
+                                      "subgraphs)")
 
     def op_support(self, node: onnx.NodeProto) -> OpSupport | None:
         """The node's row of the matrix when the parser imports it; otherwise a finding and None."""
@@ -704,13 +705,19 @@ class _Checker:
                 self.add_node(WARNING, node, f"K ('{name}') is {where}: TensorRT takes K as a shape tensor and "
                                              f"refuses K > {TOPK_MAX_K} when it is known; make K a constant")
                 return
-            k = int(np.asarray(v).reshape(-1)[0])
+            flat = np.asarray(v).reshape(-1)
+            if flat.size != 1:
+                self.add_node(FATAL, node, f"K ('{name}') holds {flat.size} values; TopK takes exactly one")
+                return
+            k = int(flat[0])
             how = ("an initializer" if name in g.inits else "a Constant node" if g.is_constant(name)
                    else f"folded from shapes at batch {g.max_batch}")
         dims = g.fixed_dims(node.input[0])
         axis = int(a.get("axis", -1))
         d = dims[axis % len(dims)] if dims else None
-        if k > TOPK_MAX_K:
+        if k < 1:
+            self.add_node(FATAL, node, f"K = {k} ({how}): TopK needs K >= 1")
+        elif k > TOPK_MAX_K:
             self.add_node(FATAL, node, f"K = {k} ({how}) exceeds TensorRT's TopK limit of {TOPK_MAX_K}")
         elif k == TOPK_MAX_K:
             self.add_node(WARNING, node, f"K = {k} ({how}) is TensorRT's TopK limit: the 10.x matrix says K must be "
@@ -909,6 +916,11 @@ def _load(model: onnx.ModelProto | str | Path) -> tuple[onnx.ModelProto, Path | 
     return load_proto(path), path
 
 
+MAX_CHECK_BATCH = 4096
+"""Largest ``max_batch`` judged: ctmask's engine profiles stop there (``MAX_PROFILE_BATCH``), and
+shape inference at a fixed batch costs memory that grows with it."""
+
+
 def check_graph(model: onnx.ModelProto | str | Path, trt_version: int = 10, max_batch: int = 32) -> list[Finding]:
     """Everything TensorRT ``trt_version``.x will demand of ``model``, fatal findings first.
 
@@ -925,8 +937,9 @@ def check_graph(model: onnx.ModelProto | str | Path, trt_version: int = 10, max_
     table = TABLES.get(trt_version)
     if table is None:
         raise ConfigError(f"unknown TensorRT version {trt_version!r}; check-trt knows {', '.join(map(str, TABLES))}")
-    if int(max_batch) < 1:
-        raise ConfigError(f"--max-batch must be at least 1, got {max_batch}")
+    if not 1 <= int(max_batch) <= MAX_CHECK_BATCH:
+        raise ConfigError(f"--max-batch must be 1 to {MAX_CHECK_BATCH} (the largest engine batch profile ctmask "
+                          f"builds), got {max_batch}")
     proto, path = _load(model)
     if not proto.graph.node and not proto.opset_import:
         raise ModelError("not an ONNX model (no graph)", path)

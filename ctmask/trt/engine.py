@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ ENGINE_FORMAT = "ctmask-trt-engine/1"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 SIDECAR_SUFFIX = ".json"
 MAX_PROFILE_BATCH = 4096
+REBUILD_HINT = "rebuild the engine: ctmask export MODEL.onnx --engine tensorrt --out ENGINE"
 
 
 class EngineError(CtmaskError):
@@ -173,9 +175,17 @@ class EngineInfo:
                 check_findings=tuple(d.get("build", {}).get("check_trt", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise EngineError(f"malformed engine sidecar ({exc.__class__.__name__}: {exc})", path) from None
-        if not 1 <= info.profile.min <= info.profile.opt <= info.profile.max:
-            raise EngineError(f"malformed engine sidecar: profile {info.profile.to_dict()} is not ordered", path)
+            raise EngineError(f"malformed engine sidecar ({exc.__class__.__name__}: {exc})", path,
+                              hint=REBUILD_HINT) from None
+        problems = []
+        if not 1 <= info.profile.min <= info.profile.opt <= info.profile.max <= MAX_PROFILE_BATCH:
+            problems.append(f"profile {info.profile.to_dict()} is not 1 <= min <= opt <= max <= {MAX_PROFILE_BATCH}")
+        if not isinstance(d.get("tensorrt_version"), str) or not re.match(r"^\d+\.\d+", d["tensorrt_version"]):
+            problems.append(f"tensorrt_version {d.get('tensorrt_version')!r} is not a version")
+        if not re.fullmatch(r"[0-9a-f]{64}", info.plan_sha256) or info.plan_bytes < 1:
+            problems.append("the plan's sha256 or size is malformed")
+        if problems:
+            raise EngineError("malformed engine sidecar: " + "; ".join(problems), path, hint=REBUILD_HINT)
         return info
 
 
@@ -204,9 +214,13 @@ def read_sidecar(engine: str | Path) -> EngineInfo:
         raise EngineError(f"engine built from a graph of format {fmt!r}; this ctmask reads {GRAPH_FORMAT!r}", engine,
                           hint=rebuild)
     try:
-        info.spec  # noqa: B018  (validates the graph metadata)
+        spec = info.spec
+        spec.tolerances  # noqa: B018  (a precision ctmask has parity tolerances for)
     except CtmaskError as exc:
         raise EngineError(f"engine sidecar's graph metadata: {exc.message}", side, hint=rebuild) from None
+    if not (16 <= spec.image_size <= 8192 and 1 <= spec.n_rois <= 100_000 and len(spec.class_names) >= 2):
+        raise EngineError(f"engine sidecar's graph metadata is malformed (input size {spec.image_size}, N "
+                          f"{spec.n_rois}, {len(spec.class_names)} classes)", side, hint=rebuild)
     return info
 
 
