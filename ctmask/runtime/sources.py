@@ -1,0 +1,64 @@
+"""What ``ctmask infer`` predicts: slices of files, DICOM series and volumes, grouped in studies.
+
+A :class:`SliceRef` names one slice (a PNG, one DICOM file, one frame of a multi-frame DICOM,
+one axial slice of a NIfTI volume) and the series and study it belongs to; reading it gives
+a :class:`DecodedSlice`: the windowed pixels in the file's own pixel frame, and how they were
+rendered. Finding the slices (:func:`ctmask.core.readers.collect_sources`) and decoding them
+(:func:`ctmask.core.readers.read_slice`) live in :mod:`ctmask.core.readers`, shared with
+training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One slice to predict.
+
+    Attributes:
+        path: the file that holds it.
+        frame: index of the slice inside a multi-frame DICOM or a NIfTI volume (in the
+            order they are predicted, see ``position``); ``None`` for a single-slice file.
+        study: study key: the DICOM StudyInstanceUID, a NIfTI file's path, or for a loose
+            image its own path (every loose image is a study of one slice).
+        series: series key: SeriesInstanceUID, the NIfTI path, or the image path.
+        position: position along the slice normal in mm (DICOM ImagePositionPatient
+            projected on the normal, NIfTI affine), or InstanceNumber when positions are
+            missing; ``None`` for a loose image. Slices of a series are sorted by it.
+        label: what reports call the slice, e.g. ``series_dir/IM0001`` or ``ct.nii.gz[z=12]``.
+    """
+
+    path: str
+    frame: int | None = None
+    study: str = ""
+    series: str = ""
+    position: float | None = None
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        """Unique id of the slice across a run (used by ``--resume``): path, plus ``#frame``."""
+        return self.path if self.frame is None else f"{self.path}#{self.frame}"
+
+
+@dataclass
+class DecodedSlice:
+    """A decoded slice: float32 [H, W] pixels in [0, 1] (lung-windowed), in the file's pixel frame.
+
+    Attributes:
+        ref: which slice.
+        pixels: float32 [H, W] in [0, 1].
+        kind: how it was rendered, e.g. ``dicom-hu`` (HU through the modality LUT, then the
+            window), ``nifti-hu``, ``image-8bit`` (taken as already windowed),
+            ``image-16bit-hu+1024`` (see the README).
+        info: facts worth reporting (modality, pixel spacing, rescale, warnings).
+    """
+
+    ref: SliceRef
+    pixels: np.ndarray
+    kind: str
+    info: dict = field(default_factory=dict)
