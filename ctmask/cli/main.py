@@ -42,16 +42,49 @@ def _root(
 @user_errors
 def synth(
     out: Path = typer.Argument(..., help="Output folder (created)."),
-    slices: int = typer.Option(2500, "--slices", "-n", min=3, help="Total slices over train/val/test."),
+    slices: int | None = typer.Option(None, "--slices", "-n", min=3,
+                                      help="Total slices over train/val/test (default 2500; not with --dicom)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; same seed, same data."),
     workers: int | None = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+    dicom: bool = typer.Option(False, "--dicom", help="Write synthetic patients as CT DICOM series instead."),
+    patients: int | None = typer.Option(None, "--patients", min=1, help="With --dicom: patients (default 12)."),
+    slices_per_patient: int | None = typer.Option(None, "--slices-per-patient", min=1,
+                                                  help="With --dicom: slices per series (default 24)."),
+    nifti: bool = typer.Option(False, "--nifti", help="With --dicom: also write one NIfTI volume per patient."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Write a synthetic chest-CT benchmark in COVIDx-CT and CNCB formats."""
+    """Write a synthetic chest-CT benchmark in COVIDx-CT and CNCB formats, or with `--dicom`
+    synthetic patients as DICOM series (one study per patient) plus a manifest.json."""
+    from ctmask.core.errors import ConfigError
     from ctmask.core.progress import progress
+
+    if dicom:
+        if slices is not None:
+            raise ConfigError("--slices is for the PNG benchmark; with --dicom use --patients and "
+                              "--slices-per-patient")
+        from ctmask.data.synth_dicom import synthesize_dicom
+
+        patients, slices_per_patient = patients or 12, slices_per_patient or 24
+        with progress(patients, "synth --dicom", not quiet) as advance:
+            summary = synthesize_dicom(out, patients, slices_per_patient, seed=seed, workers=workers, nifti=nifti,
+                                       progress=lambda n_done, n_total: advance())
+        echo = human_echo(json_out)
+        folders = "  ".join(str(Path(out) / d) for d in ("dicom", "nifti")[: 1 + nifti])
+        for name, n in summary["classes"].items():
+            lesion = "" if name == "normal" else f", {summary['slice_classes'][name]} with lesions"
+            echo(f"{name:<10}{n:>5} patients ({n * slices_per_patient} slices{lesion})  {folders}")
+        echo(f"manifest  {Path(out) / 'manifest.json'}")
+        typer.echo("SYNTHETIC data (not patient data): see synth.json and manifest.json for what it models", err=True)
+        emit_json(summary, json_out)
+        return
+    given = [opt for opt, value in (("--patients", patients), ("--slices-per-patient", slices_per_patient),
+                                    ("--nifti", nifti or None)) if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --dicom")
     from ctmask.data.synth import synthesize
 
+    slices = 2500 if slices is None else slices
     with progress(slices, "synth", not quiet) as advance:
         done = [0]
 
