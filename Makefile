@@ -34,6 +34,16 @@ SEED ?= 0
 accuracy: install
 	scripts/train_eval.sh runs/accuracy 2500 6 100 $(SEED)
 
+# tests/test_report.py opens the HTML report in headless Chromium (it skips without one): install
+# Debian's chromium when none is on PATH, where apt-get is available and we are root.
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "warning: chromium not installed (needs apt-get and root): tests/test_report.py will skip"
+test: chromium
+
 test: install
 	$(BIN)/ruff check ctmask tests
 	$(BIN)/python scripts/trt_stubs.py build/trt-stubs
