@@ -82,7 +82,7 @@ def resolve(reqs: list[Requirement], extras: set[str]) -> set[str]:
 
 def test_wheel_requires_torch_only_with_the_train_extra(wheel_metadata):
     unconditional = {canonicalize_name(r.name) for r in wheel_metadata if r.marker is None}
-    assert unconditional == {"numpy", "pillow", "scipy", "typer", "rich", "pydicom", "onnx", "onnxruntime"}
+    assert unconditional == {"numpy", "pillow", "scipy", "typer", "rich", "pydicom", "nibabel", "onnx", "onnxruntime"}
     for r in wheel_metadata:
         if canonicalize_name(r.name) in TRAIN_ONLY:
             assert str(r.marker) == 'extra == "train"', r

@@ -79,9 +79,10 @@ def test_png_8_and_16_bit(tmp_path):
     a8 = np.arange(1024, dtype=np.uint8).reshape(32, 32)
     Image.fromarray(a8).save(tmp_path / "a.png")
     np.testing.assert_allclose(read_gray(tmp_path / "a.png"), a8 / 255.0, atol=1e-6)
+    # 16-bit: HU + 1024 (never scaled by the image's own range), rendered with the window.
     a16 = (np.arange(1024, dtype=np.uint16) * 64).reshape(32, 32)
     Image.fromarray(a16).save(tmp_path / "b.png")
-    np.testing.assert_allclose(read_gray(tmp_path / "b.png"), a16 / 65535.0, atol=1e-4)
+    np.testing.assert_allclose(read_gray(tmp_path / "b.png"), window_hu(a16 - 1024.0), atol=1e-6)
 
 
 def test_dicom_is_converted_to_hu_and_windowed(tmp_path):

@@ -1,17 +1,17 @@
 """Image decoding and pre-processing, shared by training, export checks and runtime.
 
 Pipeline: decode file -> grayscale float32 in [0, 1] -> optional crop to a body box ->
-bilinear resize to the model's square input. Rendered slices (PNG, JPEG, TIFF) are taken
-as already windowed; DICOM slices are converted to Hounsfield units (modality LUT:
-RescaleSlope / RescaleIntercept) and rendered with the lung window, as the synthetic data
-and COVIDx-CT slices are.
+bilinear resize to the model's square input. Decoding lives in :mod:`ctmask.core.readers`
+(shared with ``ctmask infer``): 8-bit images are taken as already windowed; DICOM slices are
+converted to Hounsfield units (modality LUT: RescaleSlope / RescaleIntercept), 16-bit images
+from HU + 1024, and rendered with the lung window, as the synthetic data and COVIDx-CT
+slices are.
 Channel replication and ImageNet normalisation are *not* done here: they live inside
 the model (and its exported graph).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,104 +77,42 @@ def check_image_size(width: int, height: int, path: str | Path) -> None:
                         f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}", path)
 
 
-def _rescale_value(ds, keyword: str, default: float, path: str | Path) -> float:
-    """``RescaleSlope`` / ``RescaleIntercept`` as a finite float (``default`` when absent or 0/empty)."""
-    try:
-        raw = ds.get(keyword, None)
-    except Exception as exc:  # pydicom converts values lazily and may raise anything
-        raise DataError(f"cannot read {keyword} ({exc.__class__.__name__}: {exc})", path) from None
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError, OverflowError):
-        raise DataError(f"{keyword} {str(raw)!r} is not a number", path) from None
-    if not math.isfinite(value):
-        raise DataError(f"{keyword} is {str(raw)!r}; it must be a finite number", path)
-    return value or default
-
-
 def read_dicom_hu(path: str | Path) -> np.ndarray:
-    """Read a single-frame CT DICOM slice as float32 [H, W] Hounsfield units.
+    """Read a single-frame DICOM slice as float32 [H, W] Hounsfield units.
 
-    Raises :class:`DataError` naming the file when it is not a readable single-frame
-    DICOM image (no pixel data, several frames, compressed without a decoder), declares a
-    size outside [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`] (checked before the pixels
-    are decoded), or has a non-numeric or non-finite rescale slope / intercept or
-    non-finite Hounsfield units.
+    The modality LUT (RescaleSlope / RescaleIntercept) is applied and PixelPaddingValue
+    pixels are set to air, as :func:`ctmask.core.readers.read_slice` does.
+
+    Raises:
+        DataError: naming the file, when it is not a readable single-frame DICOM image in HU
+            (no pixel data, several frames, compressed without a decoder, a rendered image),
+            declares a size outside [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`] (checked
+            before the pixels are decoded), or has a non-numeric or non-finite rescale slope /
+            intercept or non-finite Hounsfield units.
     """
-    import pydicom
+    from ctmask.core.readers import read_dicom_hu as read
 
-    try:
-        ds = pydicom.dcmread(path)
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except Exception as exc:  # a decoder of untrusted bytes: any failure is this file's
-        raise DataError(f"cannot decode DICOM ({exc.__class__.__name__}: {exc})", path) from None
-    if frames != 1:
-        raise DataError(f"expected a single-frame 2-D slice, found {frames} frames", path)
-    if "PixelData" in ds or rows or cols:
-        check_image_size(cols, rows, path)
-    slope = _rescale_value(ds, "RescaleSlope", 1.0, path)
-    intercept = _rescale_value(ds, "RescaleIntercept", 0.0, path)
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:
-        raise DataError(f"cannot decode DICOM ({exc.__class__.__name__}: {exc})", path) from None
-    if arr.ndim != 2:
-        raise DataError(f"expected a single-frame 2-D slice, found pixel array of shape {arr.shape}", path)
-    with np.errstate(over="ignore", invalid="ignore"):
-        hu = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    if not np.isfinite(hu).all():
-        raise DataError(f"{int((~np.isfinite(hu)).sum())} pixels are not finite numbers after the rescale "
-                        f"(slope {slope}, intercept {intercept})", path)
-    return hu
+    return read(path)
 
 
 def read_gray(path: str | Path, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
-    """Decode a slice to a float32 [H, W] array in [0, 1].
+    """Decode a single-slice file to a float32 [H, W] array in [0, 1].
 
-    8- and 16-bit images are scaled by their type's range; colour images are converted to
-    luminance; DICOM is converted to HU and rendered with ``window`` (level, width).
+    Training and inference share this decoding (:func:`ctmask.core.readers.read_single`; the
+    rules per file type are in :mod:`ctmask.core.readers`): 8-bit images are taken as already
+    windowed (value / 255, colour as luminance); 16-bit images hold HU + 1024 and 32-bit
+    integer or float images HU (float within [0, 1]: already windowed), rendered with
+    ``window`` (level, width) as DICOM (HU through the modality LUT) is.
 
     Every decoding failure is a :class:`DataError` naming the file (the per-file failure
     the runtime reports and skips): missing, unreadable, truncated or not an image; a
     declared size outside [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`] pixels per side
-    (checked before the pixels are decoded); non-finite pixels or DICOM rescale values.
+    (checked before the pixels are decoded); non-finite pixels or DICOM rescale values; a
+    multi-frame DICOM or a NIfTI volume (``ctmask infer`` predicts each of their slices).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("image file does not exist", path)
-    try:
-        dicom = is_dicom(path)
-    except OSError as exc:
-        raise DataError(f"cannot read image ({exc.__class__.__name__}: {exc})", path) from None
-    if dicom:
-        return window_hu(read_dicom_hu(path), *window)
-    try:
-        with Image.open(path) as im:
-            check_image_size(*im.size, path)
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                scale = 65535.0 if arr.size and arr.max() > 255 else 255.0
-                arr = np.clip(arr / scale, 0.0, 1.0)
-            else:
-                if im.mode == "F" and not np.isfinite(np.asarray(im)).all():
-                    raise DataError("image holds pixels that are not finite numbers (NaN or infinity)", path)
-                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except DataError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"image declares too many pixels ({exc}); the maximum is "
-                        f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}, refused before decoding", path) from None
-    except Exception as exc:  # a decoder of untrusted bytes: any failure is this file's
-        raise DataError(f"cannot decode image ({exc.__class__.__name__}: {exc})", path) from None
-    if arr.ndim != 2 or arr.size == 0:
-        raise DataError(f"expected a 2-D image, found shape {arr.shape}", path)
-    if not np.isfinite(arr).all():
-        raise DataError("image holds pixels that are not finite numbers (NaN or infinity)", path)
-    return arr
+    from ctmask.core.readers import read_single
+
+    return read_single(path, window)
 
 
 def crop_box(img: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
