@@ -15,7 +15,7 @@ from ctmask.cli.main import app
 from ctmask.core.errors import CheckpointError
 from ctmask.core.fileio import sha256_file
 from ctmask.core.presets import PAPER, SMALL
-from ctmask.core.spec import GraphSpec
+from ctmask.core.spec import FORMAT, OUTPUTS, PARITY_TOLERANCES, GraphSpec, ModelError
 from ctmask.exporter import onnx_export
 from ctmask.exporter.onnx_export import ExportError, default_opset, export_onnx, graph_problems
 from ctmask.runtime.runner import OnnxRuntimeRunner
@@ -30,8 +30,8 @@ def output_dims(path):
 def test_small_graph_contract_and_metadata(small_onnx, cls_ckpt):
     dims = output_dims(small_onnx)
     s, n = SMALL.image_size, SMALL.n_rois
-    assert list(dims) == ["images", "rois", "logits", "probs"]
-    for name, tail in {"images": [1, s, s], "rois": [n, 5], "logits": [3], "probs": [3]}.items():
+    assert list(dims) == ["images", "rois", "logits", "probs", "boxes"] == ["images", *OUTPUTS]
+    for name, tail in {"images": [1, s, s], "rois": [n, 5], "logits": [3], "probs": [3], "boxes": [n, 4]}.items():
         assert isinstance(dims[name][0], str) and dims[name][0], f"{name}: batch must be symbolic"
         assert dims[name][1:] == tail, f"{name}: only the batch may be symbolic, got {dims[name]}"
     model = onnx.load(str(small_onnx))
@@ -40,6 +40,7 @@ def test_small_graph_contract_and_metadata(small_onnx, cls_ckpt):
     assert "NonZero" not in ops and {"NonMaxSuppression", "RoiAlign", "TopK"} <= ops
     assert max(i.version for i in model.opset_import if i.domain in ("", "ai.onnx")) >= 18
     meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["ctmask.format"] == FORMAT == "ctmask-onnx/2"
     spec = GraphSpec.from_metadata(meta, small_onnx)
     assert (spec.preset, spec.image_size, spec.n_rois) == ("small", s, n)
     assert spec.checkpoint_sha256 == sha256_file(cls_ckpt)
@@ -73,11 +74,78 @@ def test_normalisation_is_inside_the_graph(small_onnx, cls_ckpt):
     x = np.random.default_rng(0).random((3, 1, SMALL.image_size, SMALL.image_size), dtype=np.float32)
     with OnnxRuntimeRunner(small_onnx) as r:
         got = r.infer({"images": x})
+    model = load_classifier(load_checkpoint(cls_ckpt))
     with torch.no_grad():
-        rois, logits = load_classifier(load_checkpoint(cls_ckpt))(torch.from_numpy(x))
+        rois, logits = model(torch.from_numpy(x))  # training's forward: rois and logits only
+        rois_b, logits_b, boxes = model(torch.from_numpy(x), with_boxes=True)
+    assert torch.equal(rois, rois_b) and torch.equal(logits, logits_b)
     np.testing.assert_allclose(got["logits"], logits.numpy(), atol=1e-3)
     np.testing.assert_allclose(got["probs"], torch.softmax(logits, -1).numpy(), atol=1e-4)
     assert_rois_match(got["rois"], rois.numpy())
+    assert_boxes_match(got, rois.numpy(), boxes.numpy(), SMALL.image_size)
+
+
+def assert_boxes_match(got, rois, boxes, size):
+    """The graph's boxes: inside [0, S], zero on padding rows, and each matched row's box
+    equal to torch's within the FP32 parity tolerance (rows matched as parity matches them)."""
+    from ctmask.core.compare import align_rows
+    from ctmask.exporter.parity import box_partners
+
+    tol = PARITY_TOLERANCES["fp32"]
+    assert got["boxes"].shape == (*got["rois"].shape[:2], 4) and got["boxes"].dtype == np.float32
+    assert (got["boxes"] >= 0).all() and (got["boxes"] <= size).all()
+    real = got["rois"][..., 0] > 0
+    assert not got["boxes"][~real].any()
+    assert ((got["boxes"][real][:, 2:] >= got["boxes"][real][:, :2])).all()  # x2 >= x1, y2 >= y1
+    for i in range(len(rois)):
+        al = align_rows(got["rois"][i], rois[i], rois.shape[1], tol)
+        ranks = box_partners(al.ranks, got["rois"][i], rois[i], got["boxes"][i], boxes[i], tol)
+        m = ranks >= 0
+        assert m.sum() >= 0.9 * real[i].sum()  # near-ties at the cut may miss their partner
+        np.testing.assert_allclose(got["boxes"][i][m], boxes[i][ranks[m]], rtol=tol["boxes"].rtol,
+                                   atol=tol["boxes"].atol)
+
+
+def test_padding_rows_have_zero_boxes(cls_ckpt, synth_dir, tmp_path):
+    """A score threshold that leaves padding rows: their boxes are zeros in torch and in the graph."""
+    import dataclasses
+
+    from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
+    from ctmask.training.evaluate import load_classifier
+
+    ck = load_checkpoint(cls_ckpt, kind="classifier")
+    padded = tmp_path / "padded.pt"
+    save_checkpoint(padded, kind="classifier", preset=dataclasses.replace(ck.preset, cls_score_thresh=0.135),
+                    model=ck.model)
+    out = tmp_path / "padded.onnx"
+    export_onnx(padded, out)
+    from ctmask.core.preprocess import load_slice
+
+    files = sorted((synth_dir / "images").iterdir())[:8]
+    x = np.stack([load_slice(f, SMALL.image_size) for f in files])[:, None].astype(np.float32)
+    with OnnxRuntimeRunner(out) as r:
+        got = r.infer({"images": x})
+        assert list(got) == list(OUTPUTS)
+    with torch.no_grad():
+        rois, _, boxes = load_classifier(load_checkpoint(padded))(torch.from_numpy(x), with_boxes=True)
+    pad = got["rois"][..., 0] == 0
+    assert pad.any() and (~pad).any(), "the threshold must leave both real and padding rows"
+    assert not boxes.numpy()[rois.numpy()[..., 0] == 0].any()
+    assert_boxes_match(got, rois.numpy(), boxes.numpy(), SMALL.image_size)
+
+
+def test_a_format_1_graph_is_refused_with_the_re_export_command(small_onnx, tmp_path):
+    proto = onnx.load(str(small_onnx))
+    for prop in proto.metadata_props:
+        if prop.key == "ctmask.format":
+            prop.value = "ctmask-onnx/1"
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    with pytest.raises(ModelError, match="ctmask-onnx/1.*older ctmask.*no RoI boxes") as exc:
+        OnnxRuntimeRunner(old).activate()
+    assert "ctmask export CKPT --out" in str(exc.value) and str(old) in str(exc.value)
+    res = CliRunner().invoke(app, ["infer", str(old), str(tmp_path)])
+    assert res.exit_code == 2 and "ctmask export CKPT --out" in res.output and "Traceback" not in res.output
 
 
 def test_segmentation_checkpoint_is_refused_and_nothing_written(seg_ckpt, tmp_path):
@@ -102,15 +170,17 @@ def test_paper_preset_exports_and_matches_torch(tmp_path):
     assert result.spec.n_rois == 256 and not list(tmp_path.glob(".*tmp"))
     dims = output_dims(out)
     assert dims["rois"][1:] == [256, 5] and dims["logits"][1:] == [3] and dims["images"][1:] == [1, 512, 512]
+    assert dims["boxes"][1:] == [256, 4]
     assert all(isinstance(d[0], str) for d in dims.values())
     x = torch.rand(2, 1, 512, 512, generator=torch.Generator().manual_seed(1))
     with OnnxRuntimeRunner(out) as r:
         got = r.infer({"images": x.numpy()})
     with torch.no_grad():
-        rois, logits = model(x)
+        rois, logits, boxes = model(x, with_boxes=True)
     np.testing.assert_allclose(got["logits"], logits.numpy(), atol=1e-3)
     # Untrained weights rank many near-identical scores: near-tied rows may swap.
     assert_rois_match(got["rois"], rois.numpy())
+    assert (got["boxes"] >= 0).all() and (got["boxes"] <= 512).all() and got["boxes"].shape == (2, 256, 4)
 
 
 def test_an_opset_onnx_does_not_know_is_refused_before_any_work(cls_ckpt, tmp_path):

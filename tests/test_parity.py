@@ -27,15 +27,25 @@ def order_sensitive_s(rois):
     return {"logits": logits, "probs": softmax(logits)}
 
 
-def reference(n_images=3):
-    cand = ranked_rows(n_images=n_images, n=N + K)
+def boxes_of(rows):
+    """Stand-in decoded boxes: a function of each row's deltas (a row carries its box when it
+    moves), zeros for padding rows."""
+    b = 100.0 + 20.0 * rows[..., 1:5].astype(np.float64)
+    b[..., 2:] += 50.0
+    return np.where(rows[..., :1] != 0, b, 0.0).astype(np.float32)
+
+
+def reference(n_images=3, pad=0):
+    cand = ranked_rows(n_images=n_images, n=N + K, pad=pad)
     cand[1, 5, 0] = cand[1, 4, 0] - 0.4 * TOL["rois.order"].atol  # a genuine near-tie in slice 1
     cand[1, 4, 1], cand[1, 5, 1] = 2.0, -2.0  # ... between rows S reads very differently
-    return {"rois": cand[:, :N].copy(), "candidates": cand, **order_sensitive_s(cand[:, :N])}
+    boxes = boxes_of(cand)
+    return {"rois": cand[:, :N].copy(), "candidates": cand, "boxes": boxes[:, :N].copy(), "candidate_boxes": boxes,
+            **order_sensitive_s(cand[:, :N])}
 
 
 def graph_from(rows):
-    return {"rois": rows, **order_sensitive_s(rows)}
+    return {"rois": rows, "boxes": boxes_of(rows), **order_sensitive_s(rows)}
 
 
 def test_a_legitimate_near_tie_swap_passes_and_is_judged_end_to_end():
@@ -49,6 +59,8 @@ def test_a_legitimate_near_tie_swap_passes_and_is_judged_end_to_end():
     assert report["argmax_agreement"] == pytest.approx(2 / 3)
     # Logits there are judged against PyTorch's S on the reference's rows in the graph's order.
     assert report["outputs"]["logits"]["passed"] and report["outputs"]["s.logits"]["passed"]
+    # Each swapped row's box is judged against its own partner's box.
+    assert report["outputs"]["boxes"]["passed"] and report["outputs"]["boxes"]["max_abs"] == 0
     assert [f["index"] for f in report["failing_slices"]] == [1]
     assert "graph's order" in report["failing_slices"][0]["reference_logits"]
     # Allowing class changes, the same graph passes: nothing else is wrong with it.
@@ -90,7 +102,9 @@ class KnifeEdgeRunner(Runner):
         cand = np.repeat(ranked_rows(n_images=1, n=SMALL.n_rois + K), len(x), axis=0)
         logits = np.zeros((len(x), 3), np.float32)
         logits[:, 0] = np.where(x.max(axis=(1, 2, 3)) > 0.5, self.jump, 0.0)
-        return {"rois": cand[:, : SMALL.n_rois].copy(), "candidates": cand, "logits": logits, "probs": softmax(logits)}
+        boxes = boxes_of(cand)
+        return {"rois": cand[:, : SMALL.n_rois].copy(), "candidates": cand, "logits": logits, "probs": softmax(logits),
+                "boxes": boxes[:, : SMALL.n_rois].copy(), "candidate_boxes": boxes}
 
     def classify(self, rois):
         logits = np.zeros((len(rois), 3), np.float32)
@@ -106,7 +120,7 @@ def test_a_slice_is_judged_out_only_when_pytorch_moves_comparably(jump, excused)
     images = np.stack([np.full((1, s, s), v, np.float32) for v in [0.5, *np.linspace(0.1, 0.4, 39)]])
     ref = KnifeEdgeRunner(jump).activate()
     expected = ref.infer({"images": images})
-    actual = {k: v.copy() for k, v in expected.items() if k != "candidates"}
+    actual = {k: v.copy() for k, v in expected.items() if not k.startswith("candidate")}
     actual["logits"][0, 0] += 0.6  # the graph is 0.6 off on slice 0, which sits on PyTorch's edge
     actual["probs"] = softmax(actual["logits"])
 
@@ -133,7 +147,7 @@ def test_too_many_failing_slices_are_not_probed_and_fail():
     images = np.full((4, 1, s, s), 0.5, np.float32)
     ref = KnifeEdgeRunner(0.6).activate()
     expected = ref.infer({"images": images})
-    actual = {k: v.copy() for k, v in expected.items() if k != "candidates"}
+    actual = {k: v.copy() for k, v in expected.items() if not k.startswith("candidate")}
     actual["logits"][:, 0] += 0.6
     actual["probs"] = softmax(actual["logits"])
     report = judge_parity(actual, expected, TOL, ref.classify, max_unstable_fraction=1.0,
@@ -172,7 +186,7 @@ def test_wrong_probs_are_never_excused_through_their_logits():
     images = np.stack([np.full((1, s, s), v, np.float32) for v in [0.5, *np.linspace(0.1, 0.4, 39)]])
     ref = KnifeEdgeRunner(0.6).activate()
     expected = ref.infer({"images": images})
-    actual = {k: v.copy() for k, v in expected.items() if k != "candidates"}
+    actual = {k: v.copy() for k, v in expected.items() if not k.startswith("candidate")}
     actual["logits"][0, 0] += 0.6  # on PyTorch's knife edge: excusable ...
     actual["probs"][0] = [0.0, 0.0, 1.0]  # ... but these probs are not the softmax of those logits
     report = judge_parity(actual, expected, TOL, ref.classify,
@@ -215,3 +229,60 @@ def test_reduced_precision_never_excuses_a_wrong_s():
     report = judge_parity(graph, ref, PARITY_TOLERANCES["int8"], order_sensitive_s, min_argmax_agreement=0.0,
                           off_tolerance=0.10)
     assert not report["passed"] and "s.logits" in report["failures"] and report["off_tolerance_slices"] == []
+
+
+def test_boxes_swapped_between_two_rows_fail_on_boxes_only():
+    ref = reference()
+    graph = graph_from(ref["rois"].copy())
+    graph["boxes"][0, [2, 3]] = graph["boxes"][0, [3, 2]]  # rows in place, their boxes exchanged
+    report = judge_parity(graph, ref, TOL, order_sensitive_s)
+    assert report["failures"] == ["boxes"] and not report["passed"]
+    assert report["outputs"]["boxes"]["n_failing"] > 0 and [f["index"] for f in report["failing_slices"]] == [0]
+
+
+def test_boxes_off_by_a_little_scale_fail_and_within_tolerance_pass():
+    ref = reference()
+    graph = graph_from(ref["rois"].copy())
+    graph["boxes"] = graph["boxes"] * np.float32(1.001)  # decoding 0.1% off: ~0.1 to 0.3 px
+    assert judge_parity(graph, ref, TOL, order_sensitive_s)["failures"] == ["boxes"]
+    graph["boxes"] = boxes_of(ref["rois"]) + np.float32(0.5 * TOL["boxes"].atol)
+    graph["boxes"][ref["rois"][..., 0] == 0] = 0
+    assert judge_parity(graph, ref, TOL, order_sensitive_s)["passed"]
+
+
+def test_padding_rows_must_have_zero_boxes():
+    ref = reference(pad=N + K - 10)  # 10 real candidates: rows 10..N-1 of the graph are padding
+    graph = graph_from(ref["rois"].copy())
+    assert judge_parity(graph, ref, TOL, order_sensitive_s)["passed"]
+    graph["boxes"][2, 12] = [1.0, 1.0, 5.0, 5.0]
+    report = judge_parity(graph, ref, TOL, order_sensitive_s)
+    assert report["failures"] == ["boxes"] and report["rois"]["bad_padding"] == 0
+
+
+def test_rows_that_score_and_deltas_cannot_tell_apart_are_paired_by_their_boxes():
+    """Two candidates of nearly one proposal (equal score and deltas within tolerance, boxes
+    0.04 px apart: measured on the untrained paper graph) may be matched either way round;
+    their boxes are judged against the closer partner. Rows told apart keep their partners."""
+    ref = reference()
+    cand, boxes = ref["candidates"], ref["candidate_boxes"]
+    cand[0, 3] = cand[0, 2] + np.float32([-2e-5, 1e-5, 0, -1e-5, 0])
+    boxes[0, 3] = boxes[0, 2] + np.float32([0, 0.04, 0, 0.09])
+    ref["rois"], ref["boxes"] = cand[:, :N].copy(), boxes[:, :N].copy()
+    graph = {"rois": ref["rois"].copy(), "boxes": ref["boxes"].copy(), **order_sensitive_s(ref["rois"])}
+    # The rows match their reference rows best, but the graph's boxes came out the other way round.
+    graph["boxes"][0, [2, 3]] = graph["boxes"][0, [3, 2]]
+    report = judge_parity(graph, ref, TOL, order_sensitive_s)
+    assert report["outputs"]["boxes"]["passed"] and report["outputs"]["boxes"]["max_abs"] == 0, report["outputs"]
+    assert report["passed"], report["failures"]
+    # The same swap of boxes between rows whose deltas differ is caught.
+    graph = graph_from(ref["rois"].copy())
+    graph["boxes"][0, [4, 5]] = graph["boxes"][0, [5, 4]]
+    assert judge_parity(graph, ref, TOL, order_sensitive_s)["failures"] == ["boxes"]
+
+
+def test_missing_boxes_are_refused():
+    ref = reference()
+    graph = graph_from(ref["rois"].copy())
+    del graph["boxes"]
+    with pytest.raises(ValueError, match="boxes"):
+        judge_parity(graph, ref, TOL, order_sensitive_s)

@@ -24,19 +24,23 @@ pytestmark = pytest.mark.slow
 
 class Tampered(nn.Module):
     """The exported contract with a defect: ``rows`` rewrites the ranked RoIs, shown in the
-    ``rois`` output and / or fed to S; ``logits`` rewrites S's output."""
+    ``rois`` output and / or fed to S; ``logits`` rewrites S's output; ``boxes`` rewrites the
+    decoded boxes output."""
 
-    def __init__(self, model, rows=None, show=True, feed_s=True, logits=None):
+    def __init__(self, model, rows=None, show=True, feed_s=True, logits=None, boxes=None):
         super().__init__()
         self.model, self.rows, self.show, self.feed_s, self.logits = model, rows, show, feed_s, logits
+        self.boxes = boxes
 
     def forward(self, images):
-        rois = self.model.ranker(images)
+        rois, boxes = self.model.ranker(images, with_boxes=True)
         bad = self.rows(rois) if self.rows is not None else rois
         logits = self.model.classifier(bad if self.feed_s else rois)
         if self.logits is not None:
             logits = self.logits(logits)
-        return (bad if self.show else rois), logits, torch.softmax(logits, -1)
+        if self.boxes is not None:
+            boxes = self.boxes(boxes)
+        return (bad if self.show else rois), logits, torch.softmax(logits, -1), boxes
 
 
 def reverse_all(rois):
@@ -49,6 +53,18 @@ def reverse_real_rows(rois):
     j = torch.arange(rois.shape[1]).unsqueeze(0)
     idx = torch.where(j < k, k - 1 - j, j)
     return torch.gather(rois, 1, idx.unsqueeze(-1).expand(-1, -1, 5))
+
+
+def swap_first_two_boxes(boxes):
+    """Rows 0 and 1 keep their place; their boxes are exchanged."""
+    return torch.cat([boxes[:, 1:2], boxes[:, 0:1], boxes[:, 2:]], 1)
+
+
+def boxes_decoded_2pc_wide(boxes):
+    """Width and height 2% too large about the same centre: a box decoding with dw, dh off."""
+    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+    half = (boxes[..., 2:] - boxes[..., :2]) / 2 * 1.02
+    return torch.cat([centre - half, centre + half], -1)
 
 
 def wrong_deltas_at_cut(rois):
@@ -93,8 +109,11 @@ def padded_ckpt(cls_ckpt, tmp_path_factory):
         ({"rows": wrong_deltas_at_cut, "feed_s": False}, {"rois.deltas", "s.logits"}),
         ({"rows": wrong_deltas_at_cut}, {"rois.deltas", "logits"}),
         ({"rows": wrong_deltas_at_cut, "show": False}, {"logits", "s.logits"}),
+        ({"boxes": swap_first_two_boxes}, {"boxes"}),
+        ({"boxes": boxes_decoded_2pc_wide}, {"boxes"}),
     ],
-    ids=["rows-reversed", "cut-deltas-output-only", "cut-deltas-fed-to-S", "cut-deltas-hidden-in-S"],
+    ids=["rows-reversed", "cut-deltas-output-only", "cut-deltas-fed-to-S", "cut-deltas-hidden-in-S",
+         "boxes-of-two-rows-swapped", "boxes-decoded-2pc-wide"],
 )
 def test_wrong_graph_fails_on_the_right_line(cls_ckpt, small_onnx, synth_dir, tmp_path, defect, fails):
     bad = tampered_graph(cls_ckpt, small_onnx, tmp_path / "bad.onnx", **defect)
@@ -104,6 +123,13 @@ def test_wrong_graph_fails_on_the_right_line(cls_ckpt, small_onnx, synth_dir, tm
     # Nothing is excused: no slice is judged out, every failing slice names a failing line.
     assert report["unstable_slices"] == []
     assert report["failing_slices"] and all(f["max_abs"] for f in report["failing_slices"])
+    if "boxes" in defect:  # only the boxes are wrong: every other line passes, on every slice
+        assert report["failures"] == ["boxes"] and report["outputs"]["boxes"]["max_abs"] > 0.2  # 10x the atol
+        assert all(set(f["max_abs"]) == {"boxes"} for f in report["failing_slices"])
+        assert len(report["failing_slices"]) == report["n_images"]
+        from ctmask.cli.deploy import format_parity
+
+        assert [line.split()[0] for line in format_parity(report).splitlines() if "FAIL (" in line] == ["boxes"]
     if "rows" in defect and defect["rows"] is wrong_deltas_at_cut and defect.get("show", True):
         # The wrong rows sit at the N cut, and are checked there, not excused.
         assert report["outputs"]["rois.deltas"]["max_rel"] >= 0.4
@@ -116,6 +142,8 @@ def test_real_rows_reversed_with_padding_in_place_fails(padded_ckpt, small_onnx,
     assert ok["passed"], ok["failures"]
     real = ok["rois"]["rows"]
     assert 0 < real < ok["n_images"] * 64  # the threshold really left padding rows
+    # Boxes are judged on every row, padding rows (against zeros) included.
+    assert ok["outputs"]["boxes"]["shape"] == [ok["n_images"] * 64 * 4]
     bad = tampered_graph(padded_ckpt, small_onnx, tmp_path / "bad.onnx", rows=reverse_real_rows)
     report = parity(padded_ckpt, bad, synth_dir / "images")
     assert not report["passed"] and {"rois.order", "logits"} <= set(report["failures"])

@@ -63,7 +63,8 @@ def spec_of(proto: onnx.ModelProto, path: str | Path) -> GraphSpec:
 
 
 def io_problems(proto: onnx.ModelProto, spec: GraphSpec) -> list[str]:
-    """How the graph's inputs / outputs differ from ``images [B,1,S,S] -> rois, logits, probs`` float32."""
+    """How the graph's inputs / outputs differ from ``images [B,1,S,S] -> rois, logits, probs, boxes``
+    (:data:`OUTPUTS`, in that order, shapes from ``spec``) float32."""
     problems = []
     inputs = {i.name: i for i in proto.graph.input}
     inits = {t.name for t in proto.graph.initializer}

@@ -2,8 +2,8 @@
 
 The exporter writes it into the ONNX file (``metadata_props``), the runtime reads it back
 from there to drive pre-processing, and the parity checks take their per-output
-tolerances from it. ``images [B, 1, S, S] -> rois [B, N, 5], logits [B, 3], probs [B, 3]``;
-only ``B`` is symbolic.
+tolerances from it. ``images [B, 1, S, S] -> rois [B, N, 5], logits [B, 3], probs [B, 3],
+boxes [B, N, 4]``; only ``B`` is symbolic.
 """
 
 from __future__ import annotations
@@ -17,13 +17,18 @@ from ctmask.core.errors import CtmaskError
 from ctmask.core.preprocess import LUNG_WINDOW, Preprocessing
 from ctmask.core.presets import CLASS_NAMES, Preset
 
-FORMAT = "ctmask-onnx/1"
+FORMAT = "ctmask-onnx/2"
 """Value of the ``ctmask.format`` metadata key; bumped when the graph contract changes."""
+
+OLD_FORMATS: dict[str, str] = {"ctmask-onnx/1": "its outputs are rois, logits, probs: it has no RoI boxes"}
+"""Graph formats of earlier ctmask versions, with what they lack (refused: re-export)."""
 
 OPSET = 18
 BATCH = "batch"
 INPUT = "images"
-OUTPUTS: tuple[str, ...] = ("rois", "logits", "probs")
+OUTPUTS: tuple[str, ...] = ("rois", "logits", "probs", "boxes")
+"""Graph outputs, in order: ranked RoI rows [B, N, 5], S's logits [B, 3], their softmax
+[B, 3], and each ranked row's decoded box (x1, y1, x2, y2) in input pixels [B, N, 4]."""
 
 
 class ModelError(CtmaskError):
@@ -69,6 +74,13 @@ PARITY_TOLERANCES: dict[str, dict[str, Tolerance]] = {
         # Two candidates may come out in either order only when their reference scores are
         # this close: each score may be off by up to the score atol, so they can cross.
         "rois.order": Tolerance(2e-4),
+        # Decoded boxes (x1, y1, x2, y2) in input pixels, on the matched rows (padding: zeros).
+        # Measured, graph vs torch: 4.6e-5 px max on runs/robust3/cls.pt (256 held-out slices,
+        # S = 192), 3.1e-5 on the test fixture, 5.6e-3 on the untrained paper graph (24
+        # slices, S = 512, boxes up to 150 px wide: its deltas' own error, up to 1.6e-4, times w / 5).
+        # 2e-2 px + 1e-4 relative (0.07 px at 512) keeps the deltas' margin (~12x); a
+        # decoding 1% off or two rows' boxes swapped is off by pixels.
+        "boxes": Tolerance(2e-2, 1e-4),
         "logits": Tolerance(1e-3),
         "probs": Tolerance(1e-4),
     },
@@ -84,6 +96,10 @@ PARITY_TOLERANCES["fp16"] = {
     "rois.score": Tolerance(2e-2),
     "rois.deltas": Tolerance(5e-2, 5e-2),
     "rois.order": Tolerance(4e-2),
+    # Measured, runs/robust3/cls.pt, every block but ranking in FP16, 256 slices: on the 16,362
+    # of 16,384 rows within the row tolerances, boxes median 7e-4 px, p99.9 8.7e-3, max 1.09
+    # px (one row); beyond that only on 8 slices that fail row lines too (moved proposals).
+    "boxes": Tolerance(1.0, 5e-3),
     "logits": Tolerance(0.5),
     "probs": Tolerance(5e-2),
     # S on the graph's own RoIs: S's own precision (FP32 island or FP16).
@@ -95,6 +111,11 @@ PARITY_TOLERANCES["int8"] = {
     "rois.score": Tolerance(5e-2),
     "rois.deltas": Tolerance(1e-1, 1e-1),
     "rois.order": Tolerance(1e-1),
+    # Twice FP16's, as for the rows. Measured on the INT8-detector graphs of robust3 (which
+    # fail parity on rows anyway): rows within the INT8 row tolerances are off by median
+    # 0.13-0.15 px, p90 0.47-0.60, p99 2.7-6.3 px, and up to 112 px where a moved proposal
+    # yields a candidate of the same score and deltas: boxes see what rows cannot.
+    "boxes": Tolerance(2.0, 1e-2),
     "logits": Tolerance(1.0),
     "probs": Tolerance(1e-1),
     # S in INT8 quantizes scores in [0, 1] and deltas of several units with one scale: its
@@ -200,7 +221,8 @@ class GraphSpec:
 
     def output_shapes(self, batch: int | str = BATCH) -> dict[str, tuple[int | str, ...]]:
         n_cls = len(self.class_names)
-        return {"rois": (batch, self.n_rois, 5), "logits": (batch, n_cls), "probs": (batch, n_cls)}
+        return {"rois": (batch, self.n_rois, 5), "logits": (batch, n_cls), "probs": (batch, n_cls),
+                "boxes": (batch, self.n_rois, 4)}
 
     def metadata(self) -> dict[str, str]:
         """``metadata_props`` entries (all strings) of the exported ONNX file."""
@@ -241,6 +263,11 @@ class GraphSpec:
                 path,
                 hint="export the model with `ctmask export CKPT --out model.onnx`",
             )
+        if fmt in OLD_FORMATS:
+            raise ModelError(f"graph format {fmt!r} was written by an older ctmask ({OLD_FORMATS[fmt]}); this "
+                             f"ctmask reads {FORMAT!r} only", path,
+                             hint="re-export it from its checkpoint: `ctmask export CKPT --out model.onnx` (and "
+                                  "remake its FP16 / INT8 graphs and engines from the new file)")
         if fmt != FORMAT:
             raise ModelError(f"unsupported graph format {fmt!r}; this ctmask reads {FORMAT!r}", path)
         try:

@@ -5,9 +5,10 @@ The definition (the README states it in one paragraph):
 
 * PyTorch ranks N + K candidates (K = :data:`CANDIDATES`) with the same module; its first
   N rows are its output and feed its S. Every real row of the graph is matched one to one
-  to a reference candidate (:func:`ctmask.core.compare.align_rows`); ``rois.score`` and
-  ``rois.deltas`` are judged on the matched pairs, rows entering at the N cut included;
-  ``rois.rows`` fails on any unmatched, missing or intruding row or broken padding.
+  to a reference candidate (:func:`ctmask.core.compare.align_rows`); ``rois.score``,
+  ``rois.deltas`` and ``boxes`` (the row's decoded box, against its partner's; padding
+  rows' boxes against zeros) are judged on the matched pairs, rows entering at the N cut
+  included; ``rois.rows`` fails on any unmatched, missing or intruding row or broken padding.
 * ``rois.order``: two rows may be in the other order only when their reference scores
   are within the precision's order tolerance, and the graph's scores must descend within
   it.
@@ -36,6 +37,7 @@ import numpy as np
 
 from ctmask.core.compare import (
     PAD,
+    UNMATCHED,
     OutputComparison,
     RowAlignment,
     align_rows,
@@ -65,7 +67,8 @@ by at least this fraction of the graph's error on every line the graph failed th
 CANDIDATES = 64
 """K: the reference ranks N + K candidates, so rows entering at the N cut are matched."""
 
-NUMERIC_LINES = ("rois.score", "rois.deltas", "rois.order", "logits", "probs", "s.logits", "probs.softmax")
+NUMERIC_LINES = ("rois.score", "rois.deltas", "rois.order", "boxes", "logits", "probs", "s.logits",
+                 "probs.softmax")
 """Judged numeric lines: ``s.logits`` is the graph's logits against PyTorch's S applied to
 the graph's own RoIs (S checked on its own, to full precision); ``probs.softmax`` the
 graph's probs against the softmax of its own logits (never excusable: PyTorch's own
@@ -74,7 +77,8 @@ movement on it is zero)."""
 TOLERANCE_OF = {"s.logits": "logits", "probs.softmax": "probs"}
 """Lines judged with another line's tolerance, unless the precision's table names them."""
 
-EXCUSABLE_REDUCED = frozenset({"rois.score", "rois.deltas", "rois.order", "rois.rows", "logits", "probs", "class"})
+EXCUSABLE_REDUCED = frozenset({"rois.score", "rois.deltas", "rois.order", "rois.rows", "boxes", "logits", "probs",
+                               "class"})
 """Lines an FP16 / INT8 graph may fail on a few slices (up to the precision's
 ``PARITY_OFF_TOLERANCE``): reduced precision legitimately moves near-tied rows and
 proposals. Its class agreement still counts every slice; ``s.logits`` (S on the graph's
@@ -142,20 +146,64 @@ class SliceJudgement:
         return out
 
 
+def box_partners(ranks: np.ndarray, rows: np.ndarray, candidates: np.ndarray, boxes: np.ndarray,
+                 candidate_boxes: np.ndarray, tol: dict[str, Tolerance]) -> np.ndarray:
+    """The reference candidate each graph row's box is judged against: its row's partner
+    (``ranks``, :func:`ctmask.core.compare.align_rows`), except among rows that score and
+    deltas cannot tell apart.
+
+    Two candidates of nearly the same proposal (untrained weights make many) can have score
+    and deltas equal within the ``rois`` tolerances while their boxes differ by a fraction
+    of a pixel; the row matching then pairs them arbitrarily. So the partners of the matched
+    rows are re-assigned among themselves, minimising the box error, where each graph row
+    may only take a partner whose score and deltas it matches within tolerance (or its own
+    partner): membership never changes, and rows that score or deltas tell apart keep
+    their partners (a graph that swaps their boxes fails ``boxes``).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    g = np.flatnonzero(ranks >= 0)
+    if len(g) < 2:
+        return ranks
+    r = ranks[g]
+    a, e = rows[g].astype(np.float64), candidates[r].astype(np.float64)
+    st, dt = tol["rois.score"], tol["rois.deltas"]
+    with np.errstate(invalid="ignore"):
+        ok_score = np.abs(a[:, None, 0] - e[None, :, 0]) <= st.atol + st.rtol * np.abs(e[None, :, 0])
+        ok_deltas = (np.abs(a[:, None, 1:] - e[None, :, 1:]) <= dt.atol + dt.rtol * np.abs(e[None, :, 1:])).all(-1)
+    allowed = (ok_score & ok_deltas) | np.eye(len(g), dtype=bool)
+    if allowed.sum() == len(g):  # every row can only keep its own partner
+        return ranks
+    err = np.abs(boxes[g].astype(np.float64)[:, None] - candidate_boxes[r].astype(np.float64)[None]).max(-1)
+    err = np.where(np.isfinite(err), np.minimum(err, 1e9), 1e9)
+    rows_, cols = linear_sum_assignment(np.where(allowed, err, 1e12))
+    out = ranks.copy()
+    out[g[rows_]] = r[cols]
+    return out
+
+
 def judge_slices(actual: dict[str, np.ndarray], reference: dict[str, np.ndarray], tol: dict[str, Tolerance],
                  classify: Callable[[np.ndarray], dict[str, np.ndarray]]) -> list[SliceJudgement]:
     """Judge every slice of ``actual`` (the graph) against ``reference`` (PyTorch).
 
     Args:
-        actual: ``rois`` [B, N, 5], ``logits`` / ``probs`` [B, 3] of the graph.
+        actual: ``rois`` [B, N, 5], ``logits`` / ``probs`` [B, 3], ``boxes`` [B, N, 4] of the graph.
         reference: the same from PyTorch plus ``candidates`` [B, N + K, 5], the reference's
-            ranking of more candidates than it keeps (its first N rows are ``rois``).
+            ranking of more candidates than it keeps (its first N rows are ``rois``), and
+            their decoded boxes ``candidate_boxes`` [B, N + K, 4].
         tol: parity tolerances (ctmask's table for the graph's precision).
         classify: PyTorch's S, rois [b, N, 5] -> {"logits", "probs"} [b, 3].
+
+    Raises:
+        ValueError: an output is missing or of the wrong shape.
     """
-    n = actual["rois"].shape[1]
+    b, n = actual["rois"].shape[:2]
     if reference["candidates"].shape[1] < n:
         raise ValueError(f"reference ranked {reference['candidates'].shape[1]} candidates, fewer than N = {n}")
+    for side, key, rows in ((actual, "boxes", n), (reference, "candidate_boxes", reference["candidates"].shape[1])):
+        if key not in side or side[key].shape != (b, rows, 4):
+            raise ValueError(f"{key}: expected [{b}, {rows}, 4] boxes, got "
+                             f"{list(side[key].shape) if key in side else 'none'}")
     s_on_graph = classify(np.ascontiguousarray(actual["rois"]))["logits"]
     aligned = [align_rows(actual["rois"][i], reference["candidates"][i], n, tol) for i in range(len(actual["rois"]))]
     # Legitimately reordered slices: the reference's own rows in the graph's order through S.
@@ -171,10 +219,16 @@ def judge_slices(actual: dict[str, np.ndarray], reference: dict[str, np.ndarray]
     for i, al in enumerate(aligned):
         a, e = actual["rois"][i].astype(np.float64), reference["candidates"][i].astype(np.float64)
         m = al.ranks >= 0
+        # Boxes of matched rows against their partner's (a permuted near-tie against its own
+        # reference box), of padding rows against zeros; unmatched rows fail rois.rows.
+        shown = al.ranks != UNMATCHED
+        ranks = box_partners(al.ranks, a, e, actual["boxes"][i], reference["candidate_boxes"][i], tol)
+        partner = np.where(m[:, None], reference["candidate_boxes"][i][np.maximum(ranks, 0)], 0.0)
         pairs = {
             "rois.score": (a[m, 0], e[al.ranks[m], 0]),
             "rois.deltas": (a[m, 1:], e[al.ranks[m], 1:]),
             "rois.order": (np.array([max(al.order_gap, al.rise)]), np.zeros(1)),
+            "boxes": (actual["boxes"][i][shown].astype(np.float64), partner[shown].astype(np.float64)),
             "logits": (actual["logits"][i], judged["logits"][i]),
             "probs": (actual["probs"][i], judged["probs"][i]),
             "s.logits": (actual["logits"][i], s_on_graph[i]),
@@ -330,6 +384,9 @@ def judge_parity(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray],
 
 
 def _judged_reference(judged: list[SliceJudgement], expected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference outputs saved for Polygraphy. ``boxes`` are left out: Polygraphy compares
+    rows in place, and a legitimately reordered row's box moves by pixels (parity judges
+    boxes on matched rows); it skips an output the reference does not have."""
     return {"rois": expected["rois"],
             "logits": np.stack([j.pairs["logits"][1] for j in judged]).astype(np.float32),
             "probs": np.stack([j.pairs["probs"][1] for j in judged]).astype(np.float32)}

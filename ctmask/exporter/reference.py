@@ -30,7 +30,8 @@ class TorchRunner(Runner):
         device: "cpu" or "cuda".
         threads: intra-op threads on the CPU (default: torch's own choice).
         candidates: K > 0 also returns ``candidates`` [B, N + K, 5], the module's ranking of
-            N + K candidates (its first N rows are ``rois``, which S reads), for parity.
+            N + K candidates (its first N rows are ``rois``, which S reads), and their decoded
+            boxes ``candidate_boxes`` [B, N + K, 4] (the first N are ``boxes``), for parity.
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu", threads: int | None = None,
@@ -61,10 +62,11 @@ class TorchRunner(Runner):
         if not self.candidates:
             return {name: v.float().cpu().numpy() for name, v in zip(OUTPUTS, self.module(images))}
         model = self.module.model
-        ranked = model.ranker(images, model.preset.n_rois + self.candidates)
+        ranked, located = model.ranker(images, model.preset.n_rois + self.candidates, with_boxes=True)
         rois = ranked[:, : model.preset.n_rois]
         logits = model.classifier(rois)
-        values = {"rois": rois, "logits": logits, "probs": torch.softmax(logits, -1), "candidates": ranked}
+        values = {"rois": rois, "logits": logits, "probs": torch.softmax(logits, -1),
+                  "boxes": located[:, : model.preset.n_rois], "candidates": ranked, "candidate_boxes": located}
         return {name: v.float().cpu().numpy() for name, v in values.items()}
 
     @torch.inference_mode()

@@ -50,7 +50,8 @@ class Runner(abc.ABC):
             feed: ``{"images": float32 [B, 1, S, S]}`` in [0, 1].
 
         Returns:
-            ``{"rois": [B, N, 5], "logits": [B, 3], "probs": [B, 3]}``, float32.
+            ``{"rois": [B, N, 5], "logits": [B, 3], "probs": [B, 3], "boxes": [B, N, 4]}``
+            (:data:`ctmask.core.spec.OUTPUTS`), float32.
         """
         if not self.is_active:
             raise RuntimeError(f"{self.name}: call activate() before infer()")

@@ -47,7 +47,8 @@ class RoIClassifier(nn.Module):
 class CovidCTMaskNet(nn.Module):
     """Detector (always in inference mode) + ranked RoI module + S.
 
-    ``forward(images [B, 1, S, S] in [0, 1]) -> (rois [B, N, 5], logits [B, 3])``.
+    ``forward(images [B, 1, S, S] in [0, 1]) -> (rois [B, N, 5], logits [B, 3])``; with
+    ``with_boxes=True`` (the exported graph) also the rows' decoded boxes [B, N, 4].
     """
 
     def __init__(self, preset: Preset, detector: MaskRCNN | None = None):
@@ -63,9 +64,12 @@ class CovidCTMaskNet(nn.Module):
         self.detector.eval()
         return self
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        rois = self.ranker(images)
-        return rois, self.classifier(rois)
+    def forward(self, images: Tensor, with_boxes: bool = False) -> tuple[Tensor, ...]:
+        if not with_boxes:
+            rois = self.ranker(images)
+            return rois, self.classifier(rois)
+        rois, boxes = self.ranker(images, with_boxes=True)
+        return rois, self.classifier(rois), boxes
 
     def state_dict_for_checkpoint(self) -> dict[str, Tensor]:
         """Detector + S weights under ``detector.*`` / ``classifier.*`` (no duplicates)."""

@@ -11,6 +11,11 @@ class and that class's *encoded* box-regression output (box coder weights 10, 10
 highest score first. **Padding:** when fewer than N candidates survive (thresholds, NMS,
 degenerate boxes), the remaining rows are all zeros. A zero row is never produced by a real
 candidate (softmax scores are > 0), so padding is unambiguous and deterministic.
+
+With ``with_boxes=True`` the module also returns each ranked row's *decoded* box
+``(x1, y1, x2, y2)`` [B, N, 4] in model-input pixels (the deltas applied to the row's
+proposal, clipped to the image: the box NMS judged), zeros for padding rows. S never reads
+them; the exported graph outputs them so a user can see where a RoI lies.
 """
 
 from __future__ import annotations
@@ -161,7 +166,8 @@ class RankedRoIs(nn.Module):
         moved = torch.cat([rois[:, :1], boxes], -1)
         return roi_align(canvas, moved, (7, 7), spatial_scale=1.0, sampling_ratio=2, aligned=False)
 
-    def forward(self, images: Tensor, n_rows: int | None = None) -> Tensor:
+    def forward(self, images: Tensor, n_rows: int | None = None,
+                with_boxes: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Ranked RoIs of a batch.
 
         Args:
@@ -169,10 +175,12 @@ class RankedRoIs(nn.Module):
             n_rows: rows to return (default: the preset's N). Parity's reference asks for
                 more than N, so a candidate that another backend ranks into the last
                 rows can be matched to the reference candidate it really is.
+            with_boxes: also return the decoded box of every row.
 
         Returns:
             float32 [B, n_rows, 5] rows ``(score, dx, dy, dw, dh)``, highest score first,
-            zero rows as padding.
+            zero rows as padding; with ``with_boxes``, also float32 [B, n_rows, 4] ``(x1, y1, x2,
+            y2)`` in input pixels, clipped to [0, S], same rows, zeros for padding.
         """
         p = self.preset
         n_rows = n_rows or p.n_rois
@@ -204,5 +212,14 @@ class RankedRoIs(nn.Module):
             scores = torch.cat([scores, scores.new_zeros(b, n_rows - m)], 1)
             deltas = torch.cat([deltas, deltas.new_zeros(b, n_rows - m, 4)], 1)
         top = ranked.topk(n_rows, dim=1)
+        real = (top.values > NEG_INF).unsqueeze(-1)
         rows = gather_rows(torch.cat([scores.unsqueeze(-1), deltas], -1), top.indices)
-        return torch.where((top.values > NEG_INF).unsqueeze(-1), rows, torch.zeros_like(rows))
+        rows = torch.where(real, rows, torch.zeros_like(rows))
+        if not with_boxes:
+            return rows
+        # The same candidates' decoded boxes (candidate order as scores / deltas), same rows.
+        decoded = boxes.reshape(b, m, 4)
+        if m < n_rows:
+            decoded = torch.cat([decoded, decoded.new_zeros(b, n_rows - m, 4)], 1)
+        located = gather_rows(decoded, top.indices)
+        return rows, torch.where(real, located, torch.zeros_like(located))
