@@ -82,7 +82,8 @@ def test_infer_csv(small_onnx, slices, tmp_path):
     res = invoke("infer", small_onnx, slices, "--out", out, "-q")
     assert res.exit_code == 0, res.output
     lines = out.read_text().splitlines()
-    assert lines[0] == "file,class,class_index,prob_normal,prob_pneumonia,prob_covid19,n_rois,top_roi_score"
+    assert lines[0] == ("file,class,class_index,prob_normal,prob_pneumonia,prob_covid19,n_rois,top_roi_score,"
+                        "key,label,study,series,position,frame,kind")
     assert len(lines) == 6
 
 
@@ -133,7 +134,8 @@ def test_parity_passes_on_the_exported_graph(cls_ckpt, small_onnx, synth_dir, tm
     report = json.loads(out.read_text())
     assert report["passed"] and report["n_images"] == 24 and report["argmax_agreement"] == 1.0
     outs = report["outputs"]
-    assert set(outs) == {"rois.score", "rois.deltas", "rois.order", "logits", "probs", "s.logits", "probs.softmax"}
+    assert set(outs) == {"rois.score", "rois.deltas", "rois.order", "boxes", "logits", "probs", "s.logits",
+                         "probs.softmax"}
     assert outs["logits"]["max_abs"] <= 1e-3 and outs["rois.score"]["max_abs"] <= 1e-4
     for r in outs.values():
         assert {"max_abs", "mean_abs", "max_rel", "mean_rel", "required_atol", "passed"} <= set(r)

@@ -10,6 +10,7 @@ import contextlib
 import time
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from ctmask.cli.common import JsonOpt, QuietOpt, emit_json, human_echo, user_errors
@@ -55,15 +56,29 @@ def make_runner(model: Path, backend: str, device: str, threads: int | None):
 def infer(
     model: Path = typer.Argument(..., help="ctmask ONNX model, TensorRT engine (.engine), or a classifier checkpoint "
                                            "for the PyTorch path."),
-    inputs: list[Path] = typer.Argument(..., help="Slices (PNG, JPEG, TIFF, DICOM) or folders of them."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Predictions file: .jsonl or .csv (default: stdout)."),
+    inputs: list[Path] = typer.Argument(..., help="Slices (PNG, JPEG, TIFF, DICOM), DICOM series folders (files "
+                                                  "with or without .dcm), multi-frame DICOM, NIfTI volumes "
+                                                  "(.nii, .nii.gz), or folders of them."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Per-slice predictions: .jsonl or .csv (default: "
+                                                              "stdout)."),
+    studies: Path | None = typer.Option(None, "--studies", help="Per-study predictions: .jsonl or .csv."),
+    overlays: Path | None = typer.Option(None, "--overlays", help="Folder for PNG overlays: each slice with its top "
+                                                                  "RoIs' boxes and scores drawn."),
+    report: Path | None = typer.Option(None, "--report", help="Self-contained HTML report of the run (.html)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip the slices already in --out (from an earlier run) "
+                                                        "and write old and new records together."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference call."),
     backend: str = typer.Option("auto", help="auto | onnxruntime | openvino | tensorrt | torch (auto: by the model "
                                               "file: .engine runs on TensorRT (GPU, pip install 'ctmask[trt]'); "
                                               "openvino: CPU only, pip install 'ctmask[openvino]')."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     threads: int | None = typer.Option(None, help="CPU threads (default: the backend's own choice)."),
-    top_rois: int = typer.Option(5, help="RoI rows kept per slice in the output."),
+    top_rois: int = typer.Option(5, min=1, help="RoI rows kept per slice in the output (and drawn on overlays)."),
+    study_top_k: int = typer.Option(5, "--study-top-k", min=1, help="Slices per class that drive a study's call "
+                                                                     "(see the README: study-level prediction)."),
+    force_modality: bool = typer.Option(False, "--force-modality", help="Predict DICOM of a modality other than CT "
+                                                                        "(off the model's training distribution)."),
+    hu_offset: float = typer.Option(1024.0, "--hu-offset", help="16-bit PNG / TIFF slices hold HU + this offset."),
     boxes: Path | None = typer.Option(None, "--boxes", help="COVIDx-CT split file with each slice's body crop box "
                                                             "(needed by a model trained with --crop; matched by "
                                                             "path, else by file name)."),
@@ -72,23 +87,37 @@ def infer(
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Predict normal / pneumonia / COVID-19 for every slice, in batches.
+    """Predict normal / pneumonia / COVID-19 for every slice, in batches, and per study.
 
-    Pre-processing (input size, DICOM window, body crop) follows the model's metadata. Unreadable slices are
-    reported (path and reason) and skipped; the rest are processed and the exit status is 1. The output file
-    appears only when the run completes. Without --out the predictions are printed (and, with --json, included
-    in the JSON).
+    Pre-processing (input size, DICOM window, body crop) follows the model's metadata. DICOM series are
+    grouped by SeriesInstanceUID and ordered along the slice normal; studies by StudyInstanceUID (a NIfTI
+    volume or a loose image is a study of its own). Every unreadable or refused input is reported (path and
+    reason) and skipped; the rest are processed. Output files appear only complete (written to a temporary
+    file and renamed). Exit status: 0 every slice predicted; 1 some inputs skipped (listed); 2 nothing could
+    run (bad option, unreadable model, missing backend): nothing written.
     """
     from ctmask.core.progress import progress
-    from ctmask.runtime.predict import CropBoxes, Failure, PredictionWriter, check_crop, collect_images, predict_files
+    from ctmask.runtime.predict import CropBoxes, Failure, PredictionWriter, check_crop
 
     t0 = time.perf_counter()
     echo = human_echo(json_out)
-    files, failures = collect_images(inputs)
+    _check_outputs(out, studies, report, overlays, resume, model)
+    from ctmask.core.readers import collect_sources
+    from ctmask.runtime.batch_run import ReadOptions, Resume, predict_sources
+
+    refs, failures = collect_sources(inputs, force_modality=force_modality)
+    earlier = Resume(out) if resume and out is not None else None
+    if earlier is not None:
+        done = earlier.keys
+        n_before = len(refs)
+        refs = [r for r in refs if r.key not in done]
+        echo(f"resume: {n_before - len(refs)} slice(s) already in {out}, {len(refs)} to predict")
     crop_boxes = CropBoxes.from_split(boxes) if boxes is not None else None
     runner = make_runner(model, backend, device, threads)
     counts: dict[str, int] = {}
-    records: list[dict] = []
+    records: list[dict] = list(earlier.records) if earlier is not None else []
+    opts = ReadOptions(force_modality, hu_offset)
+    t_infer = 0.0
     with runner:
         spec = runner.spec
         check_crop(spec, crop_boxes, uncropped)
@@ -98,36 +127,112 @@ def infer(
         elif not spec.crop and crop_boxes is not None:
             typer.secho(f"warning: {model} was trained on whole slices; --boxes ignored", fg=typer.colors.YELLOW,
                         err=True)
-        writer = PredictionWriter(out, spec.class_names) if out is not None else None
-        with (writer or contextlib.nullcontext()), progress(len(files), "infer", not quiet) as advance:
-            for item in predict_files(runner, files, batch_size, top_rois, on_batch=advance, boxes=crop_boxes,
-                                      uncropped=uncropped):
+        writer = PredictionWriter(out, spec.class_names, scan_columns=True) if out is not None else None
+        t_run = time.perf_counter()
+        with (writer or contextlib.nullcontext()), progress(len(refs), "infer", not quiet) as advance:
+            if writer is not None:
+                for rec in records:
+                    writer.write_record(rec)
+            for item in predict_sources(runner, refs, batch_size, top_rois, on_batch=advance, boxes=crop_boxes,
+                                        uncropped=uncropped, keep_pixels=overlays is not None, opts=opts):
                 if isinstance(item, Failure):
                     failures.append(item)
                     continue
-                counts[item.class_name] = counts.get(item.class_name, 0) + 1
+                pred, decoded = item
+                if overlays is not None and decoded is not None:
+                    pred.overlay = _draw_overlay(overlays, pred, decoded, failures)
+                counts[pred.class_name] = counts.get(pred.class_name, 0) + 1
+                rec = pred.to_dict()
+                records.append(rec)
                 if writer is not None:
-                    writer.write(item)
+                    writer.write(pred)
                 else:
-                    records.append(item.to_dict())
-                    probs = " ".join(f"{k}={v:.4f}" for k, v in item.probs.items())
-                    echo(f"{item.file}\t{item.class_name}\t{probs}")
+                    probs = " ".join(f"{k}={v:.4f}" for k, v in pred.probs.items())
+                    echo(f"{pred.key or pred.file}\t{pred.class_name}\t{probs}")
+        t_infer = time.perf_counter() - t_run
         described = runner.describe()
+    study_records = _write_studies(records, spec, studies, study_top_k)
     seconds = time.perf_counter() - t0
+    if report is not None:
+        from ctmask.runtime.report import write_report
+
+        write_report(report, model={"path": str(model), "metadata": spec.metadata(), "runner": described},
+                     slices=records, studies=study_records, skipped=[(f.file, f.reason) for f in failures],
+                     counts=counts, timing={"seconds": round(seconds, 3), "inference_seconds": round(t_infer, 3)},
+                     command=" ".join(["ctmask infer", *map(str, [model, *inputs])]))
     for f in failures:
         typer.secho(f"skipped {f.file}: {f.reason}", fg=typer.colors.YELLOW, err=True)
     n_ok = sum(counts.values())
-    typer.echo(f"predicted {n_ok} slices ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}), "
-               f"skipped {len(failures)}, in {seconds:.2f} s on {described.get('provider', described['backend'])}"
-               + (f"; wrote {out}" if out is not None else ""), err=True)
+    typer.echo(f"predicted {n_ok} slices ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}) in "
+               f"{len(study_records)} stud{'y' if len(study_records) == 1 else 'ies'}, skipped {len(failures)}, in "
+               f"{seconds:.2f} s on {described.get('provider', described['backend'])}"
+               + "".join(f"; wrote {p}" for p in (out, studies, report) if p is not None)
+               + (f"; overlays in {overlays}" if overlays is not None else ""), err=True)
     summary = {"model": str(model), "runner": described, "predicted": n_ok, "classes": counts,
-               "skipped": [f.to_dict() for f in failures], "seconds": round(seconds, 3),
-               "out": None if out is None else str(out), "crop": bool(spec.crop and not uncropped)}
+               "studies": study_records, "skipped": [f.to_dict() for f in failures], "seconds": round(seconds, 3),
+               "out": None if out is None else str(out), "crop": bool(spec.crop and not uncropped),
+               "resumed": 0 if earlier is None else len(earlier.records)}
     if out is None:
         summary["predictions"] = records
     emit_json(summary, json_out)
     if failures:
         raise typer.Exit(1)
+
+
+def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, overlays: Path | None,
+                   resume: bool, model: Path) -> None:
+    """Refuse bad output options before anything runs (exit 2, nothing written)."""
+    for opt, path, suffixes in (("--out", out, (".jsonl", ".csv")), ("--studies", studies, (".jsonl", ".csv")),
+                                ("--report", report, (".html", ".htm"))):
+        if path is None:
+            continue
+        if path.suffix.lower() not in suffixes:
+            raise ConfigError(f"{opt} {path}: use {' or '.join(suffixes)}")
+        if path.is_dir():
+            raise ConfigError(f"{opt} {path} is a folder; give a file name")
+        if path.resolve() == model.resolve():
+            raise ConfigError(f"{opt} {path} would overwrite the model")
+    given = [p.resolve() for p in (out, studies, report) if p is not None]
+    if len(given) != len(set(given)):
+        raise ConfigError("--out, --studies and --report must be different files")
+    if resume and out is None:
+        raise ConfigError("--resume continues the predictions file of an earlier run: pass --out FILE")
+    if overlays is not None and overlays.exists() and not overlays.is_dir():
+        raise ConfigError(f"--overlays {overlays} is a file; give a folder")
+
+
+def _draw_overlay(folder: Path, pred, decoded, failures: list) -> str | None:
+    """Write one slice's overlay PNG; a failure to draw is reported, never fatal."""
+    import hashlib
+    import re
+
+    from ctmask.runtime.predict import Failure
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", (pred.label or pred.key or pred.file))[-80:].strip("_") or "slice"
+    name = f"{stem}.{hashlib.sha1((pred.key or pred.file).encode()).hexdigest()[:8]}.png"
+    try:
+        from ctmask.runtime.overlays import draw_overlay
+
+        scores = [row[0] for row in pred.rois]
+        draw_overlay(decoded.pixels, np.asarray(pred.boxes or [], np.float32).reshape(-1, 4), np.asarray(
+            scores[: len(pred.boxes or [])], np.float32), pred.class_name, pred.probs, folder / name)
+    except (OSError, ValueError) as exc:
+        failures.append(Failure(pred.key or pred.file, f"overlay not written ({exc.__class__.__name__}: {exc}); "
+                                                       "the prediction is in the output"))
+        return None
+    return str(folder / name)
+
+
+def _write_studies(records: list[dict], spec, studies: Path | None, top_k: int) -> list[dict]:
+    """Aggregate the slice records into studies; write them when asked."""
+    from ctmask.runtime.study import StudyWriter, aggregate
+
+    result = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in aggregate(records, spec.class_names, top_k)]
+    if studies is not None:
+        with StudyWriter(studies, spec.class_names) as w:
+            for s in aggregate(records, spec.class_names, top_k):
+                w.write(s)
+    return result
 
 
 @user_errors

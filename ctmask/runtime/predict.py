@@ -30,7 +30,14 @@ from ctmask.runtime.runner import Runner
 
 @dataclass
 class Prediction:
-    """One slice's result. ``rois`` holds the top non-padding rows (score, dx, dy, dw, dh)."""
+    """One slice's result. ``rois`` holds the top non-padding rows (score, dx, dy, dw, dh).
+
+    For slices of scans (:mod:`ctmask.runtime.batch_run`) it also names the slice (``key``:
+    path, plus ``#frame`` inside a multi-frame file or volume; ``label`` for people), its
+    ``study`` and ``series``, its ``position`` along the slice normal, how it was rendered
+    (``kind``), its pixel ``size`` [H, W], and ``boxes``: the top RoIs' boxes (x1, y1, x2, y2)
+    in that slice's own pixel frame, row for row with ``rois``.
+    """
 
     file: str
     class_name: str
@@ -38,10 +45,25 @@ class Prediction:
     probs: dict[str, float]
     rois: list[list[float]]
     n_rois: int
+    key: str | None = None
+    label: str | None = None
+    study: str | None = None
+    series: str | None = None
+    position: float | None = None
+    frame: int | None = None
+    boxes: list[list[float]] | None = None
+    kind: str | None = None
+    size: list[int] | None = None
+    overlay: str | None = None
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "class": self.class_name, "class_index": self.class_index,
-                "probs": self.probs, "n_rois": self.n_rois, "top_rois": self.rois}
+        d = {"file": self.file, "class": self.class_name, "class_index": self.class_index,
+             "probs": self.probs, "n_rois": self.n_rois, "top_rois": self.rois}
+        for name in ("key", "label", "study", "series", "position", "frame", "boxes", "kind", "size", "overlay"):
+            value = getattr(self, name)
+            if value is not None:
+                d["top_boxes" if name == "boxes" else name] = value
+        return d
 
 
 @dataclass
@@ -235,6 +257,8 @@ def check_crop(spec: GraphSpec, boxes: CropBoxes | None, uncropped: bool) -> Non
 
 
 CSV_COLUMNS = ("file", "class", "class_index", "n_rois", "top_roi_score")
+SCAN_COLUMNS = ("key", "label", "study", "series", "position", "frame", "kind")
+"""Extra CSV columns of slices of scans (``PredictionWriter(scan_columns=True)``)."""
 
 
 class PredictionWriter:
@@ -245,8 +269,9 @@ class PredictionWriter:
     manager.
     """
 
-    def __init__(self, path: str | Path, class_names: tuple[str, ...]):
+    def __init__(self, path: str | Path, class_names: tuple[str, ...], scan_columns: bool = False):
         self.path = Path(path)
+        self.scan_columns = scan_columns
         suffix = self.path.suffix.lower()
         if suffix not in (".jsonl", ".csv"):
             raise ConfigError(f"cannot tell the output format from {self.path.name!r}: use .jsonl or .csv")
@@ -261,16 +286,25 @@ class PredictionWriter:
         self._fh = open(tmp, "w", newline="", encoding="utf-8")
         if self.format == "csv":
             self._csv = csv.writer(self._fh)
-            self._csv.writerow([*CSV_COLUMNS[:3], *(f"prob_{c}" for c in self.class_names), *CSV_COLUMNS[3:]])
+            self._csv.writerow([*CSV_COLUMNS[:3], *(f"prob_{c}" for c in self.class_names), *CSV_COLUMNS[3:],
+                                *(SCAN_COLUMNS if self.scan_columns else ())])
         return self
 
     def write(self, pred: Prediction) -> None:
+        self.write_record(pred.to_dict())
+
+    def write_record(self, rec: dict) -> None:
+        """Write one record as :meth:`Prediction.to_dict` gives it (or as read back by ``--resume``)."""
         if self.format == "jsonl":
-            self._fh.write(json.dumps(pred.to_dict()) + "\n")
+            self._fh.write(json.dumps(rec) + "\n")
         else:
-            top = pred.rois[0][0] if pred.rois else 0.0
-            self._csv.writerow([pred.file, pred.class_name, pred.class_index,
-                                *(pred.probs[c] for c in self.class_names), pred.n_rois, top])
+            rois = rec.get("top_rois") or []
+            top = rois[0][0] if rois else rec.get("top_roi_score", 0.0)
+            row = [rec["file"], rec["class"], rec["class_index"], *(rec["probs"].get(c, "") for c in self.class_names),
+                   rec.get("n_rois", ""), top]
+            if self.scan_columns:
+                row += [rec.get(k, "") if rec.get(k) is not None else "" for k in SCAN_COLUMNS]
+            self._csv.writerow(row)
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:

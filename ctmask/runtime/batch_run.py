@@ -1,0 +1,223 @@
+"""Batch prediction over real scans: slices of files, DICOM series and NIfTI volumes.
+
+:func:`predict_sources` decodes every :class:`~ctmask.runtime.sources.SliceRef` with
+:func:`ctmask.core.readers.read_slice` (on a worker thread, one batch ahead of the runner),
+crops and resizes it exactly as training did, runs the batch, and yields one
+:class:`~ctmask.runtime.predict.Prediction` per slice (with its top RoI boxes mapped back to
+the slice's own pixel frame) or one :class:`~ctmask.runtime.predict.Failure` per slice that
+could not be read. Nothing a single input holds can stop the run: every decoding error of
+any kind is that slice's failure.
+
+:class:`Resume` reads an earlier run's output file so ``infer --resume`` predicts only what
+is missing and writes the old records and the new ones into one new file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctmask.core.errors import ConfigError, DataError
+from ctmask.core.preprocess import crop_box, resize
+from ctmask.core.spec import INPUT, GraphSpec
+from ctmask.runtime.predict import CropBoxes, Failure, Prediction, check_crop
+from ctmask.runtime.runner import Runner
+from ctmask.runtime.sources import DecodedSlice, SliceRef
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How slices are read (the ``infer`` flags)."""
+
+    force_modality: bool = False
+    hu_offset: float = 1024.0
+
+
+@dataclass
+class Loaded:
+    """One decoded batch: the model input, the slices it holds, and the failures."""
+
+    batch: np.ndarray
+    refs: list[SliceRef]
+    shapes: list[tuple[int, int]]
+    crops: list[tuple[int, int, int, int] | None]
+    decoded: list[DecodedSlice | None]
+    kinds: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+def _read(ref: SliceRef, spec: GraphSpec, opts: ReadOptions) -> DecodedSlice:
+    from ctmask.core.readers import read_slice
+
+    try:
+        return read_slice(ref, spec.window, force_modality=opts.force_modality, hu_offset=opts.hu_offset)
+    except DataError:
+        raise
+    except Exception as exc:  # the readers wrap decoder errors; this is the last line of defence
+        raise DataError(f"cannot read ({exc.__class__.__name__}: {exc})", ref.path) from None
+
+
+def load_refs(refs: list[SliceRef], spec: GraphSpec, boxes: CropBoxes | None, keep_pixels: bool,
+              opts: ReadOptions) -> Loaded:
+    """Decode ``refs`` into a float32 [b, 1, S, S] batch; unreadable slices become failures."""
+    arrays, ok, shapes, crops, decoded, kinds, failures = [], [], [], [], [], [], []
+    for ref in refs:
+        box = None
+        if spec.crop and boxes is not None:
+            box = boxes.lookup(ref.path) if ref.frame is None else None
+            if box is None:
+                failures.append(Failure(ref.key, f"no crop box for this slice in {boxes.source} (the model was "
+                                                 "trained on body-cropped slices)"))
+                continue
+        try:
+            dec = _read(ref, spec, opts)
+            try:
+                img = crop_box(dec.pixels, box)
+            except ValueError as exc:
+                raise DataError(str(exc), ref.path) from None
+            arrays.append(resize(img, spec.image_size))
+        except DataError as exc:
+            failures.append(Failure(ref.key, exc.message))
+            continue
+        except MemoryError:
+            failures.append(Failure(ref.key, "out of memory decoding this slice"))
+            continue
+        ok.append(ref)
+        shapes.append(tuple(dec.pixels.shape))
+        crops.append(box)
+        decoded.append(dec if keep_pixels else None)
+        kinds.append(dec.kind)
+    s = spec.image_size
+    batch = np.stack(arrays)[:, None] if arrays else np.zeros((0, 1, s, s), np.float32)
+    return Loaded(batch.astype(np.float32, copy=False), ok, shapes, crops, decoded, kinds, failures)
+
+
+def slice_predictions(loaded: Loaded, outputs: dict[str, np.ndarray], spec: GraphSpec,
+                      top_rois: int) -> list[Prediction]:
+    """Per-slice records of one batch, RoI boxes in each slice's own pixel frame."""
+    from ctmask.runtime.overlays import boxes_to_source, top_boxes
+
+    preds = []
+    for i, ref in enumerate(loaded.refs):
+        probs = outputs["probs"][i]
+        rois = outputs["rois"][i]
+        real = rois[rois[:, 0] > 0]  # zero rows are padding
+        k = int(probs.argmax())
+        boxes: list[list[float]] | None = None
+        if "boxes" in outputs:
+            b, _ = top_boxes(outputs, i, top_rois)
+            src = boxes_to_source(b, spec.image_size, loaded.shapes[i], loaded.crops[i])
+            boxes = [[round(float(v), 2) for v in row] for row in src]
+        preds.append(Prediction(
+            file=ref.path,
+            class_name=spec.class_names[k],
+            class_index=k,
+            probs={name: round(float(v), 6) for name, v in zip(spec.class_names, probs)},
+            rois=[[round(float(v), 6) for v in row] for row in real[:top_rois]],
+            n_rois=int(len(real)),
+            key=ref.key,
+            label=ref.label or ref.key,
+            study=ref.study or ref.path,
+            series=ref.series or ref.path,
+            position=ref.position,
+            frame=ref.frame,
+            boxes=boxes,
+            kind=loaded.kinds[i],
+            size=list(loaded.shapes[i]),
+        ))
+    return preds
+
+
+def predict_sources(
+    runner: Runner,
+    refs: list[SliceRef],
+    batch_size: int = 8,
+    top_rois: int = 5,
+    on_batch: Callable[[int], None] | None = None,
+    boxes: CropBoxes | None = None,
+    uncropped: bool = False,
+    keep_pixels: bool = False,
+    opts: ReadOptions = ReadOptions(),
+) -> Iterator[tuple[Prediction, DecodedSlice | None] | Failure]:
+    """Predict every slice, ``batch_size`` per runner call, in input order.
+
+    The next batch is decoded on a worker thread while the current one runs.
+
+    Yields:
+        ``(prediction, decoded slice or None)`` (the decoded pixels only with
+        ``keep_pixels``, for overlays) or a :class:`Failure` per slice.
+
+    Raises:
+        ConfigError: a bad batch size, or a cropping model without ``boxes`` or ``uncropped``.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    spec = runner.spec
+    check_crop(spec, boxes, uncropped)
+    if not spec.crop or uncropped:
+        boxes = None
+    chunks = [refs[i : i + batch_size] for i in range(0, len(refs), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load_refs, chunks[0], spec, boxes, keep_pixels, opts) if chunks else None
+        for n, chunk in enumerate(chunks):
+            loaded = pending.result()
+            if n + 1 < len(chunks):
+                pending = pool.submit(load_refs, chunks[n + 1], spec, boxes, keep_pixels, opts)
+            yield from loaded.failures
+            if loaded.refs:
+                preds = slice_predictions(loaded, runner.infer({INPUT: loaded.batch}), spec, top_rois)
+                yield from zip(preds, loaded.decoded)
+            if on_batch is not None:
+                on_batch(len(chunk))
+
+
+class Resume:
+    """The records of an earlier run's output file (JSONL or CSV), for ``infer --resume``.
+
+    Args:
+        path: the output file; a missing file is an empty resume (first run).
+
+    Raises:
+        DataError: the file exists but is not a ctmask predictions file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records: list[dict] = []
+        if not self.path.exists():
+            return
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read the earlier output for --resume ({exc.__class__.__name__})", path) from None
+        if self.path.suffix.lower() == ".jsonl":
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"line {n} is not JSON: not a ctmask predictions file", path) from None
+                self._add(rec, n)
+        else:
+            rows = list(csv.DictReader(text.splitlines()))
+            for n, row in enumerate(rows, 2):
+                probs = {k[5:]: float(v) for k, v in row.items() if k and k.startswith("prob_") and v not in ("", None)}
+                self._add({**row, "probs": probs, "class_index": int(row.get("class_index") or 0)}, n)
+
+    def _add(self, rec: object, line: int) -> None:
+        if not isinstance(rec, dict) or "class" not in rec or not isinstance(rec.get("probs"), dict):
+            raise DataError(f"line {line} is not a prediction record (no class / probs): not a ctmask predictions "
+                            "file", self.path)
+        rec.setdefault("key", rec.get("file"))
+        self.records.append(rec)
+
+    @property
+    def keys(self) -> set[str]:
+        return {str(r["key"]) for r in self.records}

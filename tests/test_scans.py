@@ -1,0 +1,133 @@
+"""``ctmask infer`` on real-scan inputs end to end: synthetic DICOM series (``ctmask synth
+--dicom``), a NIfTI volume, pydicom's CT slice, broken files among good ones; per-slice and
+per-study outputs, overlays, the HTML report, ``--resume`` and the exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from tests_helpers import invoke
+
+
+@pytest.fixture(scope="module")
+def dicom_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dicomset")
+    r = invoke("synth", out, "--dicom", "--patients", 3, "--slices-per-patient", 5, "--nifti", "--workers", 1, "-q")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_infer_over_dicom_series_gives_slices_studies_overlays_and_report(small_onnx, dicom_set, tmp_path):
+    manifest = json.loads((dicom_set / "manifest.json").read_text())
+    out, studies, report, overlays = (tmp_path / "slices.jsonl", tmp_path / "studies.csv", tmp_path / "run.html",
+                                      tmp_path / "overlays")
+    r = invoke("infer", small_onnx, dicom_set / "dicom", "--out", out, "--studies", studies, "--report", report,
+               "--overlays", overlays, "-q")
+    assert r.exit_code == 0, r.output
+    recs = read_jsonl(out)
+    assert len(recs) == 15 and len({r["key"] for r in recs}) == 15
+    # one study per patient; within a series, slices come in position order (files are shuffled on disk)
+    by_study: dict[str, list] = {}
+    for rec in recs:
+        by_study.setdefault(rec["study"], []).append(rec)
+    assert set(by_study) == {p["StudyInstanceUID"] for p in manifest["patients"]}
+    for p in manifest["patients"]:
+        got = [rec["position"] for rec in by_study[p["StudyInstanceUID"]]]
+        assert got == sorted(got)
+        z_of = {s["file"].split("/")[-1]: s["z"] for s in p["slices"]}
+        for rec in by_study[p["StudyInstanceUID"]]:
+            assert rec["position"] == pytest.approx(z_of[rec["file"].split("/")[-1]], abs=1e-3)
+    # per-study CSV: three rows with the classes' probabilities
+    rows = studies.read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("study,class")
+    # overlays: a PNG per slice, of the slice's own size, the boxes inside it
+    for rec in recs:
+        with Image.open(rec["overlay"]) as im:
+            assert im.size == (rec["size"][1], rec["size"][0])
+        for x1, y1, x2, y2 in rec.get("top_boxes", []):
+            assert 0 <= x1 <= x2 <= rec["size"][1] and 0 <= y1 <= y2 <= rec["size"][0]
+    html = report.read_text()
+    assert html.startswith("<!DOCTYPE html>") and all(p["StudyInstanceUID"] in html for p in manifest["patients"])
+
+
+def test_nifti_volume_and_pydicom_ct_slice(small_onnx, dicom_set, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    vol = next((dicom_set / "nifti").glob("*.nii.gz"))
+    ct = get_testdata_file("CT_small.dcm")
+    out = tmp_path / "p.jsonl"
+    r = invoke("infer", small_onnx, vol, ct, "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    recs = read_jsonl(out)
+    nifti = [rec for rec in recs if rec["file"] == str(vol)]
+    assert len(nifti) == 5 and [rec["frame"] for rec in nifti] == list(range(5))
+    assert [rec["position"] for rec in nifti] == sorted(rec["position"] for rec in nifti)
+    assert {rec["kind"] for rec in nifti} == {"nifti-hu"}
+    (ct_rec,) = [rec for rec in recs if rec["file"] == str(ct)]
+    assert ct_rec["kind"] == "dicom-hu" and ct_rec["size"] == [128, 128]
+
+
+def test_broken_inputs_are_reported_and_skipped_never_a_traceback(small_onnx, dicom_set, tmp_path):
+    series = next((dicom_set / "dicom").iterdir())
+    mixed = tmp_path / "mixed"
+    shutil.copytree(next(series.iterdir()), mixed / "series")
+    good = sorted((mixed / "series").iterdir())
+    (mixed / "series" / "IM9999").write_bytes(good[0].read_bytes()[:150])  # a DICOM cut to 150 bytes
+    bomb = Image.new("L", (1, 1))
+    bomb.save(mixed / "bomb.png")
+    data = bytearray((mixed / "bomb.png").read_bytes())
+    data[16:24] = (30000).to_bytes(4, "big") * 2  # IHDR declares 30000 x 30000
+    (mixed / "bomb.png").write_bytes(bytes(data))
+    Image.new("L", (1, 1)).save(mixed / "tiny.png")
+    (mixed / "notes.txt").write_text("not an image")
+    out = tmp_path / "p.csv"
+    r = invoke("infer", small_onnx, mixed, "--out", out, "-q")
+    assert r.exit_code == 1, r.output  # some inputs skipped
+    assert "Traceback" not in r.output
+    skipped = {line.split(":")[0].removeprefix("skipped ") for line in r.output.splitlines()
+               if line.startswith("skipped ")}
+    assert {str(mixed / "series" / "IM9999"), str(mixed / "bomb.png"), str(mixed / "tiny.png")} <= skipped
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + len(good)  # every good slice predicted
+
+
+def test_resume_predicts_only_what_is_missing(small_onnx, dicom_set, tmp_path):
+    patients = sorted((dicom_set / "dicom").iterdir())
+    out = tmp_path / "p.jsonl"
+    r = invoke("infer", small_onnx, patients[0], "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    first = read_jsonl(out)
+    r = invoke("infer", small_onnx, *patients, "--out", out, "--resume", "-q")
+    assert r.exit_code == 0, r.output
+    assert f"{len(first)} slice(s) already in" in r.output
+    recs = read_jsonl(out)
+    assert len(recs) == 15 and len({rec["key"] for rec in recs}) == 15 and recs[: len(first)] == first
+    full = tmp_path / "full.jsonl"
+    assert invoke("infer", small_onnx, *patients, "--out", full, "-q").exit_code == 0
+    by_key = {rec["key"]: rec["probs"] for rec in read_jsonl(full)}
+    for rec in recs:
+        np.testing.assert_allclose(list(rec["probs"].values()), list(by_key[rec["key"]].values()), atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "p.txt"], "use .jsonl or .csv"),
+    (["--studies", "s.json"], "use .jsonl or .csv"),
+    (["--report", "r.pdf"], "use .html"),
+    (["--resume"], "--resume continues"),
+    (["--out", "same.jsonl", "--studies", "same.jsonl"], "must be different files"),
+])
+def test_bad_output_options_exit_2_and_write_nothing(small_onnx, dicom_set, tmp_path, args, message):
+    work = tmp_path / "w"
+    work.mkdir()
+    args = [work / a if a.endswith((".txt", ".json", ".pdf", ".jsonl")) else a for a in args]
+    r = invoke("infer", small_onnx, dicom_set / "dicom", *args, "-q")
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert list(work.iterdir()) == []
