@@ -155,4 +155,4 @@ def draw_overlay(pixels: np.ndarray, boxes_src: np.ndarray, scores: np.ndarray, 
     draw.rectangle((0, 0, min(hx1 - hx0 + 3, w - 1), min(hy1 - hy0 + 3, h - 1)), fill=(0, 0, 0))
     draw.text((2 - hx0, 2 - hy0), header, fill=(255, 255, 255), font=font)
     with atomic_path(out) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=1)  # 3-4x faster than the default 6 for ~20% more bytes
