@@ -131,3 +131,65 @@ def test_bad_output_options_exit_2_and_write_nothing(small_onnx, dicom_set, tmp_
     r = invoke("infer", small_onnx, dicom_set / "dicom", *args, "-q")
     assert r.exit_code == 2 and message in r.output, r.output
     assert list(work.iterdir()) == []
+
+
+def test_nifti_and_dicom_of_one_patient_get_the_same_slices(small_onnx, dicom_set, tmp_path):
+    """Padding (-2000 HU outside the scan circle) is air in both: the DICOM through
+    PixelPaddingValue, the NIfTI (which keeps the values, as dcm2niix does) as HU below any tissue."""
+    manifest = json.loads((dicom_set / "manifest.json").read_text())
+    out = tmp_path / "p.jsonl"
+    assert invoke("infer", small_onnx, dicom_set / "dicom", dicom_set / "nifti", "--out", out, "-q").exit_code == 0
+    recs = read_jsonl(out)
+    for p in manifest["patients"]:
+        dcm = sorted((r for r in recs if r["study"] == p["StudyInstanceUID"]), key=lambda r: r["position"])
+        nii = sorted((r for r in recs if r["file"].endswith(f"{p['PatientID']}.nii.gz")), key=lambda r: r["position"])
+        assert len(dcm) == len(nii) == 5
+        for a, b in zip(dcm, nii):
+            assert a["class"] == b["class"]
+            np.testing.assert_allclose(list(a["probs"].values()), list(b["probs"].values()), atol=1e-4)
+
+
+def test_csv_resume_of_loose_images_and_odd_names(small_onnx, synth_dir, tmp_path):
+    import os
+
+    src = sorted((synth_dir / "images").glob("*.png"))[:3]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(src[0], folder / "a.png")
+    shutil.copy(src[1], folder / os.fsdecode(b"b\xff\xfe<script>.png"))  # not UTF-8, and markup
+    out, studies, report = tmp_path / "p.csv", tmp_path / "s.csv", tmp_path / "r.html"
+    r = invoke("infer", small_onnx, folder, "--out", out, "--studies", studies, "--report", report,
+               "--overlays", tmp_path / "ov", "-q")
+    assert r.exit_code == 0, r.output
+    shutil.copy(src[2], folder / "c.png")
+    r = invoke("infer", small_onnx, folder, "--out", out, "--studies", studies, "--report", report, "--resume", "-q")
+    assert r.exit_code == 0, r.output
+    assert "2 slice(s) already in" in r.output
+    rows = out.read_bytes().splitlines()
+    assert len(rows) == 4  # header + three slices, none twice
+    assert "<script>" not in report.read_text(errors="replace").split("</style>", 1)[1].replace("&lt;script&gt;", "")
+
+
+def test_resume_refuses_another_models_output(small_onnx, synth_dir, tmp_path):
+    out = tmp_path / "p.jsonl"
+    out.write_text(json.dumps({"file": "x.png", "class": "cat", "class_index": 0, "probs": {"cat": 1.0}}) + "\n")
+    before = out.read_bytes()
+    r = invoke("infer", small_onnx, synth_dir / "images", "--out", out, "--resume", "-q")
+    assert r.exit_code == 2 and "another model" in r.output, r.output
+    assert out.read_bytes() == before
+
+
+def test_localizer_and_multipage_tiff_are_refused(small_onnx, tmp_path):
+    from tests_helpers import write_ct_dicom
+
+    hu = np.full((64, 64), -500.0)
+    write_ct_dicom(tmp_path / "scout.dcm", hu)
+    import pydicom
+
+    ds = pydicom.dcmread(tmp_path / "scout.dcm")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(tmp_path / "scout.dcm")
+    page = Image.fromarray(np.full((64, 64), 100, np.uint8))
+    page.save(tmp_path / "pages.tif", save_all=True, append_images=[page])
+    r = invoke("infer", small_onnx, tmp_path / "scout.dcm", tmp_path / "pages.tif", "-q")
+    assert r.exit_code == 1 and "localizer" in r.output and "2 pages" in r.output, r.output

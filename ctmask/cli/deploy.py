@@ -127,6 +127,8 @@ def infer(
         elif not spec.crop and crop_boxes is not None:
             typer.secho(f"warning: {model} was trained on whole slices; --boxes ignored", fg=typer.colors.YELLOW,
                         err=True)
+        if earlier is not None:
+            earlier.check(spec.class_names)
         writer = PredictionWriter(out, spec.class_names, scan_columns=True) if out is not None else None
         t_run = time.perf_counter()
         with (writer or contextlib.nullcontext()), progress(len(refs), "infer", not quiet) as advance:
@@ -153,17 +155,22 @@ def infer(
         described = runner.describe()
     study_records = _write_studies(records, spec, studies, study_top_k)
     seconds = time.perf_counter() - t0
+    all_counts: dict[str, int] = {}
+    for rec in records:
+        all_counts[rec["class"]] = all_counts.get(rec["class"], 0) + 1
     if report is not None:
         from ctmask.runtime.report import write_report
 
         write_report(report, model={"path": str(model), "metadata": spec.metadata(), "runner": described},
                      slices=records, studies=study_records, skipped=[(f.file, f.reason) for f in failures],
-                     counts=counts, timing={"seconds": round(seconds, 3), "inference_seconds": round(t_infer, 3)},
+                     counts=all_counts, timing={"seconds": round(seconds, 3), "inference_seconds": round(t_infer, 3)},
                      command=" ".join(["ctmask infer", *map(str, [model, *inputs])]))
     for f in failures:
         typer.secho(f"skipped {f.file}: {f.reason}", fg=typer.colors.YELLOW, err=True)
     n_ok = sum(counts.values())
-    typer.echo(f"predicted {n_ok} slices ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}) in "
+    resumed = f" (+{len(earlier.records)} from the earlier run)" if earlier is not None and earlier.records else ""
+    classes = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+    typer.echo(f"predicted {n_ok} slices{resumed} ({classes}) in "
                f"{len(study_records)} stud{'y' if len(study_records) == 1 else 'ies'}, skipped {len(failures)}, in "
                f"{seconds:.2f} s on {described.get('provider', described['backend'])}"
                + "".join(f"; wrote {p}" for p in (out, studies, report) if p is not None)
@@ -197,8 +204,10 @@ def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, 
         raise ConfigError("--out, --studies and --report must be different files")
     if resume and out is None:
         raise ConfigError("--resume continues the predictions file of an earlier run: pass --out FILE")
-    if overlays is not None and overlays.exists() and not overlays.is_dir():
-        raise ConfigError(f"--overlays {overlays} is a file; give a folder")
+    if overlays is not None:
+        existing = next((p for p in (overlays, *overlays.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ConfigError(f"--overlays {overlays}: {existing} is a file; give a folder")
 
 
 def _draw_overlay(folder: Path, pred, decoded, failures: list) -> str | None:
@@ -209,7 +218,8 @@ def _draw_overlay(folder: Path, pred, decoded, failures: list) -> str | None:
     from ctmask.runtime.predict import Failure
 
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", (pred.label or pred.key or pred.file))[-80:].strip("_") or "slice"
-    name = f"{stem}.{hashlib.sha1((pred.key or pred.file).encode()).hexdigest()[:8]}.png"
+    key = (pred.key or pred.file).encode("utf-8", errors="surrogateescape")
+    name = f"{stem}.{hashlib.sha1(key).hexdigest()[:8]}.png"
     try:
         from ctmask.runtime.overlays import draw_overlay
 

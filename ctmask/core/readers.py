@@ -485,6 +485,9 @@ class _Collector:
             raise DataError("cannot decode DICOM: it holds no image (no Rows / Columns)"
                             + (f"; SOP class {kind}" if kind else ""), path)
         check_image_size(cols, rows, path)
+        image_type = [str(v).upper() for v in (ds.get("ImageType", None) or [])]
+        if "LOCALIZER" in image_type:
+            raise DataError("a localizer (scout) image, not an axial slice: skipped, and kept out of its study", path)
         modality = _modality(ds)
         if modality and modality != CT and not self.force_modality:
             raise DataError(_modality_refusal(modality), path)
@@ -533,6 +536,11 @@ def _order_series(series: str, entries: list[_DicomSlice]) -> list[tuple[_DicomS
 
     if all(e.ipp is not None for e in entries):
         normal = next((e.normal for e in entries if e.normal is not None), np.array([0.0, 0.0, 1.0]))
+        tilted = [e for e in entries if e.normal is not None and abs(float(np.dot(e.normal, normal))) < 0.99]
+        if tilted:
+            warnings.warn(f"DICOM series {series}: {len(tilted)} of its {len(entries)} slices have another orientation "
+                          f"than the first (e.g. {tilted[0].label}); all are ordered along the first slice's normal",
+                          CtmaskWarning, stacklevel=4)
         pos = [float(np.dot(e.ipp, normal)) for e in entries]
         order = sorted(range(len(entries)), key=lambda i: (pos[i], entries[i].instance or 0, name_key(entries[i])))
         same = [(order[j - 1], order[j]) for j in range(1, len(order)) if abs(pos[order[j]] - pos[order[j - 1]]) < 1e-3]
@@ -686,6 +694,10 @@ def _read_raster(path: Path, frame: int | None, window: tuple[float, float],
     try:
         with _captured(notes), Image.open(path, formats=RASTER_FORMATS) as im:
             check_image_size(*im.size, path)
+            pages = int(getattr(im, "n_frames", 1) or 1)
+            if pages > 1:
+                raise DataError(f"image holds {pages} pages (frames); ctmask reads single-page images: save each "
+                                "slice as its own file", path)
             info: dict[str, Any] = {"format": im.format, "mode": im.mode}
             im.load()
             pixels, kind, assumed = _raster_pixels(im, window, hu_offset, path)
@@ -702,6 +714,21 @@ def _read_raster(path: Path, frame: int | None, window: tuple[float, float],
     return pixels, kind, info
 
 
+MIN_TISSUE_HU = -1024.0
+"""Below this no tissue or air exists: such values are scanners' markers of pixels outside the
+reconstruction circle (padding such as -2000 or -3024, kept by converters like dcm2niix even
+where the DICOM said ``PixelPaddingValue``). They are rendered as air, as DICOM padding is."""
+
+
+def render_hu(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """HU -> [0, 1] with ``window``; values below :data:`MIN_TISSUE_HU` are taken as air first."""
+    hu = np.asarray(hu)
+    below = hu < MIN_TISSUE_HU
+    if below.any():
+        hu = np.where(below, AIR_HU, hu)
+    return window_hu(hu, *window)
+
+
 def _raster_pixels(im: Image.Image, window: tuple[float, float], hu_offset: float,
                    path: Path) -> tuple[np.ndarray, str, str]:
     """(pixels in [0, 1], kind, what was assumed) of a decoded Pillow image."""
@@ -711,12 +738,12 @@ def _raster_pixels(im: Image.Image, window: tuple[float, float], hu_offset: floa
         if mode not in ("I;16", "I;16L", "I;16B", "I;16N"):
             raise DataError(f"unsupported 16-bit image mode {mode}", path)
         hu = np.asarray(im).astype(np.float64) - hu_offset
-        return window_hu(hu, *window), f"image-16bit-hu+{off}", f"16-bit values are HU + {off}"
+        return render_hu(hu, window), f"image-16bit-hu+{off}", f"16-bit values are HU + {off}"
     if mode == "I":
         arr = np.asarray(im).astype(np.float64)
         if (arr < 0).any():
-            return window_hu(arr, *window), "image-int-hu", "integers with negative values are HU"
-        return (window_hu(arr - hu_offset, *window), f"image-int-hu+{off}",
+            return render_hu(arr, window), "image-int-hu", "integers with negative values are HU"
+        return (render_hu(arr - hu_offset, window), f"image-int-hu+{off}",
                 f"integers without a negative value are HU + {off}")
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
@@ -724,7 +751,7 @@ def _raster_pixels(im: Image.Image, window: tuple[float, float], hu_offset: floa
             raise DataError("image holds pixels that are not finite numbers (NaN or infinity)", path)
         if arr.min() >= 0.0 and arr.max() <= 1.0:
             return arr.copy(), "image-float-unit", "float values within [0, 1] are already windowed"
-        return window_hu(arr, *window), "image-float-hu", "float values outside [0, 1] are HU"
+        return render_hu(arr, window), "image-float-hu", "float values outside [0, 1] are HU"
     if mode in ("1", "L", "LA", "La"):
         gray = im.convert("L")
     else:  # RGB(A), palette, CMYK, YCbCr...: luminance, alpha dropped
@@ -997,7 +1024,7 @@ def _read_dicom(path: Path, frame: int | None, window: tuple[float, float],
                 pixels, kind = _dicom_rendered(ds, arr, path), "dicom-rendered"
                 info["assumed"] = "no rescale tags with 8 bits stored, or colour: a rendering, not HU"
             else:
-                pixels, kind = window_hu(_dicom_hu(ds, arr, k, path, info), *window), "dicom-hu"
+                pixels, kind = render_hu(_dicom_hu(ds, arr, k, path, info), window), "dicom-hu"
     except DataError:
         raise
     except Exception as exc:  # pydicom converts values lazily and may raise anything
@@ -1145,4 +1172,4 @@ def _read_nifti(path: Path, frame: int | None, window: tuple[float, float]) -> t
                             "display": "canonical RAS+ [x, y] -> rows anterior to posterior, columns right to left"}
     if notes:
         info["warnings"] = notes
-    return window_hu(hu, *window), "nifti-hu", info
+    return render_hu(hu, window), "nifti-hu", info

@@ -15,6 +15,7 @@ is missing and writes the old records and the new ones into one new file.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -193,8 +194,8 @@ class Resume:
         if not self.path.exists():
             return
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            text = self.path.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError as exc:
             raise DataError(f"cannot read the earlier output for --resume ({exc.__class__.__name__})", path) from None
         if self.path.suffix.lower() == ".jsonl":
             for n, line in enumerate(text.splitlines(), 1):
@@ -206,18 +207,55 @@ class Resume:
                     raise DataError(f"line {n} is not JSON: not a ctmask predictions file", path) from None
                 self._add(rec, n)
         else:
-            rows = list(csv.DictReader(text.splitlines()))
-            for n, row in enumerate(rows, 2):
-                probs = {k[5:]: float(v) for k, v in row.items() if k and k.startswith("prob_") and v not in ("", None)}
-                self._add({**row, "probs": probs, "class_index": int(row.get("class_index") or 0)}, n)
+            try:
+                rows = list(csv.DictReader(io.StringIO(text, newline="")))
+                for n, row in enumerate(rows, 2):
+                    self._add(_csv_record(row), n)
+            except (ValueError, TypeError, csv.Error) as exc:
+                raise DataError(f"not a ctmask predictions file ({exc.__class__.__name__}: {exc})", path) from None
 
     def _add(self, rec: object, line: int) -> None:
-        if not isinstance(rec, dict) or "class" not in rec or not isinstance(rec.get("probs"), dict):
-            raise DataError(f"line {line} is not a prediction record (no class / probs): not a ctmask predictions "
-                            "file", self.path)
+        if (not isinstance(rec, dict) or "class" not in rec or not isinstance(rec.get("probs"), dict)
+                or not isinstance(rec.get("key", rec.get("file")), str)):
+            raise DataError(f"line {line} is not a prediction record (file / key, class, probs): not a ctmask "
+                            "predictions file", self.path)
         rec.setdefault("key", rec.get("file"))
         self.records.append(rec)
+
+    def check(self, class_names: tuple[str, ...]) -> None:
+        """Refuse records another model (other classes) wrote, before anything is written.
+
+        Raises:
+            DataError: naming the first record whose classes differ.
+        """
+        for rec in self.records:
+            probs = rec["probs"]
+            if (set(probs) != set(class_names) or rec["class"] not in class_names
+                    or not all(isinstance(v, (int, float)) for v in probs.values())):
+                raise DataError(f"record of {rec['key']!r} has classes {sorted(probs)} / {rec['class']!r}; this model "
+                                f"calls {list(class_names)}: the earlier output is another model's; --resume needs "
+                                "the same model", self.path)
 
     @property
     def keys(self) -> set[str]:
         return {str(r["key"]) for r in self.records}
+
+
+def _csv_record(row: dict) -> dict:
+    """A CSV row of :class:`~ctmask.runtime.predict.PredictionWriter` back as a record (types restored)."""
+
+    def opt(key: str, cast):
+        value = row.get(key)
+        return None if value in (None, "") else cast(value)
+
+    rec = {k: v for k, v in row.items() if k and not k.startswith("prob_") and v not in (None, "")}
+    rec["probs"] = {k[5:]: float(v) for k, v in row.items() if k and k.startswith("prob_") and v not in ("", None)}
+    rec["class_index"] = int(row.get("class_index") or 0)
+    for key, cast in (("position", float), ("frame", int), ("n_rois", int), ("top_roi_score", float),
+                      ("size", json.loads), ("top_boxes", json.loads)):
+        value = opt(key, cast)
+        if value is None:
+            rec.pop(key, None)
+        else:
+            rec[key] = value
+    return rec

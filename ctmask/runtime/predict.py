@@ -257,7 +257,7 @@ def check_crop(spec: GraphSpec, boxes: CropBoxes | None, uncropped: bool) -> Non
 
 
 CSV_COLUMNS = ("file", "class", "class_index", "n_rois", "top_roi_score")
-SCAN_COLUMNS = ("key", "label", "study", "series", "position", "frame", "kind")
+SCAN_COLUMNS = ("key", "label", "study", "series", "position", "frame", "kind", "size", "top_boxes", "overlay")
 """Extra CSV columns of slices of scans (``PredictionWriter(scan_columns=True)``)."""
 
 
@@ -283,7 +283,8 @@ class PredictionWriter:
 
     def __enter__(self) -> PredictionWriter:
         tmp = self._ctx.__enter__()
-        self._fh = open(tmp, "w", newline="", encoding="utf-8")
+        # surrogateescape: a file name that is not UTF-8 goes out byte for byte (and --resume reads it back)
+        self._fh = open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
         if self.format == "csv":
             self._csv = csv.writer(self._fh)
             self._csv.writerow([*CSV_COLUMNS[:3], *(f"prob_{c}" for c in self.class_names), *CSV_COLUMNS[3:],
@@ -303,7 +304,8 @@ class PredictionWriter:
             row = [rec["file"], rec["class"], rec["class_index"], *(rec["probs"].get(c, "") for c in self.class_names),
                    rec.get("n_rois", ""), top]
             if self.scan_columns:
-                row += [rec.get(k, "") if rec.get(k) is not None else "" for k in SCAN_COLUMNS]
+                row += ["" if rec.get(k) is None else json.dumps(rec[k]) if isinstance(rec[k], list) else rec[k]
+                        for k in SCAN_COLUMNS]
             self._csv.writerow(row)
         self.count += 1
 

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ctmask import __version__
-from ctmask.core.fileio import sha256_file, write_text_atomic
+from ctmask.core.fileio import sha256_file, write_bytes_atomic
 from ctmask.runtime.study import RULE, StudyPrediction
 
 THUMB_PX = 256
@@ -434,4 +434,5 @@ def write_report(
     """
     text = render_report(model=model, slices=slices, studies=studies, skipped=skipped, counts=counts,
                          timing=timing, command=command, title=title)
-    write_text_atomic(path, text)
+    # A file name that is not UTF-8 (surrogate-escaped by Python) is shown with backslash escapes.
+    write_bytes_atomic(path, text.encode("utf-8", errors="backslashreplace"))

@@ -256,7 +256,7 @@ class StudyWriter:
 
     def __enter__(self) -> StudyWriter:
         tmp = self._ctx.__enter__()
-        self._fh = open(tmp, "w", newline="", encoding="utf-8")
+        self._fh = open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
         if self.format == "csv":
             self._csv = csv.writer(self._fh)
             if self.class_names is not None:
