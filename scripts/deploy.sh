@@ -19,6 +19,13 @@ done < "$DATA/test_COVIDx_CT.txt"
 "$CT" export "$OUT/cls.pt" --out "$OUT/model.onnx" --json "$OUT/export.json"
 "$CT" infer "$OUT/model.onnx" "$HELD" --batch-size 8 --out "$OUT/predictions.jsonl" -q --json "$OUT/infer.json"
 "$CT" parity "$OUT/cls.pt" "$OUT/model.onnx" --images "$HELD" --max-images 64 --json "$OUT/parity.json" -q
+# What TensorRT's parser and builder will demand of the graph, checked without a GPU.
+"$CT" check-trt "$OUT/model.onnx" --json "$OUT/check-trt.json" > /dev/null
+# Real scans: synthetic patients as DICOM series (no file suffix, as a PACS export), predicted per
+# slice and per study, with overlays and a self-contained HTML report.
+"$CT" synth "$OUT/scans" --dicom --patients 4 --slices-per-patient 12 -q
+"$CT" infer "$OUT/model.onnx" "$OUT/scans/dicom" --out "$OUT/scans/slices.jsonl" --studies "$OUT/scans/studies.csv" \
+  --overlays "$OUT/scans/overlays" --report "$OUT/report.html" -q
 # Reduced precision: calibration and the islands' measurement use the training split.
 "$CT" calibrate "$OUT/model.onnx" --images "$DATA/train_COVIDx_CT.txt" --out "$OUT/model.ranges.json" -q
 "$CT" export "$OUT/cls.pt" --out "$OUT/model.fp16.onnx" --precision fp16 --calibration "$DATA/train_COVIDx_CT.txt" \
