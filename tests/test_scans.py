@@ -193,3 +193,14 @@ def test_localizer_and_multipage_tiff_are_refused(small_onnx, tmp_path):
     page.save(tmp_path / "pages.tif", save_all=True, append_images=[page])
     r = invoke("infer", small_onnx, tmp_path / "scout.dcm", tmp_path / "pages.tif", "-q")
     assert r.exit_code == 1 and "localizer" in r.output and "2 pages" in r.output, r.output
+
+
+def test_calibration_parity_and_bench_inputs_take_dicom_series_folders(dicom_set):
+    """collect_images (calibrate, parity, bench) finds suffix-less DICOM and names volumes it cannot take."""
+    from ctmask.runtime.predict import collect_images
+
+    series = next((dicom_set / "dicom").iterdir())
+    files, failures = collect_images([series])
+    assert len(files) == 5 and not failures and all(not f.suffix for f in files)
+    files, failures = collect_images([dicom_set / "nifti"])
+    assert not files and any("multi-slice file" in f.reason for f in failures)

@@ -80,14 +80,33 @@ class Failure:
 def collect_images(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]:
     """Expand files and folders (recursively, sorted) into image files.
 
-    Folders contribute files with an image suffix (:data:`IMAGE_SUFFIXES`); a file given
-    by name is taken whatever its suffix. Paths that do not exist become failures.
+    Folders contribute files with an image suffix (:data:`IMAGE_SUFFIXES`) and single-slice
+    DICOM files without one (``IM0001``, as a PACS export names them; found by
+    :func:`ctmask.core.readers.collect_sources`); a file given by name is taken whatever its
+    suffix. Multi-slice files (multi-frame DICOM, NIfTI) are failures here: calibration,
+    parity and bench take single slices (``infer`` reads volumes). Paths that do not exist
+    become failures.
     """
     files, failures = [], []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            all_files = [p for p in path.rglob("*") if p.is_file()]
+            found = sorted(p for p in all_files if p.suffix.lower() in IMAGE_SUFFIXES)
+            if len(found) < len(all_files):  # files without an image suffix: DICOM series, volumes
+                from ctmask.core.readers import collect_sources
+
+                known = set(found)
+                refs, _ = collect_sources([path])
+                for ref in refs:
+                    if ref.frame is not None:
+                        if ref.frame == 0:
+                            failures.append(Failure(ref.path, "a multi-slice file (multi-frame DICOM or NIfTI volume): "
+                                                              "this command takes single slices; `ctmask infer` "
+                                                              "reads volumes"))
+                    elif Path(ref.path) not in known:
+                        found.append(Path(ref.path))
+                        known.add(Path(ref.path))
             if not found:
                 failures.append(Failure(str(path), f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
             files.extend(found)
