@@ -29,7 +29,7 @@ from PIL import Image
 
 from ctmask import __version__
 from ctmask.core.fileio import sha256_file, write_bytes_atomic
-from ctmask.runtime.study import RULE, StudyPrediction
+from ctmask.runtime.study import RULE, StudyPrediction, _get  # the same field access as the aggregation
 
 THUMB_PX = 256
 """Longest side, in pixels, of an embedded overlay thumbnail (shown :data:`SHOW_PX` wide)."""
@@ -65,14 +65,6 @@ details>summary{cursor:pointer;font-size:18px;font-weight:600;margin:28px 0 8px}
 def e(value: Any) -> str:
     """``value`` as HTML-escaped text (quotes too: safe in attributes)."""
     return html.escape("" if value is None else str(value), quote=True)
-
-
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
-        if value is not None:
-            return value
-    return default
 
 
 def thumbnail_data_uri(path: str | Path, max_px: int = THUMB_PX) -> str:
