@@ -14,7 +14,6 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from ctmask.core.errors import ConfigError, DataError
 from ctmask.core.fileio import atomic_path
 from ctmask.core.preprocess import IMAGE_SUFFIXES, load_slice
-from ctmask.core.spec import INPUT, GraphSpec
+from ctmask.core.spec import GraphSpec
 from ctmask.data.covidx import Box, SplitEntry, read_split
 from ctmask.runtime.runner import Runner
 
@@ -192,26 +191,6 @@ def load_batch(paths: list[Path], spec: GraphSpec,
     return batch.astype(np.float32, copy=False), ok, failures
 
 
-def to_predictions(paths: list[Path], outputs: dict[str, np.ndarray], spec: GraphSpec,
-                   top_rois: int) -> list[Prediction]:
-    """Per-slice records from one batch of runner outputs."""
-    preds = []
-    for i, path in enumerate(paths):
-        probs = outputs["probs"][i]
-        rois = outputs["rois"][i]
-        real = rois[rois[:, 0] > 0]  # zero rows are padding
-        k = int(probs.argmax())
-        preds.append(Prediction(
-            file=str(path),
-            class_name=spec.class_names[k],
-            class_index=k,
-            probs={name: round(float(v), 6) for name, v in zip(spec.class_names, probs)},
-            rois=[[round(float(v), 6) for v in row] for row in real[:top_rois]],
-            n_rois=int(len(real)),
-        ))
-    return preds
-
-
 def predict_files(
     runner: Runner,
     files: list[Path],
@@ -221,7 +200,9 @@ def predict_files(
     boxes: CropBoxes | None = None,
     uncropped: bool = False,
 ) -> Iterator[Prediction | Failure]:
-    """Predict every file, ``batch_size`` slices per runner call, in input order.
+    """Predict every file, ``batch_size`` slices per runner call, in input order: the
+    single-slice form of :func:`ctmask.runtime.batch_run.predict_sources` (same decoding,
+    batching and records).
 
     Args:
         runner: an active runner.
@@ -240,24 +221,12 @@ def predict_files(
     Raises:
         ConfigError: a bad batch size, or a cropping model without ``boxes`` or ``uncropped``.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    spec = runner.spec
-    check_crop(spec, boxes, uncropped)
-    if not spec.crop or uncropped:
-        boxes = None
-    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load_batch, chunks[0], spec, boxes) if chunks else None
-        for n, chunk in enumerate(chunks):
-            batch, ok, failures = pending.result()
-            if n + 1 < len(chunks):
-                pending = pool.submit(load_batch, chunks[n + 1], spec, boxes)
-            yield from failures
-            if ok:
-                yield from to_predictions(ok, runner.infer({INPUT: batch}), spec, top_rois)
-            if on_batch is not None:
-                on_batch(len(chunk))
+    from ctmask.runtime.batch_run import predict_sources
+    from ctmask.runtime.sources import SliceRef
+
+    refs = [SliceRef(str(p)) for p in files]
+    for item in predict_sources(runner, refs, batch_size, top_rois, on_batch, boxes, uncropped):
+        yield item if isinstance(item, Failure) else item[0]
 
 
 def check_crop(spec: GraphSpec, boxes: CropBoxes | None, uncropped: bool) -> None:
