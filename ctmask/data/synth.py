@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -155,6 +156,33 @@ def _write_one(task: tuple[str, str, int, int, int]) -> tuple[str, str, int, tup
     return split, name, label, s.body_box, int(n_ggo), int(n_cons)
 
 
+T = TypeVar("T")
+
+
+def run_tasks(fn: Callable[[Any], T], tasks: list, workers: int | None,
+              progress: Callable[[int, int], None] | None = None, max_chunk: int = 1) -> list[T]:
+    """``[fn(t) for t in tasks]`` on ``workers`` processes (default: all cores; forked where
+    possible), in order, calling ``progress(done, total)`` as results arrive."""
+    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    workers = min(workers, len(tasks)) or 1
+    results: list[T] = []
+
+    def collect(items) -> None:
+        for res in items:
+            results.append(res)
+            if progress:
+                progress(len(results), len(tasks))
+
+    if workers == 1:
+        collect(fn(t) for t in tasks)
+        return results
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ctx.Pool(workers) as pool:
+        collect(pool.imap(fn, tasks, chunksize=max(1, min(max_chunk, len(tasks) // (4 * workers)))))
+    return results
+
+
 def _check_out_dir(out: Path) -> None:
     """Allow a missing/empty folder or a previous synth output; refuse anything else."""
     if out.exists() and not out.is_dir():
@@ -235,22 +263,7 @@ def synthesize(
     write_json_atomic(out / "synth.json", header)  # marks the folder as ours even if we crash
 
     tasks = [(str(out), split, index, int(seed), label) for split, index, label in plan]
-    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    workers = min(workers, len(tasks))
-    results = []
-    if workers == 1:
-        for task in tasks:
-            results.append(_write_one(task))
-            if progress:
-                progress(len(results), len(tasks))
-    else:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with ctx.Pool(workers) as pool:
-            for res in pool.imap(_write_one, tasks, chunksize=max(1, min(8, len(tasks) // (4 * workers)))):
-                results.append(res)
-                if progress:
-                    progress(len(results), len(tasks))
+    results = run_tasks(_write_one, tasks, workers, progress, max_chunk=8)
     _remove_stale(out, {r[1] for r in results})
 
     splits = {}

@@ -22,8 +22,6 @@ import datetime
 import gzip
 import inspect
 import json
-import multiprocessing
-import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,7 +33,7 @@ from ctmask.core.errors import DataError
 from ctmask.core.fileio import atomic_path, write_bytes_atomic, write_json_atomic
 from ctmask.core.presets import CLASS_NAMES
 from ctmask.data.synth import DESCRIPTION as SLICE_DESCRIPTION
-from ctmask.data.synth import generate_slice
+from ctmask.data.synth import generate_slice, run_tasks
 from ctmask.data.synth_shapes import SIZE
 
 GENERATOR = "ctmask.data.synth_dicom"
@@ -420,22 +418,7 @@ def synthesize_dicom(
     write_json_atomic(out / "synth.json", header)  # marks the folder as ours even if we crash
 
     tasks = [(str(out), plan, nifti) for plan in plans]
-    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    workers = min(workers, len(tasks))
-    entries: list[dict] = []
-    if workers == 1:
-        for task in tasks:
-            entries.append(_write_patient(task))
-            if progress:
-                progress(len(entries), len(tasks))
-    else:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with ctx.Pool(workers) as pool:
-            for entry in pool.imap(_write_patient, tasks):
-                entries.append(entry)
-                if progress:
-                    progress(len(entries), len(tasks))
+    entries: list[dict] = run_tasks(_write_patient, tasks, workers, progress)
     keep = {f"{e['series_folder']}/{s['file']}" for e in entries for s in e["slices"]}
     keep |= {e["nifti"] for e in entries if e["nifti"]}
     _remove_stale(out, keep)
