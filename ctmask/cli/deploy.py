@@ -49,7 +49,7 @@ def make_runner(model: Path, backend: str, device: str, threads: int | None):
         from ctmask.exporter.reference import TorchRunner
 
         return TorchRunner(model, device=device, threads=threads)
-    raise ConfigError(f"unknown backend {backend!r}; expected auto, onnxruntime, openvino or torch")
+    raise ConfigError(f"unknown backend {backend!r}; expected auto, onnxruntime, openvino, tensorrt or torch")
 
 
 @user_errors
@@ -237,12 +237,12 @@ def _write_studies(records: list[dict], spec, studies: Path | None, top_k: int) 
     """Aggregate the slice records into studies; write them when asked."""
     from ctmask.runtime.study import StudyWriter, aggregate
 
-    result = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in aggregate(records, spec.class_names, top_k)]
+    aggregated = aggregate(records, spec.class_names, top_k)
     if studies is not None:
         with StudyWriter(studies, spec.class_names) as w:
-            for s in aggregate(records, spec.class_names, top_k):
+            for s in aggregated:
                 w.write(s)
-    return result
+    return [s.to_dict() for s in aggregated]
 
 
 @user_errors
