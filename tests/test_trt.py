@@ -37,15 +37,14 @@ def trt_missing_reason() -> str | None:
 # ---------------------------------------------------------------- versions and API plan
 
 
-@pytest.mark.parametrize("text, major, strongly_typed_flag, memory_query", [
-    ("10.13.0.35", 10, True, "device_memory_size_v2"),
-    ("10.0.1", 10, True, "device_memory_size_v2"),
-    ("11.4.1", 11, False, None),
+@pytest.mark.parametrize("text, major, strongly_typed_flag", [
+    ("10.13.0.35", 10, True),
+    ("10.0.1", 10, True),
+    ("11.4.1", 11, False),
 ])
-def test_api_plan_branches_on_the_major(text, major, strongly_typed_flag, memory_query):
+def test_api_plan_branches_on_the_major(text, major, strongly_typed_flag):
     plan = ApiPlan.for_version(TrtVersion.parse(text))
-    assert (plan.major, plan.strongly_typed_flag, plan.device_memory_query) == (major, strongly_typed_flag,
-                                                                               memory_query)
+    assert (plan.major, plan.strongly_typed_flag) == (major, strongly_typed_flag)
     if not strongly_typed_flag:
         assert plan.network_flags() == 0  # 11.x: strong typing is the only mode, no flag (and no tensorrt import)
 

@@ -424,7 +424,6 @@ def source_graph(model: str | Path, notes: list[str]) -> Path | None:
     """The ONNX file whose contents parity checks against the declared precision: the model
     itself, or for an engine the graph it was built from, when that file is still there
     unchanged (otherwise a note says the contents were not re-checked)."""
-    from ctmask.core.fileio import sha256_file
     from ctmask.trt.engine import is_engine_path, read_sidecar
 
     if not is_engine_path(model):

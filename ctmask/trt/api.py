@@ -83,20 +83,17 @@ class ApiPlan:
         major: 10 or 11.
         strongly_typed_flag: pass ``1 << STRONGLY_TYPED`` to ``create_network`` (10.x);
             11.x takes no flag (strong typing is the only mode).
-        device_memory_query: the engine attribute reporting its activation memory
-            (``device_memory_size_v2`` in 10.x; ``None``: removed in 11.x).
     """
 
     major: int
     strongly_typed_flag: bool
-    device_memory_query: str | None
 
     @classmethod
     def for_version(cls, version: TrtVersion) -> ApiPlan:
         if version.major == 10:
-            return cls(10, True, "device_memory_size_v2")
+            return cls(10, True)
         if version.major == 11:
-            return cls(11, False, None)
+            return cls(11, False)
         raise TensorRTUnavailable(f"no API plan for TensorRT {version}")
 
     def network_flags(self) -> int:

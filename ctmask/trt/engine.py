@@ -121,10 +121,6 @@ class EngineInfo:
     def spec(self) -> GraphSpec:
         return GraphSpec.from_metadata(self.graph_metadata, self.onnx_file or "engine sidecar")
 
-    @property
-    def tensorrt_major(self) -> int:
-        return int(self.tensorrt_version.split(".")[0])
-
     def to_dict(self) -> dict:
         spec = self.spec
         return {
