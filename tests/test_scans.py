@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,27 @@ def test_calibration_parity_and_bench_inputs_take_dicom_series_folders(dicom_set
     assert len(files) == 5 and not failures and all(not f.suffix for f in files)
     files, failures = collect_images([dicom_set / "nifti"])
     assert not files and any("multi-slice file" in f.reason for f in failures)
+
+
+def test_single_slice_inputs_name_every_file_they_refuse(dicom_set, tmp_path):
+    """A folder mixing suffix-less DICOM, an MR slice, a volume and a note: the CT slices are
+    taken (sorted), the MR slice and the volume are named, nothing vanishes silently."""
+    import pydicom
+
+    from ctmask.runtime.predict import collect_images
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(next(next((dicom_set / "dicom").iterdir()).iterdir()), mixed / "ct")
+    ds = pydicom.dcmread(sorted((mixed / "ct").iterdir())[0])
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = "1.2.3.4.5.9"
+    ds.save_as(mixed / "MR0001")
+    shutil.copy(next((dicom_set / "nifti").glob("*.nii.gz")), mixed / "vol.nii.gz")
+    (mixed / "notes.txt").write_text("not a slice")
+    files, failures = collect_images([mixed])
+    assert files == sorted(files) and len(files) == 5 and all(f.parent.name == "ct" for f in files)
+    reasons = {Path(f.file).name: f.reason for f in failures}
+    assert "modality MR" in reasons["MR0001"] and "multi-slice" in reasons["vol.nii.gz"]
+    assert set(reasons) == {"MR0001", "vol.nii.gz"}
+    files, failures = collect_images([dicom_set / "nifti"])
+    assert not files and all("multi-slice" in f.reason for f in failures)  # no second, misleading line

@@ -85,7 +85,9 @@ def _candidates(source: Path) -> tuple[list[Path], list[int | None], CropBoxes |
     if source.is_dir() and not split.is_file():
         files, failures = collect_images([source])
         if not files:
-            raise DataError("no calibration slices: the folder holds no images", source,
+            why = "; ".join(f"{f.file}: {f.reason}" for f in failures[:3])
+            raise DataError("no calibration slices: the folder holds no single-slice images"
+                            + (f" ({why})" if why else ""), source,
                             hint="pass a folder of slices (PNG, JPEG, TIFF, DICOM), a COVIDx-CT split file or a "
                                  "`ctmask synth` folder")
         return files, [None] * len(files), None, failures

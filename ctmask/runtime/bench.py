@@ -400,9 +400,10 @@ def bench_images(spec: GraphSpec, n: int, folder: Path | None) -> np.ndarray:
     if folder is not None:
         from ctmask.runtime.predict import collect_images, load_batch
 
-        files, _ = collect_images([folder])
+        files, skipped = collect_images([folder])
         if not files:
-            raise ConfigError(f"no images in {folder}")
+            why = "; ".join(f"{f.file}: {f.reason}" for f in skipped[:3])
+            raise ConfigError(f"no single-slice images in {folder}" + (f" ({why})" if why else ""))
         batch, ok, bad = load_batch(files[:n], spec)
         if bad:
             raise ConfigError("unreadable bench input: " + "; ".join(f"{f.file}: {f.reason}" for f in bad))

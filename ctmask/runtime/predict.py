@@ -91,29 +91,41 @@ def collect_images(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]
         path = Path(item)
         if path.is_dir():
             all_files = [p for p in path.rglob("*") if p.is_file()]
-            found = sorted(p for p in all_files if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = {p for p in all_files if p.suffix.lower() in IMAGE_SUFFIXES}
+            n_failed = len(failures)
             if len(found) < len(all_files):  # files without an image suffix: DICOM series, volumes
-                from ctmask.core.readers import collect_sources
-
-                known = set(found)
-                refs, _ = collect_sources([path])
-                for ref in refs:
-                    if ref.frame is not None:
-                        if ref.frame == 0:
-                            failures.append(Failure(ref.path, "a multi-slice file (multi-frame DICOM or NIfTI volume): "
-                                                              "this command takes single slices; `ctmask infer` "
-                                                              "reads volumes"))
-                    elif Path(ref.path) not in known:
-                        found.append(Path(ref.path))
-                        known.add(Path(ref.path))
-            if not found:
-                failures.append(Failure(str(path), f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
-            files.extend(found)
+                single, multi = _dicom_slices(path, failures)
+                found = (found | single) - multi
+            if not found and len(failures) == n_failed:
+                failures.append(Failure(str(path), "folder holds no slices (images, DICOM)"))
+            files.extend(sorted(found))
         elif path.is_file():
             files.append(path)
         else:
             failures.append(Failure(str(path), "no such file or folder"))
     return files, failures
+
+
+def _dicom_slices(folder: Path, failures: list[Failure]) -> tuple[set[Path], set[Path]]:
+    """The single-slice and the multi-slice files :func:`ctmask.core.readers.collect_sources`
+    finds in ``folder`` (suffix-less DICOM included); the files it refuses, and multi-slice
+    files, become ``failures``. Its series-ordering warnings concern ``infer`` and are not
+    shown here."""
+    import warnings
+
+    from ctmask.core.readers import collect_sources
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refs, refused = collect_sources([folder])
+    failures.extend(refused)
+    single, multi = set(), set()
+    for ref in refs:
+        (single if ref.frame is None else multi).add(Path(ref.path))
+    for path in sorted(multi):
+        failures.append(Failure(str(path), "a multi-slice file (multi-frame DICOM or NIfTI volume): this command "
+                                           "takes single slices; `ctmask infer` reads volumes"))
+    return single - multi, multi
 
 
 class CropBoxes:
