@@ -86,7 +86,7 @@ def _candidates(source: Path) -> tuple[list[Path], list[int | None], CropBoxes |
         files, failures = collect_images([source])
         if not files:
             why = "; ".join(f"{f.file}: {f.reason}" for f in failures[:3])
-            raise DataError("no calibration slices: the folder holds no single-slice images"
+            raise DataError("no calibration slices: the folder holds no images"
                             + (f" ({why})" if why else ""), source,
                             hint="pass a folder of slices (PNG, JPEG, TIFF, DICOM), a COVIDx-CT split file or a "
                                  "`ctmask synth` folder")
