@@ -71,9 +71,9 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -338,193 +338,251 @@ class _DicomSlice:
     instance: int | None
 
 
-class _Collector:
-    """Builds the slice list in input order; DICOM series are gathered then ordered."""
+@dataclass(frozen=True)
+class FileTask:
+    """One file found while listing the inputs, to be probed (:func:`probe_file`).
 
-    def __init__(self, force_modality: bool):
-        from ctmask.runtime.predict import Failure
-        from ctmask.runtime.sources import SliceRef
+    Attributes:
+        path: the file.
+        label: what reports call it (relative to the input folder's parent).
+        explicit: named on the command line (taken whatever its suffix) rather than found in a folder.
+    """
 
-        self.Failure, self.SliceRef = Failure, SliceRef
-        self.force_modality = force_modality
-        self.slots: list[list[SliceRef] | str] = []  # ready slices, or a series key
-        self.series: dict[str, list[_DicomSlice]] = {}
-        self.failures: list[Failure] = []
-        self.seen: set[str] = set()
+    path: str
+    label: str
+    explicit: bool
 
-    def fail(self, path: Path | str, reason: str) -> None:
-        self.failures.append(self.Failure(str(path), reason))
 
-    def add_input(self, item: str | Path) -> None:
-        path = Path(item)
-        try:
-            is_dir, is_file = path.is_dir(), path.is_file()
-        except OSError as exc:
-            self.fail(path, _error("cannot read", exc))
-            return
-        if is_dir:
-            self.add_folder(path)
-        elif is_file:
-            self.add_file(path, path.name, explicit=True)
-        elif path.exists():
-            self.fail(path, "not a regular file or folder")
-        else:
-            self.fail(path, "no such file or folder")
+@dataclass
+class FileProbe:
+    """What a file holds (:func:`probe_file`): ready slices (images, NIfTI), DICOM slices still
+    to be grouped into series and ordered, or the reason it was refused. Picklable: probes may
+    be computed in other processes (``infer --ray``) and assembled in the caller."""
 
-    def add_folder(self, root: Path) -> None:
-        before, failed = self.count(), len(self.failures)
-        files: list[Path] = []
+    slices: list[SliceRef] = field(default_factory=list)
+    dicom: list[_DicomSlice] = field(default_factory=list)
+    failure: str | None = None
 
-        def unreadable(exc: OSError) -> None:
-            self.fail(exc.filename or root, _error("cannot list folder", exc))
 
-        for folder, dirs, names in os.walk(root, onerror=unreadable):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            # Regular files only: opening a named pipe would wait for a writer forever.
-            files.extend(p for p in (Path(folder) / n for n in names if not n.startswith(".")) if p.is_file())
-        for path in sorted(files):
-            try:
-                label = str(path.relative_to(root.parent)) if root.name not in ("", "..") else str(path)
-            except ValueError:
-                label = str(path)
-            self.add_file(path, label, explicit=False)
-        if self.count() == before:
-            if len(self.failures) > failed:
-                self.fail(root, f"folder holds no readable slice ({len(self.failures) - failed} files failed)")
-            else:
-                self.fail(root, "folder holds no image (" + " ".join(RASTER_SUFFIXES) + "), DICOM or NIfTI file")
+@dataclass(frozen=True)
+class _FolderMark:
+    """Start (``end=False``) or end of an input folder's files in the listing."""
 
-    def count(self) -> int:
-        return sum(len(s) for s in self.slots if isinstance(s, list)) + sum(len(v) for v in self.series.values())
+    root: str
+    end: bool
 
-    def add_file(self, path: Path, label: str, explicit: bool) -> None:
+
+def list_inputs(inputs: list[str | Path]) -> list[FileTask | Failure | _FolderMark]:
+    """The files of ``inputs`` in input order (folders walked recursively, sorted; hidden files
+    and folders skipped; each file once), paths that cannot be listed as failures. Cheap: no
+    file is opened; :func:`probe_file` reads each one."""
+    from ctmask.runtime.predict import Failure
+
+    items: list[FileTask | Failure | _FolderMark] = []
+    seen: set[str] = set()
+
+    def add(path: Path, label: str, explicit: bool) -> None:
         try:
             key = str(path.resolve())
         except (OSError, RuntimeError):
             key = str(path.absolute())
-        if key in self.seen:
-            return
-        self.seen.add(key)
-        if path.name.upper() == "DICOMDIR":
-            if explicit:
-                self.fail(path, "a DICOMDIR is the index of a DICOM medium, not an image: pass its folder")
-            return
+        if key not in seen:
+            seen.add(key)
+            items.append(FileTask(str(path), label, explicit))
+
+    for item in inputs:
+        path = Path(item)
         try:
-            kind = _sniff(path)
+            is_dir, is_file = path.is_dir(), path.is_file()
         except OSError as exc:
-            self.fail(path, _error("cannot read file", exc))
-            return
-        if kind == "nifti":
-            self.add_nifti(path, label)
-        elif kind == "image":
-            self.add_image(path, label)
-        elif kind in ("dicom", "maybe-dicom") or explicit:
-            if not self.add_dicom(path, label, sure=kind == "dicom", explicit=explicit) and explicit:
-                if _is_raster(path):
-                    self.add_image(path, label)
-                else:
-                    self.fail(path, "not an image (" + " ".join(RASTER_SUFFIXES) + "), DICOM or NIfTI file")
+            items.append(Failure(str(path), _error("cannot read", exc)))
+            continue
+        if is_file:
+            add(path, path.name, explicit=True)
+        elif not is_dir:
+            reason = "not a regular file or folder" if path.exists() else "no such file or folder"
+            items.append(Failure(str(path), reason))
+        else:
+            items.append(_FolderMark(str(path), end=False))
+            files: list[Path] = []
 
-    def add_image(self, path: Path, label: str) -> None:
-        self.slots.append([self.SliceRef(path=str(path), study=str(path), series=str(path), label=label)])
+            def unreadable(exc: OSError, root: Path = path) -> None:
+                items.append(Failure(str(exc.filename or root), _error("cannot list folder", exc)))
 
-    def add_nifti(self, path: Path, label: str) -> None:
+            for folder, dirs, names in os.walk(path, onerror=unreadable):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                # Regular files only: opening a named pipe would wait for a writer forever.
+                files.extend(p for p in (Path(folder) / n for n in names if not n.startswith(".")) if p.is_file())
+            for file in sorted(files):
+                try:
+                    label = str(file.relative_to(path.parent)) if path.name not in ("", "..") else str(file)
+                except ValueError:
+                    label = str(file)
+                add(file, label, explicit=False)
+            items.append(_FolderMark(str(path), end=True))
+    return items
+
+
+def probe_file(task: FileTask, force_modality: bool = False) -> FileProbe:
+    """What one file holds: its slices (headers only; no pixels are decoded), or why it is refused.
+
+    Never raises for anything about the file: every problem is the probe's ``failure``.
+    """
+    from ctmask.runtime.sources import SliceRef
+
+    path, label, explicit = Path(task.path), task.label, task.explicit
+    probe = FileProbe()
+    if path.name.upper() == "DICOMDIR":
+        if explicit:
+            probe.failure = "a DICOMDIR is the index of a DICOM medium, not an image: pass its folder"
+        return probe
+    try:
+        kind = _sniff(path)
+    except OSError as exc:
+        probe.failure = _error("cannot read file", exc)
+        return probe
+    if kind == "image":
+        probe.slices.append(SliceRef(path=str(path), study=str(path), series=str(path), label=label))
+    elif kind == "nifti":
         try:
             vol = _NiftiVolume.open(path)
+            probe.slices.extend(SliceRef(path=str(path), frame=k, study=str(path), series=str(path),
+                                         position=vol.z_mm(k), label=f"{label}[z={k}]") for k in range(vol.nz))
         except DataError as exc:
-            self.fail(path, exc.message)
-            return
+            probe.failure = exc.message
         except Exception as exc:  # defensive: nothing about one file may stop the others
-            self.fail(path, _error("cannot read NIfTI", exc))
-            return
-        self.slots.append([
-            self.SliceRef(path=str(path), frame=k, study=str(path), series=str(path), position=vol.z_mm(k),
-                          label=f"{label}[z={k}]")
-            for k in range(vol.nz)
-        ])
+            probe.failure = _error("cannot read NIfTI", exc)
+    elif kind in ("dicom", "maybe-dicom") or explicit:
+        if not _probe_dicom(probe, path, label, kind == "dicom", explicit, force_modality) and explicit:
+            if _is_raster(path):
+                probe.slices.append(SliceRef(path=str(path), study=str(path), series=str(path), label=label))
+            else:
+                probe.failure = "not an image (" + " ".join(RASTER_SUFFIXES) + "), DICOM or NIfTI file"
+    return probe
 
-    def add_dicom(self, path: Path, label: str, sure: bool, explicit: bool) -> bool:
-        """Add a DICOM file's slices. True when the file was handled (added, reported as a failure,
-        or skipped as a DICOM object without an image); False when it is no DICOM image. ``sure``:
-        the file has a DICOM suffix or marker, so reading errors are failures."""
-        try:
-            with _captured([]):
-                ds = _pydicom().dcmread(path, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
-        except Exception as exc:  # a decoder of untrusted bytes: any failure is this file's
-            if sure:
-                self.fail(path, _error("cannot decode DICOM", exc))
-            return sure
-        try:
-            with _captured([]):
-                return self._add_dicom(ds, path, label, sure, explicit)
-        except DataError as exc:
-            self.fail(path, exc.message)
-        except Exception as exc:
-            self.fail(path, _error("cannot decode DICOM", exc))
+
+def _probe_dicom(probe: FileProbe, path: Path, label: str, sure: bool, explicit: bool, force_modality: bool) -> bool:
+    """Add a DICOM file's slices to ``probe``. True when the file was handled (added, refused,
+    or skipped as a DICOM object without an image); False when it is no DICOM image. ``sure``:
+    the file has a DICOM suffix or marker, so reading errors are failures."""
+    try:
+        with _captured([]):
+            ds = _pydicom().dcmread(path, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
+    except Exception as exc:  # a decoder of untrusted bytes: any failure is this file's
+        if sure:
+            probe.failure = _error("cannot decode DICOM", exc)
+        return sure
+    try:
+        with _captured([]):
+            return _dicom_entries(probe, ds, path, label, sure, explicit, force_modality)
+    except DataError as exc:
+        probe.failure = exc.message
+    except Exception as exc:
+        probe.failure = _error("cannot decode DICOM", exc)
+    return True
+
+
+def _dicom_entries(probe: FileProbe, ds: Any, path: Path, label: str, sure: bool, explicit: bool,
+                   force_modality: bool) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "") or "") == DICOMDIR_CLASS:
+        if explicit:
+            raise DataError("a DICOMDIR is the index of a DICOM medium, not an image: pass its folder", path)
         return True
-
-    def _add_dicom(self, ds: Any, path: Path, label: str, sure: bool, explicit: bool) -> bool:
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and str(meta.get("MediaStorageSOPClassUID", "") or "") == DICOMDIR_CLASS:
-            if explicit:
-                raise DataError("a DICOMDIR is the index of a DICOM medium, not an image: pass its folder", path)
-            return True
-        try:
-            rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
-        except Exception:
-            if not sure:
-                return False
-            raise
-        if not rows or not cols:
-            if not sure:
-                return False
-            sop = ds.get("SOPClassUID", None)
-            kind = str(getattr(sop, "name", "") or "")
-            if sop and "image" not in kind.lower() and not explicit:
-                return True  # a report, a presentation state...: DICOM without an image, skipped in folders
-            raise DataError("cannot decode DICOM: it holds no image (no Rows / Columns)"
-                            + (f"; SOP class {kind}" if kind else ""), path)
-        check_image_size(cols, rows, path)
-        image_type = [str(v).upper() for v in (ds.get("ImageType", None) or [])]
-        if "LOCALIZER" in image_type:
-            raise DataError("a localizer (scout) image, not an axial slice: skipped, and kept out of its study", path)
-        modality = _modality(ds)
-        if modality and modality != CT and not self.force_modality:
-            raise DataError(_modality_refusal(modality), path)
-        frames = _int(ds, "NumberOfFrames", 1) or 1
-        if not 1 <= frames <= MAX_SLICES:
-            raise DataError(f"declares {frames} frames; ctmask reads 1 to {MAX_SLICES}", path)
-        series = str(ds.get("SeriesInstanceUID", "") or "") or f"folder:{path.parent}"
-        study = str(ds.get("StudyInstanceUID", "") or "") or series
-        instance = None
-        try:
-            instance = _int(ds, "InstanceNumber")
-        except (TypeError, ValueError):
-            pass
-        entries = []
-        shared = None  # frames without per-frame groups share one geometry (and have no position)
-        if frames > 1 and not ds.get("PerFrameFunctionalGroupsSequence", None):
-            shared = (None, _geometry(ds, 0)[1])
-        for k in range(frames) if frames > 1 else [None]:
-            ipp, normal = shared or _geometry(ds, k)
-            entries.append(_DicomSlice(path, label if k is None else f"{label}[frame={k}]", study, series, k,
+    try:
+        rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    except Exception:
+        if not sure:
+            return False
+        raise
+    if not rows or not cols:
+        if not sure:
+            return False
+        sop = ds.get("SOPClassUID", None)
+        kind = str(getattr(sop, "name", "") or "")
+        if sop and "image" not in kind.lower() and not explicit:
+            return True  # a report, a presentation state...: DICOM without an image, skipped in folders
+        raise DataError("cannot decode DICOM: it holds no image (no Rows / Columns)"
+                        + (f"; SOP class {kind}" if kind else ""), path)
+    check_image_size(cols, rows, path)
+    image_type = [str(v).upper() for v in (ds.get("ImageType", None) or [])]
+    if "LOCALIZER" in image_type:
+        raise DataError("a localizer (scout) image, not an axial slice: skipped, and kept out of its study", path)
+    modality = _modality(ds)
+    if modality and modality != CT and not force_modality:
+        raise DataError(_modality_refusal(modality), path)
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    if not 1 <= frames <= MAX_SLICES:
+        raise DataError(f"declares {frames} frames; ctmask reads 1 to {MAX_SLICES}", path)
+    series = str(ds.get("SeriesInstanceUID", "") or "") or f"folder:{path.parent}"
+    study = str(ds.get("StudyInstanceUID", "") or "") or series
+    instance = None
+    try:
+        instance = _int(ds, "InstanceNumber")
+    except (TypeError, ValueError):
+        pass
+    shared = None  # frames without per-frame groups share one geometry (and have no position)
+    if frames > 1 and not ds.get("PerFrameFunctionalGroupsSequence", None):
+        shared = (None, _geometry(ds, 0)[1])
+    for k in range(frames) if frames > 1 else [None]:
+        ipp, normal = shared or _geometry(ds, k)
+        probe.dicom.append(_DicomSlice(path, label if k is None else f"{label}[frame={k}]", study, series, k,
                                        ipp, normal, instance))
-        if series not in self.series:
-            self.series[series] = []
-            self.slots.append(series)
-        self.series[series].extend(entries)
-        return True
+    return True
 
-    def finish(self) -> tuple[list[SliceRef], list[Failure]]:
-        refs: list[SliceRef] = []
-        for slot in self.slots:
-            if isinstance(slot, list):
-                refs.extend(slot)
+
+def assemble(items: list[FileTask | Failure | _FolderMark], probes: list[FileProbe]) -> tuple[list[SliceRef],
+                                                                                             list[Failure]]:
+    """The slices and failures of a listing (:func:`list_inputs`) from its files' probes (one per
+    :class:`FileTask`, in listing order): DICOM slices grouped by series and ordered (a series
+    comes where its first file does); a folder that gave no slice is a failure."""
+    from ctmask.runtime.predict import Failure
+    from ctmask.runtime.sources import SliceRef
+
+    slots: list[list[SliceRef] | str] = []  # ready slices, or a series key
+    series: dict[str, list[_DicomSlice]] = {}
+    failures: list[Failure] = []
+    opened: list[tuple[int, int]] = []  # per open folder: slices and failures before it
+    n_slices = 0
+    probe_iter = iter(probes)
+    for item in items:
+        if isinstance(item, _FolderMark):
+            if not item.end:
+                opened.append((n_slices, len(failures)))
                 continue
-            for e, position in _order_series(slot, self.series[slot]):
-                refs.append(self.SliceRef(path=str(e.path), frame=e.frame, study=e.study, series=e.series,
-                                          position=position, label=e.label))
-        return refs, self.failures
+            before, failed = opened.pop()
+            if n_slices == before:
+                if len(failures) > failed:
+                    failures.append(Failure(item.root, f"folder holds no readable slice ({len(failures) - failed} "
+                                                       "files failed)"))
+                else:
+                    failures.append(Failure(item.root, "folder holds no image (" + " ".join(RASTER_SUFFIXES)
+                                                       + "), DICOM or NIfTI file"))
+        elif isinstance(item, FileTask):
+            probe = next(probe_iter)
+            if probe.failure is not None:
+                failures.append(Failure(item.path, probe.failure))
+            if probe.slices:
+                slots.append(probe.slices)
+            for e in probe.dicom:
+                if e.series not in series:
+                    series[e.series] = []
+                    slots.append(e.series)
+                series[e.series].append(e)
+            n_slices += len(probe.slices) + len(probe.dicom)
+        else:
+            failures.append(item)
+    if next(probe_iter, None) is not None:
+        raise ValueError("more probes than files in the listing")
+    refs: list[SliceRef] = []
+    for slot in slots:
+        if isinstance(slot, list):
+            refs.extend(slot)
+            continue
+        for e, position in _order_series(slot, series[slot]):
+            refs.append(SliceRef(path=str(e.path), frame=e.frame, study=e.study, series=e.series, position=position,
+                                 label=e.label))
+    return refs, failures
 
 
 def _order_series(series: str, entries: list[_DicomSlice]) -> list[tuple[_DicomSlice, float | None]]:
@@ -556,7 +614,9 @@ def _order_series(series: str, entries: list[_DicomSlice]) -> list[tuple[_DicomS
     return [(e, None) for e in sorted(entries, key=name_key)]
 
 
-def collect_sources(inputs: list[str | Path], force_modality: bool = False) -> tuple[list[SliceRef], list[Failure]]:
+def collect_sources(inputs: list[str | Path], force_modality: bool = False,
+                    probe_all: Callable[[list[FileTask]], Iterable[FileProbe]] | None = None,
+                    ) -> tuple[list[SliceRef], list[Failure]]:
     """Expand files and folders (recursively, in sorted order) into the slices to predict.
 
     Folders contribute raster images (:data:`RASTER_SUFFIXES`), NIfTI volumes (one slice per
@@ -570,16 +630,23 @@ def collect_sources(inputs: list[str | Path], force_modality: bool = False) -> t
     Args:
         inputs: files and folders.
         force_modality: accept DICOM of modalities other than CT.
+        probe_all: probes a list of files (:func:`probe_file` on each, in order; ``infer --ray``
+            runs them in Ray tasks); default: one after the other here.
 
     Returns:
         (slices, failures): every unreadable or refused file, missing path and folder without
         any slice is a ``Failure`` (file, reason); nothing is raised for a bad file. Slices of
         a series sharing one position are kept, with a :class:`CtmaskWarning`.
     """
-    collector = _Collector(force_modality)
-    for item in inputs:
-        collector.add_input(item)
-    return collector.finish()
+    items = list_inputs(inputs)
+    tasks = [item for item in items if isinstance(item, FileTask)]
+    if probe_all is None:
+        probes = [probe_file(task, force_modality) for task in tasks]
+    else:
+        probes = list(probe_all(tasks))
+        if len(probes) != len(tasks):
+            raise ValueError(f"probe_all returned {len(probes)} probes for {len(tasks)} files")
+    return assemble(items, probes)
 
 
 # ---------------------------------------------------------------- decoding
