@@ -94,7 +94,7 @@ def test_prediction_writer_is_atomic(tmp_path):
         with PredictionWriter(out, ("a", "b", "c")):
             raise RuntimeError("crash mid-run")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ConfigError, match="use .jsonl or .csv"):
+    with pytest.raises(ConfigError, match="use .jsonl, .csv or .parquet"):
         PredictionWriter(tmp_path / "p.txt", ("a",))
 
 

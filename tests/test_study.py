@@ -188,5 +188,5 @@ def test_writer_leaves_no_partial_file_on_error(tmp_path, name):
 
 
 def test_writer_refuses_unknown_suffix(tmp_path):
-    with pytest.raises(ConfigError, match="use .jsonl or .csv"):
+    with pytest.raises(ConfigError, match="use .jsonl, .csv or .parquet"):
         StudyWriter(tmp_path / "studies.txt")

@@ -10,46 +10,11 @@ import contextlib
 import time
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from ctmask.cli.common import JsonOpt, QuietOpt, emit_json, human_echo, user_errors
 from ctmask.core.errors import ConfigError
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth")
-
-
-def make_runner(model: Path, backend: str, device: str, threads: int | None):
-    """The runner for ``model``: a checkpoint runs in torch, an engine (``.engine``) in
-    TensorRT on the GPU, anything else in onnxruntime (or, when asked, OpenVINO on the CPU
-    with the f32 precision hint)."""
-    from ctmask.trt.engine import is_engine_path
-
-    if backend == "auto":
-        backend = ("torch" if model.suffix.lower() in CHECKPOINT_SUFFIXES else
-                   "tensorrt" if is_engine_path(model) else "onnxruntime")
-    if backend == "tensorrt" or is_engine_path(model):
-        if backend != "tensorrt" or not is_engine_path(model):
-            raise ConfigError(f"{model}: TensorRT runs engine files (.engine, from `ctmask export MODEL.onnx --engine "
-                              f"tensorrt`) and an engine runs on TensorRT only; got backend {backend}")
-        from ctmask.runtime.tensorrt_runner import TensorRTRunner
-
-        return TensorRTRunner(model)
-    if backend == "onnxruntime":
-        from ctmask.runtime.runner import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner(model, device=device, threads=threads)
-    if backend == "openvino":
-        if device != "cpu":
-            raise ConfigError(f"the openvino backend runs on the CPU only; got --device {device}")
-        from ctmask.runtime.openvino_runner import OpenVinoRunner
-
-        return OpenVinoRunner(model, threads=threads)
-    if backend == "torch":
-        from ctmask.exporter.reference import TorchRunner
-
-        return TorchRunner(model, device=device, threads=threads)
-    raise ConfigError(f"unknown backend {backend!r}; expected auto, onnxruntime, openvino, tensorrt or torch")
+from ctmask.runtime.factory import CHECKPOINT_SUFFIXES, make_runner  # noqa: F401  (re-exported)
 
 
 @user_errors
@@ -59,9 +24,9 @@ def infer(
     inputs: list[Path] = typer.Argument(..., help="Slices (PNG, JPEG, TIFF, DICOM), DICOM series folders (files "
                                                   "with or without .dcm), multi-frame DICOM, NIfTI volumes "
                                                   "(.nii, .nii.gz), or folders of them."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Per-slice predictions: .jsonl or .csv (default: "
-                                                              "stdout)."),
-    studies: Path | None = typer.Option(None, "--studies", help="Per-study predictions: .jsonl or .csv."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Per-slice predictions: .jsonl, .csv or .parquet "
+                                                              "(default: stdout)."),
+    studies: Path | None = typer.Option(None, "--studies", help="Per-study predictions: .jsonl, .csv or .parquet."),
     overlays: Path | None = typer.Option(None, "--overlays", help="Folder for PNG overlays: each slice with its top "
                                                                   "RoIs' boxes and scores drawn."),
     report: Path | None = typer.Option(None, "--report", help="Self-contained HTML report of the run (.html)."),
@@ -84,6 +49,16 @@ def infer(
                                                             "path, else by file name)."),
     uncropped: bool = typer.Option(False, "--uncropped", help="Run a model trained on cropped slices on whole "
                                                               "slices anyway (off its training distribution)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (pip install 'ctmask[ray]'): inputs listed "
+                                                        "and decoded in Ray tasks, one runner per actor; a local "
+                                                        "cluster unless --address. Same predictions as without."),
+    address: str | None = typer.Option(None, "--address", help="With --ray: join this cluster ('auto', "
+                                                               "'ray://HOST:10001') instead of starting one."),
+    actors: int | None = typer.Option(None, "--actors", help="With --ray: inference actors (default: one per GPU "
+                                                             "with --gpus-per-actor, else one per 4 CPUs)."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="With --ray: GPUs per actor."),
+    cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", help="With --ray: CPUs per actor "
+                                                                               "(default: the cluster's, shared)."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -105,21 +80,44 @@ def infer(
     from ctmask.core.readers import collect_sources
     from ctmask.runtime.batch_run import ReadOptions, Resume, predict_sources
 
-    refs, failures = collect_sources(inputs, force_modality=force_modality)
+    ray_opts = ray_stats = None
+    ray_only = [n for n, v in (("--address", address), ("--actors", actors), ("--cpus-per-actor", cpus_per_actor))
+                if v is not None] + (["--gpus-per-actor"] if gpus_per_actor else [])
+    if use_ray:
+        from ctmask.scale.ray_batch import RayOptions, RayStats
+
+        ray_opts = RayOptions(address, actors, gpus_per_actor, cpus_per_actor)
+        ray_opts.check()
+        ray_stats = RayStats()
+    elif ray_only:
+        raise ConfigError(f"{', '.join(ray_only)} only apply with --ray")
     earlier = Resume(out) if resume and out is not None else None
-    if earlier is not None:
-        done = earlier.keys
-        n_before = len(refs)
-        refs = [r for r in refs if r.key not in done]
-        echo(f"resume: {n_before - len(refs)} slice(s) already in {out}, {len(refs)} to predict")
     crop_boxes = CropBoxes.from_split(boxes) if boxes is not None else None
-    runner = make_runner(model, backend, device, threads)
     counts: dict[str, int] = {}
     records: list[dict] = list(earlier.records) if earlier is not None else []
     opts = ReadOptions(force_modality, hu_offset)
     t_infer = 0.0
-    with runner:
-        spec = runner.spec
+    with contextlib.ExitStack() as stack:
+        if use_ray:
+            from ctmask.runtime.bench import read_spec
+            from ctmask.scale.ray_batch import collect_sources_ray, predict_sources_ray, ray_cluster
+
+            if model.suffix.lower() in CHECKPOINT_SUFFIXES:
+                raise ConfigError(f"{model}: --ray runs exported graphs (ONNX, TensorRT engine); export the "
+                                  "checkpoint with `ctmask export` first")
+            spec = read_spec(model)
+            make_runner(model, backend, device, threads)  # refuses a bad backend / device before Ray starts
+            stack.enter_context(ray_cluster(address, ray_stats))
+            refs, failures = collect_sources_ray(inputs, force_modality, ray_stats)
+        else:
+            refs, failures = collect_sources(inputs, force_modality=force_modality)
+            runner = stack.enter_context(make_runner(model, backend, device, threads))
+            spec = runner.spec
+        if earlier is not None:
+            done = earlier.keys
+            n_before = len(refs)
+            refs = [r for r in refs if r.key not in done]
+            echo(f"resume: {n_before - len(refs)} slice(s) already in {out}, {len(refs)} to predict")
         check_crop(spec, crop_boxes, uncropped)
         if spec.crop and uncropped:
             typer.secho(f"warning: {model} was trained on body-cropped slices; running it on whole slices "
@@ -135,14 +133,25 @@ def infer(
             if writer is not None:
                 for rec in records:
                     writer.write_record(rec)
-            for item in predict_sources(runner, refs, batch_size, top_rois, on_batch=advance, boxes=crop_boxes,
-                                        uncropped=uncropped, keep_pixels=overlays is not None, opts=opts):
+            if use_ray:
+                items = predict_sources_ray(model, spec, refs, ray_opts, ray_stats, batch_size, top_rois,
+                                            on_batch=advance, boxes=crop_boxes, uncropped=uncropped,
+                                            overlays=overlays, opts=opts, backend=backend, device=device,
+                                            threads=threads)
+            else:
+                items = predict_sources(runner, refs, batch_size, top_rois, on_batch=advance, boxes=crop_boxes,
+                                        uncropped=uncropped, keep_pixels=overlays is not None, opts=opts)
+            for item in items:
                 if isinstance(item, Failure):
                     failures.append(item)
                     continue
                 pred, decoded = item
                 if overlays is not None and decoded is not None:
-                    pred.overlay = _draw_overlay(overlays, pred, decoded, failures)
+                    from ctmask.runtime.overlays import write_overlay
+
+                    pred.overlay, reason = write_overlay(overlays, pred, decoded)
+                    if reason is not None:
+                        failures.append(Failure(pred.key or pred.file, reason))
                 counts[pred.class_name] = counts.get(pred.class_name, 0) + 1
                 rec = pred.to_dict()
                 records.append(rec)
@@ -152,7 +161,7 @@ def infer(
                     probs = " ".join(f"{k}={v:.4f}" for k, v in pred.probs.items())
                     echo(f"{pred.key or pred.file}\t{pred.class_name}\t{probs}")
         t_infer = time.perf_counter() - t_run
-        described = runner.describe()
+        described = (dict(ray_stats.runner or {"backend": backend}) if use_ray else runner.describe())
     study_records = _write_studies(records, spec, studies, study_top_k)
     seconds = time.perf_counter() - t0
     all_counts: dict[str, int] = {}
@@ -173,12 +182,15 @@ def infer(
     typer.echo(f"predicted {n_ok} slices{resumed} ({classes}) in "
                f"{len(study_records)} stud{'y' if len(study_records) == 1 else 'ies'}, skipped {len(failures)}, in "
                f"{seconds:.2f} s on {described.get('provider', described['backend'])}"
+               + (f" in {ray_stats.actors} Ray actor(s)" if ray_stats is not None and ray_stats.actors else "")
                + "".join(f"; wrote {p}" for p in (out, studies, report) if p is not None)
                + (f"; overlays in {overlays}" if overlays is not None else ""), err=True)
     summary = {"model": str(model), "runner": described, "predicted": n_ok, "classes": counts,
                "studies": study_records, "skipped": [f.to_dict() for f in failures], "seconds": round(seconds, 3),
                "out": None if out is None else str(out), "crop": bool(spec.crop and not uncropped),
                "resumed": 0 if earlier is None else len(earlier.records)}
+    if ray_stats is not None:
+        summary["ray"] = ray_stats.to_dict()
     if out is None:
         summary["predictions"] = records
     emit_json(summary, json_out)
@@ -189,7 +201,8 @@ def infer(
 def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, overlays: Path | None,
                    resume: bool, model: Path) -> None:
     """Refuse bad output options before anything runs (exit 2, nothing written)."""
-    for opt, path, suffixes in (("--out", out, (".jsonl", ".csv")), ("--studies", studies, (".jsonl", ".csv")),
+    tables = (".jsonl", ".csv", ".parquet")
+    for opt, path, suffixes in (("--out", out, tables), ("--studies", studies, tables),
                                 ("--report", report, (".html", ".htm"))):
         if path is None:
             continue
@@ -208,29 +221,6 @@ def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, 
         existing = next((p for p in (overlays, *overlays.parents) if p.exists()), None)
         if existing is not None and not existing.is_dir():
             raise ConfigError(f"--overlays {overlays}: {existing} is a file; give a folder")
-
-
-def _draw_overlay(folder: Path, pred, decoded, failures: list) -> str | None:
-    """Write one slice's overlay PNG; a failure to draw is reported, never fatal."""
-    import hashlib
-    import re
-
-    from ctmask.runtime.predict import Failure
-
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", (pred.label or pred.key or pred.file))[-80:].strip("_") or "slice"
-    key = (pred.key or pred.file).encode("utf-8", errors="surrogateescape")
-    name = f"{stem}.{hashlib.sha1(key).hexdigest()[:8]}.png"
-    try:
-        from ctmask.runtime.overlays import draw_overlay
-
-        scores = [row[0] for row in pred.rois]
-        draw_overlay(decoded.pixels, np.asarray(pred.boxes or [], np.float32).reshape(-1, 4), np.asarray(
-            scores[: len(pred.boxes or [])], np.float32), pred.class_name, pred.probs, folder / name)
-    except (OSError, ValueError) as exc:
-        failures.append(Failure(pred.key or pred.file, f"overlay not written ({exc.__class__.__name__}: {exc}); "
-                                                       "the prediction is in the output"))
-        return None
-    return str(folder / name)
 
 
 def _write_studies(records: list[dict], spec, studies: Path | None, top_k: int) -> list[dict]:

@@ -179,7 +179,7 @@ def predict_sources(
 
 
 class Resume:
-    """The records of an earlier run's output file (JSONL or CSV), for ``infer --resume``.
+    """The records of an earlier run's output file (JSONL, CSV or Parquet), for ``infer --resume``.
 
     Args:
         path: the output file; a missing file is an empty resume (first run).
@@ -192,6 +192,12 @@ class Resume:
         self.path = Path(path)
         self.records: list[dict] = []
         if not self.path.exists():
+            return
+        if self.path.suffix.lower() == ".parquet":
+            from ctmask.runtime.parquet import read_slices
+
+            for n, rec in enumerate(read_slices(self.path), 1):
+                self._add(rec, n)
             return
         try:
             text = self.path.read_text(encoding="utf-8", errors="surrogateescape")

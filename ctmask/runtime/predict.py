@@ -262,27 +262,32 @@ SCAN_COLUMNS = ("key", "label", "study", "series", "position", "frame", "kind", 
 
 
 class PredictionWriter:
-    """Writes predictions as JSON lines (``.jsonl``) or CSV (``.csv``), atomically.
+    """Writes predictions as JSON lines (``.jsonl``), CSV (``.csv``) or Parquet (``.parquet``,
+    :mod:`ctmask.runtime.parquet`), atomically.
 
-    Records go to a temporary file as they come; :meth:`close` renames it onto the
-    target, and a failure before that leaves no partial file behind. Use as a context
-    manager.
+    Records go to a temporary file as they come (Parquet: written there when the block
+    ends); leaving the ``with`` block renames it onto the target, and a failure before that
+    leaves no partial file behind.
     """
 
     def __init__(self, path: str | Path, class_names: tuple[str, ...], scan_columns: bool = False):
         self.path = Path(path)
         self.scan_columns = scan_columns
         suffix = self.path.suffix.lower()
-        if suffix not in (".jsonl", ".csv"):
-            raise ConfigError(f"cannot tell the output format from {self.path.name!r}: use .jsonl or .csv")
+        if suffix not in (".jsonl", ".csv", ".parquet"):
+            raise ConfigError(f"cannot tell the output format from {self.path.name!r}: use .jsonl, .csv or .parquet")
         self.format = suffix[1:]
         self.class_names = class_names
         self.count = 0
         self._ctx = atomic_path(self.path)
         self._fh: io.TextIOBase | None = None
+        self._rows: list[dict] = []
 
     def __enter__(self) -> PredictionWriter:
         tmp = self._ctx.__enter__()
+        self._tmp = tmp
+        if self.format == "parquet":
+            return self
         # surrogateescape: a file name that is not UTF-8 goes out byte for byte (and --resume reads it back)
         self._fh = open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
         if self.format == "csv":
@@ -296,7 +301,9 @@ class PredictionWriter:
 
     def write_record(self, rec: dict) -> None:
         """Write one record as :meth:`Prediction.to_dict` gives it (or as read back by ``--resume``)."""
-        if self.format == "jsonl":
+        if self.format == "parquet":
+            self._rows.append(rec)
+        elif self.format == "jsonl":
             self._fh.write(json.dumps(rec) + "\n")
         else:
             rois = rec.get("top_rois") or []
@@ -310,5 +317,14 @@ class PredictionWriter:
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
+        elif exc_type is None:
+            try:
+                from ctmask.runtime.parquet import write_slices
+
+                write_slices(self._tmp, self._rows, self.class_names)
+            except BaseException as err:
+                self._ctx.__exit__(type(err), err, err.__traceback__)
+                raise
         self._ctx.__exit__(exc_type, exc, tb)

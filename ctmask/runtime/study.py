@@ -233,7 +233,8 @@ CSV_COLUMNS = ("study", "class", "class_index", "n_slices", "series", "rule", "d
 
 
 class StudyWriter:
-    """Writes study predictions as JSON lines (``.jsonl``) or CSV (``.csv``), atomically.
+    """Writes study predictions as JSON lines (``.jsonl``), CSV (``.csv``) or Parquet (``.parquet``,
+    :mod:`ctmask.runtime.parquet`), atomically.
 
     Records go to a temporary file as they come; leaving the ``with`` block renames it
     onto the target, and an exception inside it leaves no file behind (an existing one is
@@ -245,17 +246,22 @@ class StudyWriter:
     def __init__(self, path: str | Path, class_names: Sequence[str] | None = None):
         self.path = Path(path)
         suffix = self.path.suffix.lower()
-        if suffix not in (".jsonl", ".csv"):
-            raise ConfigError(f"cannot tell the output format from {self.path.name!r}: use .jsonl or .csv")
+        if suffix not in (".jsonl", ".csv", ".parquet"):
+            raise ConfigError(f"cannot tell the output format from {self.path.name!r}: use .jsonl, .csv or .parquet")
         self.format = suffix[1:]
         self.class_names: tuple[str, ...] | None = None if class_names is None else tuple(class_names)
         self.count = 0
         self._ctx = atomic_path(self.path)
         self._fh: io.TextIOWrapper | None = None
         self._csv: Any = None
+        self._rows: list[dict] = []
+        self._open = False
 
     def __enter__(self) -> StudyWriter:
         tmp = self._ctx.__enter__()
+        self._tmp, self._open = tmp, True
+        if self.format == "parquet":
+            return self
         self._fh = open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
         if self.format == "csv":
             self._csv = csv.writer(self._fh)
@@ -269,9 +275,13 @@ class StudyWriter:
 
     def write(self, study: StudyPrediction) -> None:
         """Append one study."""
-        if self._fh is None:
+        if not self._open:
             raise RuntimeError("StudyWriter.write outside its with-block")
-        if self.format == "jsonl":
+        if self.format == "parquet":
+            if self.class_names is None:
+                self.class_names = tuple(study.probs)
+            self._rows.append(study.to_dict())
+        elif self.format == "jsonl":
             self._fh.write(json.dumps(study.to_dict()) + "\n")
         else:
             if self.class_names is None:
@@ -284,6 +294,18 @@ class StudyWriter:
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._open = False
+        if self.format == "parquet":
+            if exc_type is None:
+                try:
+                    from ctmask.runtime.parquet import write_studies
+
+                    write_studies(self._tmp, self._rows, self.class_names or ())
+                except BaseException as err:
+                    self._ctx.__exit__(type(err), err, err.__traceback__)
+                    raise
+            self._ctx.__exit__(exc_type, exc, tb)
+            return
         assert self._fh is not None
         if exc_type is None and self.format == "csv" and self.class_names is None:
             self.class_names = ()
