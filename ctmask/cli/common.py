@@ -28,6 +28,10 @@ EXTRA_OF_MODULE: dict[str, tuple[str, str]] = {
     "tensorrt": ("trt", "TensorRT"),
     "cuda": ("trt", "cuda-python"),
     "cuda.bindings": ("trt", "cuda-python"),  # `cuda` can be a namespace other NVIDIA packages fill
+    "ray": ("ray", "Ray"),
+    "pyarrow": ("ray", "pyarrow"),
+    "tritonclient": ("triton", "tritonclient"),
+    "google.protobuf": ("triton", "protobuf"),
 }
 
 

@@ -1,0 +1,425 @@
+"""Batch inference on Ray Data: ``ctmask infer --ray``.
+
+The same pipeline as :func:`ctmask.runtime.batch_run.predict_sources`, spread over a Ray
+cluster (a local one that ctmask starts, or one it joins with ``--address``):
+
+1. **Listing**: the driver walks the inputs (:func:`ctmask.core.readers.list_inputs`, no file
+   opened); every file's headers are probed in Ray tasks (:func:`~ctmask.core.readers.probe_file`);
+   the driver groups DICOM series and orders them (:func:`~ctmask.core.readers.assemble`), so
+   the slices, their order and the refused files are exactly the local ones.
+2. **Decoding and pre-processing** in Ray tasks, one chunk of ``batch_size`` slices each
+   (:func:`~ctmask.runtime.batch_run.load_refs`: crop, resize; unreadable slices are failures).
+3. **Inference** in an actor pool (``map_batches`` with a callable class): each actor builds
+   one :class:`~ctmask.runtime.runner.Runner` (onnxruntime, OpenVINO or TensorRT) once and
+   runs one chunk per call, so every runner call sees exactly the batch the local path would
+   (same slices, same batch size: same numbers).
+4. The driver takes the chunks as they finish and yields predictions **in input order**.
+
+Fault tolerance is Ray's: an actor that dies (killed, out of memory, node lost) is restarted
+and the chunks it held are run again (``max_restarts=-1``, ``max_task_retries=-1``); a chunk
+is yielded once, whatever the retries (a chunk delivered twice is counted in
+:attr:`RayStats.duplicates` and dropped). Input paths must be readable on every node (a
+shared file system) and ctmask installed there (see the README: ``ray job submit``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctmask.core.errors import ConfigError, CtmaskError
+from ctmask.core.spec import INPUT, GraphSpec
+from ctmask.runtime.batch_run import ReadOptions, load_refs, slice_predictions
+from ctmask.runtime.predict import CropBoxes, Failure, Prediction, check_crop
+from ctmask.runtime.sources import SliceRef
+
+PROBE_CHUNK = 64
+"""Files per listing task."""
+DECODE_CPUS = 0.5
+"""Logical CPUs a decoding task reserves (decoding is a small share of the work: ~6 % on the
+small preset; a fraction leaves the cores to the actors)."""
+
+
+class RayError(CtmaskError):
+    """The Ray job could not run (no cluster at ``--address``, actors that cannot load the model)."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """``infer --ray`` settings.
+
+    Attributes:
+        address: a running cluster (``auto``, ``ray://host:10001``, ``host:6379``); ``None``
+            starts a local one for the run (all the machine's cores).
+        actors: inference actors (default: one per GPU with ``gpus_per_actor``, else one per
+            4 CPUs of the cluster, at least 1).
+        gpus_per_actor: GPUs each actor reserves (0: CPU inference).
+        cpus_per_actor: CPUs each actor reserves (default: the cluster's CPUs, less what
+            decoding needs, shared by the actors); onnxruntime / OpenVINO use that many threads
+            unless ``--threads`` says otherwise.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float | None = None
+
+    def check(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"--actors must be >= 1, got {self.actors}")
+        if not (0 <= self.gpus_per_actor <= 64):  # also refuses nan
+            raise ConfigError(f"--gpus-per-actor must be in [0, 64], got {self.gpus_per_actor}")
+        if self.cpus_per_actor is not None and not (0 < self.cpus_per_actor <= 1024):
+            raise ConfigError(f"--cpus-per-actor must be in (0, 1024], got {self.cpus_per_actor}")
+
+
+@dataclass
+class RayStats:
+    """What the Ray job did, for the summary.
+
+    Attributes:
+        cluster: CPUs and GPUs of the cluster; ``started``: ctmask started it for this run.
+        actors / cpus_per_actor / gpus_per_actor / threads: the actor pool.
+        chunks: chunks of ``batch_size`` slices run; ``duplicates``: chunks delivered more
+            than once (dropped); ``by_worker``: chunks per actor process (``node:pid``; more
+            processes than actors means actors were restarted).
+        runner: one actor's ``runner.describe()``.
+        listing_seconds: listing and probing the inputs.
+    """
+
+    cluster: dict = field(default_factory=dict)
+    started: bool = False
+    actors: int = 0
+    cpus_per_actor: float = 0.0
+    gpus_per_actor: float = 0.0
+    threads: int | None = None
+    chunks: int = 0
+    duplicates: int = 0
+    by_worker: dict[str, int] = field(default_factory=dict)
+    runner: dict = field(default_factory=dict)
+    listing_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"cluster": self.cluster, "started_local_cluster": self.started, "actors": self.actors,
+                "cpus_per_actor": self.cpus_per_actor, "gpus_per_actor": self.gpus_per_actor,
+                "threads": self.threads, "chunks": self.chunks, "duplicates_dropped": self.duplicates,
+                "chunks_by_worker": self.by_worker, "listing_seconds": round(self.listing_seconds, 3)}
+
+
+def _ray():
+    import ray  # the `ray` extra; user_errors names it when missing
+    import ray.data
+
+    return ray
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def _quiet_data_context() -> None:
+    """No Ray Data progress bars, plan dumps or notices on the terminal (ctmask draws its own
+    progress); errors still print. Ray Data sets its loggers' levels when a dataset first
+    runs, so filters, not levels."""
+    ray = _ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    for attr in ("print_on_execution_start", "enable_operator_progress_bars"):
+        if hasattr(ctx, attr):
+            setattr(ctx, attr, False)
+    for name in ("ray.data._internal.progress", "ray.data._internal.progress.logging_progress",
+                 "ray.data._internal.execution.streaming_executor", "ray.data.dataset", "ray.data.context"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
+            logger.addFilter(_ErrorsOnly())
+
+
+@contextmanager
+def ray_cluster(address: str | None, stats: RayStats | None = None) -> Iterator[None]:
+    """Use the Ray already initialised in this process, join ``address``, or start a local
+    cluster for the block (and shut down only what was started here)."""
+    ray = _ray()
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True,
+                        "configure_logging": True}
+        try:
+            if address is not None:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+        except ConnectionError as exc:
+            raise RayError(f"cannot join the Ray cluster at {address!r} ({exc})",
+                           hint="start one with `ray start --head`, or leave out --address for a local "
+                                "one") from None
+        started = True
+    if stats is not None:
+        res = ray.cluster_resources()
+        stats.cluster = {"cpus": float(res.get("CPU", 0)), "gpus": float(res.get("GPU", 0)),
+                         "nodes": len([n for n in ray.nodes() if n.get("Alive")])}
+        stats.started = started
+    _quiet_data_context()
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------- listing
+
+
+@contextmanager
+def _driver_dir(cwd: str) -> Iterator[None]:
+    """Run a task in the driver's working directory, where relative input paths point (the
+    records keep the paths as given); on another node, where that folder does not exist,
+    paths must be absolute on a shared file system."""
+    here = os.getcwd()
+    moved = cwd != here and os.path.isdir(cwd)
+    if moved:
+        os.chdir(cwd)
+    try:
+        yield
+    finally:
+        if moved:
+            os.chdir(here)
+
+
+def _probe_chunks(batch: dict[str, np.ndarray], force_modality: bool, cwd: str) -> dict[str, np.ndarray]:
+    """Ray task: probe one chunk of files (pickled :class:`FileTask` lists in, probes out)."""
+    from ctmask.core.readers import probe_file
+
+    with _driver_dir(cwd):
+        out = [pickle.dumps([probe_file(t, force_modality) for t in pickle.loads(blob)]) for blob in batch["tasks"]]
+    return {"n": batch["n"], "probes": np.array(out, dtype=object)}
+
+
+def collect_sources_ray(inputs: list[str | Path], force_modality: bool = False,
+                        stats: RayStats | None = None) -> tuple[list[SliceRef], list[Failure]]:
+    """:func:`ctmask.core.readers.collect_sources` with the files probed in Ray tasks (call inside
+    :func:`ray_cluster`): the same slices, order and failures."""
+    from ctmask.core.readers import collect_sources
+
+    _quiet_data_context()
+    t0 = time.perf_counter()
+
+    def probe_all(tasks: list) -> list:
+        if not tasks:
+            return []
+        ray = _ray()
+        chunks = [tasks[i : i + PROBE_CHUNK] for i in range(0, len(tasks), PROBE_CHUNK)]
+        # Paths travel pickled: Arrow strings are UTF-8 and a file name need not be.
+        ds = ray.data.from_items([{"n": n, "tasks": pickle.dumps(c)} for n, c in enumerate(chunks)],
+                                 override_num_blocks=min(len(chunks), 200))
+        ds = ds.map_batches(_probe_chunks, fn_kwargs={"force_modality": force_modality, "cwd": os.getcwd()},
+                            batch_size=1, batch_format="numpy", num_cpus=DECODE_CPUS)
+        done: dict[int, list] = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for n, blob in zip(batch["n"], batch["probes"]):
+                done.setdefault(int(n), pickle.loads(blob))
+        missing = [n for n in range(len(chunks)) if n not in done]
+        if missing:
+            raise RayError(f"the Ray listing lost {len(missing)} chunk(s) of files")
+        return [p for n in range(len(chunks)) for p in done[n]]
+
+    try:
+        return collect_sources(inputs, force_modality, probe_all=probe_all)
+    finally:
+        if stats is not None:
+            stats.listing_seconds = time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- decoding and inference
+
+
+def _decode_chunks(batch: dict[str, np.ndarray], spec: GraphSpec, boxes: CropBoxes | None, keep_pixels: bool,
+                   opts: ReadOptions, cwd: str) -> dict[str, np.ndarray]:
+    """Ray task: decode and pre-process one chunk of slices (a pickled ``Loaded`` out)."""
+    with _driver_dir(cwd):
+        out = [pickle.dumps(load_refs(pickle.loads(blob), spec, boxes, keep_pixels, opts), protocol=5)
+               for blob in batch["refs"]]
+    return {"n": batch["n"], "loaded": np.array(out, dtype=object)}
+
+
+class ChunkPredictor:
+    """The actor class: one runner per actor, built once, one chunk per call.
+
+    Args:
+        model: ONNX graph or TensorRT engine.
+        backend / device / threads: as ``infer``'s options.
+        top_rois: RoI rows kept per slice.
+        overlays: folder for overlay PNGs (drawn here, where the pixels are), or ``None``:
+            ``(absolute path, the path as given)``; records name the overlay as ``infer``
+            without Ray does, under the path as given.
+    """
+
+    def __init__(self, model: str, backend: str, device: str, threads: int | None, top_rois: int,
+                 overlays: tuple[str, str] | None):
+        import socket
+
+        from ctmask.runtime.factory import make_runner
+
+        self.runner = make_runner(Path(model), backend, device, threads).activate()
+        self.spec = self.runner.spec
+        self.top_rois = top_rois
+        self.overlays = overlays
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for blob in batch["loaded"]:
+            loaded = pickle.loads(blob)
+            preds: list[Prediction] = []
+            failures: list[Failure] = list(loaded.failures)
+            if loaded.refs:
+                outputs = self.runner.infer({INPUT: loaded.batch})
+                preds = slice_predictions(loaded, outputs, self.spec, self.top_rois)
+                if self.overlays is not None:
+                    from ctmask.runtime.overlays import write_overlay
+
+                    folder, given = self.overlays
+                    for pred, decoded in zip(preds, loaded.decoded):
+                        if decoded is not None:
+                            written, reason = write_overlay(folder, pred, decoded)
+                            pred.overlay = None if written is None else str(Path(given) / Path(written).name)
+                            if reason is not None:
+                                failures.append(Failure(pred.key or pred.file, reason))
+            out.append(pickle.dumps((preds, failures)))
+        described = pickle.dumps(self.runner.describe())
+        return {"n": batch["n"], "result": np.array(out, dtype=object),
+                "worker": np.array([self.worker] * len(out), dtype=object),
+                "runner": np.array([described] * len(out), dtype=object)}
+
+
+def _bound_predictor(**config) -> type:
+    """:class:`ChunkPredictor` with its arguments bound in the class (shipped with it), so a
+    restarted actor never depends on constructor arguments held in the object store."""
+
+    class BoundChunkPredictor(ChunkPredictor):
+        def __init__(self) -> None:
+            super().__init__(**config)
+
+    return BoundChunkPredictor
+
+
+def _pool(stats: RayStats, opts: RayOptions, threads: int | None) -> tuple[int, float, int | None]:
+    """Actors, CPUs per actor and runner threads for this cluster."""
+    cpus, gpus = stats.cluster.get("cpus", 1.0), stats.cluster.get("gpus", 0.0)
+    actors = opts.actors
+    if actors is None:
+        actors = int(gpus // opts.gpus_per_actor) if opts.gpus_per_actor > 0 else int(cpus // 4)
+        actors = max(1, actors)
+    if opts.gpus_per_actor > 0 and actors * opts.gpus_per_actor > gpus:
+        raise ConfigError(f"{actors} actor(s) x {opts.gpus_per_actor} GPU(s) do not fit the cluster's {gpus:g} GPU(s)")
+    cpa = opts.cpus_per_actor
+    if cpa is None:
+        cpa = max(0.25, math.floor((cpus - DECODE_CPUS) / actors * 4) / 4)
+    if actors * cpa + DECODE_CPUS > cpus + 1e-9:
+        raise ConfigError(f"{actors} actor(s) x {cpa:g} CPU(s), plus {DECODE_CPUS:g} for decoding, do not fit the "
+                          f"cluster's {cpus:g} CPU(s): lower --actors or --cpus-per-actor")
+    if threads is None and opts.gpus_per_actor == 0:
+        threads = max(1, round(cpa))
+    return actors, cpa, threads
+
+
+def predict_sources_ray(
+    model: Path,
+    spec: GraphSpec,
+    refs: list[SliceRef],
+    options: RayOptions,
+    stats: RayStats,
+    batch_size: int = 8,
+    top_rois: int = 5,
+    on_batch: Callable[[int], None] | None = None,
+    boxes: CropBoxes | None = None,
+    uncropped: bool = False,
+    overlays: Path | None = None,
+    opts: ReadOptions = ReadOptions(),
+    backend: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Iterator[tuple[Prediction, None] | Failure]:
+    """Predict every slice on Ray (call inside :func:`ray_cluster`), in input order.
+
+    Yields what :func:`ctmask.runtime.batch_run.predict_sources` yields (``(prediction,
+    None)``: overlays, when asked, are drawn by the actors and named in
+    ``prediction.overlay``), for the same slices in the same order, with the same batches.
+
+    Raises:
+        ConfigError: bad options, a cropping model without boxes.
+        RayError: the actors could not load the model.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    check_crop(spec, boxes, uncropped)
+    if not spec.crop or uncropped:
+        boxes = None
+    if not refs:
+        return
+    ray = _ray()
+    _quiet_data_context()
+    actors, cpa, threads = _pool(stats, options, threads)
+    stats.actors, stats.cpus_per_actor, stats.threads = actors, cpa, threads
+    stats.gpus_per_actor = options.gpus_per_actor
+    chunks = [refs[i : i + batch_size] for i in range(0, len(refs), batch_size)]
+    stats.chunks = len(chunks)
+    ds = ray.data.from_items([{"n": n, "refs": pickle.dumps(c)} for n, c in enumerate(chunks)],
+                             override_num_blocks=min(len(chunks), 1000))
+    ds = ds.map_batches(_decode_chunks, fn_kwargs={"spec": spec, "boxes": boxes, "keep_pixels": overlays is not None,
+                                                   "opts": opts, "cwd": os.getcwd()},
+                        batch_size=1, batch_format="numpy", num_cpus=DECODE_CPUS)
+    folder = None if overlays is None else (str(Path(overlays).resolve()), str(overlays))
+    predictor = _bound_predictor(model=str(Path(model).resolve()), backend=backend, device=device, threads=threads,
+                                 top_rois=top_rois, overlays=folder)
+    ds = ds.map_batches(predictor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=cpa, num_gpus=options.gpus_per_actor or None)
+    waiting: dict[int, tuple[list[Prediction], list[Failure]]] = {}
+    seen: set[int] = set()
+    next_n = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for n, blob, worker, described in zip(batch["n"], batch["result"], batch["worker"], batch["runner"]):
+                n = int(n)
+                if n in seen:
+                    stats.duplicates += 1
+                    continue
+                seen.add(n)
+                stats.by_worker[str(worker)] = stats.by_worker.get(str(worker), 0) + 1
+                if not stats.runner:
+                    stats.runner = pickle.loads(described)
+                waiting[n] = pickle.loads(blob)
+            while next_n in waiting:
+                preds, failures = waiting.pop(next_n)
+                yield from failures
+                for pred in preds:
+                    yield pred, None
+                if on_batch is not None:
+                    on_batch(len(chunks[next_n]))
+                next_n += 1
+    except Exception as exc:
+        if isinstance(exc, CtmaskError):
+            raise
+        raise RayError(f"the Ray job failed ({_ray_reason(exc)})") from None
+    if next_n != len(chunks):  # Ray delivers every block or raises; this would be a lost chunk
+        raise RayError(f"the Ray job ended with {len(chunks) - next_n} of {len(chunks)} chunks not delivered")
+
+
+def _ray_reason(exc: BaseException) -> str:
+    """The first meaningful line of a Ray error (its tracebacks run to pages)."""
+    text = str(exc)
+    for marker in ("ModelError", "ConfigError", "DataError", "EngineError", "TensorRTMissing"):
+        at = text.find(marker + ":")
+        if at >= 0:
+            return text[at:].splitlines()[0][:400]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else exc.__class__.__name__)[:400]
