@@ -39,8 +39,12 @@ def _blocks(value: str | None) -> tuple[str, ...] | None:
 def export(
     checkpoint: Path = typer.Argument(..., metavar="CKPT_OR_ONNX",
                                       help="Classifier checkpoint (from train-cls); with --engine, also a ctmask "
-                                           "ONNX graph."),
-    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write (with --engine: the engine, .engine)."),
+                                           "ONNX graph; with --triton-repo alone, a ctmask ONNX graph or engine "
+                                           "to package as it is."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="ONNX file to write (with --engine: the engine, "
+                                                              ".engine). Required, except when --triton-repo "
+                                                              "packages an existing graph or engine (then it is "
+                                                              "refused: nothing but the repository is written)."),
     precision: str | None = typer.Option(None, "--precision", help="fp32 | fp16 | int8 (default fp32; an engine "
                                                                    "from an ONNX graph: the graph's own)."),
     calibration: Path | None = CalibrationOpt,
@@ -67,6 +71,24 @@ def export(
                                                                     "proves the ONNX graph before an engine is "
                                                                     "built from a checkpoint (repeatable)."),
     parity_size: int = typer.Option(64, "--parity-size", min=1, help="Slices of --images the parity check uses."),
+    triton_repo: Path | None = typer.Option(None, "--triton-repo", help="Also put the graph (model NAME, "
+                                                                        "onnxruntime_onnx) and the engine (model "
+                                                                        "NAME_trt, tensorrt_plan) into this Triton "
+                                                                        "model repository (created if missing; pip "
+                                                                        "install 'ctmask[triton]')."),
+    triton_name: str | None = typer.Option(None, "--triton-name", help="Triton model name (default: the stem of "
+                                                                       "--out, or of the packaged file, with "
+                                                                       "characters outside A-Z a-z 0-9 _ . - made "
+                                                                       "_)."),
+    triton_max_batch: int | None = typer.Option(None, "--triton-max-batch", help="max_batch_size (default 32 for "
+                                                                                 "the graph; an engine's batch "
+                                                                                 "profile MAX, which it may not "
+                                                                                 "exceed)."),
+    triton_instances: int = typer.Option(1, "--triton-instances", help="Model instances (instance_group count)."),
+    triton_kind: str = typer.Option("gpu", "--triton-kind", help="gpu | cpu: where the graph's instances run "
+                                                                 "(an engine: gpu only)."),
+    triton_delay_us: int = typer.Option(500, "--triton-delay-us", help="Dynamic batcher's "
+                                                                       "max_queue_delay_microseconds."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -80,26 +102,131 @@ def export(
     `--engine tensorrt` builds a TensorRT engine (strongly typed: the precision is the graph's) with its
     sidecar `<name>.engine.json`, after `check-trt` finds nothing fatal. From a checkpoint, the graph is
     exported to `<name>.onnx` and parity against PyTorch on `--images` must pass first.
+
+    `--triton-repo DIR` also writes a Triton Inference Server model repository: `DIR/NAME/config.pbtxt`,
+    `labels.txt` and `DIR/NAME/<version>/model.onnx` for the graph, and `DIR/NAME_trt/<version>/model.plan` for
+    an engine. Version 1 for a new model; the same file again with the same options changes nothing; another
+    file of the same contract becomes the next version; anything else is refused before a file is written.
+    `ctmask export GRAPH.onnx --triton-repo DIR` (or `ENGINE.engine`, with its sidecar) only packages that
+    file: no --out, nothing exported. Check a repository with `ctmask check-triton DIR`.
     """
     from ctmask.core.errors import ConfigError
+    from ctmask.trt.engine import is_engine_path
 
+    triton = _triton_options(triton_repo, triton_name, triton_max_batch, triton_instances, triton_kind,
+                             triton_delay_us)
+    packaged = checkpoint.suffix.lower() == ".onnx" or is_engine_path(checkpoint)
+    if triton is not None and engine is None and packaged:
+        given = [n for n, v in (("--out", out), ("--precision", precision), ("--calibration", calibration),
+                                ("--int8-target", int8_target), ("--islands", islands),
+                                ("--fp32-blocks", fp32_blocks), ("--method", method),
+                                ("--timing-cache", timing_cache)) if v is not None]
+        given += [n for n, v, d in (("--calibration-size", calibration_size, 64), ("--measure-size", measure_size,
+                                    200), ("--opset", opset, 18), ("--batch", batch, "1,8,32"),
+                                    ("--workspace", workspace, 4.0), ("--parity-size", parity_size, 64)) if v != d]
+        given += ["--images"] if images else []
+        if given:
+            raise ConfigError(f"{checkpoint} is packaged into {triton_repo} as it is: {', '.join(given)} "
+                              f"appl{'ies' if len(given) == 1 else 'y'} when exporting from a checkpoint or "
+                              "building an engine")
+        _package(checkpoint, triton, json_out)
+        return
+    if engine is None and packaged:
+        raise ConfigError(f"{checkpoint} is an ONNX graph or engine already; export takes a checkpoint (with "
+                          "--engine tensorrt, it builds an engine from a graph; with --triton-repo DIR, it packages "
+                          "the file for Triton)")
+    if out is None:
+        raise ConfigError("--out is required: the file to export to (only packaging an existing graph or engine "
+                          "with --triton-repo writes none)")
     if engine is not None:
         _export_engine(checkpoint, out, engine, precision, batch, workspace, timing_cache, images, parity_size,
                        json_out, quiet, dict(calibration=calibration, int8_target=int8_target, islands=islands,
                                              fp32_blocks=fp32_blocks, calibration_size=calibration_size,
-                                             measure_size=measure_size, method=method, opset=opset))
+                                             measure_size=measure_size, method=method, opset=opset), triton)
         return
     engine_only = [n for n, v in (("--timing-cache", timing_cache), ("--images", images)) if v]
     engine_only += [n for n, v, d in (("--batch", batch, "1,8,32"), ("--workspace", workspace, 4.0)) if v != d]
     if engine_only:
         raise ConfigError(f"{', '.join(engine_only)} only apply to --engine tensorrt")
-    if checkpoint.suffix.lower() == ".onnx":
-        raise ConfigError(f"{checkpoint} is an ONNX graph already; export takes a checkpoint (or, with --engine "
-                          "tensorrt, builds an engine from the graph)")
+    if triton is not None:
+        triton["name"] = triton["name"] or _default_name(out)
+        _check_triton_destination(triton, graph=True, engine=False)
     result, summary = _export_graph(checkpoint, out, precision or "fp32", calibration, int8_target, islands,
                                     fp32_blocks, calibration_size, measure_size, method, opset, quiet)
-    _echo_graph(result, summary, human_echo(json_out))
-    emit_json(result.to_dict() | ({"precision_summary": summary} if summary else {}), json_out)
+    echo = human_echo(json_out)
+    _echo_graph(result, summary, echo)
+    extra = {"triton": _write_triton(triton, out, None, echo)} if triton is not None else {}
+    emit_json(result.to_dict() | ({"precision_summary": summary} if summary else {}) | extra, json_out)
+
+
+def _triton_options(repo: Path | None, name: str | None, max_batch: int | None, instances: int, kind: str,
+                    delay_us: int) -> dict | None:
+    """The --triton-* options checked (None without --triton-repo); tritonclient is imported here,
+    before anything is written."""
+    from ctmask.core.errors import ConfigError
+
+    if repo is None:
+        given = [n for n, v, d in (("--triton-name", name, None), ("--triton-max-batch", max_batch, None),
+                                   ("--triton-instances", instances, 1), ("--triton-kind", kind, "gpu"),
+                                   ("--triton-delay-us", delay_us, 500)) if v != d]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --triton-repo "
+                              "DIR")
+        return None
+    from ctmask.scale.triton import MAX_BATCH, check_name
+
+    if name is not None:
+        check_name(name)
+    if max_batch is not None and not 1 <= max_batch <= MAX_BATCH:
+        raise ConfigError(f"--triton-max-batch must be in 1..{MAX_BATCH}, got {max_batch}")
+    if not 1 <= instances <= 1024:
+        raise ConfigError(f"--triton-instances must be in 1..1024, got {instances}")
+    if kind not in ("gpu", "cpu"):
+        raise ConfigError(f"--triton-kind must be gpu or cpu, got {kind!r}")
+    if not 0 <= delay_us <= 60_000_000:
+        raise ConfigError(f"--triton-delay-us must be in 0..60000000 (a minute), got {delay_us}")
+    if repo.exists() and not repo.is_dir():
+        raise ConfigError("--triton-repo is a file, not a folder", repo)
+    return {"repo": repo, "name": name, "max_batch": max_batch, "instances": instances, "kind": kind,
+            "delay_us": delay_us}
+
+
+def _default_name(path: Path) -> str:
+    from ctmask.scale.triton import triton_model_name
+
+    return triton_model_name(path.stem)
+
+
+def _check_triton_destination(triton: dict, graph: bool, engine: bool) -> None:
+    from ctmask.scale.triton import ENGINE_SUFFIX, check_destination
+
+    check_destination(triton["repo"], [triton["name"]] * graph + [triton["name"] + ENGINE_SUFFIX] * engine)
+
+
+def _write_triton(triton: dict, graph: Path | None, engine: Path | None, echo) -> dict:
+    from ctmask.scale.triton import write_triton_repo
+
+    summary = write_triton_repo(triton["repo"], triton["name"], graph, engine, max_batch=triton["max_batch"],
+                                instances=triton["instances"], kind=triton["kind"],
+                                max_queue_delay_us=triton["delay_us"], version=None)
+    for m in summary["models"]:
+        state = "unchanged (already there)" if m["status"] == "unchanged" else "wrote"
+        echo(f"triton: {state} model {m['model']} version {m['version']} ({m['platform']}, max_batch_size "
+             f"{m['max_batch_size']}, preferred {m['preferred_batch_size']}): {m['file']}")
+        for note in m["notes"]:
+            echo(f"  note: {note}")
+    return summary
+
+
+def _package(source: Path, triton: dict, json_out: Path | None) -> None:
+    """``export GRAPH.onnx|ENGINE --triton-repo DIR``: the file packaged as it is."""
+    from ctmask.trt.engine import is_engine_path
+
+    triton["name"] = triton["name"] or _default_name(source)
+    is_engine = is_engine_path(source)
+    summary = _write_triton(triton, None if is_engine else source, source if is_engine else None,
+                            human_echo(json_out))
+    emit_json({"triton": summary}, json_out)
 
 
 def _export_graph(checkpoint: Path, out: Path, precision: str, calibration: Path | None, int8_target: str | None,
@@ -144,7 +271,7 @@ def _echo_graph(result, summary: dict | None, echo) -> None:
 
 def _export_engine(source: Path, out: Path, engine: str, precision: str | None, batch: str, workspace: float,
                    timing_cache: Path | None, images: list[Path] | None, parity_size: int, json_out: Path | None,
-                   quiet: bool, graph_opts: dict) -> None:
+                   quiet: bool, graph_opts: dict, triton: dict | None = None) -> None:
     """``export --engine tensorrt``: TensorRT and the GPU are checked before anything is written."""
     from ctmask.core.errors import ConfigError
     from ctmask.core.progress import console
@@ -163,6 +290,17 @@ def _export_engine(source: Path, out: Path, engine: str, precision: str | None, 
         raise ConfigError(f"--workspace must be a number of GB in (0, 1024], got {workspace}")
     if timing_cache is not None and (timing_cache.is_dir() or not timing_cache.parent.is_dir()):
         raise ConfigError(f"--timing-cache {timing_cache} must name a file in an existing folder")
+    if triton is not None:  # the repository takes the graph and the engine: refused now, not after the build
+        if triton["kind"] != "gpu":
+            raise ConfigError("--triton-kind cpu: a TensorRT engine runs on a GPU only (KIND_GPU)")
+        if triton["max_batch"] is not None and triton["max_batch"] > profile.max:
+            raise ConfigError(f"--triton-max-batch {triton['max_batch']} is above the engine's --batch MAX "
+                              f"{profile.max}: TensorRT refuses larger batches")
+        if profile.min > 1:
+            raise ConfigError(f"--batch {batch}: an engine for Triton needs MIN 1 (its dynamic batcher sends "
+                              "batches from 1 up)")
+        triton["name"] = triton["name"] or _default_name(out)
+        _check_triton_destination(triton, graph=True, engine=True)
     from_graph = source.suffix.lower() == ".onnx"
     if from_graph:
         given = ["--" + k.replace("_", "-") for k, v in graph_opts.items()
@@ -204,6 +342,8 @@ def _export_engine(source: Path, out: Path, engine: str, precision: str | None, 
     echo(f"wrote {out} ({info.plan_bytes / 2**20:.1f} MiB, {spec.precision}, TensorRT {info.tensorrt_version}, "
          f"{info.gpu_name} sm {info.compute_capability}, batch {profile.min}-{profile.max}) in "
          f"{info.build_seconds:.1f} s, and its sidecar {out}.json")
+    if triton is not None:
+        summary["triton"] = _write_triton(triton, graph, out, echo)
     emit_json(summary | info.to_dict(), json_out)
 
 
