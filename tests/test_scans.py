@@ -192,8 +192,12 @@ def test_localizer_and_multipage_tiff_are_refused(small_onnx, tmp_path):
     ds.save_as(tmp_path / "scout.dcm")
     page = Image.fromarray(np.full((64, 64), 100, np.uint8))
     page.save(tmp_path / "pages.tif", save_all=True, append_images=[page])
-    r = invoke("infer", small_onnx, tmp_path / "scout.dcm", tmp_path / "pages.tif", "-q")
-    assert r.exit_code == 1 and "localizer" in r.output and "2 pages" in r.output, r.output
+    r = invoke("infer", small_onnx, tmp_path / "scout.dcm", tmp_path / "pages.tif", "--json", tmp_path / "s.json",
+               "-q")
+    assert r.exit_code == 1, r.output
+    reasons = {Path(s["file"]).name: s["error"] for s in json.loads((tmp_path / "s.json").read_text())["skipped"]}
+    # the reason, not the path (tmp_path's name holds the word "localizer" too)
+    assert "a localizer (scout) image" in reasons["scout.dcm"] and "2 pages" in reasons["pages.tif"], reasons
 
 
 def test_calibration_parity_and_bench_inputs_take_dicom_series_folders(dicom_set):

@@ -113,7 +113,7 @@ decompress the file again for every slice)."""
 
 CT = "CT"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-_HEADER_TAGS = ["SOPClassUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
+_HEADER_TAGS = ["SOPClassUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
                 "ImageOrientationPatient", "InstanceNumber", "NumberOfFrames", "Rows", "Columns",
                 "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "SpecificCharacterSet"]
 _DECODER_LOGGERS = ("pydicom", "nibabel", "nibabel.global", "PIL")
