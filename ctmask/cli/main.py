@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from ctmask import __version__
-from ctmask.cli import deploy, precision, triton, trt
+from ctmask.cli import deploy, precision, serve, triton, trt
 from ctmask.cli.common import JsonOpt, PresetOpt, QuietOpt, emit_json, human_echo, show_ctmask_warnings, user_errors
 
 app = typer.Typer(
@@ -243,7 +243,7 @@ def evaluate(
 
 
 # precision's ``export`` (every precision) replaces deploy's FP32-only one.
-for _name, _fn in {**deploy.COMMANDS, **precision.COMMANDS, **trt.COMMANDS,
+for _name, _fn in {**deploy.COMMANDS, **precision.COMMANDS, **trt.COMMANDS, **serve.COMMANDS,
                   **triton.COMMANDS}.items():
     app.command(_name)(_fn)
 

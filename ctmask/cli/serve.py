@@ -1,0 +1,121 @@
+"""``serve`` and ``bench-serve``: a model behind HTTP on Ray Serve (:mod:`ctmask.scale.serve`) and
+its load test (:mod:`ctmask.scale.loadtest`). Ray is imported only inside the commands."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import typer
+
+from ctmask.cli.common import JsonOpt, emit_json, human_echo, user_errors
+
+BackendOpt = typer.Option("auto", "--backend", help="auto | onnxruntime | openvino | tensorrt | torch (auto: by the "
+                                                    "model file, as `ctmask infer`).")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda.")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads per replica (default: the backend's own choice for "
+                                                  "one replica; the cores divided among several).")
+
+
+@user_errors
+def serve(
+    model: Path = typer.Argument(..., help="ctmask ONNX model, TensorRT engine (.engine) or classifier checkpoint."),
+    port: int = typer.Option(8000, "--port", help="HTTP port (1..65535)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    replicas: int = typer.Option(1, "--replicas", help="Replicas, each with its own runner."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests run in one inference call."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long a batch waits for more requests "
+                                                                      "after its first (ms)."),
+    backend: str = BackendOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (MiB); larger: 413."),
+    top_rois: int = typer.Option(5, "--top-rois", help="RoI rows (and boxes) per answer."),
+    force_modality: bool = typer.Option(False, "--force-modality", help="Predict DICOM of a modality other than CT."),
+    hu_offset: float = typer.Option(1024.0, "--hu-offset", help="16-bit PNG / TIFF slices hold HU + this offset."),
+    uncropped: bool = typer.Option(False, "--uncropped", help="Serve a model trained on body-cropped slices on whole "
+                                                              "slices (uploads carry no crop box)."),
+    address: str | None = typer.Option(None, "--address", help="Join this Ray cluster (e.g. auto, ray://host:10001) "
+                                                               "instead of starting a local Ray."),
+) -> None:
+    """Serve a model over HTTP on Ray Serve until Ctrl-C / SIGTERM, with dynamic batching across requests.
+
+    `POST /predict` with one slice (DICOM, PNG, JPEG, TIFF) as the raw body answers JSON: class, probs, top RoIs and
+    their boxes in the slice's own pixels, the batch size it ran in and the model's identity; the slice is decoded
+    exactly as `ctmask infer` decodes it. `GET /health`, `GET /metadata`, `GET /stats`. Errors are JSON
+    `{"error", "status"}`: 400 empty body, 413 too large, 415 not an image, 422 refused by the readers (or more
+    than one slice), 404 / 405. Bad options and a model that cannot be loaded exit 2 before Ray starts.
+    """
+    from ctmask.scale.serve import start_server
+
+    handle = start_server(model, port=port, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                          host=host, backend=backend, device=device, threads=threads, max_body_mb=max_body_mb,
+                          address=address, top_rois=top_rois, force_modality=force_modality, hu_offset=hu_offset,
+                          uncropped=uncropped)
+    stop = {"signal": None}
+
+    def on_signal(signum, frame) -> None:
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        typer.echo(f"serving {model} on {handle.url} ({replicas} replica(s), batch <= {max_batch}, wait "
+                   f"{batch_wait_ms:g} ms): POST {handle.url}/predict; Ctrl-C stops", err=True)
+        while stop["signal"] is None:
+            time.sleep(0.2)
+        typer.echo(f"{signal.Signals(stop['signal']).name}: shutting Serve down", err=True)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        handle.stop()
+
+
+@user_errors
+def bench_serve(
+    model: Path = typer.Argument(..., help="The model the server runs (and the local reference runs)."),
+    images: Path = typer.Option(..., "--images", help="Folder of slices (cycled over the requests)."),
+    clients: str = typer.Option("1,4,16", "--clients", help="Concurrency levels, comma-separated: C threads each "
+                                                            "sending requests one after another."),
+    requests: int = typer.Option(200, "--requests", help="Requests per level."),
+    url: str | None = typer.Option(None, "--url", help="Test a running server (default: start one on a free "
+                                                       "loopback port and stop it after)."),
+    replicas: int = typer.Option(1, "--replicas", help="Replicas of the server started here."),
+    max_batch: int = typer.Option(8, "--max-batch", help="The started server's batch limit (and the reference "
+                                                         "runner's batch)."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="The started server's batch wait (ms)."),
+    backend: str = BackendOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+    json_out: Path | None = JsonOpt,
+) -> None:
+    """Load-test `ctmask serve`: throughput, latency p50 / p99, batch sizes formed, non-200 and lost requests per
+    concurrency level; every answer checked against the local runner's prediction of the same file; the same
+    slices through the in-process runner for reference. Exit status 1 when any request is lost, mismatched or not
+    answered 200."""
+    from ctmask.core.errors import ConfigError
+    from ctmask.scale.loadtest import format_report, run_loadtest
+
+    try:
+        levels = [int(c) for c in clients.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--clients takes comma-separated numbers, got {clients!r}") from None
+    echo = human_echo(json_out)
+    if url is not None and (replicas, max_batch, batch_wait_ms) != (1, 8, 10.0):
+        typer.secho("warning: --replicas / --batch-wait-ms apply to a server started here, not to --url; --max-batch "
+                    "sets the reference runner's batch only", fg=typer.colors.YELLOW, err=True)
+
+    def on_level(lv: dict) -> None:
+        typer.echo(f"clients {lv['clients']}: {lv['throughput_rps']:.1f} req/s, p50 {lv['p50_ms']} ms, p99 "
+                   f"{lv['p99_ms']} ms, non-200 {lv['non200']}, lost {lv['lost']}, mismatched {lv['mismatched']}",
+                   err=True)
+
+    report = run_loadtest(model, images, levels, requests, url, replicas, max_batch, batch_wait_ms, backend, device,
+                          threads, on_level=on_level, on_note=lambda text: typer.echo(text, err=True))
+    echo(format_report(report))
+    emit_json(report, json_out)
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+COMMANDS = {"serve": serve, "bench-serve": bench_serve}

@@ -1,0 +1,544 @@
+"""``ctmask serve``: one ctmask model behind HTTP on Ray Serve, with dynamic batching.
+
+Each replica loads one :class:`~ctmask.runtime.runner.Runner` (any backend ``ctmask infer``
+runs: onnxruntime, OpenVINO, a TensorRT ``.engine``, a checkpoint in PyTorch) and answers:
+
+* ``POST /predict``: the raw request body is one slice (DICOM, PNG, JPEG, TIFF, BMP). It is
+  streamed to a private temporary file (at most ``max_body_mb``; the ``Content-Length`` is
+  checked first), found and decoded by the same readers ``ctmask infer`` uses
+  (:func:`ctmask.core.readers.collect_sources`, then
+  :func:`ctmask.runtime.batch_run.load_refs`), and its ``[1, 1, S, S]`` array waits for the
+  batcher (``@serve.batch``): the requests that arrive within ``batch_wait_ms`` (up to
+  ``max_batch``) run as one ``runner.infer`` call, and each request's record is made by
+  :func:`ctmask.runtime.batch_run.slice_predictions`, as ``infer`` makes it. The answer is
+  200 JSON: ``class``, ``class_index``, ``probs``, ``top_rois``, ``top_boxes`` (the top RoIs'
+  boxes in the uploaded slice's own pixels), ``n_rois``, ``size``, ``kind``, ``batch`` (how
+  many requests ran in that inference call), ``model`` (file name, its sha256, the weights'
+  digest) and ``replica``.
+* ``GET /health``: 200 once the runner is loaded; ``GET /metadata``: the graph spec metadata,
+  ``runner.describe()``, the limits and the batching settings; ``GET /stats``: this
+  replica's counters (answers by status, batches formed by size) with its id. Requests reach
+  replicas at random: a caller that wants every replica's counters asks until it has seen
+  ``replicas`` ids (:func:`ctmask.scale.loadtest.collect_stats`).
+
+Every error is JSON ``{"error": reason, "status": code}``: 400 empty body or bad
+Content-Length, 404 unknown path, 405 wrong method, 413 body over the limit or an image
+declaring more than 8192 px a side (the readers' limit, refused before decoding), 415 not an
+image, DICOM or NIfTI file, 422 a file the readers refuse (truncated or corrupt, a DICOM of
+another modality, a localizer, no pixels, too small) or that holds more than one slice
+(multi-frame DICOM, NIfTI volume: one slice per request). An upload never causes a 500: a
+500 is the server's own failure (the runner failing).
+
+The body limit protects the replica (memory, the temporary file, the decoders): a body
+declaring more is refused on its Content-Length before a byte of it is read, a chunked one
+is cut at the limit. Ray Serve's HTTP proxy still receives whatever the client sends (it
+queues the request's messages for the replica), so a server exposed beyond trusted clients
+wants a reverse proxy with its own body cap in front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import serve
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+
+from ctmask.core.errors import ConfigError
+from ctmask.core.preprocess import DICOM_SUFFIXES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+from ctmask.core.readers import NIFTI_SUFFIXES, RASTER_SUFFIXES
+from ctmask.scale.loadtest import wait_healthy
+
+APP_NAME = "ctmask"
+DEPLOYMENT_NAME = "CtmaskModel"
+
+CONTENT_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/tiff": ".tif",
+                 "image/bmp": ".bmp", "application/dicom": ".dcm"}
+"""Content-Type -> the suffix the upload is saved with (so it is read as ``infer`` reads a file
+of that suffix). Other types (``application/octet-stream``) leave the readers to tell the file
+type from its content, as they do for PACS files without a suffix."""
+
+KNOWN_SUFFIXES = (*RASTER_SUFFIXES, *DICOM_SUFFIXES, *NIFTI_SUFFIXES)
+
+ROUTES = {"/predict": "POST", "/health": "GET", "/metadata": "GET", "/stats": "GET"}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What one server runs (the ``ctmask serve`` flags)."""
+
+    model: str
+    port: int = 8000
+    replicas: int = 1
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    host: str = "127.0.0.1"
+    backend: str = "auto"
+    device: str = "cpu"
+    threads: int | None = None
+    max_body_mb: float = 64.0
+    top_rois: int = 5
+    force_modality: bool = False
+    hu_offset: float = 1024.0
+    uncropped: bool = False
+
+    def check(self) -> None:
+        """Refuse bad values (before anything starts).
+
+        Raises:
+            ConfigError: naming the option and the accepted range.
+        """
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 1..65535, got {self.port}")
+        if self.replicas < 1:
+            raise ConfigError(f"--replicas must be >= 1, got {self.replicas}")
+        if not 1 <= self.max_batch <= 1024:
+            raise ConfigError(f"--max-batch must be 1..1024, got {self.max_batch}")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise ConfigError(f"--batch-wait-ms must be 0..10000, got {self.batch_wait_ms:g}")
+        if not 0 < self.max_body_mb <= 4096:
+            raise ConfigError(f"--max-body-mb must be > 0 and at most 4096, got {self.max_body_mb:g}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.top_rois < 1:
+            raise ConfigError(f"--top-rois must be >= 1, got {self.top_rois}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver learned by loading the model once (before Ray starts)."""
+
+    file: str
+    sha256: str
+    spec_metadata: dict
+    runner: dict
+
+    def identity(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256,
+                "weights_sha256": self.spec_metadata.get("ctmask.weights_sha256", ""),
+                "checkpoint_sha256": self.spec_metadata.get("ctmask.checkpoint_sha256", "")}
+
+
+def check_model(opts: ServeOptions) -> ModelInfo:
+    """Load the model once in this process: a missing file, a file that is not a ctmask
+    graph, a backend that cannot run it or a cropping model fail here, as a
+    :class:`~ctmask.core.errors.CtmaskError`, before Ray starts."""
+    from ctmask.core.fileio import sha256_file
+    from ctmask.runtime.factory import make_runner
+
+    path = Path(opts.model)
+    if not path.is_file():
+        raise ConfigError(f"{path}: model file does not exist" if not path.exists() else
+                          f"{path}: not a model file")
+    runner = make_runner(path, opts.backend, opts.device, opts.threads)
+    with runner:
+        spec = runner.spec
+        _check_crop(spec.crop, opts.uncropped, path)
+        described = runner.describe()
+    return ModelInfo(path.name, sha256_file(path), spec.metadata(), described)
+
+
+def _check_crop(crop: bool, uncropped: bool, path: Path) -> None:
+    if crop and not uncropped:
+        raise ConfigError(f"{path} was trained on slices cropped to their body box (train-cls --crop): an upload "
+                          "carries no crop box", hint="serve a model trained on whole slices, or pass --uncropped "
+                                                      "to run it on whole slices anyway (off its training "
+                                                      "distribution)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (bound once and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): the port is in use or the "
+                              "address is not this machine's", hint="choose another --port / --host") from None
+
+
+# ---------------------------------------------------------------- the replica
+
+
+def _error(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": reason, "status": status}, status_code=status, headers=headers)
+
+
+def _status_of(reason: str) -> int:
+    """HTTP status of a reason the readers give for refusing an upload."""
+    if reason.startswith("not an image (") or reason.startswith("cannot decode image: not an image ("):
+        return 415
+    if "more than the maximum" in reason or reason.startswith("image declares too many pixels"):
+        return 413
+    return 422
+
+
+def _suffix_hint(request: Request, head: bytes) -> str:
+    """The suffix the upload is saved with: the X-Filename header's, else the Content-Type's,
+    else ``.nii`` / ``.nii.gz`` for NIfTI (which the readers know by suffix only), else none
+    (the readers then tell DICOM and raster images by their content)."""
+    name = (request.headers.get("x-filename") or request.query_params.get("filename") or "").lower()
+    for suffix in sorted(KNOWN_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in CONTENT_TYPES:
+        return CONTENT_TYPES[ctype]
+    if head[:2] == b"\x1f\x8b":
+        return ".nii.gz"
+    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00"):
+        return ".nii"
+    return ""
+
+
+@dataclass
+class _Upload:
+    """One decoded upload, waiting for its batch."""
+
+    loaded: object  # ctmask.runtime.batch_run.Loaded with one slice
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+class CtmaskModel:
+    """One replica: one activated runner, the batcher and this replica's counters."""
+
+    def __init__(self, opts: ServeOptions, info: ModelInfo):
+        from ctmask.runtime.batch_run import ReadOptions
+        from ctmask.runtime.factory import make_runner
+
+        self.opts = opts
+        self.info = info
+        self.runner = make_runner(Path(opts.model), opts.backend, opts.device, opts.threads).activate()
+        self.spec = self.runner.spec
+        _check_crop(self.spec.crop, opts.uncropped, Path(opts.model))
+        self.read_opts = ReadOptions(opts.force_modality, opts.hu_offset)
+        self._batched.set_max_batch_size(opts.max_batch)
+        self._batched.set_batch_wait_timeout_s(opts.batch_wait_ms / 1000.0)
+        self.tmp = Path(tempfile.mkdtemp(prefix="ctmask-serve-"))  # 0700: uploads are private
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a replica (a direct call): name it by process
+            self.replica = f"pid-{os.getpid()}"
+        self.started = time.time()
+        self.predict_answers: dict[int, int] = {}  # /predict answers by status
+        self.errors: dict[int, int] = {}  # every endpoint's error answers by status
+        self.batches: dict[int, int] = {}  # inference calls by batch size
+        self.ready = True
+
+    def __del__(self) -> None:
+        tmp = getattr(self, "tmp", None)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.deactivate()
+
+    # -------------------------------------------------------------- routing
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        path = request.url.path.rstrip("/") or "/"
+        method = request.method.upper()
+        want = ROUTES.get(path)
+        if want is None:
+            response = _error(404, f"no such endpoint {path!r}; endpoints: POST /predict, GET /health, "
+                                   "GET /metadata, GET /stats")
+        elif method != want and not (want == "GET" and method == "HEAD"):
+            response = _error(405, f"{path} takes {want}, not {method}", headers={"Allow": want})
+        elif path == "/predict":
+            try:
+                response = await self._predict(request)
+            except Exception as exc:  # a bug of the server, never the upload's doing: still a JSON answer
+                logging.getLogger("ray.serve").exception("ctmask: /predict failed")
+                response = _error(500, f"internal error ({exc.__class__.__name__}: {exc})")
+        elif path == "/health":
+            response = (JSONResponse({"status": "ok", "replica": self.replica}) if self.ready and
+                        self.runner.is_active else _error(503, "the runner is not loaded"))
+        elif path == "/metadata":
+            response = JSONResponse(self.metadata())
+        else:
+            response = JSONResponse(self.stats())
+        code = response.status_code
+        if path == "/predict" and want is not None and method == want:
+            self.predict_answers[code] = self.predict_answers.get(code, 0) + 1
+        if code >= 400:
+            self.errors[code] = self.errors.get(code, 0) + 1
+        return response
+
+    def metadata(self) -> dict:
+        o = self.opts
+        return {"model": self.info.identity(), "spec": self.spec.metadata(), "runner": self.runner.describe(),
+                "replica": self.replica, "replicas": o.replicas,
+                "batching": {"max_batch": o.max_batch, "batch_wait_ms": o.batch_wait_ms},
+                "limits": {"max_body_mb": o.max_body_mb, "max_body_bytes": o.max_body_bytes,
+                           "image_side": [MIN_IMAGE_SIDE, MAX_IMAGE_SIDE], "slices_per_request": 1},
+                "read": {"force_modality": o.force_modality, "hu_offset": o.hu_offset, "uncropped": o.uncropped},
+                "top_rois": o.top_rois}
+
+    def stats(self) -> dict:
+        """This replica's counters: ``requests`` (POST /predict received), ``served`` (answered
+        200), ``predict_answers`` (/predict by status), ``errors`` (every endpoint's error
+        answers by status) and ``batches`` (inference calls by batch size)."""
+        return {"replica": self.replica, "uptime_s": round(time.time() - self.started, 3),
+                "requests": sum(self.predict_answers.values()), "served": self.predict_answers.get(200, 0),
+                "predict_answers": {str(k): v for k, v in sorted(self.predict_answers.items())},
+                "errors": {str(k): v for k, v in sorted(self.errors.items())},
+                "batches": {str(k): v for k, v in sorted(self.batches.items())}}
+
+    # -------------------------------------------------------------- /predict
+
+    async def _predict(self, request: Request) -> JSONResponse:
+        fd, name = tempfile.mkstemp(prefix="upload-", dir=self.tmp)
+        paths = [Path(name)]
+        try:
+            try:
+                head = await self._receive(request, fd)
+                suffix = _suffix_hint(request, head)
+                if suffix:
+                    paths.append(paths[0].with_name(paths[0].name + suffix))
+                    os.replace(paths[0], paths[-1])
+                upload = await asyncio.to_thread(self._decode, paths[-1])
+            except _Refused as exc:
+                return _error(exc.status, exc.reason)
+            try:
+                pred, batch = await self._batched(upload)
+            except Exception as exc:  # the runner failed: the server's fault, not the upload's
+                return _error(500, f"inference failed ({exc.__class__.__name__}: {exc})")
+            rec = pred.to_dict()
+            body = {k: rec[k] for k in ("class", "class_index", "probs", "top_rois", "top_boxes", "n_rois", "size",
+                                        "kind") if k in rec}
+            body.update(batch=batch, model=self.info.identity(), replica=self.replica)
+            filename = request.headers.get("x-filename") or request.query_params.get("filename")
+            if filename:
+                body["filename"] = filename
+            return JSONResponse(body)
+        finally:
+            for p in paths:
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+
+    async def _receive(self, request: Request, fd: int) -> bytes:
+        """Stream the body into ``fd`` (closed on return), at most ``max_body_bytes``; the head
+        (first 348 bytes) is returned for the type hint."""
+        limit = self.opts.max_body_bytes
+        too_big = f"request body is larger than the limit of {self.opts.max_body_mb:g} MiB ({limit} bytes)"
+        with os.fdopen(fd, "wb") as fh:
+            declared = request.headers.get("content-length")
+            if declared is not None:
+                try:
+                    n = int(declared)
+                except ValueError:
+                    raise _Refused(400, f"bad Content-Length header {declared[:40]!r}") from None
+                if n > limit:
+                    raise _Refused(413, too_big + f": Content-Length says {n}")
+                if n <= 0:
+                    raise _Refused(400, "empty request body: send the slice's file (DICOM, PNG, JPEG, TIFF) as the "
+                                        "body")
+            total, head = 0, b""
+            try:
+                async for chunk in request.stream():
+                    if not chunk:
+                        continue
+                    total += len(chunk)
+                    if total > limit:
+                        raise _Refused(413, too_big)
+                    if len(head) < 348:
+                        head += chunk[: 348 - len(head)]
+                    try:
+                        fh.write(chunk)
+                    except OSError as exc:
+                        raise _Refused(503, f"the server cannot store the upload now ({exc.strerror or exc})") from None
+            except ClientDisconnect:
+                raise _Refused(400, "the client went away before the body was complete") from None
+        if total == 0:
+            raise _Refused(400, "empty request body: send the slice's file (DICOM, PNG, JPEG, TIFF) as the body")
+        return head
+
+    def _decode(self, path: Path) -> _Upload:
+        """Find and decode the upload's slice exactly as ``ctmask infer`` does (on a worker thread).
+
+        Raises:
+            _Refused: with the readers' reason; anything else a decoder raises is the
+                upload's failure too (422), as it is a file's failure in ``infer``.
+        """
+
+        def clean(reason: str) -> str:
+            return reason.replace(str(path), "the upload").replace(path.name, "the upload")
+
+        try:
+            return self._decode_checked(path, clean)
+        except _Refused:
+            raise
+        except MemoryError:
+            raise _Refused(413, "out of memory decoding the upload") from None
+        except Exception as exc:
+            raise _Refused(422, clean(f"cannot read the upload ({exc.__class__.__name__}: {exc})")) from None
+
+    def _decode_checked(self, path: Path, clean) -> _Upload:
+        from ctmask.core.readers import collect_sources
+        from ctmask.runtime.batch_run import load_refs
+
+        # One file: none of collect_sources' series warnings can apply to a slice that is kept
+        # (warnings.catch_warnings is not thread-safe, so none is set here).
+        refs, failures = collect_sources([path], force_modality=self.opts.force_modality)
+        if failures:
+            reason = clean(failures[0].reason)
+            raise _Refused(_status_of(reason), reason)
+        if not refs:
+            raise _Refused(422, "the upload holds no slice")
+        if len(refs) > 1:
+            raise _Refused(422, f"one slice per request: the upload holds {len(refs)} slices (a multi-frame DICOM "
+                                "or a NIfTI volume); send each slice on its own, or run `ctmask infer` on the file")
+        loaded = load_refs(refs, self.spec, None, False, self.read_opts)
+        if loaded.failures:
+            reason = clean(loaded.failures[0].reason)
+            raise _Refused(_status_of(reason), reason)
+        return _Upload(loaded)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, uploads: list[_Upload]) -> list[tuple[object, int]]:
+        """One ``runner.infer`` call for the requests that arrived together (settings: __init__)."""
+        from ctmask.core.spec import INPUT
+        from ctmask.runtime.batch_run import slice_predictions
+
+        batch = np.concatenate([u.loaded.batch for u in uploads])
+        outputs = await asyncio.to_thread(self.runner.infer, {INPUT: batch})
+        n = len(uploads)
+        self.batches[n] = self.batches.get(n, 0) + 1
+        results = []
+        for i, u in enumerate(uploads):
+            one = {k: v[i : i + 1] for k, v in outputs.items()}
+            results.append((slice_predictions(u.loaded, one, self.spec, self.opts.top_rois)[0], n))
+        return results
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass
+class ServerHandle:
+    """A running server: its ``url``; :meth:`stop` shuts Serve down (and Ray, when this
+    process started it)."""
+
+    url: str
+    options: ServeOptions
+    model: ModelInfo
+    started_ray: bool
+    stopped: bool = False
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            serve.shutdown()
+        finally:
+            if self.started_ray and ray.is_initialized():
+                ray.shutdown()
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_batch: int = 8,
+                 batch_wait_ms: float = 10.0, host: str = "127.0.0.1", backend: str = "auto", device: str = "cpu",
+                 threads: int | None = None, max_body_mb: float = 64.0, address: str | None = None,
+                 top_rois: int = 5, force_modality: bool = False, hu_offset: float = 1024.0,
+                 uncropped: bool = False, ready_timeout_s: float = 180.0) -> ServerHandle:
+    """Serve ``model`` on ``http://host:port`` with ``replicas`` replicas; returns once
+    ``/health`` answers 200.
+
+    Options are checked and the model is loaded once here first (a bad option, a missing
+    model, a file that is not a ctmask graph or a backend that cannot run it raise a
+    :class:`~ctmask.core.errors.CtmaskError` before Ray starts). Then a new local Ray starts
+    (``ray.init`` with this machine's CPUs, no dashboard), or the cluster at ``address`` is
+    joined (a Ray already initialised in this process is used as it is), Serve's HTTP proxy
+    listens on ``host:port`` and the application is deployed (``serve.run(...,
+    blocking=False)``).
+
+    Each replica asks Ray for ``min(1, CPUs / replicas)`` CPUs: fractional CPUs are fine for
+    Ray's scheduling (they only decide how many replicas fit), so R replicas always fit the
+    cluster's CPUs; the inference threads are set apart from that: ``threads`` per replica,
+    by default the backend's own choice for one replica and this machine's cores divided among
+    the replicas (at least 1) for several.
+
+    Args:
+        model: ONNX graph, TensorRT ``.engine`` or checkpoint (as ``ctmask infer``).
+        max_batch, batch_wait_ms: the batcher: at most ``max_batch`` requests per inference
+            call, waiting at most ``batch_wait_ms`` for them after the first.
+        max_body_mb: largest request body (413 above it).
+        uncropped: serve a model trained on body-cropped slices on whole slices (uploads carry
+            no crop box; refused otherwise).
+
+    Raises:
+        ConfigError: a bad option, or the port in use.
+        ModelError / CtmaskError: the model cannot be loaded.
+        RuntimeError: Serve did not become healthy within ``ready_timeout_s``.
+    """
+    if threads is None and replicas > 1:
+        threads = max(1, (os.cpu_count() or 1) // replicas)
+    opts = ServeOptions(str(model), port, replicas, max_batch, float(batch_wait_ms), host, backend, device, threads,
+                        float(max_body_mb), top_rois, force_modality, hu_offset, uncropped)
+    opts.check()
+    info = check_model(opts)
+    _check_port(host, port)
+    started_ray = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, include_dashboard=False, logging_level="warning")
+        else:
+            # "local": always a new instance, never a cluster someone else started on this machine
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="warning")
+        started_ray = True
+    handle = ServerHandle(f"http://{host}:{port}", opts, info, started_ray)
+    try:
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        per_replica = min(1.0, cpus / replicas)
+        quiet = {"log_level": "WARNING", "enable_access_log": False}
+        serve_logger = logging.getLogger("ray.serve")
+        level = serve_logger.level
+        serve_logger.setLevel(logging.WARNING)  # serve.run's "New http_options will not be applied" is not so
+        try:
+            serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
+            app = CtmaskModel.options(
+                num_replicas=replicas, ray_actor_options={"num_cpus": per_replica},
+                max_ongoing_requests=max(32, 4 * max_batch), max_constructor_retry_count=1,
+            ).bind(opts, info)
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
+        finally:
+            serve_logger.setLevel(level)
+        wait_healthy(handle.url, ready_timeout_s)
+    except BaseException:
+        handle.stop()
+        raise
+    return handle
