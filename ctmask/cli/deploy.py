@@ -55,7 +55,7 @@ def infer(
     address: str | None = typer.Option(None, "--address", help="With --ray: join this cluster ('auto', "
                                                                "'ray://HOST:10001') instead of starting one."),
     actors: int | None = typer.Option(None, "--actors", help="With --ray: inference actors (default: one per GPU "
-                                                             "with --gpus-per-actor, else one per 4 CPUs)."),
+                                                             "with --gpus-per-actor, else one per CPU, up to 16)."),
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="With --ray: GPUs per actor."),
     cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", help="With --ray: CPUs per actor "
                                                                                "(default: the cluster's, shared)."),
