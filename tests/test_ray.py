@@ -215,3 +215,24 @@ def test_overlays_on_ray_match_the_local_ones(small_onnx, scans, tmp_path):
     assert [r["overlay"].replace("ov-a", "ov-b") for r in a] == [r["overlay"] for r in b]
     for ra, rb in zip(a, b):
         assert (work / ra["overlay"]).read_bytes() == (work / rb["overlay"]).read_bytes()
+
+
+def test_an_address_where_nothing_listens_fails_at_once(small_onnx, scans, tmp_path):
+    """`ray.init` would retry for minutes; ctmask says so before Ray starts (a new process: the
+    module's Ray is not initialised there)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # released: nothing listens there
+    out = tmp_path / "p.jsonl"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "ctmask", "infer", str(small_onnx), str(scans / "mixed"), "--ray",
+                        "--address", f"127.0.0.1:{port}", "--out", str(out), "-q"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "nothing answers there" in r.stderr and "Traceback" not in r.stderr
+    assert time.perf_counter() - t0 < 60 and not out.exists()

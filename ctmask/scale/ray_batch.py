@@ -151,6 +151,52 @@ def _quiet_data_context() -> None:
             logger.addFilter(_ErrorsOnly())
 
 
+def check_address(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) address where nothing listens, within
+    ``timeout_s``: ``ray.init`` would retry for minutes. ``auto`` and other forms are left to Ray.
+
+    Raises:
+        RayError: naming the address.
+    """
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RayError(f"cannot join the Ray cluster at {address!r}: nothing answers there "
+                       f"({exc.strerror or exc.__class__.__name__})",
+                       hint="start one with `ray start --head` (its address is HEAD:6379), use --address auto "
+                            "inside a Ray job, or leave out --address for a local cluster") from None
+
+
+def init_ray(address: str | None, logging_level: int = logging.ERROR) -> None:
+    """Join the cluster at ``address`` (checked first), or start a new local one with this
+    machine's cores (``address="local"``: never a cluster someone else started here).
+
+    Raises:
+        RayError: the cluster cannot be joined.
+    """
+    ray = _ray()
+    kwargs: dict = {"include_dashboard": False, "logging_level": logging_level, "log_to_driver": True,
+                    "configure_logging": True}
+    if address is not None:
+        check_address(address)
+    try:
+        if address is not None:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        raise RayError(f"cannot {'join the Ray cluster at ' + repr(address) if address else 'start Ray'} "
+                       f"({_ray_reason(exc)})",
+                       hint="start one with `ray start --head`, or leave out --address for a local one") from None
+
+
 @contextmanager
 def ray_cluster(address: str | None, stats: RayStats | None = None) -> Iterator[None]:
     """Use the Ray already initialised in this process, join ``address``, or start a local
@@ -158,17 +204,7 @@ def ray_cluster(address: str | None, stats: RayStats | None = None) -> Iterator[
     ray = _ray()
     started = False
     if not ray.is_initialized():
-        kwargs: dict = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True,
-                        "configure_logging": True}
-        try:
-            if address is not None:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
-        except ConnectionError as exc:
-            raise RayError(f"cannot join the Ray cluster at {address!r} ({exc})",
-                           hint="start one with `ray start --head`, or leave out --address for a local "
-                                "one") from None
+        init_ray(address)
         started = True
     if stats is not None:
         res = ray.cluster_resources()
@@ -309,8 +345,9 @@ class ChunkPredictor:
 
 
 def _bound_predictor(**config) -> type:
-    """:class:`ChunkPredictor` with its arguments bound in the class (shipped with it), so a
-    restarted actor never depends on constructor arguments held in the object store."""
+    """:class:`ChunkPredictor` with its arguments bound in the class (shipped with the class
+    itself). Ray Data still keeps its own pool arguments in the object store for the pool's
+    life, which Ray's core names in an error-level notice; restarts work (a test kills an actor)."""
 
     class BoundChunkPredictor(ChunkPredictor):
         def __init__(self) -> None:
@@ -319,8 +356,9 @@ def _bound_predictor(**config) -> type:
     return BoundChunkPredictor
 
 
-def _pool(stats: RayStats, opts: RayOptions, threads: int | None) -> tuple[int, float, int | None]:
-    """Actors, CPUs per actor and runner threads for this cluster."""
+def _pool(stats: RayStats, opts: RayOptions, threads: int | None, n_chunks: int) -> tuple[int, float, int | None]:
+    """Actors, CPUs per actor and runner threads for this cluster (never more default actors
+    than chunks to run)."""
     cpus, gpus = stats.cluster.get("cpus", 1.0), stats.cluster.get("gpus", 0.0)
     actors = opts.actors
     if actors is None:
@@ -328,7 +366,7 @@ def _pool(stats: RayStats, opts: RayOptions, threads: int | None) -> tuple[int, 
             actors = int(gpus // opts.gpus_per_actor)
         else:  # CPU: one single-threaded runner per core measured faster than one runner with all cores
             actors = min(MAX_DEFAULT_CPU_ACTORS, math.floor(cpus - DECODE_CPUS + 0.5))
-        actors = max(1, actors)
+        actors = max(1, min(actors, n_chunks))
     if opts.gpus_per_actor > 0 and actors * opts.gpus_per_actor > gpus:
         raise ConfigError(f"{actors} actor(s) x {opts.gpus_per_actor} GPU(s) do not fit the cluster's {gpus:g} GPU(s)")
     cpa = opts.cpus_per_actor
@@ -378,10 +416,10 @@ def predict_sources_ray(
         return
     ray = _ray()
     _quiet_data_context()
-    actors, cpa, threads = _pool(stats, options, threads)
+    chunks = [refs[i : i + batch_size] for i in range(0, len(refs), batch_size)]
+    actors, cpa, threads = _pool(stats, options, threads, len(chunks))
     stats.actors, stats.cpus_per_actor, stats.threads = actors, cpa, threads
     stats.gpus_per_actor = options.gpus_per_actor
-    chunks = [refs[i : i + batch_size] for i in range(0, len(refs), batch_size)]
     stats.chunks = len(chunks)
     ds = ray.data.from_items([{"n": n, "refs": pickle.dumps(c)} for n, c in enumerate(chunks)],
                              override_num_blocks=min(len(chunks), 1000))
