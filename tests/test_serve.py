@@ -21,6 +21,7 @@ from tests_helpers import invoke, write_ct_dicom
 
 pytestmark = pytest.mark.slow
 
+READ_TIMEOUT_S = 3.0
 MAX_BODY_MB = 1
 
 
@@ -113,7 +114,7 @@ def server(small_onnx):
     from ctmask.scale.serve import free_port, start_server
 
     handle = start_server(small_onnx, port=free_port(), replicas=1, max_batch=8, batch_wait_ms=50,
-                          max_body_mb=MAX_BODY_MB)
+                          max_body_mb=MAX_BODY_MB, read_timeout_s=READ_TIMEOUT_S)
     try:
         yield handle
     finally:
@@ -324,6 +325,59 @@ def test_oversized_body_is_413(server):
     # just under the limit is read (and refused for what it is, not for its size)
     status, body = post(server.url, b"\x00" * (MAX_BODY_MB << 20))
     assert_error(status, body, (415, 422), "not an image")
+
+
+def _raw(url: str, head: bytes, body: bytes, wait_s: float, close_after_s: float | None = None) -> bytes:
+    """Send a request head and part of a body on a raw socket; the bytes answered within ``wait_s``
+    (or nothing, when the socket is closed by us after ``close_after_s``)."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=wait_s) as sock:
+        sock.sendall(head + body)
+        if close_after_s is not None:
+            time.sleep(close_after_s)
+            return b""
+        got = b""
+        try:
+            while b"\r\n\r\n" not in got or len(got) < got.find(b"\r\n\r\n") + 8:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except TimeoutError:
+            pass
+        return got
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_not_a_hang(server):
+    """A client that declares more than it sends holds a request slot until the deadline, then 408;
+    one that goes away is a 499 in the counters, never a 500; the server keeps answering."""
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    answer = _raw(server.url, head, b"0123456789", wait_s=READ_TIMEOUT_S + 20)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"did not arrive within" in answer
+    for _ in range(3):  # clients that give up mid-body
+        _raw(server.url, head, b"0123456789", wait_s=5, close_after_s=0.5)
+    status, body = post(server.url, b"\x89PNG" + b"\x00" * 100)
+    assert status in (415, 422)  # still answering
+    import time
+
+    time.sleep(READ_TIMEOUT_S + 1)  # the abandoned requests end at their deadline at the latest
+    status, stats = post(server.url, None, "/stats", "GET")
+    assert status == 200 and stats["errors"].get("500", 0) == 0, stats
+
+
+def test_an_oversized_image_without_a_name_is_413(server):
+    """A PNG declaring 20000 x 20000 px, sent with no filename or type: refused for its size (413)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, format="PNG")
+    status, body = post(server.url, buf.getvalue())
+    assert_error(status, body, (413,), "maximum")
 
 
 def test_unknown_path_and_wrong_method(server):

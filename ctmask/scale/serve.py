@@ -21,13 +21,16 @@ runs: onnxruntime, OpenVINO, a TensorRT ``.engine``, a checkpoint in PyTorch) an
   replicas at random: a caller that wants every replica's counters asks until it has seen
   ``replicas`` ids (:func:`ctmask.scale.loadtest.collect_stats`).
 
-Every error is JSON ``{"error": reason, "status": code}``: 400 empty body or bad
-Content-Length, 404 unknown path, 405 wrong method, 413 body over the limit or an image
+Every error is JSON ``{"error": reason, "status": code}``: 400 empty body, 404 unknown path,
+405 wrong method, 408 body not complete within ``read_timeout_s``, 499 (counted, nobody
+reads it) the client closed the connection first, 413 body over the limit or an image
 declaring more than 8192 px a side (the readers' limit, refused before decoding), 415 not an
 image, DICOM or NIfTI file, 422 a file the readers refuse (truncated or corrupt, a DICOM of
 another modality, a localizer, no pixels, too small) or that holds more than one slice
 (multi-frame DICOM, NIfTI volume: one slice per request). An upload never causes a 500: a
-500 is the server's own failure (the runner failing).
+500 is the server's own failure (the runner failing). A request Ray Serve's HTTP server
+cannot parse (a Content-Length that is not a number) gets its plain-text 400 before it
+reaches the replica.
 
 The body limit protects the replica (memory, the temporary file, the decoders): a body
 declaring more is refused on its Content-Length before a byte of it is read, a chunked one
@@ -91,6 +94,7 @@ class ServeOptions:
     force_modality: bool = False
     hu_offset: float = 1024.0
     uncropped: bool = False
+    read_timeout_s: float = 30.0
 
     def check(self) -> None:
         """Refuse bad values (before anything starts).
@@ -112,6 +116,8 @@ class ServeOptions:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.top_rois < 1:
             raise ConfigError(f"--top-rois must be >= 1, got {self.top_rois}")
+        if not 0 < self.read_timeout_s <= 3600:
+            raise ConfigError(f"--read-timeout-s must be > 0 and at most 3600, got {self.read_timeout_s:g}")
 
     @property
     def max_body_bytes(self) -> int:
@@ -193,10 +199,29 @@ def _status_of(reason: str) -> int:
     return 422
 
 
+def _sniff_magic(head: bytes) -> str:
+    """The suffix of a raster image or a DICOM Part 10 file known by its first bytes, else ``""``."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ".png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return ".jpg"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return ".tif"
+    if head[:2] == b"BM" and len(head) >= 26:
+        return ".bmp"
+    if head[128:132] == b"DICM":
+        return ".dcm"
+    return ""
+
+
 def _suffix_hint(request: Request, head: bytes) -> str:
-    """The suffix the upload is saved with: the X-Filename header's, else the Content-Type's,
+    """The suffix the upload is saved with: what its first bytes say (PNG, JPEG, TIFF, BMP,
+    DICOM Part 10), else the X-Filename header's, else the Content-Type's,
     else ``.nii`` / ``.nii.gz`` for NIfTI (which the readers know by suffix only), else none
     (the readers then tell DICOM and raster images by their content)."""
+    sniffed = _sniff_magic(head)
+    if sniffed:
+        return sniffed
     name = (request.headers.get("x-filename") or request.query_params.get("filename") or "").lower()
     for suffix in sorted(KNOWN_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
@@ -241,6 +266,8 @@ class CtmaskModel:
         self._batched.set_max_batch_size(opts.max_batch)
         self._batched.set_batch_wait_timeout_s(opts.batch_wait_ms / 1000.0)
         self.tmp = Path(tempfile.mkdtemp(prefix="ctmask-serve-"))  # 0700: uploads are private
+        # a 260 KB PNG can declare 8192 x 8192 RGBA (256 MiB decoded): at most this many decodes at once
+        self.decoding = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (a direct call): name it by process
@@ -273,6 +300,8 @@ class CtmaskModel:
         elif path == "/predict":
             try:
                 response = await self._predict(request)
+            except ray.exceptions.TaskCancelledError:  # Ray cancels a request whose client disconnected
+                response = _error(499, "the client closed the connection before the answer")
             except Exception as exc:  # a bug of the server, never the upload's doing: still a JSON answer
                 logging.getLogger("ray.serve").exception("ctmask: /predict failed")
                 response = _error(500, f"internal error ({exc.__class__.__name__}: {exc})")
@@ -322,11 +351,14 @@ class CtmaskModel:
                 if suffix:
                     paths.append(paths[0].with_name(paths[0].name + suffix))
                     os.replace(paths[0], paths[-1])
-                upload = await asyncio.to_thread(self._decode, paths[-1])
+                async with self.decoding:  # bounds the memory concurrent decodes take
+                    upload = await asyncio.to_thread(self._decode, paths[-1])
             except _Refused as exc:
                 return _error(exc.status, exc.reason)
             try:
                 pred, batch = await self._batched(upload)
+            except ray.exceptions.TaskCancelledError:
+                raise  # the client went away: answered 499 in __call__, not the runner's failure
             except Exception as exc:  # the runner failed: the server's fault, not the upload's
                 return _error(500, f"inference failed ({exc.__class__.__name__}: {exc})")
             rec = pred.to_dict()
@@ -361,22 +393,32 @@ class CtmaskModel:
                 if n <= 0:
                     raise _Refused(400, "empty request body: send the slice's file (DICOM, PNG, JPEG, TIFF) as the "
                                         "body")
-            total, head = 0, b""
-            try:
+            got = {"total": 0, "head": b""}
+
+            async def pump() -> None:
                 async for chunk in request.stream():
                     if not chunk:
                         continue
-                    total += len(chunk)
-                    if total > limit:
+                    got["total"] += len(chunk)
+                    if got["total"] > limit:
                         raise _Refused(413, too_big)
-                    if len(head) < 348:
-                        head += chunk[: 348 - len(head)]
+                    if len(got["head"]) < 348:
+                        got["head"] += chunk[: 348 - len(got["head"])]
                     try:
                         fh.write(chunk)
                     except OSError as exc:
                         raise _Refused(503, f"the server cannot store the upload now ({exc.strerror or exc})") from None
+
+            try:
+                # a deadline for the whole body: a client that declares more than it sends (or
+                # trickles it) holds one of the replica's request slots until then, not forever
+                await asyncio.wait_for(pump(), timeout=self.opts.read_timeout_s)
             except ClientDisconnect:
                 raise _Refused(400, "the client went away before the body was complete") from None
+            except asyncio.TimeoutError:
+                raise _Refused(408, f"the request body did not arrive within {self.opts.read_timeout_s:g} s "
+                                    f"({got['total']} bytes received)") from None
+            total, head = got["total"], got["head"]
         if total == 0:
             raise _Refused(400, "empty request body: send the slice's file (DICOM, PNG, JPEG, TIFF) as the body")
         return head
@@ -474,7 +516,8 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
                  batch_wait_ms: float = 10.0, host: str = "127.0.0.1", backend: str = "auto", device: str = "cpu",
                  threads: int | None = None, max_body_mb: float = 64.0, address: str | None = None,
                  top_rois: int = 5, force_modality: bool = False, hu_offset: float = 1024.0,
-                 uncropped: bool = False, ready_timeout_s: float = 180.0) -> ServerHandle:
+                 uncropped: bool = False, ready_timeout_s: float = 180.0,
+                 read_timeout_s: float = 30.0) -> ServerHandle:
     """Serve ``model`` on ``http://host:port`` with ``replicas`` replicas; returns once
     ``/health`` answers 200.
 
@@ -497,6 +540,7 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
         max_batch, batch_wait_ms: the batcher: at most ``max_batch`` requests per inference
             call, waiting at most ``batch_wait_ms`` for them after the first.
         max_body_mb: largest request body (413 above it).
+        read_timeout_s: deadline for a request's whole body (408 after it).
         uncropped: serve a model trained on body-cropped slices on whole slices (uploads carry
             no crop box; refused otherwise).
 
@@ -508,17 +552,17 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
     if threads is None and replicas > 1:
         threads = max(1, (os.cpu_count() or 1) // replicas)
     opts = ServeOptions(str(model), port, replicas, max_batch, float(batch_wait_ms), host, backend, device, threads,
-                        float(max_body_mb), top_rois, force_modality, hu_offset, uncropped)
+                        float(max_body_mb), top_rois, force_modality, hu_offset, uncropped, float(read_timeout_s))
     opts.check()
     info = check_model(opts)
     _check_port(host, port)
     started_ray = False
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, include_dashboard=False, logging_level="warning")
-        else:
-            # "local": always a new instance, never a cluster someone else started on this machine
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="warning")
+        from ctmask.scale.ray_batch import init_ray
+
+        # a cluster at `address` (checked: nothing listening fails at once), or a new local one,
+        # never a cluster someone else started on this machine
+        init_ray(address or None, logging.WARNING)
         started_ray = True
     handle = ServerHandle(f"http://{host}:{port}", opts, info, started_ray)
     try:
