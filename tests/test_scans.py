@@ -233,3 +233,32 @@ def test_single_slice_inputs_name_every_file_they_refuse(dicom_set, tmp_path):
     assert set(reasons) == {"MR0001", "vol.nii.gz"}
     files, failures = collect_images([dicom_set / "nifti"])
     assert not files and all("multi-slice" in f.reason for f in failures)  # no second, misleading line
+
+
+def test_parquet_resume_keeps_non_utf8_names_exactly(small_onnx, dicom_set, tmp_path):
+    """Parquet strings are UTF-8: names that are not keep their bytes in names_json, so --resume
+    matches them (no slice predicted twice) and the records come back with the exact keys."""
+    import os
+
+    from ctmask.runtime.parquet import read_slices
+
+    series = sorted(next(next((dicom_set / "dicom").iterdir()).iterdir()).iterdir())
+    src = tmp_path / "in"
+    src.mkdir()
+    for k, f in enumerate(series[:3]):
+        shutil.copy(f, os.fsdecode(os.fsencode(src) + b"/caf\xe9" + str(k).encode()))
+    out = tmp_path / "p.parquet"
+    assert invoke("infer", small_onnx, src, "--out", out, "-q").exit_code == 0
+    r = invoke("infer", small_onnx, src, "--out", out, "--resume", "--json", tmp_path / "s.json", "-q")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["resumed"] == 3 and summary["predicted"] == 0
+    keys = [rec["key"] for rec in read_slices(out)]
+    assert sorted(keys) == sorted(os.fsdecode(os.fsencode(src) + b"/caf\xe9" + str(k).encode()) for k in range(3))
+
+
+def test_an_output_that_cannot_be_written_is_exit_2_without_a_traceback(small_onnx, dicom_set, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out in ("afile/p.jsonl", "afile/p.parquet"):
+        r = invoke("infer", small_onnx, dicom_set / "dicom", "--out", tmp_path / out, "-q")
+        assert r.exit_code == 2 and "Traceback" not in r.output and "afile" in r.output, r.output

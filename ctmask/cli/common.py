@@ -47,8 +47,9 @@ def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print :class:`CtmaskError`, or an optional dependency that is not installed (with the
-    extra to install), without a traceback and exit 2; bugs keep theirs."""
+    """Print :class:`CtmaskError`, an optional dependency that is not installed (with the extra
+    to install), or an OS error (disk full, permission denied: the file named), without a
+    traceback and exit 2; bugs keep theirs."""
     command = fn.__name__.replace("_", "-")
 
     @functools.wraps(fn)
@@ -63,6 +64,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if message is None:
                 raise
             typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # the environment (disk full, permissions, a file vanishing): no traceback
+            where = exc.filename or ""
+            what = exc.strerror or str(exc) or exc.__class__.__name__
+            typer.secho(f"error: {where + ': ' if where else ''}{what} ({exc.__class__.__name__}); nothing was "
+                        "written where it could not be completed", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
     return wrapper

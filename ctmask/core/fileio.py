@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ctmask.core.errors import DataError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -88,3 +90,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def output_error(exc: OSError, path: str | Path) -> DataError:
+    """The error for an output that could not be written (disk full, permissions), naming it;
+    the atomic writers leave nothing of it behind."""
+    what = exc.strerror or " ".join(str(exc).split())[:200] or exc.__class__.__name__
+    return DataError(f"cannot write it ({what}); no partial file was left", path)

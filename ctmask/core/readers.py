@@ -241,6 +241,8 @@ def _is_raster(path: Path) -> bool:
     try:
         with _captured([]), Image.open(path, formats=RASTER_FORMATS):
             return True
+    except Image.DecompressionBombError:  # a raster image declaring too many pixels: decoding says so
+        return True
     except Exception:
         return False
 

@@ -36,7 +36,7 @@ def _slice_schema(class_names: Sequence[str]):
         ("series", pa.string()), ("position", pa.float64()), ("frame", pa.int64()), ("class", pa.string()),
         ("class_index", pa.int64()), *((f"prob_{c}", pa.float64()) for c in class_names),
         ("n_rois", pa.int64()), ("top_rois", rows), ("top_boxes", rows), ("kind", pa.string()),
-        ("size", pa.list_(pa.int64())), ("overlay", pa.string()),
+        ("size", pa.list_(pa.int64())), ("overlay", pa.string()), ("names_json", pa.string()),
     ], metadata={"ctmask.format": SLICES_FORMAT, "ctmask.class_names": json.dumps(list(class_names))})
 
 
@@ -63,16 +63,35 @@ def _surrogate_safe(value: Any) -> Any:
     return value
 
 
+NAME_FIELDS = ("file", "key", "label", "study", "series", "overlay")
+"""Fields that hold file names, which need not be UTF-8."""
+
+
+def _names_json(rec: dict) -> str | None:
+    """The name fields as ASCII JSON (undecodable bytes kept as ``\\udcXX`` escapes, which
+    ``json.loads`` turns back into the same surrogates) when one is not valid UTF-8, else None."""
+    names = {k: rec[k] for k in NAME_FIELDS if isinstance(rec.get(k), str)}
+    try:
+        for value in names.values():
+            value.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(names)
+    return None
+
+
 def write_slices(path: str | Path, records: list[dict], class_names: Sequence[str]) -> None:
     """Write slice records (:meth:`~ctmask.runtime.predict.Prediction.to_dict`) to ``path`` (the
-    caller makes it atomic)."""
+    caller makes it atomic). A record whose file name is not UTF-8 is written with U+FFFD in the
+    string columns and its exact names in ``names_json`` (read back by :func:`read_slices`)."""
     _, pq = _pa()
     schema = _slice_schema(class_names)
     rows = []
     for rec in records:
-        row = {k: rec.get(k) for k in schema.names if not k.startswith("prob_")}
+        row = {k: rec.get(k) for k in schema.names if not k.startswith("prob_") and k != "names_json"}
         row.update({f"prob_{c}": rec["probs"].get(c) for c in class_names})
-        rows.append(_surrogate_safe(row))
+        row = _surrogate_safe(row)
+        row["names_json"] = _names_json(rec)
+        rows.append(row)
     _write(pq, path, rows, schema)
 
 
@@ -112,8 +131,17 @@ def read_slices(path: str | Path) -> list[dict]:
         raise DataError(f"not a ctmask predictions file (its schema metadata has no ctmask.format {SLICES_FORMAT})",
                         path)
     out = []
-    for row in table.to_pylist():
+    for n, row in enumerate(table.to_pylist(), 1):
+        names = row.pop("names_json", None)
         rec: dict[str, Any] = {"probs": {k[5:]: v for k, v in row.items() if k.startswith("prob_") and v is not None}}
         rec.update({k: v for k, v in row.items() if not k.startswith("prob_") and v is not None})
+        if names is not None:
+            try:
+                exact = json.loads(names)
+            except ValueError:
+                raise DataError(f"row {n}: names_json is not JSON: not a ctmask predictions file", path) from None
+            if not isinstance(exact, dict):
+                raise DataError(f"row {n}: names_json is not an object: not a ctmask predictions file", path)
+            rec.update({k: v for k, v in exact.items() if k in NAME_FIELDS and isinstance(v, str)})
         out.append(rec)
     return out

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ctmask.core.errors import ConfigError, DataError
-from ctmask.core.fileio import atomic_path
+from ctmask.core.fileio import atomic_path, output_error
 from ctmask.core.preprocess import IMAGE_SUFFIXES, load_slice
 from ctmask.core.spec import GraphSpec
 from ctmask.data.covidx import Box, SplitEntry, read_split
@@ -300,7 +300,17 @@ class PredictionWriter:
         self.write_record(pred.to_dict())
 
     def write_record(self, rec: dict) -> None:
-        """Write one record as :meth:`Prediction.to_dict` gives it (or as read back by ``--resume``)."""
+        """Write one record as :meth:`Prediction.to_dict` gives it (or as read back by ``--resume``).
+
+        Raises:
+            DataError: the record cannot be written (disk full ...), naming the output file.
+        """
+        try:
+            self._write_record(rec)
+        except OSError as exc:
+            raise output_error(exc, self.path) from None
+
+    def _write_record(self, rec: dict) -> None:
         if self.format == "parquet":
             self._rows.append(rec)
         elif self.format == "jsonl":
@@ -317,14 +327,20 @@ class PredictionWriter:
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        elif exc_type is None:
-            try:
+        try:
+            if self._fh is not None:
+                self._fh.close()
+            elif exc_type is None:
                 from ctmask.runtime.parquet import write_slices
 
                 write_slices(self._tmp, self._rows, self.class_names)
-            except BaseException as err:
-                self._ctx.__exit__(type(err), err, err.__traceback__)
-                raise
-        self._ctx.__exit__(exc_type, exc, tb)
+        except BaseException as err:
+            self._ctx.__exit__(type(err), err, err.__traceback__)  # removes the temporary file
+            if isinstance(err, OSError):
+                raise output_error(err, self.path) from None
+            raise
+        try:
+            self._ctx.__exit__(exc_type, exc, tb)
+        except OSError as err:
+            raise output_error(err, self.path) from None
+

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from ctmask.core.errors import ConfigError
-from ctmask.core.fileio import atomic_path
+from ctmask.core.fileio import atomic_path, output_error
 
 RULE = "topk-mean/1"
 """Name of the aggregation rule (written in every record; bumped if the rule changes)."""
@@ -274,7 +274,17 @@ class StudyWriter:
         self._csv.writerow([*CSV_COLUMNS[:3], *(f"prob_{c}" for c in names), *CSV_COLUMNS[3:]])
 
     def write(self, study: StudyPrediction) -> None:
-        """Append one study."""
+        """Append one study.
+
+        Raises:
+            DataError: it cannot be written (disk full ...), naming the output file.
+        """
+        try:
+            self._write(study)
+        except OSError as exc:
+            raise output_error(exc, self.path) from None
+
+    def _write(self, study: StudyPrediction) -> None:
         if not self._open:
             raise RuntimeError("StudyWriter.write outside its with-block")
         if self.format == "parquet":
@@ -295,21 +305,25 @@ class StudyWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._open = False
-        if self.format == "parquet":
-            if exc_type is None:
-                try:
+        try:
+            if self.format == "parquet":
+                if exc_type is None:
                     from ctmask.runtime.parquet import write_studies
 
                     write_studies(self._tmp, self._rows, self.class_names or ())
-                except BaseException as err:
-                    self._ctx.__exit__(type(err), err, err.__traceback__)
-                    raise
+            else:
+                assert self._fh is not None
+                if exc_type is None and self.format == "csv" and self.class_names is None:
+                    self.class_names = ()
+                    self._header()
+                self._fh.close()
+                self._fh = None
+        except BaseException as err:
+            self._ctx.__exit__(type(err), err, err.__traceback__)  # removes the temporary file
+            if isinstance(err, OSError):
+                raise output_error(err, self.path) from None
+            raise
+        try:
             self._ctx.__exit__(exc_type, exc, tb)
-            return
-        assert self._fh is not None
-        if exc_type is None and self.format == "csv" and self.class_names is None:
-            self.class_names = ()
-            self._header()
-        self._fh.close()
-        self._fh = None
-        self._ctx.__exit__(exc_type, exc, tb)
+        except OSError as err:
+            raise output_error(err, self.path) from None
