@@ -26,6 +26,14 @@ done < "$DATA/test_COVIDx_CT.txt"
 "$CT" synth "$OUT/scans" --dicom --patients 4 --slices-per-patient 12 -q
 "$CT" infer "$OUT/model.onnx" "$OUT/scans/dicom" --out "$OUT/scans/slices.jsonl" --studies "$OUT/scans/studies.csv" \
   --overlays "$OUT/scans/overlays" --report "$OUT/report.html" -q
+# The same scans on Ray Data (a local cluster, started and stopped here): byte-identical output.
+"$CT" infer "$OUT/model.onnx" "$OUT/scans/dicom" --ray --out "$OUT/scans/slices-ray.jsonl" \
+  --overlays "$OUT/scans/overlays" -q --json "$OUT/infer-ray.json"
+cmp "$OUT/scans/slices.jsonl" "$OUT/scans/slices-ray.jsonl"
+# A Triton Inference Server model repository for the graph, checked against Triton's schema.
+rm -rf "$OUT/triton"
+"$CT" export "$OUT/model.onnx" --triton-repo "$OUT/triton" -q
+"$CT" check-triton "$OUT/triton"
 # Reduced precision: calibration and the islands' measurement use the training split.
 "$CT" calibrate "$OUT/model.onnx" --images "$DATA/train_COVIDx_CT.txt" --out "$OUT/model.ranges.json" -q
 "$CT" export "$OUT/cls.pt" --out "$OUT/model.fp16.onnx" --precision fp16 --calibration "$DATA/train_COVIDx_CT.txt" \
