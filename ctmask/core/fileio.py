@@ -97,3 +97,21 @@ def output_error(exc: OSError, path: str | Path) -> DataError:
     the atomic writers leave nothing of it behind."""
     what = exc.strerror or " ".join(str(exc).split())[:200] or exc.__class__.__name__
     return DataError(f"cannot write it ({what}); no partial file was left", path)
+
+
+def close_atomic(ctx: Any, path: str | Path, finish: Any, exc_type: Any, exc: Any, tb: Any) -> None:
+    """End a writer built on :func:`atomic_path`: ``finish()`` completes the temporary file
+    (close it, or write it whole), then ``ctx`` renames it onto ``path``, or removes it when
+    the block failed or ``finish`` did. An OS error (disk full, permissions) becomes
+    :func:`output_error` naming ``path``."""
+    try:
+        finish()
+    except BaseException as err:
+        ctx.__exit__(type(err), err, err.__traceback__)  # removes the temporary file
+        if isinstance(err, OSError):
+            raise output_error(err, path) from None
+        raise
+    try:
+        ctx.__exit__(exc_type, exc, tb)
+    except OSError as err:
+        raise output_error(err, path) from None

@@ -321,6 +321,18 @@ def _modality(ds: Any) -> str:
     return str(ds.get("Modality", "") or "").strip().upper()
 
 
+def _modality_and_frames(ds: Any, path: Path, force_modality: bool) -> int:
+    """The number of frames, after refusing another modality than CT (unless forced) and a
+    frame count out of range."""
+    modality = _modality(ds)
+    if modality and modality != CT and not force_modality:
+        raise DataError(_modality_refusal(modality), path)
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    if not 1 <= frames <= MAX_SLICES:
+        raise DataError(f"declares {frames} frames; ctmask reads 1 to {MAX_SLICES}", path)
+    return frames
+
+
 def _modality_refusal(modality: str) -> str:
     return f"modality {modality}: ctmask reads chest CT; pass --force-modality to predict anyway"
 
@@ -510,12 +522,7 @@ def _dicom_entries(probe: FileProbe, ds: Any, path: Path, label: str, sure: bool
     image_type = [str(v).upper() for v in (ds.get("ImageType", None) or [])]
     if "LOCALIZER" in image_type:
         raise DataError("a localizer (scout) image, not an axial slice: skipped, and kept out of its study", path)
-    modality = _modality(ds)
-    if modality and modality != CT and not force_modality:
-        raise DataError(_modality_refusal(modality), path)
-    frames = _int(ds, "NumberOfFrames", 1) or 1
-    if not 1 <= frames <= MAX_SLICES:
-        raise DataError(f"declares {frames} frames; ctmask reads 1 to {MAX_SLICES}", path)
+    frames = _modality_and_frames(ds, path, force_modality)
     series = str(ds.get("SeriesInstanceUID", "") or "") or f"folder:{path.parent}"
     study = str(ds.get("StudyInstanceUID", "") or "") or series
     instance = None
@@ -932,12 +939,7 @@ def _dicom_pixels(ds: Any, path: Path, frame: int | None, force_modality: bool) 
     has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
     if not rows or not cols or not has_pixels:
         raise DataError("cannot decode DICOM: it holds no image (no Rows / Columns / Pixel Data)", path)
-    modality = _modality(ds)
-    if modality and modality != CT and not force_modality:
-        raise DataError(_modality_refusal(modality), path)
-    frames = _int(ds, "NumberOfFrames", 1) or 1
-    if not 1 <= frames <= MAX_SLICES:
-        raise DataError(f"declares {frames} frames; ctmask reads 1 to {MAX_SLICES}", path)
+    frames = _modality_and_frames(ds, path, force_modality)
     if frame is None and frames > 1:
         raise DataError(f"is a multi-frame DICOM ({frames} frames); this reads one 2-D slice: give the file to "
                         "`ctmask infer`, which predicts every frame", path)
@@ -946,7 +948,7 @@ def _dicom_pixels(ds: Any, path: Path, frame: int | None, force_modality: bool) 
         raise DataError(f"has {frames} frames; frame {k} was asked for", path)
     check_image_size(cols, rows, path)
     ts = _transfer_syntax(ds)
-    info: dict[str, Any] = {"modality": modality or None, "transfer_syntax": str(getattr(ts, "name", ts)),
+    info: dict[str, Any] = {"modality": _modality(ds) or None, "transfer_syntax": str(getattr(ts, "name", ts)),
                             "photometric": str(ds.get("PhotometricInterpretation", "") or "").strip().upper()}
     if frames > 1:
         info["frames"] = frames

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ctmask.core.errors import ConfigError, DataError
-from ctmask.core.fileio import atomic_path, output_error
+from ctmask.core.fileio import atomic_path, close_atomic, output_error
 from ctmask.core.preprocess import IMAGE_SUFFIXES, load_slice
 from ctmask.core.spec import GraphSpec
 from ctmask.data.covidx import Box, SplitEntry, read_split
@@ -327,20 +327,13 @@ class PredictionWriter:
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
+        def finish() -> None:
             if self._fh is not None:
                 self._fh.close()
             elif exc_type is None:
                 from ctmask.runtime.parquet import write_slices
 
                 write_slices(self._tmp, self._rows, self.class_names)
-        except BaseException as err:
-            self._ctx.__exit__(type(err), err, err.__traceback__)  # removes the temporary file
-            if isinstance(err, OSError):
-                raise output_error(err, self.path) from None
-            raise
-        try:
-            self._ctx.__exit__(exc_type, exc, tb)
-        except OSError as err:
-            raise output_error(err, self.path) from None
+
+        close_atomic(self._ctx, self.path, finish, exc_type, exc, tb)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from ctmask.core.errors import ConfigError
-from ctmask.core.fileio import atomic_path, output_error
+from ctmask.core.fileio import atomic_path, close_atomic, output_error
 
 RULE = "topk-mean/1"
 """Name of the aggregation rule (written in every record; bumped if the rule changes)."""
@@ -305,25 +305,19 @@ class StudyWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._open = False
-        try:
+
+        def finish() -> None:
             if self.format == "parquet":
                 if exc_type is None:
                     from ctmask.runtime.parquet import write_studies
 
                     write_studies(self._tmp, self._rows, self.class_names or ())
-            else:
-                assert self._fh is not None
-                if exc_type is None and self.format == "csv" and self.class_names is None:
-                    self.class_names = ()
-                    self._header()
-                self._fh.close()
-                self._fh = None
-        except BaseException as err:
-            self._ctx.__exit__(type(err), err, err.__traceback__)  # removes the temporary file
-            if isinstance(err, OSError):
-                raise output_error(err, self.path) from None
-            raise
-        try:
-            self._ctx.__exit__(exc_type, exc, tb)
-        except OSError as err:
-            raise output_error(err, self.path) from None
+                return
+            assert self._fh is not None
+            if exc_type is None and self.format == "csv" and self.class_names is None:
+                self.class_names = ()
+                self._header()
+            self._fh.close()
+            self._fh = None
+
+        close_atomic(self._ctx, self.path, finish, exc_type, exc, tb)
