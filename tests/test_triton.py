@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -168,14 +170,173 @@ FAULTS = {
 }
 
 
+def _append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+def _block(config: Path, kind: str, name: str) -> str:
+    """The text of ``config``'s ``kind`` (input / output) entry ``name``."""
+    return re.search(rf'^{kind} {{\n  name: "{name}"\n.*?^}}\n', config.read_text(), re.S | re.M).group(0)
+
+
+def _warmup(config: Path, batch: int = 1, name: str = "images", dims: list[int] | None = None,
+            data_type: str = "TYPE_FP32", data: str = "zero_data: true") -> None:
+    """Append a model_warmup ``w`` giving input ``name`` (dims: the config's images dims)."""
+    dims = dims if dims is not None else list(parse(config).input[0].dims)
+    _append(config, f'model_warmup {{\n  name: "w"\n  batch_size: {batch}\n  inputs {{\n    key: "{name}"\n'
+                    f'    value {{\n      data_type: {data_type}\n      dims: {dims}\n      {data}\n    }}\n  }}\n}}\n')
+
+
+def _loop(path: Path) -> None:
+    """``path`` made a symbolic link to itself (a loop: ELOOP when followed)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    path.symlink_to(path.name)
+
+
+def _model_dir(c: Path) -> None:
+    model = c.parent / "1" / "model.onnx"
+    model.unlink()
+    model.mkdir()
+
+
+def _other_model_file(c: Path) -> None:
+    shutil.copyfile(c.parent / "1" / "model.onnx", c.parent / "1" / "other.onnx")
+    _append(c, 'default_model_filename: "other.onnx"\n')
+
+
+# Faults of files check-triton reads (each a finding naming the file, never a traceback), and of
+# config fields ctmask never writes that change what Triton feeds or loads.
+FILE_AND_FIELD_FAULTS = {
+    "labels not utf-8": (lambda c: (c.parent / "labels.txt").write_bytes(b"normal\npneumon\xe9a\ncovid19\n"),
+                         "labels.txt:2: is not UTF-8 text (byte 0xe9 at offset 14: invalid continuation byte)"),
+    "config not utf-8": (lambda c: c.write_bytes(b"# caf\xe9\n" + c.read_bytes()),
+                         "config.pbtxt:1: is not UTF-8 text (byte 0xe9"),
+    "version folder is a file": (lambda c: (c.parent / "2").write_text("x"),
+                                 "small/2: is a file, not a version folder: Triton ignores it"),
+    "model file is a directory": (_model_dir, "1/model.onnx: is a directory, not a file: version 1's model.onnx"),
+    "model file symlink loop": (lambda c: _loop(c.parent / "1" / "model.onnx"),
+                                "1/model.onnx: cannot be resolved (OSError: Too many levels of symbolic links)"),
+    "labels symlink loop": (lambda c: _loop(c.parent / "labels.txt"), "labels.txt: cannot be resolved (OSError"),
+    "labels dangling symlink": (lambda c: ((c.parent / "labels.txt").unlink(),
+                                           (c.parent / "labels.txt").symlink_to("gone.txt")),
+                                "labels.txt: is a symbolic link to nothing"),
+    "config symlink loop": (lambda c: _loop(c), "config.pbtxt: cannot be resolved (OSError"),
+    "version folder symlink loop": (lambda c: _loop(c.parent / "2"), "small/2: cannot be resolved (OSError"),
+    "model folder symlink loop": (lambda c: _loop(c.parent.parent / "loop"),
+                                  "loop: cannot be resolved (OSError: Too many levels of symbolic links): Triton "
+                                  "cannot tell whether it is a model folder"),
+    "labels outside the model folder": (lambda c: _replace(c, 'label_filename: "labels.txt"',
+                                                           'label_filename: "../labels.txt"'),
+                                        "label_filename '../labels.txt' points outside the model folder"),
+    "duplicate output": (lambda c: _append(c, _block(c, "output", "probs")), "output 'probs' is listed 2 times"),
+    "duplicate input": (lambda c: _append(c, _block(c, "input", "images")), "input 'images' is listed 2 times"),
+    "input reshape": (lambda c: _replace(c, 'name: "images"\n', 'name: "images"\n  reshape {\n    shape: [1, 36864]\n'
+                                                                 '  }\n'),
+                      "input images: reshape [1, 36864] is not written by ctmask; Triton would feed the model "
+                      "[1, 36864] instead of the [1, 192, 192] a client sends; remove it"),
+    "output reshape": (lambda c: _replace(c, 'name: "rois"\n', 'name: "rois"\n  reshape {\n    shape: [320]\n  }\n'),
+                       "output rois: reshape [320] is not written by ctmask; Triton would take the model's output as "
+                       "[320] and return it as [64, 5]; remove it"),
+    "default_model_filename": (_other_model_file,
+                               "default_model_filename 'other.onnx' is not written by ctmask; Triton would load "
+                               "other.onnx from each version folder instead of model.onnx; remove it"),
+    "default_model_filename a path": (lambda c: _append(c, 'default_model_filename: "../1/model.onnx"\n'),
+                                      "default_model_filename '../1/model.onnx' is not written by ctmask, and is a "
+                                      "path"),
+    "cc_model_filenames": (lambda c: _append(c, 'cc_model_filenames {\n  key: "9.0"\n  value: "sm90.onnx"\n}\n'),
+                           "cc_model_filenames '9.0': 'sm90.onnx' is not written by ctmask; Triton would load "
+                           "sm90.onnx instead of model.onnx on GPUs of compute capability 9.0; remove it"),
+    "warmup batch above max": (lambda c: _warmup(c, batch=64),
+                               "model_warmup 'w': batch_size 64 is not within 1..max_batch_size (32)"),
+    "warmup unknown input": (lambda c: _warmup(c, name="image"), "model_warmup 'w' names input 'image', which is "
+                                                                 "not an input of the graph"),
+    "warmup wrong dims": (lambda c: _warmup(c, dims=[1, 96, 96]),
+                          "model_warmup 'w' input images: dims [1, 96, 96], the graph"),
+    "warmup wrong type": (lambda c: _warmup(c, data_type="TYPE_FP16"),
+                          "model_warmup 'w' input images: data_type TYPE_FP16"),
+    "warmup data file missing": (lambda c: _warmup(c, data='input_data_file: "images.bin"'),
+                                 "warmup/images.bin: does not exist: model_warmup 'w' input images reads it"),
+}
+FAULTS.update(FILE_AND_FIELD_FAULTS)
+
+
 @pytest.mark.parametrize("fault", FAULTS)
 def test_check_triton_catches_an_injected_fault(repo_copy, fault):
     config = repo_copy / "small" / "config.pbtxt"
     inject, message = FAULTS[fault]
     inject(config)
     r = invoke("check-triton", repo_copy)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no traceback
     assert r.exit_code == 1, r.output
     assert message in r.output, r.output
+
+
+@pytest.mark.parametrize("target", ["labels.txt", "config.pbtxt", "1/model.onnx", "."])
+def test_check_triton_reports_an_unreadable_file_or_folder(repo_copy, monkeypatch, target):
+    """An unreadable file (or a model folder that cannot be listed) is a finding naming it. The
+    tests run as root, which reads every file: the refusal is injected where files are opened."""
+    import builtins
+    import io
+
+    denied = os.path.realpath(repo_copy / "small" / target)
+
+    def guard(real):
+        def call(path, *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and os.path.realpath(path) == denied:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    for owner, name in ((io, "open"), (builtins, "open"), (os, "listdir"), (os, "scandir")):
+        monkeypatch.setattr(owner, name, guard(getattr(owner, name)))
+    r = invoke("check-triton", repo_copy)
+    monkeypatch.undo()
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert r.exit_code == 1, r.output
+    what = "cannot be listed" if target == "." else "unreadable"
+    assert f"{denied}: {what} (PermissionError: Permission denied)" in r.output, r.output
+
+
+def _record_sha(folder: Path) -> None:
+    """Record the current sha256 of version 1's model file in ``folder``'s config."""
+    config = folder / "config.pbtxt"
+    text = config.read_text()
+    old = re.search(r'key: "ctmask.v1.sha256"\n  value \{\n    string_value: "([0-9a-f]{64})"', text).group(1)
+    config.write_text(text.replace(old, hashlib.sha256((folder / "1" / "model.onnx").read_bytes()).hexdigest()))
+
+
+def test_check_triton_flags_a_graph_with_external_data(repo_copy):
+    folder = repo_copy / "small"
+    model = folder / "1" / "model.onnx"
+    onnx.save_model(onnx.load(str(model)), str(model), save_as_external_data=True, location="x.data")
+    assert (folder / "1" / "x.data").is_file()
+    _record_sha(folder)  # as if packaged so: nothing else is wrong
+    findings = [str(f) for f in check_triton_repo(repo_copy)]
+    assert len(findings) == 1, findings
+    assert findings[0].startswith(f"{model}: keeps the weights of ")
+    assert "in the external data file 'x.data' (the data file is present in the version folder)" in findings[0]
+    (folder / "1" / "x.data").unlink()
+    findings = [str(f) for f in check_triton_repo(repo_copy)]
+    assert len(findings) == 1 and "(the data file is missing from the version folder)" in findings[0], findings
+
+
+def test_check_triton_accepts_a_warmup_that_fits(repo_copy):
+    config = repo_copy / "small" / "config.pbtxt"
+    _warmup(config, batch=32)
+    assert check_triton_repo(repo_copy) == []
+    (repo_copy / "small" / "warmup").mkdir()
+    (repo_copy / "small" / "warmup" / "images.bin").write_bytes(b"\0" * 4 * 192 * 192)
+    _warmup(config, data='input_data_file: "images.bin"')
+    assert check_triton_repo(repo_copy) == []
+
+
+def test_export_into_a_model_folder_with_non_utf8_labels_is_refused(repo_copy, small_onnx):
+    (repo_copy / "small" / "labels.txt").write_bytes(b"normal\npneumon\xe9a\ncovid19\n")
+    with pytest.raises(ConfigError, match=r"another contract \(labels.txt differ"):
+        write_triton_repo(repo_copy, "small", small_onnx, None, **OPTS)
 
 
 def test_check_triton_names_the_file_and_line_of_a_syntax_error(repo_copy, tmp_path):
@@ -298,6 +459,15 @@ def test_tensorrt_plan_layout_and_config_from_a_sidecar(sidecar_engine, small_on
     assert params["ctmask.v1.profile"] == "1,8,16" and params["ctmask.v1.tensorrt_version"] == "10.13.0.35"
     assert "ROIAlign_TRT" in params["ctmask.v1.plugins"] and "ROIAlign_TRT" in config_path.read_text()
     assert check_triton_repo(repo) == []
+    _warmup(config_path, batch=16)
+    assert check_triton_repo(repo) == []  # a warmup that fits the plan's config
+    _warmup(config_path, batch=32, dims=[1, 96, 96])
+    assert sorted(str(f) for f in check_triton_repo(repo)) == [
+        f"{config_path}: model_warmup 'w' input images: dims [1, 96, 96], the config takes [1, 192, 192] after the "
+        "batch",
+        f"{config_path}: model_warmup 'w': batch_size 32 is not within 1..max_batch_size (16); Triton refuses to load "
+        "the model"]
+    config_path.write_text(config_path.read_text().split("model_warmup {")[0])
     _replace(config_path, "max_batch_size: 16", "max_batch_size: 32")
     assert any("above version 1's batch profile MAX 16" in str(f) for f in check_triton_repo(repo))
 
