@@ -236,3 +236,20 @@ def test_an_address_where_nothing_listens_fails_at_once(small_onnx, scans, tmp_p
     assert r.returncode == 2, r.stderr
     assert "nothing answers there" in r.stderr and "Traceback" not in r.stderr
     assert time.perf_counter() - t0 < 60 and not out.exists()
+
+
+def test_a_model_the_actors_cannot_load_fails_the_run_cleanly(small_onnx, scans, tmp_path):
+    """The driver reads only the metadata; an actor that cannot build its runner stops the run
+    with exit 2 and the reason (Ray would restart an actor whose constructor raised forever)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(small_onnx))
+    model.graph.node.append(helper.make_node("NoSuchOp", [model.graph.input[0].name], ["junk"]))
+    bad = tmp_path / "unloadable.onnx"
+    onnx.save(model, str(bad))
+    out = tmp_path / "p.jsonl"
+    r = invoke("infer", bad, scans / "synth" / "dicom", "--ray", "--out", out, "-q")
+    assert r.exit_code == 2, r.output
+    assert "could not load the model" in r.output and "Traceback" not in r.output
+    assert not out.exists()

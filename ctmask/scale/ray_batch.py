@@ -312,13 +312,21 @@ class ChunkPredictor:
 
         from ctmask.runtime.factory import make_runner
 
-        self.runner = make_runner(Path(model), backend, device, threads).activate()
-        self.spec = self.runner.spec
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.top_rois = top_rois
         self.overlays = overlays
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        # A model that does not load here (the driver only read its metadata) is reported by the
+        # first call: an error raised in the constructor would make Ray restart the actor forever.
+        self.load_error: str | None = None
+        try:
+            self.runner = make_runner(Path(model), backend, device, threads).activate()
+            self.spec = self.runner.spec
+        except Exception as exc:
+            self.load_error = f"{exc.__class__.__name__}: {exc}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.load_error is not None:
+            raise RayError(f"an inference actor ({self.worker}) could not load the model: {self.load_error}")
         out = []
         for blob in batch["loaded"]:
             loaded = pickle.loads(blob)
@@ -465,7 +473,7 @@ def predict_sources_ray(
 def _ray_reason(exc: BaseException) -> str:
     """The first meaningful line of a Ray error (its tracebacks run to pages)."""
     text = str(exc)
-    for marker in ("ModelError", "ConfigError", "DataError", "EngineError", "TensorRTMissing"):
+    for marker in ("RayError", "ModelError", "ConfigError", "DataError", "EngineError", "TensorRTMissing"):
         at = text.find(marker + ":")
         if at >= 0:
             return text[at:].splitlines()[0][:400]
