@@ -31,8 +31,8 @@ def serve(
     device: str = DeviceOpt,
     threads: int | None = ThreadsOpt,
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (MiB); larger: 413."),
-    read_timeout_s: float = typer.Option(30.0, "--read-timeout-s", help="Deadline for a request's whole body "
-                                                                        "(s); later: 408."),
+    read_timeout_s: float = typer.Option(30.0, "--read-timeout-s", help="How long a request body may stall "
+                                                                        "(no new bytes, s) before a 408."),
     top_rois: int = typer.Option(5, "--top-rois", help="RoI rows (and boxes) per answer."),
     force_modality: bool = typer.Option(False, "--force-modality", help="Predict DICOM of a modality other than CT."),
     hu_offset: float = typer.Option(1024.0, "--hu-offset", help="16-bit PNG / TIFF slices hold HU + this offset."),
@@ -46,7 +46,7 @@ def serve(
     `POST /predict` with one slice (DICOM, PNG, JPEG, TIFF) as the raw body answers JSON: class, probs, top RoIs and
     their boxes in the slice's own pixels, the batch size it ran in and the model's identity; the slice is decoded
     exactly as `ctmask infer` decodes it. `GET /health`, `GET /metadata`, `GET /stats`. Errors are JSON
-    `{"error", "status"}`: 400 empty body, 408 body not received within --read-timeout-s, 413 too large, 415 not
+    `{"error", "status"}`: 400 empty body, 408 body stalled for --read-timeout-s, 413 too large, 415 not
     an image, 422 refused by the readers (or more than one slice), 404 / 405. Bad options and a model that cannot
     be loaded exit 2 before Ray starts.
     """

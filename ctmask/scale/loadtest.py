@@ -33,7 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError
+from ctmask.core.errors import ConfigError, CtmaskError
+
+
+class ServerError(CtmaskError):
+    """A server that does not answer (``bench-serve --url``, or one that did not start)."""
 
 PROB_ATOL = 1e-5
 """Largest difference of any class probability between the served answer and the local
@@ -47,7 +51,7 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
     """Wait until ``GET url/health`` answers 200.
 
     Raises:
-        RuntimeError: it did not within ``timeout_s``.
+        ServerError: it did not within ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
     last = ""
@@ -62,7 +66,7 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
         except OSError as exc:
             last = f"{exc.__class__.__name__}: {exc}"
         time.sleep(0.2)
-    raise RuntimeError(f"the server at {url} did not answer /health within {timeout_s:g} s (last: {last})")
+    raise ServerError(f"the server at {url} did not answer /health within {timeout_s:g} s (last: {last})")
 
 
 def get_json(url: str, timeout_s: float = 30.0) -> dict:

@@ -22,7 +22,7 @@ runs: onnxruntime, OpenVINO, a TensorRT ``.engine``, a checkpoint in PyTorch) an
   ``replicas`` ids (:func:`ctmask.scale.loadtest.collect_stats`).
 
 Every error is JSON ``{"error": reason, "status": code}``: 400 empty body, 404 unknown path,
-405 wrong method, 408 body not complete within ``read_timeout_s``, 499 (counted, nobody
+405 wrong method, 408 nothing of the body arrived for ``read_timeout_s``, 499 (counted, nobody
 reads it) the client closed the connection first, 413 body over the limit or an image
 declaring more than 8192 px a side (the readers' limit, refused before decoding), 415 not an
 image, DICOM or NIfTI file, 422 a file the readers refuse (truncated or corrupt, a DICOM of
@@ -200,23 +200,21 @@ def _status_of(reason: str) -> int:
 
 
 def _sniff_magic(head: bytes) -> str:
-    """The suffix of a raster image or a DICOM Part 10 file known by its first bytes, else ``""``."""
+    """The suffix of a PNG, JPEG or DICOM Part 10 upload known by its signature, else ``""``
+    (weaker ones, TIFF's and BMP's, are left to the readers, which check them by decoding the
+    header: text starting with ``BM`` stays "not an image")."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return ".png"
     if head.startswith(b"\xff\xd8\xff"):
         return ".jpg"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return ".tif"
-    if head[:2] == b"BM" and len(head) >= 26:
-        return ".bmp"
     if head[128:132] == b"DICM":
         return ".dcm"
     return ""
 
 
 def _suffix_hint(request: Request, head: bytes) -> str:
-    """The suffix the upload is saved with: what its first bytes say (PNG, JPEG, TIFF, BMP,
-    DICOM Part 10), else the X-Filename header's, else the Content-Type's,
+    """The suffix the upload is saved with: what its signature says (PNG, JPEG, DICOM Part 10),
+    else the X-Filename header's, else the Content-Type's,
     else ``.nii`` / ``.nii.gz`` for NIfTI (which the readers know by suffix only), else none
     (the readers then tell DICOM and raster images by their content)."""
     sniffed = _sniff_magic(head)
@@ -266,7 +264,8 @@ class CtmaskModel:
         self._batched.set_max_batch_size(opts.max_batch)
         self._batched.set_batch_wait_timeout_s(opts.batch_wait_ms / 1000.0)
         self.tmp = Path(tempfile.mkdtemp(prefix="ctmask-serve-"))  # 0700: uploads are private
-        # a 260 KB PNG can declare 8192 x 8192 RGBA (256 MiB decoded): at most this many decodes at once
+        # a 260 KB PNG can declare 8192 x 8192 RGBA (256 MiB decoded): at most this many decodes at
+        # once in this replica
         self.decoding = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -302,6 +301,10 @@ class CtmaskModel:
                 response = await self._predict(request)
             except ray.exceptions.TaskCancelledError:  # Ray cancels a request whose client disconnected
                 response = _error(499, "the client closed the connection before the answer")
+            except asyncio.CancelledError:  # ... or cancels this coroutine itself: counted, then let go
+                self.predict_answers[499] = self.predict_answers.get(499, 0) + 1
+                self.errors[499] = self.errors.get(499, 0) + 1
+                raise
             except Exception as exc:  # a bug of the server, never the upload's doing: still a JSON answer
                 logging.getLogger("ray.serve").exception("ctmask: /predict failed")
                 response = _error(500, f"internal error ({exc.__class__.__name__}: {exc})")
@@ -396,7 +399,12 @@ class CtmaskModel:
             got = {"total": 0, "head": b""}
 
             async def pump() -> None:
-                async for chunk in request.stream():
+                pieces = request.stream().__aiter__()
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(pieces.__anext__(), timeout=self.opts.read_timeout_s)
+                    except StopAsyncIteration:
+                        return
                     if not chunk:
                         continue
                     got["total"] += len(chunk)
@@ -410,13 +418,14 @@ class CtmaskModel:
                         raise _Refused(503, f"the server cannot store the upload now ({exc.strerror or exc})") from None
 
             try:
-                # a deadline for the whole body: a client that declares more than it sends (or
-                # trickles it) holds one of the replica's request slots until then, not forever
-                await asyncio.wait_for(pump(), timeout=self.opts.read_timeout_s)
+                # a deadline for each piece of the body: a client that declares more than it sends
+                # holds one of the replica's request slots until then, not forever; a slow but
+                # steady upload goes on (the body limit bounds how long it can take)
+                await pump()
             except ClientDisconnect:
                 raise _Refused(400, "the client went away before the body was complete") from None
             except asyncio.TimeoutError:
-                raise _Refused(408, f"the request body did not arrive within {self.opts.read_timeout_s:g} s "
+                raise _Refused(408, f"the request body stalled: nothing arrived for {self.opts.read_timeout_s:g} s "
                                     f"({got['total']} bytes received)") from None
             total, head = got["total"], got["head"]
         if total == 0:
@@ -540,14 +549,14 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
         max_batch, batch_wait_ms: the batcher: at most ``max_batch`` requests per inference
             call, waiting at most ``batch_wait_ms`` for them after the first.
         max_body_mb: largest request body (413 above it).
-        read_timeout_s: deadline for a request's whole body (408 after it).
+        read_timeout_s: how long the body may stall (no new bytes) before a 408.
         uncropped: serve a model trained on body-cropped slices on whole slices (uploads carry
             no crop box; refused otherwise).
 
     Raises:
         ConfigError: a bad option, or the port in use.
         ModelError / CtmaskError: the model cannot be loaded.
-        RuntimeError: Serve did not become healthy within ``ready_timeout_s``.
+        ServerError: Serve did not become healthy within ``ready_timeout_s``.
     """
     if threads is None and replicas > 1:
         threads = max(1, (os.cpu_count() or 1) // replicas)
