@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +50,8 @@ DECODE_CPUS = 0.5
 small preset; a fraction leaves the cores to the actors)."""
 
 
+CONNECT_TIMEOUT_S = 120.0
+"""How long joining a Ray cluster at ``--address`` may take before ctmask gives up."""
 MAX_DEFAULT_CPU_ACTORS = 16
 """Most CPU actors the default pool makes (each holds its own copy of the model, ~0.5 GB for the
 small preset); ``--actors`` sets any number."""
@@ -160,10 +163,10 @@ def check_address(address: str, timeout_s: float = 10.0) -> None:
     """
     import socket
 
-    target = address.removeprefix("ray://")
+    target = address.strip().removeprefix("ray://")
     host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        return
+    if not sep or not port.isdigit() or not host or (":" in host and not host.startswith("[")):
+        return  # "auto", no port, or an IPv6 address without brackets: Ray's to judge
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             pass
@@ -185,16 +188,39 @@ def init_ray(address: str | None, logging_level: int = logging.ERROR) -> None:
     kwargs: dict = {"include_dashboard": False, "logging_level": logging_level, "log_to_driver": True,
                     "configure_logging": True}
     if address is not None:
+        address = address.strip()
         check_address(address)
-    try:
-        if address is not None:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-        raise RayError(f"cannot {'join the Ray cluster at ' + repr(address) if address else 'start Ray'} "
-                       f"({_ray_reason(exc)})",
-                       hint="start one with `ray start --head`, or leave out --address for a local one") from None
+    what = f"join the Ray cluster at {address!r}" if address else "start Ray"
+    hint = "start one with `ray start --head`, or leave out --address for a local one"
+    outcome: dict = {}
+
+    def connect() -> None:
+        try:
+            if address is not None:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    if address is None:
+        # Starting a local cluster spawns its processes with a parent-death signal tied to the
+        # spawning *thread*: it must be this (long-lived) one.
+        connect()
+    else:
+        # Something that listens at the address but is no Ray head makes ray.init retry for
+        # minutes: joining (no process is spawned) runs on a daemon thread, given up after
+        # CONNECT_TIMEOUT_S.
+        thread = threading.Thread(target=connect, name="ctmask-ray-init", daemon=True)
+        thread.start()
+        thread.join(CONNECT_TIMEOUT_S)
+        if thread.is_alive():
+            raise RayError(f"cannot {what}: no answer within {CONNECT_TIMEOUT_S:g} s", hint=hint)
+    exc = outcome.get("error")
+    if isinstance(exc, (ConnectionError, TimeoutError, RuntimeError, ValueError)):
+        raise RayError(f"cannot {what} ({_ray_reason(exc)})", hint=hint) from None
+    if exc is not None:
+        raise exc
 
 
 @contextmanager
@@ -210,7 +236,7 @@ def ray_cluster(address: str | None, stats: RayStats | None = None) -> Iterator[
         res = ray.cluster_resources()
         stats.cluster = {"cpus": float(res.get("CPU", 0)), "gpus": float(res.get("GPU", 0)),
                          "nodes": len([n for n in ray.nodes() if n.get("Alive")])}
-        stats.started = started
+        stats.started = started and address is None
     _quiet_data_context()
     try:
         yield
