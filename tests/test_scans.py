@@ -262,3 +262,45 @@ def test_an_output_that_cannot_be_written_is_exit_2_without_a_traceback(small_on
     for out in ("afile/p.jsonl", "afile/p.parquet"):
         r = invoke("infer", small_onnx, dicom_set / "dicom", "--out", tmp_path / out, "-q")
         assert r.exit_code == 2 and "Traceback" not in r.output and "afile" in r.output, r.output
+
+
+def test_a_single_valued_localizer_and_a_mid_sized_bomb_are_refused_for_what_they_are(small_onnx, tmp_path):
+    """ImageType with one value (a str in pydicom) is still read; a suffix-less PNG declaring
+    10000 x 10000 px (Pillow's warning zone) is refused for its size, not as 'not an image'."""
+    import pydicom
+    from tests_helpers import write_ct_dicom
+
+    write_ct_dicom(tmp_path / "scout.dcm", np.full((64, 64), -500.0))
+    ds = pydicom.dcmread(tmp_path / "scout.dcm")
+    ds.ImageType = "LOCALIZER"
+    ds.save_as(tmp_path / "scout.dcm")
+    Image.new("L", (10000, 10000)).save(tmp_path / "big", format="PNG")
+    r = invoke("infer", small_onnx, tmp_path / "scout.dcm", tmp_path / "big", "--json", tmp_path / "s.json", "-q")
+    assert r.exit_code == 1, r.output
+    reasons = {Path(s["file"]).name: s["error"] for s in json.loads((tmp_path / "s.json").read_text())["skipped"]}
+    assert "a localizer (scout) image" in reasons["scout.dcm"]
+    assert "too many pixels" in reasons["big"] or "maximum" in reasons["big"], reasons
+
+
+def test_outputs_under_a_file_are_refused_before_anything_runs(small_onnx, dicom_set, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "ok.jsonl"
+    for opt, name in (("--studies", "s.csv"), ("--report", "r.html")):
+        r = invoke("infer", small_onnx, dicom_set / "dicom", "--out", out, opt, tmp_path / "afile" / name, "-q")
+        assert r.exit_code == 2 and "is a file, not a folder" in r.output, r.output
+        assert not out.exists()  # refused before the slices were written
+
+
+def test_study_parquet_keeps_non_utf8_names_exactly(small_onnx, tmp_path):
+    import os
+
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    name = os.fsdecode(os.fsencode(src) + b"/x\xff.png")
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(name, format="PNG")
+    out = tmp_path / "s.parquet"
+    assert invoke("infer", small_onnx, src, "--studies", out, "-q").exit_code == 0
+    (row,) = pq.read_table(out).to_pylist()
+    assert json.loads(row["names_json"])["study"] == name  # exact, where `study` holds U+FFFD

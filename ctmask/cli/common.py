@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -35,6 +36,13 @@ EXTRA_OF_MODULE: dict[str, tuple[str, str]] = {
 }
 
 
+ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EFBIG", "EACCES", "EPERM", "EROFS", "ENOTDIR", "EISDIR", "EEXIST", "ENAMETOOLONG", "EIO",
+    "EPIPE", "EMFILE", "ENFILE") if hasattr(errno, name))
+"""OS errors that are the machine's state, not ctmask's bug (disk full, permissions, a path
+that is a file, stdout closed): printed as one line, exit 2."""
+
+
 def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
     """The message for a command that needs an extra which is not installed, or None when
     ``exc`` is not about one: another module, or a submodule of an installed package such as
@@ -48,8 +56,8 @@ def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print :class:`CtmaskError`, an optional dependency that is not installed (with the extra
-    to install), or an OS error (disk full, permission denied: the file named), without a
-    traceback and exit 2; bugs keep theirs."""
+    to install), or an OS error of :data:`ENVIRONMENT_ERRNOS` (disk full, permission denied: the
+    file named), without a traceback and exit 2; bugs keep theirs."""
     command = fn.__name__.replace("_", "-")
 
     @functools.wraps(fn)
@@ -65,11 +73,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
-        except OSError as exc:  # the environment (disk full, permissions, a file vanishing): no traceback
-            where = exc.filename or ""
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRNOS:
+                raise  # a bug, or something to debug: keep the traceback
+            where = exc.filename if exc.filename is not None else "output"
             what = exc.strerror or str(exc) or exc.__class__.__name__
-            typer.secho(f"error: {where + ': ' if where else ''}{what} ({exc.__class__.__name__}); nothing was "
-                        "written where it could not be completed", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {where}: {what}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -159,7 +159,9 @@ def infer(
                     writer.write(pred)
                 else:
                     probs = " ".join(f"{k}={v:.4f}" for k, v in pred.probs.items())
-                    echo(f"{pred.key or pred.file}\t{pred.class_name}\t{probs}")
+                    # a file name that is not UTF-8 prints its odd bytes as \xNN (stdout is strict UTF-8)
+                    name = (pred.key or pred.file).encode("utf-8", "surrogateescape")
+                    echo(f"{name.decode('utf-8', 'backslashreplace')}\t{pred.class_name}\t{probs}")
         t_infer = time.perf_counter() - t_run
         described = (dict(ray_stats.runner or {"backend": backend}) if use_ray else runner.describe())
     study_records = _write_studies(records, spec, studies, study_top_k)
@@ -168,12 +170,17 @@ def infer(
     for rec in records:
         all_counts[rec["class"]] = all_counts.get(rec["class"], 0) + 1
     if report is not None:
+        from ctmask.core.fileio import output_error
         from ctmask.runtime.report import write_report
 
-        write_report(report, model={"path": str(model), "metadata": spec.metadata(), "runner": described},
-                     slices=records, studies=study_records, skipped=[(f.file, f.reason) for f in failures],
-                     counts=all_counts, timing={"seconds": round(seconds, 3), "inference_seconds": round(t_infer, 3)},
-                     command=" ".join(["ctmask infer", *map(str, [model, *inputs])]))
+        try:
+            write_report(report, model={"path": str(model), "metadata": spec.metadata(), "runner": described},
+                         slices=records, studies=study_records, skipped=[(f.file, f.reason) for f in failures],
+                         counts=all_counts,
+                         timing={"seconds": round(seconds, 3), "inference_seconds": round(t_infer, 3)},
+                         command=" ".join(["ctmask infer", *map(str, [model, *inputs])]))
+        except OSError as exc:
+            raise output_error(exc, report) from None
     for f in failures:
         typer.secho(f"skipped {f.file}: {f.reason}", fg=typer.colors.YELLOW, err=True)
     n_ok = sum(counts.values())
@@ -212,6 +219,9 @@ def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, 
             raise ConfigError(f"{opt} {path} is a folder; give a file name")
         if path.resolve() == model.resolve():
             raise ConfigError(f"{opt} {path} would overwrite the model")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ConfigError(f"{opt} {path}: {parent} is a file, not a folder")
     given = [p.resolve() for p in (out, studies, report) if p is not None]
     if len(given) != len(set(given)):
         raise ConfigError("--out, --studies and --report must be different files")

@@ -241,8 +241,8 @@ def _is_raster(path: Path) -> bool:
     try:
         with _captured([]), Image.open(path, formats=RASTER_FORMATS):
             return True
-    except Image.DecompressionBombError:  # a raster image declaring too many pixels: decoding says so
-        return True
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return True  # a raster image declaring too many pixels (the warning is an error here): decoding says so
     except Exception:
         return False
 
@@ -519,7 +519,10 @@ def _dicom_entries(probe: FileProbe, ds: Any, path: Path, label: str, sure: bool
         raise DataError("cannot decode DICOM: it holds no image (no Rows / Columns)"
                         + (f"; SOP class {kind}" if kind else ""), path)
     check_image_size(cols, rows, path)
-    image_type = [str(v).upper() for v in (ds.get("ImageType", None) or [])]
+    image_type = ds.get("ImageType", None) or []
+    if isinstance(image_type, (str, bytes)):  # one value (the standard wants two or more; files differ)
+        image_type = [image_type]
+    image_type = [str(v).strip().upper() for v in image_type]
     if "LOCALIZER" in image_type:
         raise DataError("a localizer (scout) image, not an axial slice: skipped, and kept out of its study", path)
     frames = _modality_and_frames(ds, path, force_modality)

@@ -48,6 +48,7 @@ def _study_schema(class_names: Sequence[str]):
         ("study", pa.string()), ("class", pa.string()), ("class_index", pa.int64()),
         *((f"prob_{c}", pa.float64()) for c in class_names), *((f"score_{c}", pa.float64()) for c in class_names),
         ("n_slices", pa.int64()), ("series", pa.list_(pa.string())), ("rule", pa.string()), ("driving", driving),
+        ("names_json", pa.string()),
     ], metadata={"ctmask.format": STUDIES_FORMAT, "ctmask.class_names": json.dumps(list(class_names))})
 
 
@@ -67,16 +68,26 @@ NAME_FIELDS = ("file", "key", "label", "study", "series", "overlay")
 """Fields that hold file names, which need not be UTF-8."""
 
 
+def _not_utf8(value: Any) -> bool:
+    """True when a string inside ``value`` (lists, dicts) holds undecodable bytes (surrogates)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_not_utf8(v) for v in value)
+    if isinstance(value, dict):
+        return any(_not_utf8(v) for v in value.values())
+    return False
+
+
 def _names_json(rec: dict) -> str | None:
     """The name fields as ASCII JSON (undecodable bytes kept as ``\\udcXX`` escapes, which
     ``json.loads`` turns back into the same surrogates) when one is not valid UTF-8, else None."""
     names = {k: rec[k] for k in NAME_FIELDS if isinstance(rec.get(k), str)}
-    try:
-        for value in names.values():
-            value.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(names)
-    return None
+    return json.dumps(names) if _not_utf8(names) else None
 
 
 def write_slices(path: str | Path, records: list[dict], class_names: Sequence[str]) -> None:
@@ -96,7 +107,9 @@ def write_slices(path: str | Path, records: list[dict], class_names: Sequence[st
 
 
 def write_studies(path: str | Path, studies: list[dict], class_names: Sequence[str]) -> None:
-    """Write study records (:meth:`~ctmask.runtime.study.StudyPrediction.to_dict`) to ``path``."""
+    """Write study records (:meth:`~ctmask.runtime.study.StudyPrediction.to_dict`) to ``path``;
+    as for slices, a study whose names are not UTF-8 keeps them exactly in ``names_json``
+    (``study``, ``series``, ``driving`` as JSON)."""
     _, pq = _pa()
     schema = _study_schema(class_names)
     rows = []
@@ -104,7 +117,10 @@ def write_studies(path: str | Path, studies: list[dict], class_names: Sequence[s
         row = {k: s.get(k) for k in ("study", "class", "class_index", "n_slices", "series", "rule", "driving")}
         row.update({f"prob_{c}": s["probs"].get(c) for c in class_names})
         row.update({f"score_{c}": s["scores"].get(c) for c in class_names})
-        rows.append(_surrogate_safe(row))
+        names = {k: s.get(k) for k in ("study", "series", "driving")}
+        row = _surrogate_safe(row)
+        row["names_json"] = json.dumps(names) if _not_utf8(names) else None
+        rows.append(row)
     _write(pq, path, rows, schema)
 
 
