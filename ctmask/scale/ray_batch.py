@@ -347,6 +347,7 @@ class ChunkPredictor:
         try:
             self.runner = make_runner(Path(model), backend, device, threads).activate()
             self.spec = self.runner.spec
+            self.described = pickle.dumps(self.runner.describe())  # what runs: the same for every call
         except Exception as exc:
             self.load_error = f"{exc.__class__.__name__}: {exc}"
 
@@ -372,10 +373,9 @@ class ChunkPredictor:
                             if reason is not None:
                                 failures.append(Failure(pred.key or pred.file, reason))
             out.append(pickle.dumps((preds, failures)))
-        described = pickle.dumps(self.runner.describe())
         return {"n": batch["n"], "result": np.array(out, dtype=object),
                 "worker": np.array([self.worker] * len(out), dtype=object),
-                "runner": np.array([described] * len(out), dtype=object)}
+                "runner": np.array([self.described] * len(out), dtype=object)}
 
 
 def _bound_predictor(**config) -> type:
