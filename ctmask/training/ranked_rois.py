@@ -146,16 +146,22 @@ class RankedRoIs(nn.Module):
         The FPN levels are laid side by side on one canvas and every box is moved into
         its own level's region (scaled by 1 / stride, shifted by the region's x offset), so
         a single RoIAlign at scale 1 pools each box once. Each region gets one replicated
-        row and column: RoIAlign clamps samples in (H - 1, H] to row H - 1, and
-        interpolating towards a copy of that row gives the same value. (Only a box
-        narrower than one feature pixel lying on the far edge samples beyond H; there the
-        eager form reads zeros, the canvas its neighbour.)
+        column and replicated rows down to the canvas height, in one edge Pad: RoIAlign
+        clamps samples in (H - 1, H] to row H - 1, and interpolating towards a copy of
+        that row gives the same value; rows past H are read with weight 0 only, as a
+        clipped box's samples lie in [0, H]. (Only a box narrower than one feature pixel
+        lying on the far edge samples beyond H; there the eager form reads zeros, the
+        canvas its neighbour or its edge. Boxes pooled from the coarser levels are at
+        least 112 px in sqrt(area), so on images up to 1568 px such a box is always at the
+        finest level, whose region is exactly H + 1 rows high.)
         """
         height = features[0].shape[-2] + 1
         regions, offsets, x = [], [], 0
         for feat in features:
-            region = F.pad(feat, (0, 1, 0, 1), mode="replicate")
-            regions.append(F.pad(region, (0, 0, 0, height - region.shape[-2])))
+            # One Pad per level (its copy of the level is the canvas's biggest cost after
+            # RoIAlign itself: ~7% of an INT8 graph's CPU time with a Pad + a zero Pad).
+            region = F.pad(feat, (0, 1, 0, height - feat.shape[-2]), mode="replicate")
+            regions.append(region)
             offsets.append(float(x))
             x += region.shape[-1]
         canvas = torch.cat(regions, -1)
