@@ -468,3 +468,53 @@ def test_runner_refuses_a_graph_with_float16_outputs(small_onnx, tmp_path):
     onnx.save(proto, str(path))
     with pytest.raises(ModelError, match="float32 at every precision"):
         OnnxRuntimeRunner(path).activate()
+
+
+def test_one_node_alone_is_quantized_and_the_noise_floor_is_measured(small_onnx, images, ranges_file):
+    """The per-node measurement's graph quantizes that node and nothing else; the noise floor
+    is the FP32 graph under seeded input noise (repeatable, and zero noise changes nothing)."""
+    from ctmask.calibration.ranges import load_ranges
+    from ctmask.exporter.precision import name_all_nodes
+    from ctmask.exporter.sensitivity import candidate_nodes, node_reducer, noise_floor, run_graph
+
+    proto = onnx.load(str(small_onnx))
+    nodes = candidate_nodes(proto, "int8")
+    assert {op for _, op, _ in nodes} <= {"Conv", "Gemm", "MatMul"}
+    assert {b for _, _, b in nodes} >= {"backbone.body", "rpn_head", "box_head", "classifier"}
+    name = next(n for n, op, b in nodes if b == "rpn_head")
+    graph = node_reducer("int8", load_ranges(ranges_file), "tensorrt")(proto, {name})
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
+    name_all_nodes(work)
+    own = next(n for n in work.graph.node if n.name == name)
+    target = next(n for n in graph.graph.node if n.name == name)
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    assert all(producers[i].op_type == "DequantizeLinear" for i in target.input[:2])  # activation and weight
+    # Every Q/DQ pair sits on that node's own tensors (its input, weight and output):
+    quantized = {n.input[0] for n in graph.graph.node if n.op_type == "QuantizeLinear"}
+    weights = {n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"
+               and n.input[0] not in producers}
+    assert quantized <= set(own.input) | set(own.output), quantized
+    assert len(weights) == 1 and sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) <= 2
+
+    ref = run_graph(proto, images)
+    a, b = noise_floor(proto, images, ref), noise_floor(proto, images, ref)
+    assert a.n == len(images) and a.max_abs_logits == b.max_abs_logits > 0
+    assert noise_floor(proto, images, ref, gray_levels=0.0).max_abs_logits == 0.0
+
+
+def test_precision_report_per_node(cls_ckpt, synth_dir, tmp_path, monkeypatch):
+    """``--nodes`` adds one line per node (two nodes here, to keep the suite fast) and the
+    noise-floor line; the report's JSON holds both."""
+    from ctmask.exporter import sensitivity
+
+    real = sensitivity.candidate_nodes
+    monkeypatch.setattr(sensitivity, "candidate_nodes", lambda proto, precision: real(proto, precision)[:2])
+    out = tmp_path / "r.json"
+    res = invoke("precision-report", cls_ckpt, "--images", synth_dir, "--precision", "fp16", "--measure-size", 4,
+                 "--nodes", "--out", out, "-q")
+    assert res.exit_code == 0, res.output
+    d = json.loads(out.read_text())["choice"]
+    assert len(d["nodes"]) == 2 and all(e["n"] == 4 and e["op_type"] == "Conv" for e in d["nodes"])
+    assert d["noise_floor"]["gray_levels"] == 0.25 and d["noise_floor"]["n"] == 4
+    assert "each node alone (2)" in res.output and "FP32 itself, input noise" in res.output

@@ -450,10 +450,13 @@ def precision_report(
     method: str | None = MethodOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Report to write (JSON; reusable by export "
                                                               "--islands)."),
+    nodes: bool = typer.Option(False, "--nodes", help="Also reduce every Conv / Gemm / MatMul of the candidate "
+                                                      "blocks alone (one graph per node: slower)."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Per-block sensitivity: each block alone in FP16 / INT8, its effect on class calls and logits."""
+    """Per-block sensitivity: each block alone in FP16 / INT8, its effect on class calls and logits,
+    against the FP32 graph's own noise floor (its calls under input noise of a quarter gray level)."""
     from ctmask.core.progress import console
     from ctmask.exporter.reduced import ReducedOptions, measure_precision
 
@@ -461,7 +464,8 @@ def precision_report(
                           method or "minmax")
     with console.status(f"measuring {checkpoint} at {precision}") as status:
         report = measure_precision(checkpoint, opts, out,
-                                   on_step=None if quiet else lambda s: status.update(f"{precision}: {s}"))
+                                   on_step=None if quiet else lambda s: status.update(f"{precision}: {s}"),
+                                   nodes=nodes)
     human_echo(json_out)(format_report(report, out))
     emit_json(report, json_out)
 
@@ -473,6 +477,17 @@ def format_report(report: dict, out: Path | None) -> str:
     for e in c["alone"] + c["combined_steps"]:
         lines.append(f"{'+'.join(e['blocks']):<58}{e['changed_calls']:>9} / {e['n']:<3}{e['max_abs_logits']:>14.3g}"
                      f"{e['max_abs_score']:>14.3g}")
+    noise = c.get("noise_floor")
+    if noise is not None:
+        lines.append(f"{'FP32 itself, input noise +-' + format(noise['gray_levels'], 'g') + ' gray level':<58}"
+                     f"{noise['changed_calls']:>9} / {noise['n']:<3}{noise['max_abs_logits']:>14.3g}"
+                     f"{noise['max_abs_score']:>14.3g}")
+    if c.get("nodes") is not None:
+        lines.append(f"each node alone ({len(c['nodes'])}), most calls changed first:")
+        for e in sorted(c["nodes"], key=lambda e: (-e["changed_calls"], -e["max_abs_logits"])):
+            label = f"  {e['node']} ({e['op_type']}, {e['block']})"
+            lines.append(f"{label:<58}{e['changed_calls']:>9} / {e['n']:<3}{e['max_abs_logits']:>14.3g}"
+                         f"{e['max_abs_score']:>14.3g}")
     lines.append(f"reduced: {', '.join(c['reduced']) or 'nothing'}")
     for block, why in sorted(c["fp32_islands"].items()):
         lines.append(f"FP32 island {block}: {why}")

@@ -116,7 +116,7 @@ def _working_copy(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelPr
     return work
 
 
-def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelProto:
+def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str], only_nodes: set[str] | None = None) -> onnx.ModelProto:
     """The FP16 graph of an FP32 ctmask graph, with the nodes of ``fp32_blocks`` kept FP32.
 
     Inputs and outputs stay float32 (``keep_io_types``); ``other`` is always FP32, and so
@@ -125,6 +125,8 @@ def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelPro
     Args:
         proto: FP32 graph (not modified).
         fp32_blocks: blocks (keys of :data:`BLOCKS`) that stay FP32 islands.
+        only_nodes: if given, only these nodes (names as :func:`name_all_nodes` gives them)
+            are converted, every other node stays FP32 (the per-node sensitivity measurement).
 
     Raises:
         PrecisionError: an unknown block name.
@@ -134,7 +136,8 @@ def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelPro
     work = _working_copy(proto, fp32_blocks)
     del work.graph.value_info[:]  # stale FP32 types; shape inference redoes them
     _detach_outputs(work)
-    keep = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}]
+    keep = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}
+            or (only_nodes is not None and n.name not in only_nodes)]
     with warnings.catch_warnings():
         # "the float32 number 1e-09 will be truncated to 1e-07": tiny weights clamp to FP16's range.
         warnings.simplefilter("ignore", UserWarning)
@@ -277,7 +280,8 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[str]) -> onnx.ModelProto:
+def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[str],
+                  only_nodes: set[str] | None = None) -> onnx.ModelProto:
     """The Q/DQ INT8 graph of an FP32 ctmask graph, from calibrated ranges.
 
     onnxruntime's static quantizer (``quantize_static``, QDQ format) does the work: weights
@@ -294,6 +298,8 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
             TensorRT's explicit quantization requires) or ``cpu`` (uint8 asymmetric
             activations and int32 biases, the form onnxruntime's x86 kernels run fastest).
         fp32_blocks: blocks kept FP32 (their nodes are excluded).
+        only_nodes: if given, only these nodes (names as :func:`name_all_nodes` gives them)
+            are quantized (the per-node sensitivity measurement).
 
     Raises:
         PrecisionError: an unknown target or block.
@@ -309,7 +315,8 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
     if target not in INT8_TARGETS:
         raise PrecisionError(f"unknown INT8 target {target!r}; expected one of {', '.join(INT8_TARGETS)}")
     work = _working_copy(proto, fp32_blocks)
-    exclude = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}]
+    exclude = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}
+               or (only_nodes is not None and n.name not in only_nodes)]
     op_types = list(ranges.options.get("op_types", QUANTIZED_OPS))
     missing = uncovered_tensors(work, set(exclude), op_types, set(ranges.ranges))
     if missing:

@@ -37,7 +37,7 @@ from ctmask.exporter.precision import (
     fp16_initializers,
     qdq_summary,
 )
-from ctmask.exporter.sensitivity import ALWAYS_FP32, IslandChoice, choose_islands, reducer
+from ctmask.exporter.sensitivity import ALWAYS_FP32, IslandChoice, choose_islands, node_reducer, reducer
 
 REPORT_FORMAT = "ctmask-precision-report/1"
 
@@ -294,22 +294,24 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
 
 
 def _measure(proto32: onnx.ModelProto, spec32: GraphSpec, sha: str, opts: ReducedOptions,
-             ranges: RangesFile | None, cal, on_step: Callable[[str], None] | None) -> dict:
+             ranges: RangesFile | None, cal, on_step: Callable[[str], None] | None, nodes: bool = False) -> dict:
     measured = _measurement_images(spec32, opts, ranges, cal)
     reduce = reducer(opts.precision, ranges, opts.int8_target)
     # The combination may change the share of calls parity allows (0.5% FP16, 1% INT8).
     choice = choose_islands(proto32, measured.images, opts.precision, reduce,
                             1.0 - PARITY_AGREEMENT[opts.precision], on_step,
-                            parity_tolerances(opts.precision)["s.logits"].atol)
+                            parity_tolerances(opts.precision)["s.logits"].atol,
+                            node_reducer(opts.precision, ranges, opts.int8_target) if nodes else None)
     return precision_report(choice, sha, spec32, opts, ranges)
 
 
 def measure_precision(checkpoint: str | Path, opts: ReducedOptions, out: str | Path | None = None,
-                      opset: int = OPSET, on_step: Callable[[str], None] | None = None) -> dict:
+                      opset: int = OPSET, on_step: Callable[[str], None] | None = None, nodes: bool = False) -> dict:
     """``ctmask precision-report``: the per-block sensitivity of a checkpoint's graph.
 
     Calibrates first for INT8 when ``opts.calibration`` is slices (the ranges are not
-    saved: ``ctmask calibrate`` makes a ranges file). Writes the report to ``out`` if given.
+    saved: ``ctmask calibrate`` makes a ranges file). With ``nodes``, also every
+    Conv / Gemm / MatMul of the candidate blocks alone. Writes the report to ``out`` if given.
     """
     opts = replace(opts, islands_report=None, fp32_blocks=None)
     opts.check()
@@ -320,7 +322,7 @@ def measure_precision(checkpoint: str | Path, opts: ReducedOptions, out: str | P
     ranges, cal = None, None
     if opts.precision == "int8":
         ranges, _, cal = _ranges_for(proto32, spec32, sha, opts, on_step)
-    report = _measure(proto32, spec32, sha, opts, ranges, cal, on_step)
+    report = _measure(proto32, spec32, sha, opts, ranges, cal, on_step, nodes)
     if out is not None:
         write_json_atomic(out, report)
     return report

@@ -7,6 +7,16 @@ parity) is recorded. Islands are then chosen from the data: a block whose reduct
 alone changes a class call stays FP32; the remaining blocks are reduced together, and
 while that combination still changes calls the most sensitive of them (largest logit
 change alone) returns to FP32 too. Every island carries the measurement that kept it.
+
+Two further measurements put those numbers in proportion:
+
+- the **noise floor**: the FP32 graph itself on the same slices with uniform noise of
+  +-0.25 of one 8-bit gray level (``NOISE_GRAY_LEVELS / 255`` of the input range) added to
+  its input. No reduced-precision graph can be expected to keep more of the calls than
+  the FP32 model keeps against a perturbation smaller than its inputs' own quantisation;
+- **per node** (``precision-report --nodes``): every Conv / Gemm / MatMul of the candidate
+  blocks reduced alone, the rest FP32, to see whether a few layers carry the damage (keep
+  them FP32) or every layer does (the ranking downstream amplifies any change).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import numpy as np
 import onnx
 
 from ctmask.core.spec import INPUT
-from ctmask.exporter.precision import BLOCKS, convert_fp16, graph_blocks, quantize_int8
+from ctmask.exporter.precision import BLOCKS, OTHER, convert_fp16, graph_blocks, name_all_nodes, node_block, quantize_int8
 
 CANDIDATES = {
     # ``ranking`` (NMS, TopK, RoIAlign, proposal / box decoding, score softmax) is FP32 by
@@ -28,6 +38,11 @@ CANDIDATES = {
     "fp16": ("backbone.body", "backbone.fpn", "rpn_head", "box_head", "box_predictor", "classifier"),
     "int8": ("backbone.body", "backbone.fpn", "rpn_head", "box_head", "box_predictor", "classifier"),
 }
+NOISE_GRAY_LEVELS = 0.25
+"""Amplitude of the noise-floor measurement's input noise, in 8-bit gray levels (1/255)."""
+NODE_OPS = ("Conv", "Gemm", "MatMul")
+"""Operators the per-node measurement reduces one at a time (they carry the weights)."""
+
 ALWAYS_FP32 = {"ranking": "FP32 by construction: NMS, TopK and RoIAlign have no reduced-precision path here "
                           "(onnxconverter-common block-lists them; INT8 excludes the block), and "
                           "the decoding and score softmax between them feed the ranking S reads"}
@@ -82,6 +97,7 @@ def effect_of(blocks: list[str], reference: dict[str, np.ndarray], outputs: dict
 
 
 Reduce = Callable[[onnx.ModelProto, set[str]], onnx.ModelProto]
+ReduceNodes = Callable[[onnx.ModelProto, set[str]], onnx.ModelProto]
 
 
 def reducer(precision: str, ranges=None, target: str = "tensorrt") -> Reduce:
@@ -93,6 +109,70 @@ def reducer(precision: str, ranges=None, target: str = "tensorrt") -> Reduce:
             raise ValueError("INT8 sensitivity needs calibration ranges")
         return lambda proto, fp32_blocks: quantize_int8(proto, ranges, target, fp32_blocks)
     raise ValueError(f"no reduced precision {precision!r}")
+
+
+def node_reducer(precision: str, ranges=None, target: str = "tensorrt") -> ReduceNodes:
+    """``(fp32 graph, node names) -> graph with only those nodes reduced``."""
+    if precision == "fp16":
+        return lambda proto, nodes: convert_fp16(proto, set(), only_nodes=nodes)
+    if precision == "int8":
+        if ranges is None:
+            raise ValueError("INT8 sensitivity needs calibration ranges")
+        return lambda proto, nodes: quantize_int8(proto, ranges, target, set(), only_nodes=nodes)
+    raise ValueError(f"no reduced precision {precision!r}")
+
+
+def noise_floor(proto: onnx.ModelProto, images: np.ndarray, reference: dict[str, np.ndarray],
+                gray_levels: float = NOISE_GRAY_LEVELS, seed: int = 0) -> Effect:
+    """The FP32 graph's own calls under uniform input noise of +-``gray_levels`` / 255.
+
+    The noisy input is clipped to [0, 1] (the input's range) and drawn from a seeded
+    generator, so the measurement repeats exactly.
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    amp = gray_levels / 255.0
+    noisy = np.clip(images + rng.uniform(-amp, amp, images.shape).astype(np.float32), 0.0, 1.0)
+    return effect_of([], reference, run_graph(proto, noisy), time.perf_counter() - t0)
+
+
+@dataclass
+class NodeEffect:
+    """One node reduced alone (the rest of the graph FP32)."""
+
+    node: str
+    op_type: str
+    block: str
+    effect: Effect
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "op_type": self.op_type, "block": self.block, **self.effect.to_dict()}
+
+
+def candidate_nodes(proto: onnx.ModelProto, precision: str) -> list[tuple[str, str, str]]:
+    """``(name, op_type, block)`` of the weight-carrying nodes of the candidate blocks, in
+    graph order, named as the reduction passes name them."""
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
+    name_all_nodes(work)
+    blocks = set(CANDIDATES[precision])
+    return [(n.name, n.op_type, b) for n in work.graph.node
+            if n.op_type in NODE_OPS and (b := node_block(n)) in blocks and b != OTHER]
+
+
+def node_effects(proto: onnx.ModelProto, images: np.ndarray, reference: dict[str, np.ndarray], precision: str,
+                 reduce_nodes: ReduceNodes, on_step: Callable[[str], None] | None = None) -> list[NodeEffect]:
+    """Every candidate node reduced alone: its effect against the FP32 graph's ``reference``."""
+    out = []
+    nodes = candidate_nodes(proto, precision)
+    for i, (name, op, block) in enumerate(nodes):
+        if on_step:
+            on_step(f"node {i + 1}/{len(nodes)} {name}")
+        t0 = time.perf_counter()
+        graph = reduce_nodes(proto, {name})
+        out.append(NodeEffect(name, op, block, effect_of([block], reference, run_graph(graph, images),
+                                                         time.perf_counter() - t0)))
+    return out
 
 
 @dataclass
@@ -115,18 +195,26 @@ class IslandChoice:
     steps: list[Effect]
     final: Effect
     n_slices: int
+    noise: Effect | None = None
+    nodes: list[NodeEffect] | None = None
 
     def to_dict(self) -> dict:
-        return {"precision": self.precision, "reduced": self.reduced, "fp32_islands": self.islands,
-                "n_slices": self.n_slices, "alone": [e.to_dict() for e in self.alone],
-                "combined_steps": [e.to_dict() for e in self.steps], "final": self.final.to_dict()}
+        out = {"precision": self.precision, "reduced": self.reduced, "fp32_islands": self.islands,
+               "n_slices": self.n_slices, "alone": [e.to_dict() for e in self.alone],
+               "combined_steps": [e.to_dict() for e in self.steps], "final": self.final.to_dict()}
+        if self.noise is not None:
+            out["noise_floor"] = {"gray_levels": NOISE_GRAY_LEVELS, **self.noise.to_dict()}
+        if self.nodes is not None:
+            out["nodes"] = [n.to_dict() for n in self.nodes]
+        return out
 
 
 def choose_islands(proto: onnx.ModelProto, images: np.ndarray, precision: str,
                    reduce: Reduce,
                    max_changed_fraction: float = 0.0,
                    on_step: Callable[[str], None] | None = None,
-                   s_tolerance: float | None = None) -> IslandChoice:
+                   s_tolerance: float | None = None,
+                   reduce_nodes: ReduceNodes | None = None) -> IslandChoice:
     """Measure every candidate block alone, then choose the FP32 islands (module docstring).
 
     Args:
@@ -138,10 +226,15 @@ def choose_islands(proto: onnx.ModelProto, images: np.ndarray, precision: str,
         on_step: progress callback, called with a label before each graph run.
         s_tolerance: parity's ``s.logits`` atol for the precision: S reduced alone may move
             the logits by no more (parity judges S on the graph's own RoIs on every slice).
+        reduce_nodes: if given (:func:`node_reducer`), also measure every candidate node
+            alone (reported; the islands stay per block).
     """
     present = set(graph_blocks(proto))
     candidates = [b for b in CANDIDATES[precision] if b in present]
     reference = run_graph(proto, images)
+    if on_step:
+        on_step(f"fp32 + input noise of {NOISE_GRAY_LEVELS:g} gray level")
+    noise = noise_floor(proto, images, reference)
     allowed = int(np.floor(max_changed_fraction * len(images) + 1e-9))
 
     def measure(reduced: list[str]) -> Effect:
@@ -176,4 +269,5 @@ def choose_islands(proto: onnx.ModelProto, images: np.ndarray, precision: str,
     if final is None:
         final = effect_of([], reference, reference, 0.0)
     islands.update({b: why for b, why in ALWAYS_FP32.items() if b in present})
-    return IslandChoice(precision, reduced, islands, alone, steps, final, len(images))
+    nodes = None if reduce_nodes is None else node_effects(proto, images, reference, precision, reduce_nodes, on_step)
+    return IslandChoice(precision, reduced, islands, alone, steps, final, len(images), noise, nodes)
