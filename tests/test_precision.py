@@ -316,6 +316,13 @@ def test_precision_report_command(cls_ckpt, synth_dir, tmp_path):
     d = json.loads(out.read_text())
     assert d["format"] == "ctmask-precision-report/1" and d["choice"]["n_slices"] == 4
     assert "calls changed" in res.output and "FP32 island ranking" in res.output
+    # Bad --out values are refused before anything is measured, and the inputs stay as they were.
+    before = out.read_bytes()
+    for bad, why in ((out / "x.json", "is a file"), (tmp_path, "is a folder"), (out, "overwrite an input")):
+        images = out if bad == out else synth_dir
+        res = invoke("precision-report", cls_ckpt, "--images", images, "--precision", "int8", "--out", bad, "-q")
+        assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+    assert out.read_bytes() == before
 
 
 def test_infer_and_the_openvino_backend_take_reduced_graphs(int8_graphs, synth_dir, tmp_path):
@@ -474,28 +481,46 @@ def test_one_node_alone_is_quantized_and_the_noise_floor_is_measured(small_onnx,
     """The per-node measurement's graph quantizes that node and nothing else; the noise floor
     is the FP32 graph under seeded input noise (repeatable, and zero noise changes nothing)."""
     from ctmask.calibration.ranges import load_ranges
-    from ctmask.exporter.precision import name_all_nodes
     from ctmask.exporter.sensitivity import candidate_nodes, node_reducer, noise_floor, run_graph
 
     proto = onnx.load(str(small_onnx))
     nodes = candidate_nodes(proto, "int8")
     assert {op for _, op, _ in nodes} <= {"Conv", "Gemm", "MatMul"}
     assert {b for _, _, b in nodes} >= {"backbone.body", "rpn_head", "box_head", "classifier"}
-    name = next(n for n, op, b in nodes if b == "rpn_head")
-    graph = node_reducer("int8", load_ranges(ranges_file), "tensorrt")(proto, {name})
-    work = onnx.ModelProto()
-    work.CopyFrom(proto)
-    name_all_nodes(work)
-    own = next(n for n in work.graph.node if n.name == name)
+    name = next(n for n, op, b in nodes if b == "rpn_head")  # shares its weights and its input
+    for target_kind in ("tensorrt", "cpu"):
+        graph = node_reducer("int8", load_ranges(ranges_file), target_kind)(proto, {name})
+        target = next(n for n in graph.graph.node if n.name == name)
+        producers = {o: n for n in graph.graph.node for o in n.output}
+        assert all(producers[i].op_type == "DequantizeLinear" for i in target.input[:2])  # activation and weight
+
+        def source(dq):  # the float tensor a DequantizeLinear stands for (None: a quantized weight)
+            q = producers.get(dq.input[0])
+            return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+        for node in graph.graph.node:
+            if node.name == name or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            for i in node.input:
+                dq = producers.get(i)
+                if dq is not None and dq.op_type == "DequantizeLinear":
+                    # Other nodes read rounded values only where the node's own output is rounded:
+                    # not its (shared) input activation, not its weights (shared by the other levels).
+                    assert source(dq) in target.output, (node.name, i)
+        others = [n for n in graph.graph.node if n.op_type == "Conv" and n.name != name
+                  and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                          for i in n.input)]
+        assert not others, [n.name for n in others]
+
+    # FP16 alone: the shared weights are copied, so the graph loads and only that node is half.
+    graph = node_reducer("fp16")(proto, {name})
+    inits = {t.name: t for t in graph.graph.initializer}
     target = next(n for n in graph.graph.node if n.name == name)
-    producers = {o: n for n in graph.graph.node for o in n.output}
-    assert all(producers[i].op_type == "DequantizeLinear" for i in target.input[:2])  # activation and weight
-    # Every Q/DQ pair sits on that node's own tensors (its input, weight and output):
-    quantized = {n.input[0] for n in graph.graph.node if n.op_type == "QuantizeLinear"}
-    weights = {n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"
-               and n.input[0] not in producers}
-    assert quantized <= set(own.input) | set(own.output), quantized
-    assert len(weights) == 1 and sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) <= 2
+    assert inits[target.input[1]].data_type == onnx.TensorProto.FLOAT16
+    half = [n.name for n in graph.graph.node if n.op_type == "Conv"
+            and any(inits.get(i) is not None and inits[i].data_type == onnx.TensorProto.FLOAT16 for i in n.input)]
+    assert half == [name]
+    assert np.abs(run_graph(graph, images)["logits"] - run_graph(proto, images)["logits"]).max() > 0
 
     ref = run_graph(proto, images)
     a, b = noise_floor(proto, images, ref), noise_floor(proto, images, ref)
@@ -509,12 +534,19 @@ def test_precision_report_per_node(cls_ckpt, synth_dir, tmp_path, monkeypatch):
     from ctmask.exporter import sensitivity
 
     real = sensitivity.candidate_nodes
-    monkeypatch.setattr(sensitivity, "candidate_nodes", lambda proto, precision: real(proto, precision)[:2])
+
+    def two(proto, precision):  # the first backbone convolution and the first (weight-sharing) RPN one
+        nodes = real(proto, precision)
+        return [nodes[0], next(n for n in nodes if n[2] == "rpn_head")]
+
+    monkeypatch.setattr(sensitivity, "candidate_nodes", two)
     out = tmp_path / "r.json"
     res = invoke("precision-report", cls_ckpt, "--images", synth_dir, "--precision", "fp16", "--measure-size", 4,
                  "--nodes", "--out", out, "-q")
     assert res.exit_code == 0, res.output
     d = json.loads(out.read_text())["choice"]
     assert len(d["nodes"]) == 2 and all(e["n"] == 4 and e["op_type"] == "Conv" for e in d["nodes"])
+    assert [e["block"] for e in d["nodes"]] == ["backbone.body", "rpn_head"]
+    assert all(e["max_abs_logits"] > 0 for e in d["nodes"])  # each graph really reduced its node
     assert d["noise_floor"]["gray_levels"] == 0.25 and d["noise_floor"]["n"] == 4
     assert "each node alone (2)" in res.output and "FP32 itself, input noise" in res.output

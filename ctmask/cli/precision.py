@@ -457,9 +457,18 @@ def precision_report(
 ) -> None:
     """Per-block sensitivity: each block alone in FP16 / INT8, its effect on class calls and logits,
     against the FP32 graph's own noise floor (its calls under input noise of a quarter gray level)."""
+    from ctmask.core.errors import ConfigError
     from ctmask.core.progress import console
     from ctmask.exporter.reduced import ReducedOptions, measure_precision
 
+    if out is not None:  # refused before minutes of measurement, not after
+        if out.is_dir():
+            raise ConfigError("--out is a folder; give the report's file name", out)
+        if out.resolve() in (checkpoint.resolve(), images.resolve()):
+            raise ConfigError("--out would overwrite an input", out)
+        existing = next((p for p in out.parents if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ConfigError(f"--out: {existing} is a file, not a folder", out)
     opts = ReducedOptions(precision, images, int8_target or "tensorrt", None, None, size, measure_size,
                           method or "minmax")
     with console.status(f"measuring {checkpoint} at {precision}") as status:

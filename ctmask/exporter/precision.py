@@ -116,6 +116,57 @@ def _working_copy(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelPr
     return work
 
 
+def _private_weights(proto: onnx.ModelProto, nodes: set[str]) -> None:
+    """Give each of ``nodes`` its own copy of every initializer it shares with another node.
+
+    The RPN head's convolutions run once per FPN level on one set of weights; reducing one
+    of them alone must not change (FP16: nor mistype) the weights the others read.
+    """
+    inits = {t.name: t for t in proto.graph.initializer}
+    readers = Counter(i for n in proto.graph.node for i in n.input if i in inits)
+    for node in proto.graph.node:
+        if node.name not in nodes:
+            continue
+        for k, name in enumerate(node.input):
+            if name in inits and readers[name] > 1:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__ctmask_{node.name}"
+                proto.graph.initializer.append(copy)
+                node.input[k] = copy.name
+
+
+def _float_for_others(proto: onnx.ModelProto, nodes: set[str]) -> None:
+    """After Q/DQ insertion: nodes other than ``nodes`` read the float original of every
+    activation that ``nodes`` take as input (the quantizer rewires all of a tensor's readers).
+
+    The reduced nodes' own outputs stay quantized for their readers: that rounding is part of
+    running the node in INT8. Q/DQ pairs left without a reader are removed.
+    """
+    graph = proto.graph
+    produced = {o: n for n in graph.node for o in n.output}
+    inputs = {i for n in graph.node if n.name in nodes for i in n.input}
+    original: dict[str, str] = {}
+    for dq in graph.node:
+        if dq.op_type == "DequantizeLinear" and dq.output[0] in inputs:
+            q = produced.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                original[dq.output[0]] = q.input[0]
+    for node in graph.node:
+        if node.name in nodes or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        node.input[:] = [original.get(i, i) for i in node.input]
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+
+
 def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str], only_nodes: set[str] | None = None) -> onnx.ModelProto:
     """The FP16 graph of an FP32 ctmask graph, with the nodes of ``fp32_blocks`` kept FP32.
 
@@ -126,7 +177,8 @@ def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str], only_nodes: set[
         proto: FP32 graph (not modified).
         fp32_blocks: blocks (keys of :data:`BLOCKS`) that stay FP32 islands.
         only_nodes: if given, only these nodes (names as :func:`name_all_nodes` gives them)
-            are converted, every other node stays FP32 (the per-node sensitivity measurement).
+            are converted, with their own copies of weights they share; every other node
+            stays FP32 (the per-node sensitivity measurement).
 
     Raises:
         PrecisionError: an unknown block name.
@@ -136,6 +188,8 @@ def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str], only_nodes: set[
     work = _working_copy(proto, fp32_blocks)
     del work.graph.value_info[:]  # stale FP32 types; shape inference redoes them
     _detach_outputs(work)
+    if only_nodes is not None:
+        _private_weights(work, only_nodes)
     keep = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}
             or (only_nodes is not None and n.name not in only_nodes)]
     with warnings.catch_warnings():
@@ -299,7 +353,8 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
             activations and int32 biases, the form onnxruntime's x86 kernels run fastest).
         fp32_blocks: blocks kept FP32 (their nodes are excluded).
         only_nodes: if given, only these nodes (names as :func:`name_all_nodes` gives them)
-            are quantized (the per-node sensitivity measurement).
+            are quantized (the per-node sensitivity measurement): their inputs, weights (own
+            copies where shared) and outputs; every other reader of their inputs keeps FP32.
 
     Raises:
         PrecisionError: an unknown target or block.
@@ -315,6 +370,8 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
     if target not in INT8_TARGETS:
         raise PrecisionError(f"unknown INT8 target {target!r}; expected one of {', '.join(INT8_TARGETS)}")
     work = _working_copy(proto, fp32_blocks)
+    if only_nodes is not None:
+        _private_weights(work, only_nodes)
     exclude = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}
                or (only_nodes is not None and n.name not in only_nodes)]
     op_types = list(ranges.options.get("op_types", QUANTIZED_OPS))
@@ -350,6 +407,8 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
                                "QuantizeBias": not tensorrt},
             )
         out = onnx.load(str(dst))
+    if only_nodes is not None:
+        _float_for_others(out, only_nodes)
     return out
 
 

@@ -148,12 +148,16 @@ class RankedRoIs(nn.Module):
         a single RoIAlign at scale 1 pools each box once. Each region gets one replicated
         column and replicated rows down to the canvas height, in one edge Pad: RoIAlign
         clamps samples in (H - 1, H] to row H - 1, and interpolating towards a copy of
-        that row gives the same value; rows past H are read with weight 0 only, as a
-        clipped box's samples lie in [0, H]. (Only a box narrower than one feature pixel
-        lying on the far edge samples beyond H; there the eager form reads zeros, the
-        canvas its neighbour or its edge. Boxes pooled from the coarser levels are at
-        least 112 px in sqrt(area), so on images up to 1568 px such a box is always at the
-        finest level, whose region is exactly H + 1 rows high.)
+        that row gives the same value; a box of at least one feature pixel reads the rows
+        past H with weight 0 only, as a clipped box's samples lie in [0, H].
+
+        The one exception: a box narrower than one feature pixel (RoIAlign widens it to one
+        pixel) lying on the far edge samples beyond its region. The eager form reads zeros
+        there; the canvas reads its neighbour region, and where that neighbour (a coarser
+        level, fewer rows) is shorter than the canvas, its replicated edge rows (zeros
+        before the one-Pad form). Only finest-level boxes can be that small (coarser
+        levels take boxes of at least 112 px in sqrt(area): at least one feature pixel on
+        images up to 1568 px), and only at the right edge of the image.
         """
         height = features[0].shape[-2] + 1
         regions, offsets, x = [], [], 0
