@@ -29,7 +29,15 @@ import numpy as np
 import onnx
 
 from ctmask.core.spec import INPUT
-from ctmask.exporter.precision import BLOCKS, OTHER, convert_fp16, graph_blocks, name_all_nodes, node_block, quantize_int8
+from ctmask.exporter.precision import (
+    BLOCKS,
+    OTHER,
+    convert_fp16,
+    graph_blocks,
+    name_all_nodes,
+    node_block,
+    quantize_int8,
+)
 
 CANDIDATES = {
     # ``ranking`` (NMS, TopK, RoIAlign, proposal / box decoding, score softmax) is FP32 by
