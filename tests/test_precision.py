@@ -387,7 +387,7 @@ def test_calibrate_refuses_outputs_that_would_destroy_inputs(small_onnx, synth_d
     model = tmp_path / "m.onnx"
     shutil.copy(small_onnx, model)
     before = model.read_bytes()
-    for out, message in ((model, "overwrite"), (tmp_path, "is a folder")):
+    for out, message in ((model, "overwrite"), (tmp_path, "is a folder"), (model / "r.json", "is a file")):
         res = invoke("calibrate", model, "--images", synth_dir, "--out", out)
         assert res.exit_code == 2 and message in res.output, res.output
     assert model.read_bytes() == before

@@ -377,6 +377,23 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def check_out(out: Path, what: str, *inputs: Path) -> None:
+    """Refuse an ``--out`` that cannot be written as a file, before any work is done.
+
+    Raises:
+        ConfigError: ``out`` is a folder, one of ``inputs``, or lies under a file.
+    """
+    from ctmask.core.errors import ConfigError
+
+    if out.is_dir():
+        raise ConfigError(f"--out is a folder; give {what}'s name", out)
+    if out.resolve() in {p.resolve() for p in inputs}:
+        raise ConfigError("--out would overwrite an input", out)
+    existing = next((p for p in out.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"--out: {existing} is a file, not a folder", out)
+
+
 @user_errors
 def calibrate(
     model: Path = typer.Argument(..., help="FP32 ctmask ONNX graph."),
@@ -409,10 +426,7 @@ def calibrate(
         raise ConfigError(f"unknown --ops {ops!r}; expected one of {', '.join(OP_SETS)}")
     if not 0 < percentile <= 100:
         raise ConfigError(f"--percentile must be in (0, 100], got {percentile}")
-    if out.is_dir():
-        raise ConfigError("--out is a folder; give the ranges file's name", out)
-    if out.resolve() in (model.resolve(), images.resolve()):
-        raise ConfigError("--out would overwrite an input", out)
+    check_out(out, "the ranges file", model, images)
     proto = load_proto(model)
     spec = spec_of(proto, model)
     check_calibratable(proto, spec, model)
@@ -457,18 +471,11 @@ def precision_report(
 ) -> None:
     """Per-block sensitivity: each block alone in FP16 / INT8, its effect on class calls and logits,
     against the FP32 graph's own noise floor (its calls under input noise of a quarter gray level)."""
-    from ctmask.core.errors import ConfigError
     from ctmask.core.progress import console
     from ctmask.exporter.reduced import ReducedOptions, measure_precision
 
     if out is not None:  # refused before minutes of measurement, not after
-        if out.is_dir():
-            raise ConfigError("--out is a folder; give the report's file name", out)
-        if out.resolve() in (checkpoint.resolve(), images.resolve()):
-            raise ConfigError("--out would overwrite an input", out)
-        existing = next((p for p in out.parents if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            raise ConfigError(f"--out: {existing} is a file, not a folder", out)
+        check_out(out, "the report", checkpoint, images)
     opts = ReducedOptions(precision, images, int8_target or "tensorrt", None, None, size, measure_size,
                           method or "minmax")
     with console.status(f"measuring {checkpoint} at {precision}") as status:

@@ -129,11 +129,13 @@ def _private_weights(proto: onnx.ModelProto, nodes: set[str]) -> None:
             continue
         for k, name in enumerate(node.input):
             if name in inits and readers[name] > 1:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(inits[name])
-                copy.name = f"{name}__ctmask_{node.name}"
-                proto.graph.initializer.append(copy)
-                node.input[k] = copy.name
+                private = f"{name}__ctmask_{node.name}"
+                if private not in inits:  # a node reading one weight twice gets one copy
+                    inits[private] = copy = onnx.TensorProto()
+                    copy.CopyFrom(inits[name])
+                    copy.name = private
+                    proto.graph.initializer.append(copy)
+                node.input[k] = private
 
 
 def _float_for_others(proto: onnx.ModelProto, nodes: set[str]) -> None:
