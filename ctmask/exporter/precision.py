@@ -105,7 +105,7 @@ def _detach_outputs(proto: onnx.ModelProto) -> None:
         graph.node.append(helper.make_node("Identity", [inner], [name], name=f"{name}__ctmask_output"))
 
 
-def _working_copy(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelProto:
+def working_copy(proto: onnx.ModelProto, fp32_blocks: set[str]) -> onnx.ModelProto:
     """A copy of ``proto`` with every node named, after checking the block names."""
     unknown = set(fp32_blocks) - set(BLOCKS)
     if unknown:
@@ -187,7 +187,7 @@ def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str], only_nodes: set[
     """
     from onnxconverter_common import float16
 
-    work = _working_copy(proto, fp32_blocks)
+    work = working_copy(proto, fp32_blocks)
     del work.graph.value_info[:]  # stale FP32 types; shape inference redoes them
     _detach_outputs(work)
     if only_nodes is not None:
@@ -371,7 +371,7 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
 
     if target not in INT8_TARGETS:
         raise PrecisionError(f"unknown INT8 target {target!r}; expected one of {', '.join(INT8_TARGETS)}")
-    work = _working_copy(proto, fp32_blocks)
+    work = working_copy(proto, fp32_blocks)
     if only_nodes is not None:
         _private_weights(work, only_nodes)
     exclude = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}

@@ -29,15 +29,7 @@ import numpy as np
 import onnx
 
 from ctmask.core.spec import INPUT
-from ctmask.exporter.precision import (
-    BLOCKS,
-    OTHER,
-    convert_fp16,
-    graph_blocks,
-    name_all_nodes,
-    node_block,
-    quantize_int8,
-)
+from ctmask.exporter.precision import BLOCKS, convert_fp16, graph_blocks, node_block, quantize_int8, working_copy
 
 CANDIDATES = {
     # ``ranking`` (NMS, TopK, RoIAlign, proposal / box decoding, score softmax) is FP32 by
@@ -108,26 +100,28 @@ Reduce = Callable[[onnx.ModelProto, set[str]], onnx.ModelProto]
 ReduceNodes = Callable[[onnx.ModelProto, set[str]], onnx.ModelProto]
 
 
-def reducer(precision: str, ranges=None, target: str = "tensorrt") -> Reduce:
-    """``(fp32 graph, fp32 blocks) -> reduced graph`` for ``precision`` (INT8 needs ``ranges``)."""
+def _reduction(precision: str, ranges, target: str) -> Callable[..., onnx.ModelProto]:
+    """``(fp32 graph, fp32 blocks, only_nodes=None) -> reduced graph`` for ``precision``."""
     if precision == "fp16":
         return convert_fp16
     if precision == "int8":
         if ranges is None:
             raise ValueError("INT8 sensitivity needs calibration ranges")
-        return lambda proto, fp32_blocks: quantize_int8(proto, ranges, target, fp32_blocks)
+        return lambda proto, fp32_blocks, only_nodes=None: quantize_int8(proto, ranges, target, fp32_blocks,
+                                                                         only_nodes)
     raise ValueError(f"no reduced precision {precision!r}")
+
+
+def reducer(precision: str, ranges=None, target: str = "tensorrt") -> Reduce:
+    """``(fp32 graph, fp32 blocks) -> reduced graph`` for ``precision`` (INT8 needs ``ranges``)."""
+    reduce = _reduction(precision, ranges, target)
+    return lambda proto, fp32_blocks: reduce(proto, fp32_blocks)
 
 
 def node_reducer(precision: str, ranges=None, target: str = "tensorrt") -> ReduceNodes:
     """``(fp32 graph, node names) -> graph with only those nodes reduced``."""
-    if precision == "fp16":
-        return lambda proto, nodes: convert_fp16(proto, set(), only_nodes=nodes)
-    if precision == "int8":
-        if ranges is None:
-            raise ValueError("INT8 sensitivity needs calibration ranges")
-        return lambda proto, nodes: quantize_int8(proto, ranges, target, set(), only_nodes=nodes)
-    raise ValueError(f"no reduced precision {precision!r}")
+    reduce = _reduction(precision, ranges, target)
+    return lambda proto, nodes: reduce(proto, set(), only_nodes=nodes)
 
 
 def noise_floor(proto: onnx.ModelProto, images: np.ndarray, reference: dict[str, np.ndarray],
@@ -160,12 +154,9 @@ class NodeEffect:
 def candidate_nodes(proto: onnx.ModelProto, precision: str) -> list[tuple[str, str, str]]:
     """``(name, op_type, block)`` of the weight-carrying nodes of the candidate blocks, in
     graph order, named as the reduction passes name them."""
-    work = onnx.ModelProto()
-    work.CopyFrom(proto)
-    name_all_nodes(work)
     blocks = set(CANDIDATES[precision])
-    return [(n.name, n.op_type, b) for n in work.graph.node
-            if n.op_type in NODE_OPS and (b := node_block(n)) in blocks and b != OTHER]
+    return [(n.name, n.op_type, b) for n in working_copy(proto, set()).graph.node
+            if n.op_type in NODE_OPS and (b := node_block(n)) in blocks]
 
 
 def node_effects(proto: onnx.ModelProto, images: np.ndarray, reference: dict[str, np.ndarray], precision: str,
