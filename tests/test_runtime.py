@@ -270,3 +270,51 @@ def test_malformed_informational_tolerances_do_not_make_a_graph_unusable(value):
     assert GraphSpec.from_metadata(meta, "m.onnx").declared_tolerances is None
     good = GraphSpec.from_metadata(spec.metadata(), "m.onnx")
     assert good.declared_tolerances == spec.tolerances
+
+
+def _with_metadata(src: Path, dst: Path, **meta: str) -> Path:
+    """Copy of the graph ``src`` with ``metadata_props`` entries replaced."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    for prop in proto.metadata_props:
+        if prop.key in meta:
+            prop.value = meta[prop.key]
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("ctmask.input_size", "1024", "ctmask.input_size says 1024, but the graph's input images is [batch, 1, 192, 192]"),
+    ("ctmask.input_size", "0", "ctmask.input_size: input size 0 is outside [32, 8192]"),
+    ("ctmask.n_rois", "32", "ctmask.n_rois says 32, but the graph's output rois is [batch, 64, 5]"),
+    ("ctmask.window", '{"level": -600, "width": 0}', "ctmask.window: width 0.0 is not in (0, 100000] HU"),
+    ("ctmask.window", '{"level": -600, "width": NaN}', "ctmask.window: width nan is not in"),
+    ("ctmask.window", '{"level": Infinity, "width": 1500}', "ctmask.window: level inf is not a finite"),
+    ("ctmask.class_names", '["covid", "normal"]',
+     "ctmask.class_names names 2 classes, but the graph's output logits is [batch, 3]"),
+    ("ctmask.class_names", '["a", "a", "b"]',
+     "ctmask.class_names: expected 2 to 1000 distinct names, got 3 (2 distinct)"),
+    ("ctmask.class_names", '"abc"', "ctmask.class_names must be a JSON list of names, got str"),
+    ("ctmask.class_names", "[" * 200_000 + "]" * 200_000, "ctmask.class_names is JSON nested too deeply"),
+])
+def test_metadata_is_checked_against_the_graph_and_sane_ranges_at_load(small_onnx, synth_dir, tmp_path, key, value,
+                                                                      words):
+    """Edited metadata is refused when the model is loaded, naming the file and the field, before any
+    slice is read: not an onnxruntime / Pillow traceback later, nor every DICOM blamed as "not finite",
+    nor a probability silently dropped."""
+    from tests_helpers import invoke
+
+    from ctmask.core.graphs import load_proto, spec_of
+    from ctmask.runtime.bench import read_spec
+
+    bad = _with_metadata(small_onnx, tmp_path / "edited.onnx", **{key: value})
+    for load in (lambda: OnnxRuntimeRunner(bad).activate(), lambda: spec_of(load_proto(bad), bad),
+                 lambda: read_spec(bad)):
+        with pytest.raises(ModelError) as err:
+            load()
+        assert words in str(err.value) and str(bad) in str(err.value), str(err.value)
+    slices = sorted((synth_dir / "images").glob("*.png"))[:2]
+    res = invoke("infer", bad, *slices, "--out", tmp_path / "p.jsonl", "-q")
+    assert res.exit_code == 2 and key in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "p.jsonl").exists()

@@ -201,6 +201,24 @@ def test_sidecar_problems_are_named(engine_pair, tmp_path):
         read_sidecar(tmp_path / "nothing.engine")
 
 
+def test_nested_or_out_of_range_sidecar_is_an_engine_error(engine_pair):
+    """A sidecar nested 200,000 deep (whole file, or the class names inside it) is no RecursionError;
+    graph metadata out of range is refused naming the field."""
+    engine, _ = engine_pair
+    side = sidecar_path(engine)
+    data = json.loads(side.read_text())
+    side.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(EngineError, match="nested too deeply") as err:
+        read_sidecar(engine)
+    assert str(side) in str(err.value)
+    for key, value, words in (("ctmask.class_names", "[" * 200_000 + "]" * 200_000, "nested too deeply"),
+                              ("ctmask.window", '{"level": -600, "width": 0}', "ctmask.window: width 0.0")):
+        side.write_text(json.dumps(dict(data, graph_metadata=dict(data["graph_metadata"], **{key: value}))))
+        with pytest.raises(EngineError, match=words) as err:
+            read_sidecar(engine)
+        assert key in str(err.value) and "--engine tensorrt" in str(err.value)
+
+
 def test_failed_plan_write_leaves_no_sidecar(tmp_path, small_onnx, monkeypatch):
     import ctmask.core.fileio as fileio
 

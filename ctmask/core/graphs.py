@@ -58,8 +58,26 @@ def load_proto(path: str | Path) -> onnx.ModelProto:
                          path) from None
 
 
+def declared_shapes(proto: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """The graph's inputs' and outputs' declared dimensions: an int where static, the name
+    (or None) where symbolic."""
+    shapes = {}
+    for info in [*proto.graph.input, *proto.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+    return shapes
+
+
 def spec_of(proto: onnx.ModelProto, path: str | Path) -> GraphSpec:
-    return GraphSpec.from_metadata({p.key: p.value for p in proto.metadata_props}, path)
+    """The graph's ctmask spec, checked against the graph's own declared shapes.
+
+    Raises:
+        ModelError: naming ``path`` and the metadata key, when the metadata is missing,
+            malformed, out of range or contradicts the graph.
+    """
+    spec = GraphSpec.from_metadata({p.key: p.value for p in proto.metadata_props}, path)
+    spec.check_shapes(declared_shapes(proto), path)
+    return spec
 
 
 def io_problems(proto: onnx.ModelProto, spec: GraphSpec) -> list[str]:

@@ -9,13 +9,15 @@ boxes [B, N, 4]``; only ``B`` is symbolic.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctmask import __version__
 from ctmask.core.errors import CtmaskError
-from ctmask.core.preprocess import LUNG_WINDOW, Preprocessing
-from ctmask.core.presets import CLASS_NAMES, Preset
+from ctmask.core.preprocess import LUNG_WINDOW, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, Preprocessing
+from ctmask.core.presets import CLASS_NAMES, HEAD_NAMES, Preset
 
 FORMAT = "ctmask-onnx/2"
 """Value of the ``ctmask.format`` metadata key; bumped when the graph contract changes."""
@@ -31,8 +33,57 @@ OUTPUTS: tuple[str, ...] = ("rois", "logits", "probs", "boxes")
 [B, 3], and each ranked row's decoded box (x1, y1, x2, y2) in input pixels [B, N, 4]."""
 
 
+MAX_N_ROIS = 100_000
+"""Largest N a graph may declare (the paper's is 256)."""
+
+MAX_CLASSES = 1000
+"""Most slice classes a graph may declare (the paper's model has 3)."""
+
+MAX_WINDOW_HU = 100_000.0
+"""Bound of a DICOM window's level (absolute) and width, in HU: CT values span a few thousand."""
+
+
 class ModelError(CtmaskError):
     """A model file is missing, not ONNX, or not a ctmask graph."""
+
+
+def _json_field(meta: Mapping[str, str], key: str, path: str | Path, default: str | None = None):
+    """``meta[key]`` parsed as JSON; a malformed or absurdly nested value is a :class:`ModelError`
+    naming the key (``json`` recurses once per nesting level)."""
+    text = meta[key] if default is None else meta.get(key, default)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ModelError(f"metadata {key} is JSON nested too deeply to be a ctmask value", path) from None
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"metadata {key} is not valid JSON ({exc})", path) from None
+
+
+def _range_problems(spec: GraphSpec) -> list[str]:
+    """Values of ``spec`` outside what any ctmask graph can declare, each naming its metadata key."""
+    problems = []
+    if not MIN_IMAGE_SIDE <= spec.image_size <= MAX_IMAGE_SIDE:
+        problems.append(f"ctmask.input_size: input size {spec.image_size} is outside "
+                        f"[{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] pixels")
+    if not 1 <= spec.n_rois <= MAX_N_ROIS:
+        problems.append(f"ctmask.n_rois: N {spec.n_rois} is outside [1, {MAX_N_ROIS}]")
+    names = spec.class_names
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        problems.append(f"ctmask.class_names: every class name must be a non-empty string, got "
+                        f"{[n if isinstance(n, str) else type(n).__name__ for n in names][:10]}")
+    elif not 2 <= len(names) <= MAX_CLASSES or len(set(names)) != len(names):
+        problems.append(f"ctmask.class_names: expected 2 to {MAX_CLASSES} distinct names, got {len(names)} "
+                        f"({len(set(names))} distinct)")
+    level, width = spec.window
+    if not (math.isfinite(level) and abs(level) <= MAX_WINDOW_HU):
+        problems.append(f"ctmask.window: level {level} is not a finite HU value within +-{MAX_WINDOW_HU:g}")
+    if not (math.isfinite(width) and 0 < width <= MAX_WINDOW_HU):
+        problems.append(f"ctmask.window: width {width} is not in (0, {MAX_WINDOW_HU:g}] HU")
+    return problems
+
+
+def _dims_text(dims: Sequence) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in dims) + "]"
 
 
 @dataclass(frozen=True)
@@ -149,6 +200,12 @@ def parity_tolerances(precision: str, path: str | Path | None = None) -> dict[st
     return dict(PARITY_TOLERANCES[precision])
 
 
+def _head(name: str) -> str:
+    if name not in HEAD_NAMES:
+        raise ValueError(f"ctmask.head {name!r} is none of {list(HEAD_NAMES)}")
+    return name
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """Everything a consumer of an exported graph needs to know about it.
@@ -173,6 +230,8 @@ class GraphSpec:
             ``ctmask.fp32_islands`` metadata).
         int8_target: ``tensorrt`` or ``cpu`` for an INT8 graph (its Q/DQ flavour).
         source_sha256: sha256 of the FP32 graph a reduced-precision graph was made from.
+        head: the classifier head inside (``ctmask.core.presets.HEAD_NAMES``): ``paper`` or
+            ``pooled``; graphs written before the key existed hold the paper's S.
         declared_tolerances: the tolerances written in the graph file, if read from one
             (informational: parity uses :attr:`tolerances`, ctmask's table for the precision).
     """
@@ -193,6 +252,7 @@ class GraphSpec:
     fp32_islands: tuple[str, ...] = ()
     int8_target: str = ""
     source_sha256: str = ""
+    head: str = "paper"
     declared_tolerances: dict[str, Tolerance] | None = field(default=None, compare=False)
 
     @property
@@ -209,7 +269,7 @@ class GraphSpec:
         """The spec of a model of ``preset``, trained with ``preprocessing`` (default: none)."""
         if preprocessing is not None:
             kwargs.update(crop=preprocessing.crop, resize=preprocessing.resize, window=preprocessing.window)
-        return cls(preset=preset.name, image_size=preset.image_size, n_rois=preset.n_rois, **kwargs)
+        return cls(preset=preset.name, image_size=preset.image_size, n_rois=preset.n_rois, head=preset.head, **kwargs)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -243,6 +303,7 @@ class GraphSpec:
             "ctmask.opset": str(self.opset),
             "ctmask.checkpoint_sha256": self.checkpoint_sha256,
             "ctmask.checkpoint": self.checkpoint_name,
+            "ctmask.head": self.head,
             "ctmask.weights_sha256": self.weights_sha256,
             "ctmask.tolerances": json.dumps({k: t.to_dict() for k, t in self.tolerances.items()}),
         } | ({} if self.precision == "fp32" else {
@@ -271,14 +332,17 @@ class GraphSpec:
         if fmt != FORMAT:
             raise ModelError(f"unsupported graph format {fmt!r}; this ctmask reads {FORMAT!r}", path)
         try:
-            window = json.loads(meta["ctmask.window"])
+            names = _json_field(meta, "ctmask.class_names", path)
+            if not isinstance(names, list):
+                raise TypeError(f"ctmask.class_names must be a JSON list of names, got {type(names).__name__}")
+            window = _json_field(meta, "ctmask.window", path)
             # Graphs written before the key existed were served uncropped, bilinear.
-            prep = Preprocessing.from_dict({**json.loads(meta.get("ctmask.preprocess", "{}")), "window": window})
-            return cls(
+            prep = Preprocessing.from_dict({**_json_field(meta, "ctmask.preprocess", path, "{}"), "window": window})
+            spec = cls(
                 preset=meta["ctmask.preset"],
                 image_size=int(meta["ctmask.input_size"]),
                 n_rois=int(meta["ctmask.n_rois"]),
-                class_names=tuple(json.loads(meta["ctmask.class_names"])),
+                class_names=tuple(names),
                 window=(float(window["level"]), float(window["width"])),
                 precision=meta.get("ctmask.precision", "fp32"),
                 opset=int(meta.get("ctmask.opset", OPSET)),
@@ -288,10 +352,56 @@ class GraphSpec:
                 crop=prep.crop,
                 resize=prep.resize,
                 weights_sha256=meta.get("ctmask.weights_sha256", ""),
-                fp32_islands=tuple(sorted(json.loads(meta.get("ctmask.fp32_islands", "{}")))),
+                fp32_islands=tuple(sorted(_json_field(meta, "ctmask.fp32_islands", path, "{}"))),
                 int8_target=meta.get("ctmask.int8_target", ""),
                 source_sha256=meta.get("ctmask.source_sha256", ""),
+                head=_head(meta.get("ctmask.head", "paper")),
                 declared_tolerances=_declared_tolerances(meta.get("ctmask.tolerances")),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise ModelError(f"malformed ctmask metadata ({exc.__class__.__name__}: {exc})", path) from None
+        problems = _range_problems(spec)
+        if problems:
+            raise ModelError("ctmask metadata out of range: " + "; ".join(problems), path,
+                             hint="re-export the model: `ctmask export CKPT --out model.onnx`")
+        return spec
+
+    def shape_problems(self, shapes: Mapping[str, Sequence[int | str | None]]) -> list[str]:
+        """Where a graph's own declared dimensions contradict this spec, naming the metadata key.
+
+        Args:
+            shapes: tensor name -> the graph's dimensions (ints where static, a name or None
+                where symbolic), as onnx and onnxruntime report them; tensors not named are
+                not checked, nor are symbolic dimensions (the batch).
+        """
+        wanted = {INPUT: self.input_shape(), **self.output_shapes()}
+        keys = {INPUT: {2: "ctmask.input_size", 3: "ctmask.input_size"},
+                "rois": {1: "ctmask.n_rois"}, "boxes": {1: "ctmask.n_rois"},
+                "logits": {1: "ctmask.class_names"}, "probs": {1: "ctmask.class_names"}}
+        problems = []
+        for name, want in wanted.items():
+            dims = shapes.get(name)
+            if dims is None:
+                continue
+            dims = list(dims)
+            what = f"the graph's {'input' if name == INPUT else 'output'} {name} is {_dims_text(dims)}"
+            if len(dims) != len(want):
+                problems.append(f"{what}, expected {_dims_text(want)}")
+                continue
+            for i, (d, w) in enumerate(zip(dims, want)):
+                if i == 0 or not isinstance(d, int) or d == w:
+                    continue
+                key = keys.get(name, {}).get(i)
+                said = (f"{key} names {w} classes" if key == "ctmask.class_names" else f"{key} says {w}" if key
+                        else f"dimension {i} should be {w}")
+                problems.append(f"{said}, but {what}")
+                break
+        return list(dict.fromkeys(problems))
+
+    def check_shapes(self, shapes: Mapping[str, Sequence[int | str | None]], path: str | Path) -> None:
+        """Raise :class:`ModelError` naming ``path`` and each field of :meth:`shape_problems`."""
+        problems = self.shape_problems(shapes)
+        if problems:
+            raise ModelError("ctmask metadata disagrees with the graph: " + "; ".join(problems), path,
+                             hint="re-export the model (`ctmask export CKPT --out model.onnx`) rather than "
+                                  "editing its metadata")

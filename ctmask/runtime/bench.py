@@ -209,7 +209,9 @@ def read_spec(model: Path) -> GraphSpec:
         proto = onnx.load(str(model), load_external_data=False)
     except Exception as exc:  # protobuf raises its own DecodeError, onnx others
         raise ModelError(f"not a loadable ONNX model ({_first_line(exc)})", model) from None
-    return GraphSpec.from_metadata({p.key: p.value for p in proto.metadata_props}, model)
+    from ctmask.core.graphs import spec_of
+
+    return spec_of(proto, model)
 
 
 def _first_line(exc: BaseException) -> str:

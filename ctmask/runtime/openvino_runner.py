@@ -52,7 +52,9 @@ def _read_spec(path: Path) -> GraphSpec:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises its own DecodeError, onnx others
         raise ModelError(f"not a loadable ONNX model ({_first_line(exc)})", path) from None
-    return GraphSpec.from_metadata({p.key: p.value for p in proto.metadata_props}, path)
+    from ctmask.core.graphs import spec_of
+
+    return spec_of(proto, path)
 
 
 class OpenVinoRunner(Runner):

@@ -151,6 +151,8 @@ class OnnxRuntimeRunner(Runner):
         wrong = {k: v for k, v in types.items() if v != "tensor(float)"}
         if wrong:
             raise ModelError(f"graph inputs/outputs must be float32 at every precision; found {wrong}", self.path)
+        spec.check_shapes({t.name: t.shape for t in (*self.session.get_inputs(), *self.session.get_outputs())},
+                          self.path)
         return spec
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

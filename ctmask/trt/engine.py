@@ -204,6 +204,8 @@ def read_sidecar(engine: str | Path) -> EngineInfo:
         data = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EngineError(f"unreadable engine sidecar ({exc.__class__.__name__}: {exc})", side, hint=rebuild) from None
+    except RecursionError:  # json recurses once per nesting level
+        raise EngineError("unreadable engine sidecar (JSON nested too deeply)", side, hint=rebuild) from None
     info = EngineInfo.from_dict(data, side)
     fmt = info.graph_metadata.get("ctmask.format")
     if fmt != GRAPH_FORMAT:
