@@ -19,6 +19,10 @@ CLASS_NAMES: tuple[str, ...] = ("normal", "pneumonia", "covid19")
 LESION_NAMES: tuple[str, ...] = ("background", "ggo", "consolidation")
 """Detector classes: 0 background, 1 ground-glass opacity, 2 consolidation."""
 
+HEAD_NAMES: tuple[str, ...] = ("paper", "pooled")
+"""Classifier heads (``ctmask.training.heads``): ``paper`` is S of the paper, ``pooled`` the
+permutation-invariant head whose calls survive input noise and reduced precision."""
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -75,6 +79,11 @@ class Preset:
     cls_nms_thresh: float = 0.75
     num_lesion_classes: int = 3
     num_slice_classes: int = 3
+    head: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_NAMES:
+            raise ConfigError(f"unknown classifier head {self.head!r}; expected one of {list(HEAD_NAMES)}")
 
     @property
     def anchors_per_location(self) -> int:

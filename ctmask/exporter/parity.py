@@ -47,6 +47,7 @@ from ctmask.core.compare import (
 from ctmask.core.errors import ConfigError
 from ctmask.core.fileio import atomic_path, sha256_file
 from ctmask.core.graphs import content_sha256, load_proto, precision_problems
+from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
 from ctmask.core.spec import (
     INPUT,
     PARITY_AGREEMENT,
@@ -452,6 +453,7 @@ def check_parity(
     max_unstable_fraction: float = 0.05,
     fp32_model: str | Path | None = None,
     labels: str | Path | None = None,
+    noise_levels: tuple[float, ...] = NOISE_GRAY_LEVELS,
 ) -> dict:
     """PyTorch (checkpoint) against onnxruntime (model) on up to ``max_images`` slices.
 
@@ -477,6 +479,9 @@ def check_parity(
             (and accuracy) are reported beside the graph's.
         labels: a COVIDx-CT split file naming the slices' classes: accuracy of PyTorch, the
             graph (and the FP32 graph) is reported, and the graph's change against FP32.
+        noise_levels: the model's noise floor (:mod:`ctmask.core.noise`): PyTorch's own calls
+            under seeded input noise of each amplitude (gray levels), reported as
+            ``noise_floor`` beside the agreement it puts in proportion; ``()`` skips it.
 
     Returns:
         the report of :func:`judge_parity` plus ``model``, ``checkpoint``, ``n_images``,
@@ -546,6 +551,8 @@ def check_parity(
                               off_tolerance)
         report["decisions"] = decisions_report(ok, expected, actual, spec, model, fp32_model, labels, images,
                                                batch_size)
+        if noise_levels:
+            report["noise_floor"] = reference_noise_floor(reference, images, expected, batch_size, noise_levels)
     judged_reference = report.pop("judged_reference")
     report["metadata_mismatches"] = mismatches
     if mismatches:
@@ -567,8 +574,18 @@ def check_parity(
         "skipped": [f.to_dict() for f in skipped if isinstance(f, Failure)],
         "warnings": warnings,
         "runners": runners,
+        "head": ref_spec.head,
         **report,
     }
+
+
+def reference_noise_floor(reference: TorchRunner, images: np.ndarray, expected: dict[str, np.ndarray],
+                          batch_size: int, levels: tuple[float, ...]) -> dict:
+    """PyTorch's own class calls under seeded input noise (:class:`ctmask.core.noise.NoiseFloor`)."""
+    floor = NoiseFloor(levels)
+    for b in _batches(len(images), batch_size):
+        floor.measure(lambda x: reference.infer({INPUT: x})["logits"], images[b], expected["logits"][b])
+    return floor.to_dict()
 
 
 def slice_labels(files: list[Path], split: str | Path) -> np.ndarray:

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
+from ctmask.core.noise import NOISE_GRAY_LEVELS as NOISE_LEVELS
+from ctmask.core.noise import add_gray_noise
 from ctmask.core.spec import INPUT
 from ctmask.exporter.precision import BLOCKS, convert_fp16, graph_blocks, node_block, quantize_int8, working_copy
 
@@ -38,7 +40,7 @@ CANDIDATES = {
     "fp16": ("backbone.body", "backbone.fpn", "rpn_head", "box_head", "box_predictor", "classifier"),
     "int8": ("backbone.body", "backbone.fpn", "rpn_head", "box_head", "box_predictor", "classifier"),
 }
-NOISE_GRAY_LEVELS = 0.25
+NOISE_GRAY_LEVELS = NOISE_LEVELS[0]
 """Amplitude of the noise-floor measurement's input noise, in 8-bit gray levels (1/255)."""
 NODE_OPS = ("Conv", "Gemm", "MatMul")
 """Operators the per-node measurement reduces one at a time (they carry the weights)."""
@@ -128,13 +130,11 @@ def noise_floor(proto: onnx.ModelProto, images: np.ndarray, reference: dict[str,
                 gray_levels: float = NOISE_GRAY_LEVELS, seed: int = 0) -> Effect:
     """The FP32 graph's own calls under uniform input noise of +-``gray_levels`` / 255.
 
-    The noisy input is clipped to [0, 1] (the input's range) and drawn from a seeded
-    generator, so the measurement repeats exactly.
+    The noise is :func:`ctmask.core.noise.add_gray_noise`'s (seeded per slice, clipped to
+    [0, 1]), the same that ``evaluate`` and ``parity`` report, so the measurement repeats exactly.
     """
     t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    amp = gray_levels / 255.0
-    noisy = np.clip(images + rng.uniform(-amp, amp, images.shape).astype(np.float32), 0.0, 1.0)
+    noisy = add_gray_noise(images, gray_levels, seed)
     return effect_of([], reference, run_graph(proto, noisy), time.perf_counter() - t0)
 
 

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ctmask.core.metrics import classification_report, dice_scores, mask_ap
+from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
 from ctmask.core.progress import progress
 from ctmask.data.cncb import SegSample
 from ctmask.data.covidx import SplitEntry
@@ -26,11 +27,15 @@ def load_classifier(ck: Checkpoint) -> CovidCTMaskNet:
 
 @torch.no_grad()
 def evaluate_classifier(
-    ck: Checkpoint, entries: list[SplitEntry], batch_size: int = 8, crop: bool = False, show_progress: bool = True
+    ck: Checkpoint, entries: list[SplitEntry], batch_size: int = 8, crop: bool = False, show_progress: bool = True,
+    noise_levels: tuple[float, ...] = NOISE_GRAY_LEVELS,
 ) -> dict:
     """Classify every slice of a split; return the Table 2 report plus per-slice predictions.
 
-    Slices are decoded batch by batch and not kept: memory does not grow with the split.
+    Slices are decoded batch by batch and not kept: memory does not grow with the split. With
+    ``noise_levels`` (default +-0.25 and +-1 gray level), each batch is also classified with
+    seeded input noise of each amplitude (:mod:`ctmask.core.noise`), and the report's
+    ``noise_floor`` counts the calls it changed; ``()`` skips that.
 
     Raises:
         ConfigError: ``batch_size`` < 1.
@@ -39,16 +44,26 @@ def evaluate_classifier(
     model = load_classifier(ck)
     data = ClassificationDataset(entries, ck.preset.image_size, crop, cache_bytes=0)
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
+    floor = NoiseFloor(noise_levels)
+
+    def logits_of(images: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(images))[1].numpy()
+
     preds, probs = [], []
     with progress(len(loader), "evaluate", show_progress) as advance:
         for images, _ in loader:
             _, logits = model(images)
             probs.append(torch.softmax(logits, -1))
             preds.append(logits.argmax(-1))
+            if noise_levels:
+                floor.measure(logits_of, images.numpy(), logits.numpy())
             advance()
     y_pred = torch.cat(preds).numpy()
     y_true = np.array([e.label for e in entries])
     report = classification_report(y_true, y_pred)
+    report["head"] = ck.preset.head
+    if noise_levels:
+        report["noise_floor"] = floor.to_dict()
     report["predictions"] = [
         {"file": str(e.path), "label": int(e.label), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
         for e, p, pr in zip(entries, y_pred, torch.cat(probs).numpy())

@@ -1,4 +1,7 @@
-"""COVID-CT-Mask-Net: detector -> ranked RoIs [B, N, 5] -> classifier S -> logits [B, 3]."""
+"""COVID-CT-Mask-Net: detector -> ranked RoIs [B, N, 5] -> classifier head -> logits [B, 3].
+
+The head is the preset's ``head`` (:mod:`ctmask.training.heads`): the paper's S or the pooled head.
+"""
 
 from __future__ import annotations
 
@@ -12,40 +15,15 @@ from ctmask.core.errors import ConfigError
 from ctmask.core.presets import Preset
 from ctmask.training.checkpoint import load_state
 from ctmask.training.detector import build_detector
+from ctmask.training.heads import HEADS, build_head
 from ctmask.training.ranked_rois import RankedRoIs
 
 VARIANTS: tuple[str, ...] = ("heads", "heads+bn", "full")
 """Classifier training variants (paper Table 1): S only; S + BatchNorm affine; everything."""
 
 
-class RoIClassifier(nn.Module):
-    """S: Linear(5N -> F) + ReLU, Linear(F -> F) + ReLU, Linear(F -> 3), Kaiming-normal init.
-
-    The [N, 5] ranked RoI batch is flattened row-major to ``[s1, dx1, dy1, dw1, dh1, s2, ...]``.
-    """
-
-    def __init__(self, n_rois: int, width: int, num_classes: int = 3):
-        super().__init__()
-        self.n_rois = n_rois
-        self.net = nn.Sequential(
-            nn.Linear(5 * n_rois, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-            nn.Linear(width, num_classes),
-        )
-        for m in self.net:
-            if isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-
-    def forward(self, rois: Tensor) -> Tensor:
-        """``rois`` float32 [B, N, 5] -> logits float32 [B, 3]."""
-        return self.net(rois.flatten(1))
-
-
 class CovidCTMaskNet(nn.Module):
-    """Detector (always in inference mode) + ranked RoI module + S.
+    """Detector (always in inference mode) + ranked RoI module + classifier head (``preset.head``).
 
     ``forward(images [B, 1, S, S] in [0, 1]) -> (rois [B, N, 5], logits [B, 3])``; with
     ``with_boxes=True`` (the exported graph) also the rows' decoded boxes [B, N, 4].
@@ -56,7 +34,7 @@ class CovidCTMaskNet(nn.Module):
         self.preset = preset
         self.detector = detector if detector is not None else build_detector(preset)
         self.ranker = RankedRoIs(self.detector, preset)
-        self.classifier = RoIClassifier(preset.n_rois, preset.classifier_width, preset.num_slice_classes)
+        self.classifier = build_head(preset.head, preset.n_rois, preset.classifier_width, preset.num_slice_classes)
 
     def train(self, mode: bool = True) -> CovidCTMaskNet:
         # The detector computes no losses and keeps its BN statistics frozen while S trains.
@@ -130,6 +108,12 @@ def parameter_report(preset: Preset) -> dict:
         "mask_rcnn_total_with_bn_statistics": count(d) + bn_stats,
         "classifier_s": parts["classifier_s"],
         "total": count(model),
+        "head": preset.head,
+        # Every head on this preset's N and F, the paper's S among them (the ``head`` above
+        # is the one ``classifier_s`` and ``total`` count).
+        "heads": {name: {"parameters": count(build_head(name, preset.n_rois, preset.classifier_width,
+                                                         preset.num_slice_classes)), "what": what}
+                  for name, what in HEADS.items()},
         "trainable_by_variant": {},
     }
     for v in VARIANTS:

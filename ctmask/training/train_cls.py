@@ -8,6 +8,7 @@ its ranked RoIs are computed once per image and S trains on them directly.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ctmask.core.progress import console, progress
 from ctmask.data.covidx import SplitEntry
 from ctmask.training.checkpoint import load_checkpoint, load_state, save_checkpoint
 from ctmask.training.datasets import DEFAULT_CACHE_BYTES, ClassificationDataset, collate_classification
+from ctmask.training.heads import check_head
 from ctmask.training.model import VARIANTS, CovidCTMaskNet, load_weights, set_variant
 from ctmask.training.options import (
     require_adam,
@@ -31,6 +33,7 @@ from ctmask.training.options import (
 )
 from ctmask.training.perturb import check_scales, perturbed
 from ctmask.training.reproducibility import deterministic, environment, seed_everything, start_epoch
+from ctmask.training.roi_cache import cache_key, cached_rois
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,9 @@ class ClsTrainOptions:
     perturbed at each scale (``heads``: one extra copy of the training RoIs per scale; other
     variants: batches cycle through exact and perturbed forward passes). ``consistency``
     (``heads`` with ``perturb``): weight of the squared logit change between each slice's
-    perturbed and exact RoIs in the loss.
+    perturbed and exact RoIs in the loss. ``head``: the classifier head
+    (:mod:`ctmask.training.heads`); None takes the preset's, or the init checkpoint's when it
+    is a classifier.
 
     Raises:
         ConfigError: unknown variant, epochs or batch size < 1, lr <= 0, weight decay < 0.
@@ -58,8 +63,11 @@ class ClsTrainOptions:
     seed: int = 0
     perturb: tuple[float, ...] = ()
     consistency: float = 0.0
+    head: str | None = None
 
     def __post_init__(self) -> None:
+        if self.head is not None:
+            check_head(self.head)
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown classifier variant {self.variant!r}; expected one of {list(VARIANTS)}")
         require_at_least("epochs", self.epochs)
@@ -144,19 +152,25 @@ class StartPoint:
     resumed: Path | None = None
 
 
-def init_model(preset: Preset, init: str | Path, variant: str) -> StartPoint:
+def init_model(preset: Preset, init: str | Path, variant: str, head: str | None = None) -> StartPoint:
     """Build the model from ``init``.
 
-    - a segmentation checkpoint: its detector, a freshly initialised S;
+    - a segmentation checkpoint: its detector, a freshly initialised head (``head``, else
+      the preset's);
     - a classifier checkpoint of the same variant: resume (weights, optimiser, epochs);
     - a classifier checkpoint of another variant: fine-tune from its weights, from epoch 0
       (e.g. ``heads+bn`` starting from a quickly trained ``heads`` S).
     """
     ck = load_checkpoint(init, preset=preset.name)
-    model = CovidCTMaskNet(preset)
     if ck.kind == "segmentation":
+        model = CovidCTMaskNet(dataclasses.replace(preset, head=head or preset.head))
         load_state(model.detector, ck.model, ck.path)
         return StartPoint(model)
+    if head is not None and head != ck.preset.head:
+        raise ConfigError(f"--head {head}: the classifier checkpoint holds the {ck.preset.head!r} head, which "
+                          "training continues", ck.path,
+                          hint=f"start from its segmentation checkpoint for a fresh {head!r} head, or drop --head")
+    model = CovidCTMaskNet(dataclasses.replace(preset, head=ck.preset.head))
     load_weights(model, ck.model, ck.path)
     if ck.config.get("train", {}).get("variant") != variant:
         return StartPoint(model)
@@ -171,6 +185,7 @@ def train_classifier(
     out: str | Path,
     opts: ClsTrainOptions,
     show_progress: bool = True,
+    roi_cache: str | Path | None = None,
 ) -> dict:
     """Train S (and, per variant, detector parameters); checkpoint after every epoch.
 
@@ -184,6 +199,8 @@ def train_classifier(
             settings, crop, seed. A resumed run uses ``opts.lr`` / ``opts.weight_decay``,
             not the saved ones.
         show_progress: progress bars and per-epoch lines.
+        roi_cache: folder of cached ranked RoIs (:mod:`ctmask.training.roi_cache`) for the
+            ``heads`` variant, whose detector is frozen; None computes them every run.
 
     Returns:
         Summary dict with per-epoch loss / validation accuracy and seconds.
@@ -194,16 +211,25 @@ def train_classifier(
         CheckpointError: ``init`` is unreadable or of another preset.
     """
     with deterministic():
-        return _train(preset, init, train, val, out, opts, show_progress)
+        return _train(preset, init, train, val, out, opts, show_progress, roi_cache)
 
 
-def _train(preset, init, train, val, out, opts: ClsTrainOptions, show_progress: bool) -> dict:
+def _rois(model: CovidCTMaskNet, data: ClassificationDataset, entries: list[SplitEntry], opts: ClsTrainOptions,
+          roi_cache: str | Path | None, show: bool, scales: tuple[float, ...]) -> TensorDataset:
+    """:func:`ranked_rois_of` ``data``, through the RoI cache folder when one is given."""
+    key = cache_key(model.detector, model.preset, entries, opts.crop, scales, opts.seed, opts.batch_size)
+    return cached_rois(roi_cache, key, lambda: ranked_rois_of(model, data, opts.batch_size, show, scales, opts.seed))
+
+
+def _train(preset, init, train, val, out, opts: ClsTrainOptions, show_progress: bool,
+           roi_cache: str | Path | None = None) -> dict:
     """:func:`train_classifier`'s body (run with deterministic algorithms)."""
     seed_everything(opts.seed)  # S's initialisation
-    start = init_model(preset, init, opts.variant)
+    start = init_model(preset, init, opts.variant, opts.head)
     if start.resumed is not None:
         require_more_epochs(start.resumed, start.epoch, opts.epochs)
     model, history = start.model, start.history
+    preset = model.preset  # with the head the model holds
     params = set_variant(model, opts.variant)
     optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
     if start.optimizer is not None:
@@ -217,8 +243,8 @@ def _train(preset, init, train, val, out, opts: ClsTrainOptions, show_progress: 
     train_data = ClassificationDataset(train, preset.image_size, opts.crop, cache_bytes)
     val_data = ClassificationDataset(val, preset.image_size, opts.crop, cache_bytes) if val else None
     if cached:
-        train_data = ranked_rois_of(model, train_data, opts.batch_size, show_progress, opts.perturb, opts.seed)
-        val_data = ranked_rois_of(model, val_data, opts.batch_size, show_progress) if val_data else None
+        train_data = _rois(model, train_data, train, opts, roi_cache, show_progress, opts.perturb)
+        val_data = _rois(model, val_data, val, opts, roi_cache, show_progress, ()) if val_data else None
     collate = None if cached else collate_classification
     gen = torch.Generator()
     loader = DataLoader(train_data, batch_size=opts.batch_size, shuffle=True, collate_fn=collate, generator=gen)

@@ -1,0 +1,95 @@
+"""Cached detector outputs for classifier-head training.
+
+While the detector is frozen (the ``heads`` variant), a head trains on the detector's ranked
+RoIs, which depend only on the detector's weights, its post-processing settings and the
+slices, never on the head. :func:`cached_rois` keeps them in a folder, keyed by all of that,
+so trying another head, seed or epoch count costs the head's training alone, not the
+detector's pass over every slice again.
+
+A cache file holds tensors only (``torch.load(weights_only=True)``) and is written atomically;
+a file that does not load, or whose recorded key differs from its name, is recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from ctmask.core.errors import CtmaskWarning
+from ctmask.core.fileio import atomic_path
+from ctmask.core.presets import Preset
+from ctmask.data.covidx import SplitEntry
+from ctmask.training.checkpoint import weights_digest
+
+FORMAT = "ctmask-roi-cache/1"
+
+# Preset fields the ranked RoIs do not depend on: the head and its width, training-only
+# sampling sizes and the segmentation-inference rule.
+_NOT_IN_KEY = {"name", "head", "classifier_width", "num_slice_classes", "mask_head_channels",
+               "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh",
+               "rpn_batch_size_per_image", "box_batch_size_per_image", "seg_score_thresh", "seg_nms_thresh",
+               "seg_detections"}
+
+
+def cache_key(detector: torch.nn.Module, preset: Preset, entries: list[SplitEntry], crop: bool,
+              scales: tuple[float, ...], seed: int, batch_size: int) -> str:
+    """Hex sha256 naming the ranked RoIs of ``entries`` under this detector and these settings.
+
+    Covers the detector's weights and buffers (its BN statistics), every preset field the
+    ranking reads, each slice's bytes, label and crop box in order, the crop flag, the
+    perturbation scales and (with scales) the seed, and the batch size (float sums depend on it).
+    """
+    h = hashlib.sha256()
+    h.update(FORMAT.encode() + b"\0")
+    h.update(weights_digest(detector.state_dict()).encode())
+    ranking = {k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_IN_KEY}
+    # The seed draws the perturbed copies only: exact RoIs are the same for every seed.
+    h.update(json.dumps({"preset": ranking, "crop": crop, "scales": list(scales), "seed": seed if scales else None,
+                         "batch_size": batch_size, "torch": torch.__version__}, sort_keys=True).encode())
+    for e in entries:
+        h.update(f"\0{e.label}\0{list(e.box)}\0".encode())
+        h.update(hashlib.sha256(Path(e.path).read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _load(path: Path, key: str) -> TensorDataset | None:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("format") != FORMAT or blob.get("key") != key:
+            raise ValueError("key or format differs")
+        rois, labels = blob["rois"], blob["labels"]
+        if not (isinstance(rois, torch.Tensor) and isinstance(labels, torch.Tensor) and len(rois) == len(labels)):
+            raise ValueError("tensors malformed")
+        return TensorDataset(rois, labels)
+    except Exception as exc:  # any unreadable cache file is recomputed, never trusted
+        import warnings
+
+        warnings.warn(CtmaskWarning(f"RoI cache {path} is unusable ({exc.__class__.__name__}: {exc}); recomputing"),
+                      stacklevel=2)
+        return None
+
+
+def cached_rois(folder: str | Path | None, key: str, compute: Callable[[], TensorDataset]) -> TensorDataset:
+    """The dataset stored under ``key`` in ``folder``, else ``compute()`` (then stored).
+
+    ``folder`` None: always compute, store nothing.
+    """
+    if folder is None:
+        return compute()
+    path = Path(folder) / f"rois-{key[:32]}.pt"
+    if path.is_file():
+        data = _load(path, key)
+        if data is not None:
+            return data
+    data = compute()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    rois, labels = data.tensors
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "key": key, "rois": rois.contiguous(), "labels": labels.contiguous()}, tmp)
+    return data
