@@ -153,6 +153,52 @@ def test_weights_of_another_shape_are_rejected(cls_ckpt):
     assert str(ck.path) in str(err.value)
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("classifier_width", 20_000, "classifier.net.0.weight is stored [256, 320], the preset builds [20000, 320]"),
+    ("n_rois", 128, "classifier.net.0.weight is stored [256, 320], the preset builds [256, 640]"),
+    ("fpn_channels", 128, "detector.backbone.fpn.inner_blocks.0.0.weight is stored [64, 64, 1, 1], the preset builds "
+                          "[128, 64, 1, 1]"),
+    ("classifier_width", 0, "preset.classifier_width is 0, outside [1, 65536]"),
+    ("image_size", 10**9, "preset.image_size is 1000000000, outside [32, 8192]"),
+    ("backbone_blocks", (1, 1, 1, 100_000), "each stage needs 1 to 64 blocks"),
+    ("rpn_nms_thresh", math.nan, "preset.rpn_nms_thresh is nan, not finite"),
+])
+def test_checkpoint_preset_is_bounded_and_compared_with_its_tensors_before_any_model_is_built(
+        cls_ckpt, tmp_path, field, value, words):
+    """A config whose preset (digests recomputed, as any file from elsewhere may have them) says
+    another size than its stored tensors is refused by ``load_checkpoint``, before anything builds
+    the model at the preset's sizes (classifier_width 20000 allocated 2.4 GB first)."""
+    from tests_helpers import invoke
+
+    ck = load_checkpoint(cls_ckpt)
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(bad, kind="classifier", preset=replace(ck.preset, **{field: value}), model=ck.model,
+                    preprocess=ck.preprocessing)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    assert words in str(err.value) and str(bad) in str(err.value), str(err.value)
+    res = invoke("export", bad, "--out", tmp_path / "m.onnx")
+    assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_pickled_object_is_refused_without_suggesting_weights_only_false(tmp_path):
+    """torch's own message advises retrying with ``weights_only=False``, which would run code from a
+    file of unknown origin: ctmask names what the file pickles and never quotes that advice."""
+    from tests_helpers import invoke
+
+    bad = tmp_path / "pickled.pt"
+    torch.save(torch.nn.Linear(2, 2), bad)
+    with pytest.raises(CheckpointError, match="not a ctmask checkpoint") as err:
+        load_checkpoint(bad)
+    text = str(err.value)
+    assert str(bad) in text and "torch.nn.modules.linear.Linear" in text
+    assert "weights_only" not in text and "can still be loaded" not in text and "\x1b" not in text
+    res = invoke("export", bad, "--out", tmp_path / "m.onnx")
+    assert res.exit_code == 2 and "not a ctmask checkpoint" in res.output
+    assert "weights_only" not in res.output and "Traceback" not in res.output
+
+
 def test_failed_checkpoint_write_leaves_nothing(tmp_path, monkeypatch):
     out = tmp_path / "ck.pt"
 

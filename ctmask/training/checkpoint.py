@@ -26,6 +26,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import pickle
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -145,6 +148,74 @@ def _check_preset_types(preset: Preset) -> None:
                 raise ValueError(f"preset.{f.name} must be of type {declared}, got {value!r}")
 
 
+_PRESET_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "fpn_channels": (1, 4096), "image_size": (32, 8192), "mask_head_channels": (1, 4096), "n_rois": (1, 100_000),
+    "classifier_width": (1, 65_536), "box_representation": (1, 65_536), "num_lesion_classes": (2, 1000),
+    "num_slice_classes": (2, 1000), "seg_detections": (1, 100_000), "rpn_pre_nms_top_n_train": (1, 1_000_000),
+    "rpn_post_nms_top_n_train": (1, 1_000_000), "rpn_pre_nms_top_n_test": (1, 1_000_000),
+    "rpn_post_nms_top_n_test": (1, 1_000_000), "rpn_batch_size_per_image": (1, 1_000_000),
+    "box_batch_size_per_image": (1, 1_000_000),
+}
+"""Accepted range of each integer size of a checkpoint's preset (the paper's are far inside)."""
+
+
+def _check_preset_bounds(preset: Preset) -> None:
+    """Raise ValueError naming the first preset field outside what any ctmask model can be: sizes
+    in :data:`_PRESET_INT_BOUNDS`, 1-64 blocks per stage, 1-16 finite positive anchor sizes and
+    aspect ratios, thresholds and box coder weights finite (a config from elsewhere could
+    otherwise have the model built with any size before its weights are compared)."""
+    for name, (lo, hi) in _PRESET_INT_BOUNDS.items():
+        value = getattr(preset, name)
+        if not lo <= value <= hi:
+            raise ValueError(f"preset.{name} is {value}, outside [{lo}, {hi}]")
+    if not all(1 <= b <= 64 for b in preset.backbone_blocks):
+        raise ValueError(f"preset.backbone_blocks {list(preset.backbone_blocks)}: each stage needs 1 to 64 blocks")
+    for name in ("anchor_sizes", "aspect_ratios"):
+        values = getattr(preset, name)
+        if not 1 <= len(values) <= 16 or not all(math.isfinite(v) and 0 < v <= 8192 for v in values):
+            raise ValueError(f"preset.{name} {list(values)[:20]}: expected 1 to 16 finite values in (0, 8192]")
+    for f in dataclasses.fields(Preset):
+        value = getattr(preset, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"preset.{f.name} is {value!r}, not finite")
+
+
+def expected_shapes(kind: str, preset: Preset) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a ``kind`` checkpoint of ``preset`` holds, from the model
+    built on the meta device (shapes only: no memory is allocated)."""
+    from ctmask.training.detector import build_detector
+    from ctmask.training.model import CovidCTMaskNet
+
+    with torch.device("meta"):
+        state = (CovidCTMaskNet(preset).state_dict_for_checkpoint() if kind == "classifier"
+                 else build_detector(preset).state_dict())
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _shape_problems(model: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """How the stored tensors differ (names, shapes) from those the preset builds; at most 3 of each kind."""
+    missing = [k for k in expected if k not in model]
+    unexpected = [k for k in model if k not in expected]
+    wrong = [f"{k} is stored {list(model[k].shape)}, the preset builds {list(v)}"
+             for k, v in expected.items() if k in model and tuple(model[k].shape) != v]
+    problems = wrong[:3] + ([f"... and {len(wrong) - 3} more of other shapes"] if len(wrong) > 3 else [])
+    for what, names in (("missing", missing), ("not in the model", unexpected)):
+        if names:
+            problems.append(f"{len(names)} tensor(s) {what} ({', '.join(map(str, names[:3]))}"
+                            f"{', ...' if len(names) > 3 else ''})")
+    return problems
+
+
+def _unpickling_refused(exc: Exception) -> str:
+    """What a ``weights_only=True`` refusal means, naming the Python object the file pickles; never
+    torch's advice to load it with ``weights_only=False`` (which runs code from the file)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    what = f" (it pickles {found.group(1)})" if found else ""
+    return (f"not a ctmask checkpoint: it holds Python objects beyond tensors, numbers and strings{what}, which "
+            "ctmask never writes and does not load (unpickling them would run code from the file)")
+
+
 def preprocessing_of(config: dict) -> Preprocessing:
     """The pre-processing recorded in a checkpoint config.
 
@@ -234,6 +305,9 @@ def load_checkpoint(path: str | Path, kind: str | None = None, preset: str | Non
         raise CheckpointError("checkpoint file does not exist", path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(_unpickling_refused(exc), path,
+                              hint="a ctmask checkpoint comes from `ctmask train-seg` / `ctmask train-cls`") from None
     except Exception as exc:  # a damaged file makes torch.load fail in many ways (KeyError among them)
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
@@ -288,10 +362,19 @@ def load_checkpoint(path: str | Path, kind: str | None = None, preset: str | Non
             raise ValueError(f"config says kind {cfg['kind']!r}, the checkpoint {blob['kind']!r}")
         ckpt_preset = preset_from_dict(cfg["preset"])
         _check_preset_types(ckpt_preset)
+        _check_preset_bounds(ckpt_preset)
         prep = preprocessing_of(cfg)
     except Exception as exc:  # anything in a damaged or hand-edited config
         why = exc.message if isinstance(exc, CtmaskError) else f"{exc.__class__.__name__}: {exc}"
         raise CheckpointError(f"checkpoint config is malformed: {why}"[:600], path, hint=_CORRUPT_HINT) from None
+    # The stored tensors' shapes against the preset's, before anything builds the model at the
+    # preset's sizes (a classifier_width edited to 20000 would allocate gigabytes first).
+    shape_problems = _shape_problems(model, expected_shapes(blob["kind"], ckpt_preset))
+    if shape_problems:
+        raise CheckpointError(f"the preset in the checkpoint config ({ckpt_preset.name!r}) does not fit its stored "
+                              "weights: " + "; ".join(shape_problems), path,
+                              hint="the config and the weights are of different models (edited or damaged); use the "
+                                   "checkpoint as ctmask wrote it")
     if legacy:
         what = ("has no weights digest (written before ctmask recorded one), so its weights and config cannot"
                 if "weights_sha256" not in blob else
