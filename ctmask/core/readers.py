@@ -53,6 +53,11 @@ folder) and StudyInstanceUID; ``frame`` of a multi-frame DICOM is the stored fra
 Sizes are checked on what a file declares, before its pixels are decoded
 (:func:`ctmask.core.preprocess.check_image_size`: 32..8192 px per side; Pillow's
 decompression-bomb warning and error become :class:`DataError` too).
+Every limit is in :mod:`ctmask.core.limits` (one table), checked before the memory is spent:
+a Deflated DICOM is inflated in a stream, counted, before pydicom inflates it whole; sequence
+items are counted on the raw bytes before pydicom builds them (:mod:`ctmask.core.bounded`); a
+NIfTI slice's and volume's bytes are checked on its header, and a ``.nii.gz`` is read slice by
+slice from one stream (:class:`~ctmask.core.bounded.GzipCursor`), never held whole.
 
 Every problem with a file is a :class:`DataError` from :func:`read_slice` and a ``Failure``
 from :func:`collect_sources`, which never raises for a file. Warnings the decoders emit
@@ -80,7 +85,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
+from ctmask.core.bounded import GzipCursor, check_dicom_limits
 from ctmask.core.errors import CtmaskWarning, DataError
+from ctmask.core.limits import MAX_NIFTI_HEADER_BYTES, MAX_SLICE_BYTES, MAX_SLICES, MAX_VOLUME_BYTES, MiB, mib
 from ctmask.core.preprocess import DICOM_SUFFIXES, LUNG_WINDOW, MAX_IMAGE_SIDE, check_image_size, window_hu
 
 if TYPE_CHECKING:
@@ -102,14 +109,6 @@ DEFAULT_HU_OFFSET = 1024.0
 
 AIR_HU = -1000.0
 """What padding pixels (PixelPaddingValue) become."""
-
-MAX_SLICES = 8192
-"""Most slices one file may declare (frames of a DICOM, slices of a NIfTI volume)."""
-
-GZ_CACHE_BYTES = 1 << 30
-"""A compressed NIfTI volume up to this many bytes (stored type) is decompressed once and kept
-while its slices are read (a gzip stream has no random access: reading slice by slice would
-decompress the file again for every slice)."""
 
 CT = "CT"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -480,6 +479,14 @@ def _probe_dicom(probe: FileProbe, path: Path, label: str, sure: bool, explicit:
     or skipped as a DICOM object without an image); False when it is no DICOM image. ``sure``:
     the file has a DICOM suffix or marker, so reading errors are failures."""
     try:
+        check_dicom_limits(path)  # pydicom inflates a Deflated file whole and builds every sequence item
+    except DataError as exc:
+        probe.failure = exc.message
+        return True
+    except OSError as exc:
+        probe.failure = _error("cannot read file", exc)
+        return True
+    try:
         with _captured([]):
             ds = _pydicom().dcmread(path, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
     except Exception as exc:  # a decoder of untrusted bytes: any failure is this file's
@@ -748,6 +755,7 @@ def _decode(path: Path, frame: int | None, window: tuple[float, float], force_mo
 def _read_unknown(path: Path, frame: int | None, window: tuple[float, float], force_modality: bool,
                   hu_offset: float) -> tuple[np.ndarray, str, dict]:
     """A file without a known suffix or marker: a DICOM image pydicom can read, else a raster image."""
+    check_dicom_limits(path)
     try:
         with _captured([]):
             ds = _pydicom().dcmread(path, stop_before_pixels=True, force=True, specific_tags=["Rows", "Columns"])
@@ -844,8 +852,6 @@ def _raster_pixels(im: Image.Image, window: tuple[float, float], hu_offset: floa
 # ---------------------------------------------------------------- DICOM pixels
 
 
-_DS_CACHE: dict[str, Any] = {}
-_CACHE_LOCK = threading.Lock()
 
 
 def _file_key(path: Path) -> tuple:
@@ -854,24 +860,27 @@ def _file_key(path: Path) -> tuple:
 
 
 def _dicom_dataset(path: Path, notes: list[str]) -> Any:
-    """The whole dataset (pixels still encoded); the last multi-frame one is kept for its next frames."""
+    """The whole dataset (pixels still encoded); the last multi-frame one is kept for its next frames
+    by the thread reading it (never by the process: it goes with the thread, or the next file)."""
     try:
         key = _file_key(path)
-        with _CACHE_LOCK:
-            if _DS_CACHE.get("key") == key:
-                notes.extend(_DS_CACHE["notes"])
-                return _DS_CACHE["ds"]
+        kept = getattr(_LOCAL, "dataset", None)
+        if kept is not None and kept[0] == key:
+            notes.extend(kept[2])
+            return kept[1]
+        _LOCAL.dataset = None
+        check_dicom_limits(path)
         read_notes: list[str] = []
         with _captured(read_notes):
             ds = _pydicom().dcmread(path, force=True)
             frames = _int(ds, "NumberOfFrames", 1) or 1
+    except DataError:
+        raise
     except Exception as exc:  # a decoder of untrusted bytes: any failure is this file's
         raise DataError(_error("cannot decode DICOM", exc), path) from None
     notes.extend(read_notes)
     if frames > 1:
-        with _CACHE_LOCK:
-            _DS_CACHE.clear()
-            _DS_CACHE.update(key=key, ds=ds, notes=read_notes)
+        _LOCAL.dataset = (key, ds, read_notes)
     return ds
 
 
@@ -1119,7 +1128,44 @@ def _nibabel(path: Path) -> Any:
     return nibabel
 
 
-_GZ_CACHE: dict[str, Any] = {}
+def _nifti_header_check(path: Path) -> None:
+    """Refuse a NIfTI file whose voxels start past :data:`MAX_NIFTI_HEADER_BYTES` (nibabel reads
+    the header's extensions whole); reads the first 544 bytes only."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(544)
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            offset = struct.unpack(order + "f", head[108:112])[0]
+        elif len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            offset = struct.unpack(order + "q", head[168:176])[0]
+        else:
+            continue
+        if not offset <= MAX_NIFTI_HEADER_BYTES:
+            raise DataError(f"its voxels start at byte {offset:g}, past the {mib(MAX_NIFTI_HEADER_BYTES)} a NIfTI "
+                            "header and its extensions may take (refused before reading them)", path)
+
+
+def _gz_cursor(path: Path, keep: bool, every: int) -> GzipCursor:
+    """A cursor into ``path``'s gzip stream; with ``keep``, the thread's cursor, kept while it reads
+    this file (the next volume, or the thread's end, closes it): slices read in turn inflate the
+    file once. Without, a cursor of its own (the caller closes it). ``every``: bytes between its
+    checkpoints."""
+    if not keep:
+        return GzipCursor(path, every)
+    key = _file_key(path)
+    kept = getattr(_LOCAL, "gz", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    if kept is not None:
+        kept[1].close()
+    _LOCAL.gz = None
+    cursor = GzipCursor(path, every)
+    _LOCAL.gz = (key, cursor)
+    return cursor
 
 
 @dataclass
@@ -1142,11 +1188,14 @@ class _NiftiVolume:
         nib = _nibabel(path)
         notes: list[str] = []
         try:
+            _nifti_header_check(path)
             with _captured(notes):
                 img = nib.load(str(path), mmap=False)
                 shape = tuple(int(v) for v in img.shape)
                 affine = np.asarray(img.affine, dtype=np.float64)
                 dtype = np.dtype(img.get_data_dtype())
+        except DataError:
+            raise
         except Exception as exc:  # nibabel's ImageFileError, HeaderDataError, struct.error, OSError...
             raise DataError(_error("cannot read NIfTI", exc), path) from None
         if dtype.fields is not None or dtype.kind not in "biuf":
@@ -1169,6 +1218,19 @@ class _NiftiVolume:
         check_image_size(spatial[axes[0]], spatial[axes[1]], path)
         if not 1 <= spatial[axes[2]] <= MAX_SLICES:
             raise DataError(f"declares {spatial[axes[2]]} slices; ctmask reads 1 to {MAX_SLICES}", path)
+        slice_bytes = spatial[axes[0]] * spatial[axes[1]] * dtype.itemsize
+        if slice_bytes > MAX_SLICE_BYTES:
+            raise DataError(f"a slice of {spatial[axes[0]]}x{spatial[axes[1]]} {dtype} voxels holds "
+                            f"{mib(slice_bytes)}, more than the limit of {mib(MAX_SLICE_BYTES)} (refused before "
+                            "reading it)", path)
+        volume_bytes = math.prod(spatial) * dtype.itemsize
+        if volume_bytes > MAX_VOLUME_BYTES:
+            raise DataError(f"declares a volume of {mib(volume_bytes)}, more than the limit of "
+                            f"{mib(MAX_VOLUME_BYTES)} (refused before reading it)", path)
+        if path.name.lower().endswith(".gz") and len(shape) > 2 and axes[2] != 2 and volume_bytes > MAX_SLICE_BYTES:
+            raise DataError(f"a compressed volume of {mib(volume_bytes)} whose axial slices are not its last array "
+                            f"axis: each slice needs the whole volume, which may take up to {mib(MAX_SLICE_BYTES)} "
+                            "compressed; decompress it (gunzip) and read the .nii", path)
         return cls(path, img, axes, flips, spatial, notes)
 
     def index(self, k: int) -> int:
@@ -1181,15 +1243,16 @@ class _NiftiVolume:
         voxel[self.axes[2]] = self.index(k)
         return round(float((np.asarray(self.img.affine, dtype=np.float64) @ voxel)[2]), 4)
 
-    def plane(self, k: int) -> np.ndarray:
-        """Slice k as float64 [H, W] shown like an axial DICOM slice (anterior up, patient right on the left)."""
+    def plane(self, k: int) -> tuple[np.ndarray, float, float]:
+        """Slice k as stored [H, W] shown like an axial DICOM slice (anterior up, patient right on the
+        left), with the (slope, intercept) that make its values HU."""
         ndim = len(self.img.shape)
         slicer: list[Any] = [slice(None)] * ndim
         if self.axes[2] < ndim:
             slicer[self.axes[2]] = self.index(k)
         for extra in range(3, ndim):
             slicer[extra] = 0
-        arr = np.asarray(self._data(tuple(slicer)), dtype=np.float64)
+        arr, slope, inter = self._data(tuple(slicer))
         xa, ya = self.axes[0], self.axes[1]
         if arr.ndim != 2:
             raise DataError(f"expected a 2-D slice, found shape {arr.shape}", self.path)
@@ -1199,22 +1262,74 @@ class _NiftiVolume:
             arr = arr[::-1, :]
         if self.flips[1] < 0:
             arr = arr[:, ::-1]
-        return arr[::-1, ::-1].T  # rows: anterior -> posterior, columns: right -> left
+        return arr[::-1, ::-1].T, slope, inter  # rows: anterior -> posterior, columns: right -> left
 
-    def _data(self, slicer: tuple) -> np.ndarray:
+    def _data(self, slicer: tuple) -> tuple[np.ndarray, float, float]:
+        """(voxels of ``slicer``, slope, intercept). A ``.nii`` is read by nibabel (the slice only,
+        scaled); a ``.nii.gz`` through a :class:`GzipCursor` (the slice's bytes only, inflating
+        the file once while its slices are read in turn; a volume whose axial axis is not the last
+        is at most :data:`MAX_SLICE_BYTES` and is kept whole while its slices are read)."""
         dataobj = self.img.dataobj
-        nbytes = math.prod(self.img.shape) * np.dtype(self.img.get_data_dtype()).itemsize
-        if not str(self.path).lower().endswith(".gz") or nbytes > GZ_CACHE_BYTES or not hasattr(dataobj, "slope"):
-            return dataobj[slicer]
+        if not str(self.path).lower().endswith(".gz") or not hasattr(dataobj, "slope"):
+            return dataobj[slicer], 1.0, 0.0
+        dtype, offset = np.dtype(dataobj.dtype), int(dataobj.offset)
+        shape = tuple(int(v) for v in self.img.shape)
+        keep = self.nz > 1
+        z_axis = self.axes[2]
+        if len(shape) == 2 or z_axis == 2:  # one contiguous block (Fortran order)
+            nbytes = shape[0] * shape[1] * dtype.itemsize
+            index = slicer[2] if len(shape) > 2 else 0
+            cursor = _gz_cursor(self.path, keep, max(nbytes, nbytes * self.nz // 256))
+            try:
+                raw = np.frombuffer(cursor.read_at(offset + index * nbytes, nbytes), dtype)
+            finally:
+                if not keep:
+                    cursor.close()
+            raw = raw.reshape(shape[:2], order="F")
+        else:
+            volume = self._whole(dtype, offset, shape, keep)
+            raw = volume[slicer]
+        return raw, float(dataobj.slope), float(dataobj.inter)
+
+    def _whole(self, dtype: np.dtype, offset: int, shape: tuple[int, ...], keep: bool) -> np.ndarray:
         key = _file_key(self.path)
-        with _CACHE_LOCK:
-            if _GZ_CACHE.get("key") != key:
-                _GZ_CACHE.clear()
-                raw = np.asarray(dataobj.get_unscaled())
-                _GZ_CACHE.update(key=key, raw=raw, slope=float(dataobj.slope), inter=float(dataobj.inter))
-            raw, slope, inter = _GZ_CACHE["raw"], _GZ_CACHE["slope"], _GZ_CACHE["inter"]
-        plane = np.asarray(raw[slicer], dtype=np.float64)
-        return plane * slope + inter if (slope, inter) != (1.0, 0.0) else plane
+        kept = getattr(_LOCAL, "volume", None)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        _LOCAL.volume = None
+        cursor = GzipCursor(self.path)
+        try:
+            volume = np.frombuffer(cursor.read_at(offset, math.prod(shape) * dtype.itemsize), dtype)
+        finally:
+            cursor.close()
+        volume = volume.reshape(shape, order="F")
+        if keep:
+            _LOCAL.volume = (key, volume)
+        return volume
+
+    def rendered(self, k: int, window: tuple[float, float]) -> np.ndarray:
+        """Slice k rendered with ``window`` (float32 [H, W], as :func:`render_hu` of its HU), converted
+        a band of rows at a time: memory is the stored slice plus the float32 result.
+
+        Raises:
+            DataError: the slice holds voxels that are not finite numbers.
+        """
+        raw, slope, inter = self.plane(k)
+        out = np.empty(raw.shape, dtype=np.float32)
+        rows = max(1, (16 * MiB) // max(1, raw.shape[1] * 8))
+        bad = 0
+        for r in range(0, raw.shape[0], rows):
+            hu = np.asarray(raw[r : r + rows], dtype=np.float64)
+            if (slope, inter) != (1.0, 0.0):
+                hu = hu * slope + inter
+            finite = np.isfinite(hu)
+            if not finite.all():
+                bad += int((~finite).sum())
+                continue
+            out[r : r + rows] = render_hu(hu, window)
+        if bad:
+            raise DataError(f"slice {k} holds {bad} voxels that are not finite numbers", self.path)
+        return out
 
     def spacing(self) -> list[float]:
         zooms = np.sqrt((np.asarray(self.img.affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
@@ -1231,19 +1346,16 @@ def _read_nifti(path: Path, frame: int | None, window: tuple[float, float]) -> t
     notes = list(vol.notes)
     try:
         with _captured(notes):
-            hu = vol.plane(frame)
+            pixels = vol.rendered(frame, window)
             codes = "".join(_nibabel(path).orientations.aff2axcodes(vol.img.affine))
             zooms = np.sqrt((np.asarray(vol.img.affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
     except DataError:
         raise
     except Exception as exc:  # truncated data, short reads, bad compression...
         raise DataError(_error("cannot read NIfTI slice", exc), path) from None
-    if not np.isfinite(hu).all():
-        raise DataError(f"slice {frame} holds {int((~np.isfinite(hu)).sum())} voxels that are not finite numbers",
-                        path)
     info: dict[str, Any] = {"assumed": "HU", "orientation": codes, "slices": vol.nz, "z_mm": vol.z_mm(frame),
                             "pixel_spacing_mm": vol.spacing(), "slice_spacing_mm": round(float(zooms[vol.axes[2]]), 6),
                             "display": "canonical RAS+ [x, y] -> rows anterior to posterior, columns right to left"}
     if notes:
         info["warnings"] = notes
-    return render_hu(hu, window), "nifti-hu", info
+    return pixels, "nifti-hu", info

@@ -1,0 +1,294 @@
+"""Decompression bombs: small files that declare (or inflate to) far more than they hold.
+
+Each bomb is generated here (streamed: the test never holds what the bomb inflates to) and
+read in a fresh Python process, once through the ``infer`` path (``collect_sources`` then
+``load_refs``, what ``predict_sources`` runs on its loader thread) and once through the
+Serve request path (``CtmaskModel._decode``, what ``/predict`` runs on a worker thread).
+The process's peak resident memory while reading (``ru_maxrss`` after minus before) must stay
+under :data:`ctmask.core.readers.PEAK_BYTES_BOUND`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+ZERO_CHUNK = bytes(16 << 20)
+
+
+# ---------------------------------------------------------------- bombs
+
+
+def _ct_dataset(rows: int = 64, cols: int = 64):
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, generate_uid()
+    ds.Modality = "CT"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.full((rows, cols), 1024, np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+def _encode(ds) -> bytes:
+    """``ds`` as explicit VR little endian bytes (no file meta)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _split(ds, tag: int) -> tuple[bytes, bytes]:
+    """The encoded elements of ``ds`` before and after ``tag`` (where a hand-made element goes)."""
+    from pydicom.dataset import Dataset
+
+    before, after = Dataset(), Dataset()
+    for elem in ds:
+        (before if elem.tag < tag else after).add(elem)
+    return _encode(before), _encode(after)
+
+
+def _preamble_and_meta(ds, transfer_syntax: str) -> bytes:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = transfer_syntax
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return bytes(128) + b"DICM" + fp.getvalue()
+
+
+def write_deflated_bomb(path: Path, tag_bytes: int = 1 << 30) -> Path:
+    """A Deflated Explicit VR DICOM CT slice (64 x 64) holding a private OB tag of ``tag_bytes``
+    zeros: ~1 MB on disk per GiB inflated."""
+    ds = _ct_dataset()
+    head, tail = _split(ds, 0x00091010)
+    creator = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 12) + b"CTMASK BOMB "
+    private = struct.pack("<HH2sHL", 0x0009, 0x1010, b"OB", 0, tag_bytes)
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with open(path, "wb") as fh:
+        fh.write(_preamble_and_meta(ds, DEFLATED))
+        fh.write(z.compress(head + creator + private))
+        left = tag_bytes
+        while left:
+            piece = ZERO_CHUNK if left >= len(ZERO_CHUNK) else bytes(left)
+            fh.write(z.compress(piece))
+            left -= len(piece)
+        fh.write(z.compress(tail) + z.flush())
+    return path
+
+
+def write_sequence_bomb(path: Path, items: int = 300_000) -> Path:
+    """A single-frame CT DICOM whose PerFrameFunctionalGroupsSequence holds ``items`` items (each
+    with a nested PlanePositionSequence item): ~50 bytes per item on disk."""
+    from pydicom.dataset import Dataset
+
+    ds = _ct_dataset()
+    ds.NumberOfFrames = 1
+    inner = Dataset()
+    pos = Dataset()
+    pos.ImagePositionPatient = [0, 0, 0]
+    inner.PlanePositionSequence = [pos]
+    body = _encode(inner)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, len(body)) + body
+    head, tail = _split(ds, 0x52009230)
+    with open(path, "wb") as fh:
+        fh.write(_preamble_and_meta(ds, "1.2.840.10008.1.2.1"))
+        fh.write(head + struct.pack("<HH2sHL", 0x5200, 0x9230, b"SQ", 0, 0xFFFFFFFF))
+        fh.write(item * items)
+        fh.write(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + tail)
+    return path
+
+
+def write_nifti_gz(path: Path, shape: tuple[int, ...], dtype, value: float = 0.0, flip_z: bool = False) -> Path:
+    """A gzipped NIfTI-1 volume of ``shape`` (x, y, z) filled with ``value``, streamed one z slice at
+    a time (the generator never holds the volume)."""
+    import nibabel as nib
+
+    dtype = np.dtype(dtype)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    affine = np.diag([0.7, 0.7, -1.0 if flip_z else 1.0, 1.0])
+    hdr.set_qform(affine, code=1)
+    hdr.set_sform(affine, code=1)
+    hdr["vox_offset"] = 352
+    plane = np.full(shape[:2], value, dtype=dtype).tobytes(order="F")
+    with gzip.open(path, "wb", compresslevel=6) as fh:
+        fh.write(hdr.binaryblock + bytes(4))
+        for _ in range(int(np.prod(shape[2:], dtype=np.int64))):
+            fh.write(plane)
+    return path
+
+
+# ---------------------------------------------------------------- measuring
+
+
+MEASURE = r"""
+import json, os, resource, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel, pydicom, pydicom.pixels  # imported before the baseline: only the reading is measured
+from ctmask.core.readers import collect_sources
+from ctmask.core.spec import GraphSpec
+from ctmask.runtime.batch_run import ReadOptions, load_refs
+
+mode, path = sys.argv[1], Path(sys.argv[2])
+spec = GraphSpec(preset="small", image_size=64, n_rois=4)
+if mode == "serve":
+    from ctmask.scale.serve import CtmaskModel, _Refused
+    replica = object.__new__(CtmaskModel.func_or_class)  # the replica's decode state, without a runner
+    replica.opts = SimpleNamespace(force_modality=False)
+    replica.spec, replica.read_opts = spec, ReadOptions()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+out = {"slices": 0, "failures": []}
+if mode == "serve":
+    try:
+        upload = replica._decode(path)
+        out["slices"] = len(upload.loaded.refs)
+    except _Refused as exc:
+        out["failures"].append([exc.status, exc.reason])
+else:
+    refs, failures = collect_sources([path])
+    out["failures"] += [[f.file, f.reason] for f in failures]
+    for i in range(0, len(refs), 8):
+        loaded = load_refs(refs[i:i + 8], spec, None, False, ReadOptions())
+        out["slices"] += len(loaded.refs)
+        out["failures"] += [[f.file, f.reason] for f in loaded.failures]
+out["seconds"] = round(time.perf_counter() - t0, 2)
+out["peak_bytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+upload = loaded = None
+out["held_bytes"] = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") - base * 1024
+print(json.dumps(out))
+"""
+
+
+def measure(path: Path, mode: str, root: Path | None = None) -> dict:
+    """Read ``path`` through ``mode`` (``infer`` or ``serve``) in a fresh process: slices read,
+    failures, seconds and peak memory added by the reading (bytes)."""
+    root = root or Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), RAY_DISABLE_IMPORT_WARNING="1")
+    proc = subprocess.run([sys.executable, "-c", MEASURE, mode, str(path)], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- tests
+
+REFUSED_PEAK = 64 << 20  # a bomb refused before its memory is spent costs next to nothing
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bombs")
+    return {"deflated": write_deflated_bomb(d / "deflated.dcm"),
+            "sequence": write_sequence_bomb(d / "sequence.dcm"),
+            "nifti_float64": write_nifti_gz(d / "slice.nii.gz", (8192, 8192, 1), np.float64),
+            "nifti_largest": write_nifti_gz(d / "largest.nii.gz", (8192, 8192, 1), np.float32, -1000.0)}
+
+
+@pytest.mark.parametrize("mode", ["infer", "serve"])
+@pytest.mark.parametrize("bomb, words", [("deflated", "inflates to more than 256 MiB"),
+                                         ("sequence", "more than 131,072 sequence items"),
+                                         ("nifti_float64", "holds 512 MiB, more than the limit of 256 MiB")])
+def test_bombs_are_refused_before_their_memory_is_spent(bombs, bomb, words, mode):
+    from ctmask.core.limits import PEAK_BYTES_BOUND
+
+    out = measure(bombs[bomb], mode)
+    assert out["slices"] == 0 and len(out["failures"]) == 1, out
+    where, reason = out["failures"][0]
+    assert words in reason, out
+    assert where == (422 if mode == "serve" else str(bombs[bomb])), out  # the file (or the upload) is named
+    assert out["peak_bytes"] < REFUSED_PEAK < PEAK_BYTES_BOUND, out
+
+
+@pytest.mark.parametrize("mode", ["infer", "serve"])
+def test_the_largest_allowed_slice_stays_within_the_bound_and_nothing_stays(bombs, mode):
+    """8192 x 8192 float32 from a 250 KB .nii.gz: read, under the bound, and nothing kept after."""
+    from ctmask.core.limits import PEAK_BYTES_BOUND
+
+    out = measure(bombs["nifti_largest"], mode)
+    assert out["slices"] == 1 and out["failures"] == [], out
+    assert out["peak_bytes"] < PEAK_BYTES_BOUND, out
+    assert out["held_bytes"] < REFUSED_PEAK, out  # no process-wide cache of the volume
+
+
+def test_a_bomb_among_good_inputs_fails_alone(bombs, tmp_path):
+    from ctmask.core.readers import collect_sources, read_slice
+
+    good = write_nifti_gz(tmp_path / "good.nii.gz", (64, 64, 3), np.int16, -500)
+    refs, failures = collect_sources([bombs["deflated"], good, bombs["sequence"]])
+    assert [r.path for r in refs] == [str(good)] * 3
+    assert {f.file for f in failures} == {str(bombs["deflated"]), str(bombs["sequence"])}
+    assert all(read_slice(r).pixels.shape == (64, 64) for r in refs)
+
+
+@pytest.mark.parametrize("flip_z", [False, True])
+def test_a_gzipped_volume_is_inflated_about_once_whatever_the_slice_order(tmp_path, flip_z):
+    import threading
+
+    from ctmask.core.readers import _LOCAL, collect_sources, read_slice
+
+    shape = (256, 256, 240)  # 30 MiB of int16, slices of 128 KiB
+    path = write_nifti_gz(tmp_path / "v.nii.gz", shape, np.int16, -300, flip_z=flip_z)
+    volume = int(np.prod(shape)) * 2
+    refs, failures = collect_sources([path])
+    assert failures == [] and len(refs) == shape[2]
+
+    def read_all() -> None:
+        for ref in refs:
+            assert read_slice(ref).pixels.shape == (256, 256)
+        inflated.append(_LOCAL.gz[1].inflated)
+
+    inflated: list[int] = []
+    worker = threading.Thread(target=read_all)  # the loader thread of `infer`: its cursor goes with it
+    worker.start()
+    worker.join()
+    # forwards: once; backwards (z stored superior to inferior): each checkpoint interval twice
+    assert inflated and inflated[0] <= (1 if not flip_z else 2) * volume + (1 << 20), (inflated, volume)
+
+
+def test_a_deflated_dicom_within_the_limit_still_reads(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from ctmask.core.readers import collect_sources, read_slice
+
+    ds = _ct_dataset(48, 40)
+    from pydicom.dataset import FileMetaDataset
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CT_IMAGE, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "d.dcm", enforce_file_format=True)
+    refs, failures = collect_sources([tmp_path / "d.dcm"])
+    assert failures == [] and len(refs) == 1
+    assert read_slice(refs[0]).pixels.shape == (48, 40)
