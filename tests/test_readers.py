@@ -653,7 +653,8 @@ def test_folders_without_slices_and_other_files(tmp_path):
     write_sr(tmp_path / "docs" / "report.dcm")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
-    refs, failures = collect_sources([tmp_path / "docs", tmp_path / "bad"])
+    with pytest.warns(CtmaskWarning, match="ignored 1 non-image DICOM object: SR 1"):
+        refs, failures = collect_sources([tmp_path / "docs", tmp_path / "bad"])
     assert [r.path for r in refs] == [str(tmp_path / "bad" / "x.png")]  # images are opened when read
     assert failures == [Failure(str(tmp_path / "docs"), "folder holds no image (.png .jpg .jpeg .tif .tiff .bmp), "
                                                         "DICOM or NIfTI file")]
@@ -664,6 +665,63 @@ def test_folders_without_slices_and_other_files(tmp_path):
     assert [r.path for r in refs] == [str(tmp_path / "slice")] and read_slice(refs[0]).kind == "image-8bit"
     assert [Path(f.file).name for f in failures] == ["README.txt", "report.dcm"]
     assert "not an image" in failures[0].reason and "no image" in failures[1].reason
+
+
+def test_non_image_dicom_objects_in_a_folder_are_counted_by_modality(tmp_path):
+    """pydicom's RT plans (one truncated, one big-endian without file meta) are skipped in a folder,
+    as documented, and counted in one warning a user who pointed at the wrong folder sees."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    for name in ("rtplan.dcm", "rtplan_truncated.dcm", "ExplVR_BigEndNoMeta.dcm", "CT_small.dcm"):
+        shutil.copy(get_testdata_file(name), tmp_path / name)
+    write_sr(tmp_path / "report.dcm")
+    with pytest.warns(CtmaskWarning, match="ignored 4 non-image DICOM objects: RTPLAN 3, SR 1") as rec:
+        refs, failures = collect_sources([tmp_path])
+    assert len([w for w in rec if "non-image" in str(w.message)]) == 1
+    assert [r.label for r in refs] == [f"{tmp_path.name}/CT_small.dcm"] and failures == []
+
+
+def test_a_duplicated_dicom_instance_is_predicted_once_with_a_warning(tmp_path):
+    """The same SOPInstanceUID found twice (a copied file, in another folder or under another name) is
+    one instance: the copy is dropped, with a warning naming both; distinct instances at one position stay."""
+    import shutil
+
+    (tmp_path / "s").mkdir()
+    for z, name in enumerate(("a.dcm", "b.dcm")):
+        write_dicom(tmp_path / "s" / name, np.zeros((32, 32), np.uint16), series="7.7", ipp=(0, 0, z))
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "s" / "a.dcm", tmp_path / "copy" / "a-again.dcm")
+    with pytest.warns(CtmaskWarning, match=r"1 DICOM slice\(s\) dropped as copies") as rec:
+        refs, failures = collect_sources([tmp_path / "s", tmp_path / "copy"])
+    message = next(str(w.message) for w in rec if "copies" in str(w.message))
+    assert "copy/a-again.dcm copies s/a.dcm" in message
+    assert [r.label for r in refs] == ["s/a.dcm", "s/b.dcm"] and failures == []
+    # The copy alone is no duplicate.
+    refs, failures = collect_sources([tmp_path / "copy"])
+    assert [r.label for r in refs] == ["copy/a-again.dcm"] and failures == []
+
+
+def test_nifti_of_unknown_orientation_is_refused_by_a_documented_rule(tmp_path):
+    """qform_code and sform_code both 0: nibabel guesses an orientation from the voxel sizes, so the
+    slices could be sagittal; refused naming the codes and the fix. Either code set is read."""
+    import nibabel as nib
+
+    data = np.zeros((40, 40, 3), np.int16)
+    unknown = tmp_path / "unknown.nii"
+    nib.Nifti1Image(data, None).to_filename(str(unknown))
+    assert int(nib.load(str(unknown)).header["qform_code"]) == int(nib.load(str(unknown)).header["sform_code"]) == 0
+    known = []
+    for code in ("qform", "sform"):
+        img = nib.Nifti1Image(data, None)
+        getattr(img, f"set_{code}")(np.diag([0.7, 0.7, 2.5, 1.0]), code=1)
+        img.to_filename(str(tmp_path / f"{code}.nii"))
+        known.append(tmp_path / f"{code}.nii")
+    decoded, failures = decode_all([unknown, *known])
+    assert [(f.file, "qform_code and sform_code are both 0" in f.reason) for f in failures] == [(str(unknown), True)]
+    assert "set_sform" in failures[0].reason
+    assert sorted({Path(d.ref.path).name for d in decoded}) == ["qform.nii", "sform.nii"] and len(decoded) == 6
 
 
 # ---------------------------------------------------------------- fuzzing

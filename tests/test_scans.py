@@ -304,3 +304,27 @@ def test_study_parquet_keeps_non_utf8_names_exactly(small_onnx, tmp_path):
     assert invoke("infer", small_onnx, src, "--studies", out, "-q").exit_code == 0
     (row,) = pq.read_table(out).to_pylist()
     assert json.loads(row["names_json"])["study"] == name  # exact, where `study` holds U+FFFD
+
+
+def test_infer_names_what_it_ignored_and_predicts_a_copied_instance_once(small_onnx, tmp_path):
+    """A folder of RT plans next to a CT slice and a copy of it: the run's output counts the ignored
+    non-image objects by modality and predicts the instance once; a NIfTI of unknown orientation is skipped
+    with the reason."""
+    import nibabel as nib
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("rtplan.dcm", "rtplan_truncated.dcm", "ExplVR_BigEndNoMeta.dcm", "CT_small.dcm"):
+        shutil.copy(get_testdata_file(name), folder / name)
+    shutil.copy(folder / "CT_small.dcm", folder / "CT_small_copy.dcm")
+    nib.Nifti1Image(np.zeros((64, 64, 2), np.int16), None).to_filename(str(folder / "unknown.nii"))
+    out = tmp_path / "p.jsonl"
+    r = invoke("infer", small_onnx, folder, "--out", out, "-q", "--json", tmp_path / "s.json")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "warning: ignored 3 non-image DICOM objects: RTPLAN 3" in r.output
+    assert "scans/CT_small_copy.dcm copies scans/CT_small.dcm" in r.output
+    assert [rec["file"] for rec in read_jsonl(out)] == [str(folder / "CT_small.dcm")]
+    skipped = json.loads((tmp_path / "s.json").read_text())["skipped"]
+    assert [s["file"] for s in skipped] == [str(folder / "unknown.nii")]
+    assert "qform_code and sform_code are both 0" in skipped[0]["error"]
