@@ -274,6 +274,30 @@ def test_check_triton_catches_an_injected_fault(repo_copy, fault):
     assert message in r.output, r.output
 
 
+@pytest.mark.parametrize("target", ["1/model.onnx", "labels.txt", "config.pbtxt"])
+def test_check_triton_flags_a_file_linked_from_outside_the_repository(repo_copy, tmp_path, target):
+    """A symbolic link to a file outside the repository reads fine here, but a Triton container that
+    mounts the repository cannot follow it: a finding naming the link and its target. A link that
+    stays inside the repository is fine."""
+    link = repo_copy / "small" / target
+    elsewhere = tmp_path / "elsewhere" / link.name
+    elsewhere.parent.mkdir()
+    shutil.move(link, elsewhere)
+    link.symlink_to(elsewhere)
+    found = [f for f in check_triton_repo(repo_copy) if f.path == str(link)]
+    assert [f.message for f in found] == [f"is a symbolic link to {elsewhere}, outside the model repository: a Triton "
+                                          "container that mounts the repository cannot read it; copy the file into "
+                                          "the repository"]
+    r = invoke("check-triton", repo_copy)
+    assert r.exit_code == 1 and f"{link}: is a symbolic link to {elsewhere}, outside" in r.output, r.output
+    inside = repo_copy / ".store" / link.name
+    inside.parent.mkdir()
+    shutil.move(elsewhere, inside)
+    link.unlink()
+    link.symlink_to(inside)
+    assert check_triton_repo(repo_copy) == []
+
+
 @pytest.mark.parametrize("target", ["labels.txt", "config.pbtxt", "1/model.onnx", "."])
 def test_check_triton_reports_an_unreadable_file_or_folder(repo_copy, monkeypatch, target):
     """An unreadable file (or a model folder that cannot be listed) is a finding naming it. The

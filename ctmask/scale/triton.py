@@ -579,6 +579,25 @@ def _kind(path: Path) -> tuple[str, str]:
     return "other", "is not a regular file (a FIFO, socket or device)"
 
 
+def _outside(path: Path, repo: Path) -> str | None:
+    """Where ``path`` really is when a symbolic link on its way takes it out of the model repository
+    ``repo`` (None when it stays inside, or cannot be resolved: :func:`_kind` says so)."""
+    try:
+        real, root = path.resolve(strict=True), repo.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    return None if real.is_relative_to(root) else str(real)
+
+
+def _check_inside(path: Path, repo: Path, add) -> None:
+    """A finding when ``path`` resolves outside ``repo``: a container mounting the repository alone
+    cannot follow the link."""
+    real = _outside(path, repo)
+    if real is not None:
+        add(f"is a symbolic link to {real}, outside the model repository: a Triton container that mounts the "
+            "repository cannot read it; copy the file into the repository", path)
+
+
 def _escapes(name: str) -> bool:
     """A relative file name that leaves its folder: absolute, or with a ``..`` component."""
     parts = name.replace("\\", "/").split("/")
@@ -634,7 +653,9 @@ def check_triton_repo(repo: Path) -> list[Finding]:
     ``default_model_filename`` (other than the platform's file) and ``cc_model_filenames``,
     which ctmask never writes, are findings; a ``model_warmup`` must fit ``max_batch_size`` and
     the model's inputs. A file that cannot be read, is not UTF-8 text, is a directory or a
-    symbolic link loop is a finding naming it, never an exception.
+    symbolic link loop is a finding naming it, never an exception; so is a config, labels or
+    model file that a symbolic link takes outside ``repo`` (a container that mounts the
+    repository cannot read it).
 
     Raises:
         DataError: ``repo`` is not a folder, or cannot be listed.
@@ -680,6 +701,7 @@ def _check_model(folder: Path) -> list[Finding]:
     if kind != "file":
         add(why)
         return out
+    _check_inside(path, folder.parent, add)
     text = _read_text(path, add)
     if text is None:
         return out
@@ -750,6 +772,7 @@ def _check_model(folder: Path) -> list[Finding]:
             add(f"{why}: version {v}'s {file_name} must be the model file itself (ctmask writes one file)",
                 model_file)
             continue
+        _check_inside(model_file, folder.parent, add)
         sha = recorded.get(v, {}).get("sha256")
         try:
             if model_file.stat().st_size == 0:
@@ -871,6 +894,7 @@ def _check_labels(folder: Path, config: mc.ModelConfig, add) -> list[str] | None
         if kind != "file":
             add(f"{why}: output {o.name}'s label_filename must be a text file of class names", path)
             continue
+        _check_inside(path, folder.parent, add)
         text = _read_text(path, add)
         if text is None:
             continue
