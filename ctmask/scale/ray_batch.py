@@ -30,6 +30,7 @@ import os
 import pickle
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError, CtmaskError
+from ctmask.core.errors import ConfigError, CtmaskError, CtmaskWarning
 from ctmask.core.spec import INPUT, GraphSpec
 from ctmask.runtime.batch_run import ReadOptions, load_refs, slice_predictions
 from ctmask.runtime.predict import CropBoxes, Failure, Prediction, check_crop
@@ -52,6 +53,11 @@ small preset; a fraction leaves the cores to the actors)."""
 
 CONNECT_TIMEOUT_S = 120.0
 """How long joining a Ray cluster at ``--address`` may take before ctmask gives up."""
+MIN_RAY = (2, 59)
+"""Oldest Ray ctmask starts a local cluster with: the first release whose new local clusters turn
+Ray's token authentication on by default (``RAY_AUTH_MODE=token`` unless set otherwise)."""
+LOOPBACK = "127.0.0.1"
+"""The one address every server of a local cluster ctmask starts listens on."""
 MAX_DEFAULT_CPU_ACTORS = 16
 """Most CPU actors the default pool makes (each holds its own copy of the model, ~0.5 GB for the
 small preset); ``--actors`` sets any number."""
@@ -177,12 +183,56 @@ def check_address(address: str, timeout_s: float = 10.0) -> None:
                             "inside a Ray job, or leave out --address for a local cluster") from None
 
 
+def check_ray_version(version: str) -> None:
+    """Refuse to start a local cluster on a Ray older than :data:`MIN_RAY`.
+
+    Raises:
+        RayError: naming the version found and the one needed.
+    """
+    parts = [int(p) for p in version.split(".")[:2] if p.isdigit()]
+    if len(parts) == 2 and tuple(parts) >= MIN_RAY:
+        return
+    need = ".".join(map(str, MIN_RAY))
+    raise RayError(f"Ray {version} is installed; ctmask starts local clusters on Ray >= {need} only (older ones run "
+                   "without token authentication, and anyone who reaches their ports can run code on this machine)",
+                   hint=f"pip install -U 'ray[data,serve]>={need}'")
+
+
+@contextmanager
+def _loopback_node() -> Iterator[dict]:
+    """While a local cluster starts: Ray takes 127.0.0.1 as this node's address, so its servers
+    (GCS, raylet and object manager, workers, dashboard head and agent, runtime-env agent,
+    metrics exporters) listen on the loopback only. On Linux Ray replaces a loopback node
+    address by the machine's network one unless its single-machine mode is on (the default on
+    macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``): that mode is set for this
+    process while ``ray.init`` runs and for the processes it spawns, then restored, so joining a
+    cluster later is unaffected."""
+    from ray._private import ray_constants
+
+    env = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before = os.environ.get(env), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[env] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield {"_node_ip_address": LOOPBACK, "dashboard_host": LOOPBACK}
+    finally:
+        if before[0] is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = before[0]
+        ray_constants.ENABLE_RAY_CLUSTER = before[1]
+
+
 def init_ray(address: str | None, logging_level: int = logging.ERROR) -> None:
     """Join the cluster at ``address`` (checked first), or start a new local one with this
     machine's cores (``address="local"``: never a cluster someone else started here).
 
+    A local cluster listens on 127.0.0.1 only (every server Ray starts for it) and runs with
+    Ray's token authentication unless ``RAY_AUTH_MODE`` says otherwise (Ray >= 2.59's default).
+
     Raises:
-        RayError: the cluster cannot be joined.
+        RayError: the cluster cannot be joined; a local one cannot be started on this Ray or did
+            not come up on the loopback.
     """
     ray = _ray()
     kwargs: dict = {"include_dashboard": False, "logging_level": logging_level, "log_to_driver": True,
@@ -190,6 +240,12 @@ def init_ray(address: str | None, logging_level: int = logging.ERROR) -> None:
     if address is not None:
         address = address.strip()
         check_address(address)
+    else:
+        check_ray_version(ray.__version__)
+        if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+            warnings.warn("RAY_AUTH_MODE=disabled: the local Ray cluster runs without token authentication; it "
+                          "listens on 127.0.0.1 only, but anyone on this machine can run code through it",
+                          CtmaskWarning, stacklevel=2)
     what = f"join the Ray cluster at {address!r}" if address else "start Ray"
     hint = "start one with `ray start --head`, or leave out --address for a local one"
     outcome: dict = {}
@@ -199,7 +255,8 @@ def init_ray(address: str | None, logging_level: int = logging.ERROR) -> None:
             if address is not None:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
+                with _loopback_node() as loopback:
+                    ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs, **loopback)
         except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc
 
@@ -221,6 +278,18 @@ def init_ray(address: str | None, logging_level: int = logging.ERROR) -> None:
         raise RayError(f"cannot {what} ({_ray_reason(exc)})", hint=hint) from None
     if exc is not None:
         raise exc
+    if address is None and (node := _node_address()) != LOOPBACK:
+        # fail closed: a Ray whose local node is not on the loopback exposes its servers
+        ray.shutdown()
+        raise RayError(f"the local Ray cluster came up on {node}, not {LOOPBACK}: its servers would listen beyond "
+                       "this machine", hint="report this with `ray --version`; until then use --address with a "
+                                            "cluster you secured")
+
+
+def _node_address() -> str:
+    from ray.util import get_node_ip_address
+
+    return get_node_ip_address()
 
 
 @contextmanager
