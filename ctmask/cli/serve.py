@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ctmask.cli.common import JsonOpt, emit_json, human_echo, user_errors
+from ctmask.cli.common import JsonOpt, check_paths, emit_json, human_echo, user_errors
 
 BackendOpt = typer.Option("auto", "--backend", help="auto | onnxruntime | openvino | tensorrt | torch (auto: by the "
                                                     "model file, as `ctmask infer`).")
@@ -40,6 +40,9 @@ def serve(
                                                               "slices (uploads carry no crop box)."),
     address: str | None = typer.Option(None, "--address", help="Join this Ray cluster (e.g. auto, ray://host:10001) "
                                                                "instead of starting a local Ray."),
+    token_file: Path | None = typer.Option(None, "--token-file", help="File holding the bearer token every endpoint "
+                                                                      "but /health wants (or set CTMASK_SERVE_TOKEN); "
+                                                                      "401 without it."),
 ) -> None:
     """Serve a model over HTTP on Ray Serve until Ctrl-C / SIGTERM, with dynamic batching across requests.
 
@@ -48,14 +51,18 @@ def serve(
     exactly as `ctmask infer` decodes it. `GET /health`, `GET /metadata`, `GET /stats`. Errors are JSON
     `{"error", "status"}`: 400 empty body, 408 body stalled for --read-timeout-s, 413 too large, 415 not
     an image, 422 refused by the readers (or more than one slice), 404 / 405. Bad options and a model that cannot
-    be loaded exit 2 before Ray starts.
+    be loaded exit 2 before Ray starts. With a token (CTMASK_SERVE_TOKEN or --token-file), every endpoint but
+    /health answers 401 without `Authorization: Bearer TOKEN`.
     """
-    from ctmask.scale.serve import start_server
+    import os
 
+    from ctmask.scale.serve import read_token, start_server
+
+    token = read_token(os.environ, token_file)
     handle = start_server(model, port=port, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                           host=host, backend=backend, device=device, threads=threads, max_body_mb=max_body_mb,
                           address=address, top_rois=top_rois, force_modality=force_modality, hu_offset=hu_offset,
-                          uncropped=uncropped, read_timeout_s=read_timeout_s)
+                          uncropped=uncropped, read_timeout_s=read_timeout_s, token=token)
     stop = {"signal": None}
 
     def on_signal(signum, frame) -> None:
@@ -103,6 +110,7 @@ def bench_serve(
         levels = [int(c) for c in clients.split(",") if c.strip()]
     except ValueError:
         raise ConfigError(f"--clients takes comma-separated numbers, got {clients!r}") from None
+    check_paths({"MODEL": model, "--images": images}, {"--json": json_out})
     echo = human_echo(json_out)
     if url is not None and (replicas, max_batch, batch_wait_ms) != (1, 8, 10.0):
         typer.secho("warning: --replicas / --batch-wait-ms apply to a server started here, not to --url; --max-batch "

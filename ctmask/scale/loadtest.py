@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -69,8 +70,15 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
     raise ServerError(f"the server at {url} did not answer /health within {timeout_s:g} s (last: {last})")
 
 
+def auth_headers() -> dict[str, str]:
+    """``Authorization: Bearer`` with the token ``ctmask serve`` reads (``CTMASK_SERVE_TOKEN``),
+    when it is set: a server started with a token answers 401 to requests without it."""
+    token = os.environ.get("CTMASK_SERVE_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def get_json(url: str, timeout_s: float = 30.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth_headers()), timeout=timeout_s) as r:
         return json.loads(r.read())
 
 
@@ -161,7 +169,7 @@ def run_level(url: str, uploads: list[Upload], clients: int, requests: int, time
                     if conn is None:
                         conn = conn_class(host, port, timeout=timeout_s)
                     conn.request("POST", path, body=up.body, headers={
-                        "Content-Type": "application/octet-stream", "X-Filename": up.name})
+                        "Content-Type": "application/octet-stream", "X-Filename": up.name, **auth_headers()})
                     r = conn.getresponse()
                     data = r.read()
                     status = r.status

@@ -21,7 +21,12 @@ runs: onnxruntime, OpenVINO, a TensorRT ``.engine``, a checkpoint in PyTorch) an
   replicas at random: a caller that wants every replica's counters asks until it has seen
   ``replicas`` ids (:func:`ctmask.scale.loadtest.collect_stats`).
 
-Every error is JSON ``{"error": reason, "status": code}``: 400 empty body, 404 unknown path,
+With a token (:data:`TOKEN_ENV` or ``--token-file``, never a command-line value: ``ps`` shows
+those), every endpoint but ``/health`` wants ``Authorization: Bearer TOKEN`` and answers 401
+without it or with another token (compared in constant time). ``/metadata`` names files only
+(the model, the checkpoint it was exported from), never their folders on either machine.
+
+Every error is JSON ``{"error": reason, "status": code}``: 400 empty body, 401 no or wrong token, 404 unknown path,
 405 wrong method, 408 nothing of the body arrived for ``read_timeout_s``, 499 (counted, nobody
 reads it) the client closed the connection first, 413 body over the limit or an image
 declaring more than 8192 px a side (the readers' limit, refused before decoding), 415 not an
@@ -42,13 +47,18 @@ wants a reverse proxy with its own body cap in front.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +67,7 @@ from ray import serve
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from ctmask.core.errors import ConfigError
+from ctmask.core.errors import ConfigError, CtmaskWarning
 from ctmask.core.preprocess import DICOM_SUFFIXES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from ctmask.core.readers import NIFTI_SUFFIXES, RASTER_SUFFIXES
 from ctmask.scale.loadtest import wait_healthy
@@ -74,6 +84,105 @@ type from its content, as they do for PACS files without a suffix."""
 KNOWN_SUFFIXES = (*RASTER_SUFFIXES, *DICOM_SUFFIXES, *NIFTI_SUFFIXES)
 
 ROUTES = {"/predict": "POST", "/health": "GET", "/metadata": "GET", "/stats": "GET"}
+OPEN_ROUTES = ("/health",)
+"""Answered without the token (load balancers and orchestrators probe it)."""
+
+TOKEN_ENV = "CTMASK_SERVE_TOKEN"
+"""Environment variable holding the bearer token (``--token-file`` names a file instead)."""
+MIN_TOKEN_CHARS = 16
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")  # RFC 6750 b64token: sent as is in the header
+
+
+def check_token(token: str, source: str) -> str:
+    """The token as sent in ``Authorization: Bearer TOKEN`` (surrounding white space removed).
+
+    Raises:
+        ConfigError: empty, shorter than :data:`MIN_TOKEN_CHARS`, or holding characters a bearer
+            token cannot carry; naming ``source`` (never the token).
+    """
+    token = token.strip()
+    make = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    if not token:
+        raise ConfigError(f"{source} is empty: no token to check requests against", hint=make)
+    if len(token) < MIN_TOKEN_CHARS or not _TOKEN_CHARS.fullmatch(token):
+        raise ConfigError(f"{source} must hold one token of at least {MIN_TOKEN_CHARS} characters among "
+                          "A-Z a-z 0-9 . _ ~ + / = - (no spaces)", hint=make)
+    return token
+
+
+def read_token(env: Mapping[str, str], token_file: str | Path | None) -> str | None:
+    """The serve token from the environment (:data:`TOKEN_ENV`) or from ``token_file``; ``None``
+    when neither is set.
+
+    Raises:
+        ConfigError: both set, the file unreadable, or a token :func:`check_token` refuses.
+    """
+    from_env = env.get(TOKEN_ENV)
+    if from_env is not None and token_file is not None:
+        raise ConfigError(f"a token in both {TOKEN_ENV} and --token-file: set one of them")
+    if token_file is not None:
+        path = Path(token_file)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(4097)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file ({exc.strerror or exc.__class__.__name__})", path) from None
+        try:
+            text = data.decode("ascii") if len(data) <= 4096 else None
+        except UnicodeDecodeError:
+            text = None
+        if text is None:
+            raise ConfigError(f"--token-file {path.name} does not hold one token (ASCII, at most 4096 bytes)")
+        return check_token(text, f"--token-file {path.name}")
+    if from_env is not None:
+        return check_token(from_env, TOKEN_ENV)
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` is this machine only (127.0.0.0/8, ::1, ``localhost``)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.strip().lower() == "localhost"
+
+
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """The warning for a server reachable beyond this machine without a token, else ``None``."""
+    if token is not None or is_loopback(host):
+        return None
+    return (f"--host {host} serves BEYOND THIS MACHINE WITHOUT AUTHENTICATION: anyone who reaches "
+            f"{host} can run the model and read /metadata and /stats. Set {TOKEN_ENV} or --token-file, and put a "
+            "reverse proxy with TLS in front (README: Serving on Ray Serve)")
+
+
+def _authorized(header: str | None, token: str) -> bool:
+    scheme, _, given = (header or "").strip().partition(" ")
+    # compare_digest: the time taken does not tell how much of a guess was right
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+_ABSOLUTE = re.compile(r"^(/|\\\\|[A-Za-z]:[\\/])")
+_NAME_ONLY_KEYS = ("ctmask.checkpoint", "model")
+
+
+def file_name(path: str) -> str:
+    """The last component of a POSIX or Windows path (the machine that wrote it may be either)."""
+    return re.split(r"[\\/]", path.rstrip("\\/"))[-1]
+
+
+def without_paths(obj):
+    """``obj`` (nested dicts and lists) with every absolute path, and the values of
+    ``ctmask.checkpoint`` and ``model``, reduced to file names: what a server tells its
+    clients names no folder of this machine or the one that exported the model."""
+    if isinstance(obj, dict):
+        return {k: file_name(v) if k in _NAME_ONLY_KEYS and isinstance(v, str) else without_paths(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [without_paths(v) for v in obj]
+    if isinstance(obj, str) and _ABSOLUTE.match(obj):
+        return file_name(obj)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -95,6 +204,8 @@ class ServeOptions:
     hu_offset: float = 1024.0
     uncropped: bool = False
     read_timeout_s: float = 30.0
+    token: str | None = field(default=None, repr=False)
+    """Bearer token every endpoint but ``/health`` wants (``None``: no authentication)."""
 
     def check(self) -> None:
         """Refuse bad values (before anything starts).
@@ -118,6 +229,8 @@ class ServeOptions:
             raise ConfigError(f"--top-rois must be >= 1, got {self.top_rois}")
         if not 0 < self.read_timeout_s <= 3600:
             raise ConfigError(f"--read-timeout-s must be > 0 and at most 3600, got {self.read_timeout_s:g}")
+        if self.token is not None:
+            check_token(self.token, "the serve token")
 
     @property
     def max_body_bytes(self) -> int:
@@ -247,6 +360,30 @@ class _Refused(Exception):
         self.status, self.reason = status, reason
 
 
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve starts each replica's inter-deployment gRPC server on ``[::]:0`` (every
+    interface) whatever the node's address (Ray 2.60, ``ray.serve._private.replica``). On a node
+    whose address is the loopback (the local clusters ctmask starts) nothing beyond this machine
+    may reach it: called in the replica's constructor, before Serve starts that server, this
+    binds it to 127.0.0.1. A node with a network address (``--address``) is left as Ray makes it."""
+    from ray.util import get_node_ip_address
+
+    if get_node_ip_address() != "127.0.0.1":
+        return
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "ctmask_loopback", False):
+        return  # another Ray: tests/test_exposure.py tells whether it still listens beyond the loopback
+
+    def on_loopback(server, address: str):
+        host, _, port = address.rpartition(":")
+        return bind(server, f"127.0.0.1:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    on_loopback.ctmask_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 class CtmaskModel:
     """One replica: one activated runner, the batcher and this replica's counters."""
@@ -255,6 +392,7 @@ class CtmaskModel:
         from ctmask.runtime.batch_run import ReadOptions
         from ctmask.runtime.factory import make_runner
 
+        _replica_grpc_on_loopback()
         self.opts = opts
         self.info = info
         self.runner = make_runner(Path(opts.model), opts.backend, opts.device, opts.threads).activate()
@@ -291,7 +429,12 @@ class CtmaskModel:
         path = request.url.path.rstrip("/") or "/"
         method = request.method.upper()
         want = ROUTES.get(path)
-        if want is None:
+        token = self.opts.token
+        if token is not None and path not in OPEN_ROUTES and not _authorized(request.headers.get("authorization"),
+                                                                             token):
+            response = _error(401, "this server wants a token: send the header 'Authorization: Bearer TOKEN'",
+                              headers={"WWW-Authenticate": 'Bearer realm="ctmask"'})
+        elif want is None:
             response = _error(404, f"no such endpoint {path!r}; endpoints: POST /predict, GET /health, "
                                    "GET /metadata, GET /stats")
         elif method != want and not (want == "GET" and method == "HEAD"):
@@ -324,7 +467,8 @@ class CtmaskModel:
 
     def metadata(self) -> dict:
         o = self.opts
-        return {"model": self.info.identity(), "spec": self.spec.metadata(), "runner": self.runner.describe(),
+        return {"model": self.info.identity(), "spec": without_paths(self.spec.metadata()),
+                "runner": without_paths(self.runner.describe()),
                 "replica": self.replica, "replicas": o.replicas,
                 "batching": {"max_batch": o.max_batch, "batch_wait_ms": o.batch_wait_ms},
                 "limits": {"max_body_mb": o.max_body_mb, "max_body_bytes": o.max_body_bytes,
@@ -526,7 +670,7 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
                  threads: int | None = None, max_body_mb: float = 64.0, address: str | None = None,
                  top_rois: int = 5, force_modality: bool = False, hu_offset: float = 1024.0,
                  uncropped: bool = False, ready_timeout_s: float = 180.0,
-                 read_timeout_s: float = 30.0) -> ServerHandle:
+                 read_timeout_s: float = 30.0, token: str | None = None) -> ServerHandle:
     """Serve ``model`` on ``http://host:port`` with ``replicas`` replicas; returns once
     ``/health`` answers 200.
 
@@ -552,6 +696,12 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
         read_timeout_s: how long the body may stall (no new bytes) before a 408.
         uncropped: serve a model trained on body-cropped slices on whole slices (uploads carry
             no crop box; refused otherwise).
+        token: the bearer token every endpoint but ``/health`` wants (401 without it); ``None``
+            serves without authentication, with a :class:`~ctmask.core.errors.CtmaskWarning`
+            when ``host`` is not a loopback address.
+
+    A local Ray started here listens on 127.0.0.1 only, whatever ``host`` is
+    (:func:`ctmask.scale.ray_batch.init_ray`); only Serve's HTTP proxy listens on ``host``.
 
     Raises:
         ConfigError: a bad option, or the port in use.
@@ -561,8 +711,12 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
     if threads is None and replicas > 1:
         threads = max(1, (os.cpu_count() or 1) // replicas)
     opts = ServeOptions(str(model), port, replicas, max_batch, float(batch_wait_ms), host, backend, device, threads,
-                        float(max_body_mb), top_rois, force_modality, hu_offset, uncropped, float(read_timeout_s))
+                        float(max_body_mb), top_rois, force_modality, hu_offset, uncropped, float(read_timeout_s),
+                        token)
     opts.check()
+    exposed = exposure_warning(host, token)
+    if exposed:
+        warnings.warn(exposed, CtmaskWarning, stacklevel=2)
     info = check_model(opts)
     _check_port(host, port)
     started_ray = False
