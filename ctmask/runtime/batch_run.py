@@ -27,6 +27,7 @@ import numpy as np
 from ctmask.core.errors import ConfigError, DataError
 from ctmask.core.preprocess import crop_box, resize
 from ctmask.core.spec import INPUT, GraphSpec
+from ctmask.core.spreadsheet import restore_cell
 from ctmask.runtime.predict import CropBoxes, Failure, Prediction, check_crop
 from ctmask.runtime.runner import Runner
 from ctmask.runtime.sources import DecodedSlice, SliceRef
@@ -248,7 +249,9 @@ class Resume:
 
 
 def _csv_record(row: dict) -> dict:
-    """A CSV row of :class:`~ctmask.runtime.predict.PredictionWriter` back as a record (types restored)."""
+    """A CSV row of :class:`~ctmask.runtime.predict.PredictionWriter` back as a record (types, and
+    the text cells :func:`~ctmask.core.spreadsheet.safe_cell` quoted, restored)."""
+    row = {k: restore_cell(v) if isinstance(v, str) else v for k, v in row.items()}
 
     def opt(key: str, cast):
         value = row.get(key)

@@ -23,6 +23,7 @@ from ctmask.core.errors import ConfigError, DataError
 from ctmask.core.fileio import atomic_path, close_atomic, output_error
 from ctmask.core.preprocess import IMAGE_SUFFIXES, load_slice
 from ctmask.core.spec import GraphSpec
+from ctmask.core.spreadsheet import safe_row
 from ctmask.data.covidx import Box, SplitEntry, read_split
 from ctmask.runtime.runner import Runner
 
@@ -323,7 +324,7 @@ class PredictionWriter:
             if self.scan_columns:
                 row += ["" if rec.get(k) is None else json.dumps(rec[k]) if isinstance(rec[k], list) else rec[k]
                         for k in SCAN_COLUMNS]
-            self._csv.writerow(row)
+            self._csv.writerow(safe_row(row))  # text cells never start like a spreadsheet formula
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:

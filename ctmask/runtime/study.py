@@ -38,6 +38,7 @@ from typing import Any, NamedTuple, Protocol
 
 from ctmask.core.errors import ConfigError
 from ctmask.core.fileio import atomic_path, close_atomic, output_error
+from ctmask.core.spreadsheet import safe_row
 
 RULE = "topk-mean/1"
 """Name of the aggregation rule (written in every record; bumped if the rule changes)."""
@@ -298,9 +299,9 @@ class StudyWriter:
                 self.class_names = tuple(study.probs)
                 self._header()
             driving = [[d.label, round(d.prob, 6)] for d in study.driving]
-            self._csv.writerow([study.study, study.class_name, study.class_index,
-                                *(study.probs[c] for c in self.class_names), study.n_slices,
-                                json.dumps(study.series), study.rule, json.dumps(driving)])
+            self._csv.writerow(safe_row([study.study, study.class_name, study.class_index,  # no formula cells
+                                         *(study.probs[c] for c in self.class_names), study.n_slices,
+                                         json.dumps(study.series), study.rule, json.dumps(driving)]))
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
