@@ -83,7 +83,7 @@ def test_infer_csv(small_onnx, slices, tmp_path):
     assert res.exit_code == 0, res.output
     lines = out.read_text().splitlines()
     assert lines[0] == ("file,class,class_index,prob_normal,prob_pneumonia,prob_covid19,n_rois,top_roi_score,"
-                        "key,label,study,series,position,frame,kind,size,top_boxes,overlay")
+                        "key,id,label,study,series,position,frame,kind,size,top_boxes,overlay")
     assert len(lines) == 6
 
 

@@ -88,12 +88,24 @@ def test_unreadable_slice_is_a_failure_and_the_rest_go_on(small_onnx, synth_dir,
     assert sum(hasattr(i, "probs") for i in items) == 3
 
 
-def test_prediction_writer_is_atomic(tmp_path):
+def test_prediction_writer_touches_nothing_before_its_first_record_and_keeps_whole_records(tmp_path):
+    import json
+
     out = tmp_path / "p.jsonl"
+    out.write_text("an earlier run's file\n")
     with pytest.raises(RuntimeError):
         with PredictionWriter(out, ("a", "b", "c")):
+            raise RuntimeError("crash before the first record")
+    assert out.read_text() == "an earlier run's file\n"
+    rec = {"file": "x.png", "class": "a", "class_index": 0, "probs": {"a": 1.0, "b": 0.0, "c": 0.0}}
+    with pytest.raises(RuntimeError):
+        with PredictionWriter(out, ("a", "b", "c")) as w:
+            w.write_record(rec)
+            w.flush()
+            assert [json.loads(line) for line in out.read_text().splitlines()] == [rec]  # readable mid-run
             raise RuntimeError("crash mid-run")
-    assert list(tmp_path.iterdir()) == []
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [rec]  # kept, for --resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
     with pytest.raises(ConfigError, match="use .jsonl, .csv or .parquet"):
         PredictionWriter(tmp_path / "p.txt", ("a",))
 

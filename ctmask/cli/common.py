@@ -133,6 +133,38 @@ def emit_json(obj: Any, path: Path | None) -> None:
     typer.echo(f"wrote {path}", err=True)
 
 
+def check_paths(inputs: dict[str, Any], outputs: dict[str, Any], folders: dict[str, Any] | None = None,
+                slice_folders: bool = True) -> Any:
+    """:func:`ctmask.core.outputs.check_outputs` for a command: every output against every input
+    and against each other, before any work (exit 2). An existing file inside an input folder is
+    an input when the readers would take it as a slice (an image, DICOM or NIfTI file), or, for
+    a command whose input folders are no folders of slices (``slice_folders=False``), always."""
+    from ctmask.core.outputs import check_outputs
+
+    return check_outputs(inputs, outputs, folders, is_input_file=_read_as_slice if slice_folders else None)
+
+
+def split_images(path: Path | None) -> list[Path]:
+    """The slices a COVIDx-CT split file names (inputs too), or [] for anything else (a folder,
+    a ranges file, a file that is not a split: its own command reports that)."""
+    if path is None or path.suffix.lower() != ".txt" or not path.is_file():
+        return []
+    from ctmask.core.errors import CtmaskError
+    from ctmask.data.covidx import read_split
+
+    try:
+        return [e.path for e in read_split(path, check_exists=False)]
+    except (CtmaskError, OSError, ValueError):
+        return []
+
+
+def _read_as_slice(path: Path) -> bool:
+    from ctmask.core.readers import FileTask, probe_file
+
+    probe = probe_file(FileTask(str(path), path.name, explicit=False))
+    return bool(probe.slices or probe.dicom or probe.failure)
+
+
 PresetOpt = typer.Option("small", "--preset", "-p", help="Model preset: 'small' or 'paper'.")
 JsonOpt = typer.Option(None, "--json", help="Write results as JSON to this file ('-' for stdout).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from ctmask.cli.common import JsonOpt, QuietOpt, emit_json, human_echo, user_errors
+from ctmask.cli.common import JsonOpt, QuietOpt, check_paths, emit_json, human_echo, split_images, user_errors
 from ctmask.core.errors import ConfigError
 from ctmask.runtime.factory import CHECKPOINT_SUFFIXES, make_runner  # noqa: F401  (re-exported)
 
@@ -30,8 +30,10 @@ def infer(
     overlays: Path | None = typer.Option(None, "--overlays", help="Folder for PNG overlays: each slice with its top "
                                                                   "RoIs' boxes and scores drawn."),
     report: Path | None = typer.Option(None, "--report", help="Self-contained HTML report of the run (.html)."),
-    resume: bool = typer.Option(False, "--resume", help="Skip the slices already in --out (from an earlier run) "
-                                                        "and write old and new records together."),
+    resume: bool = typer.Option(False, "--resume", help="Continue --out of an earlier (or killed) run: the slices "
+                                                        "already in it (matched by SOPInstanceUID, else file "
+                                                        "content) are not predicted again; new records are "
+                                                        "appended."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference call."),
     backend: str = typer.Option("auto", help="auto | onnxruntime | openvino | tensorrt | torch (auto: by the model "
                                               "file: .engine runs on TensorRT (GPU, pip install 'ctmask[trt]'); "
@@ -67,18 +69,23 @@ def infer(
     Pre-processing (input size, DICOM window, body crop) follows the model's metadata. DICOM series are
     grouped by SeriesInstanceUID and ordered along the slice normal; studies by StudyInstanceUID (a NIfTI
     volume or a loose image is a study of its own). Every unreadable or refused input is reported (path and
-    reason) and skipped; the rest are processed. Output files appear only complete (written to a temporary
-    file and renamed). Exit status: 0 every slice predicted; 1 some inputs skipped (listed); 2 nothing could
-    run (bad option, unreadable model, missing backend): nothing written.
+    reason) and skipped; the rest are processed. Records reach --out as they are made (flushed after every
+    batch: the file holds whole records at any moment; Parquet: in `<out>.journal.jsonl` until the end), so a
+    killed run continues with --resume; one run at a time writes an output (`<out>.lock` names it). The other
+    outputs appear only complete (written to a temporary file and renamed). No output may be an input or
+    another output; outputs inside an input folder are never read as inputs. Exit status: 0 every slice
+    predicted; 1 some inputs skipped (listed); 2 nothing could run (bad option, unreadable model, missing
+    backend, an output over an input): nothing written.
     """
     from ctmask.core.progress import progress
     from ctmask.runtime.predict import CropBoxes, Failure, PredictionWriter, check_crop
 
     t0 = time.perf_counter()
     echo = human_echo(json_out)
-    _check_outputs(out, studies, report, overlays, resume, model)
+    guard = _check_outputs(out, studies, report, overlays, resume, model, inputs, boxes, json_out)
     from ctmask.core.readers import collect_sources
     from ctmask.runtime.batch_run import ReadOptions, Resume, predict_sources
+    from ctmask.runtime.sources import with_identities
 
     ray_opts = ray_stats = None
     ray_only = [n for n, v in (("--address", address), ("--actors", actors), ("--cpus-per-actor", cpus_per_actor))
@@ -91,13 +98,18 @@ def infer(
         ray_stats = RayStats()
     elif ray_only:
         raise ConfigError(f"{', '.join(ray_only)} only apply with --ray")
-    earlier = Resume(out) if resume and out is not None else None
     crop_boxes = CropBoxes.from_split(boxes) if boxes is not None else None
     counts: dict[str, int] = {}
-    records: list[dict] = list(earlier.records) if earlier is not None else []
     opts = ReadOptions(force_modality, hu_offset)
     t_infer = 0.0
     with contextlib.ExitStack() as stack:
+        earlier = None
+        if out is not None:  # one run at a time on an output; its earlier records checked before anything runs
+            from ctmask.core.outputs import output_lock
+
+            stack.enter_context(output_lock(out, " ".join(["ctmask infer", *map(str, [model, *inputs])])))
+            earlier = Resume(out) if resume else None
+        records: list[dict] = list(earlier.records) if earlier is not None else []
         if use_ray:
             from ctmask.runtime.bench import read_spec
             from ctmask.scale.ray_batch import collect_sources_ray, predict_sources_ray, ray_cluster
@@ -113,11 +125,14 @@ def infer(
             refs, failures = collect_sources(inputs, force_modality=force_modality)
             runner = stack.enter_context(make_runner(model, backend, device, threads))
             spec = runner.spec
+        # this run's own outputs inside an input folder (overlays, a predictions file) are no inputs
+        refs = with_identities([r for r in refs if not guard.excludes(r.path)])
+        failures = [f for f in failures if not guard.excludes(f.file)]
         if earlier is not None:
-            done = earlier.keys
             n_before = len(refs)
-            refs = [r for r in refs if r.key not in done]
-            echo(f"resume: {n_before - len(refs)} slice(s) already in {out}, {len(refs)} to predict")
+            refs = [r for r in refs if not earlier.done(r)]
+            torn = "; an incomplete last line (a killed run) is left out" if earlier.torn else ""
+            echo(f"resume: {n_before - len(refs)} slice(s) already in {out}, {len(refs)} to predict{torn}")
         check_crop(spec, crop_boxes, uncropped)
         if spec.crop and uncropped:
             typer.secho(f"warning: {model} was trained on body-cropped slices; running it on whole slices "
@@ -127,19 +142,22 @@ def infer(
                         err=True)
         if earlier is not None:
             earlier.check(spec.class_names)
-        writer = PredictionWriter(out, spec.class_names, scan_columns=True) if out is not None else None
+        writer = PredictionWriter(out, spec.class_names, scan_columns=True, resume=earlier) if out is not None else None
         t_run = time.perf_counter()
         with (writer or contextlib.nullcontext()), progress(len(refs), "infer", not quiet) as advance:
-            if writer is not None:
-                for rec in records:
-                    writer.write_record(rec)
+
+            def batch_done(n: int) -> None:
+                if writer is not None:
+                    writer.flush()  # the batch's records are in --out: a run killed from here resumes after it
+                advance(n)
+
             if use_ray:
                 items = predict_sources_ray(model, spec, refs, ray_opts, ray_stats, batch_size, top_rois,
-                                            on_batch=advance, boxes=crop_boxes, uncropped=uncropped,
+                                            on_batch=batch_done, boxes=crop_boxes, uncropped=uncropped,
                                             overlays=overlays, opts=opts, backend=backend, device=device,
                                             threads=threads)
             else:
-                items = predict_sources(runner, refs, batch_size, top_rois, on_batch=advance, boxes=crop_boxes,
+                items = predict_sources(runner, refs, batch_size, top_rois, on_batch=batch_done, boxes=crop_boxes,
                                         uncropped=uncropped, keep_pixels=overlays is not None, opts=opts)
             for item in items:
                 if isinstance(item, Failure):
@@ -206,31 +224,27 @@ def infer(
 
 
 def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, overlays: Path | None,
-                   resume: bool, model: Path) -> None:
-    """Refuse bad output options before anything runs (exit 2, nothing written)."""
+                   resume: bool, model: Path, inputs: list[Path], boxes: Path | None, json_out: Path | None):
+    """Refuse bad output options before anything runs (exit 2, nothing written): the formats, and
+    every output against every input and each other (:func:`ctmask.cli.common.check_paths`).
+    Returns the checked outputs (what an input listing leaves out)."""
+    from ctmask.core.outputs import lock_path
+    from ctmask.runtime.predict import journal_path
+
+    sidecars = {} if out is None else {"--out's lock file": lock_path(out)}
+    if out is not None and out.suffix.lower() == ".parquet":
+        sidecars["--out's journal"] = journal_path(out)
+    checked = check_paths({"MODEL": model, "INPUTS": inputs, "--boxes": boxes},
+                          {"--out": out, "--studies": studies, "--report": report, "--json": json_out, **sidecars},
+                          {"--overlays": overlays})
     tables = (".jsonl", ".csv", ".parquet")
     for opt, path, suffixes in (("--out", out, tables), ("--studies", studies, tables),
                                 ("--report", report, (".html", ".htm"))):
-        if path is None:
-            continue
-        if path.suffix.lower() not in suffixes:
+        if path is not None and path.suffix.lower() not in suffixes:
             raise ConfigError(f"{opt} {path}: use {' or '.join(suffixes)}")
-        if path.is_dir():
-            raise ConfigError(f"{opt} {path} is a folder; give a file name")
-        if path.resolve() == model.resolve():
-            raise ConfigError(f"{opt} {path} would overwrite the model")
-        parent = next((p for p in path.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise ConfigError(f"{opt} {path}: {parent} is a file, not a folder")
-    given = [p.resolve() for p in (out, studies, report) if p is not None]
-    if len(given) != len(set(given)):
-        raise ConfigError("--out, --studies and --report must be different files")
     if resume and out is None:
         raise ConfigError("--resume continues the predictions file of an earlier run: pass --out FILE")
-    if overlays is not None:
-        existing = next((p for p in (overlays, *overlays.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            raise ConfigError(f"--overlays {overlays}: {existing} is a file; give a folder")
+    return checked
 
 
 def _write_studies(records: list[dict], spec, studies: Path | None, top_k: int) -> list[dict]:
@@ -278,6 +292,8 @@ def parity(
     from ctmask.core.progress import progress
     from ctmask.exporter.parity import check_parity
 
+    check_paths({"CHECKPOINT": checkpoint, "MODEL": model, "--images": images, "--fp32": fp32, "--labels": labels,
+                 "its slices": split_images(labels)}, {"--json": json_out}, {"--polygraphy": polygraphy})
     with contextlib.ExitStack() as stack:
         advance = [lambda n=1: None]
 
@@ -380,6 +396,7 @@ def bench(
     inputs; ratios over PyTorch (vs torch) and over the FP32 graph on the same backend (vs fp32)."""
     from ctmask.runtime.bench import onnxruntime_resolver, openvino_resolver, plan_models, run_plan, tensorrt_resolver
 
+    check_paths({"MODEL": models, "--checkpoint": checkpoint, "--images": images}, {"--json": json_out})
     def torch_backend(device, spec):
         # Imported only when a torch backend is planned: an onnxruntime-only bench stays torch-free.
         try:

@@ -12,7 +12,17 @@ import typer
 
 from ctmask import __version__
 from ctmask.cli import deploy, precision, serve, triton, trt
-from ctmask.cli.common import JsonOpt, PresetOpt, QuietOpt, emit_json, human_echo, show_ctmask_warnings, user_errors
+from ctmask.cli.common import (
+    JsonOpt,
+    PresetOpt,
+    QuietOpt,
+    check_paths,
+    emit_json,
+    human_echo,
+    show_ctmask_warnings,
+    split_images,
+    user_errors,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -59,6 +69,7 @@ def synth(
     from ctmask.core.errors import ConfigError
     from ctmask.core.progress import progress
 
+    check_paths({}, {"--json": json_out}, {"OUT": out})
     if dicom:
         if slices is not None:
             raise ConfigError("--slices is for the PNG benchmark; with --dicom use --patients and "
@@ -111,6 +122,8 @@ def model_info(
     from ctmask.core.presets import get_preset
     from ctmask.training.model import parameter_report
 
+    check_paths({}, {"--json": json_out})
+
     report = parameter_report(get_preset(preset))
     echo = human_echo(json_out)
     for name, n in report["parts"].items():
@@ -144,6 +157,8 @@ def train_seg(
     from ctmask.data.cncb import list_segmentation
     from ctmask.training.train_seg import SegTrainOptions, train_segmentation
 
+    check_paths({"TRAIN_DIR": train_dir, "--resume": resume},
+                {"--out": out, "--out's sidecar": out.with_name(out.name + ".json"), "--json": json_out})
     opts = SegTrainOptions(epochs, batch_size, lr, weight_decay, hflip, seed, max_images)
     summary = train_segmentation(get_preset(preset), list_segmentation(train_dir), out, opts, resume, not quiet)
     last = summary["history"][-1] if summary["history"] else {}
@@ -187,6 +202,9 @@ def train_cls(
         scales = tuple(float(v) for v in perturb.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"--perturb takes comma-separated numbers, got {perturb!r}") from None
+    check_paths({"INIT": init, "--train-split": train_split, "--val-split": val_split,
+                 "their slices": [*split_images(train_split), *split_images(val_split)]},
+                {"--out": out, "--out's sidecar": out.with_name(out.name + ".json"), "--json": json_out})
     opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed, scales, consistency)
     train = read_split(train_split)
     val = read_split(val_split) if val_split else None
@@ -216,6 +234,8 @@ def evaluate(
     from ctmask.training.evaluate import evaluate_classifier, evaluate_segmentation
 
     echo = human_echo(json_out)
+    check_paths({"CHECKPOINT": checkpoint, "--split": split, "its slices": split_images(split), "--seg-dir": seg_dir},
+                {"--json": json_out})
     ck = load_checkpoint(checkpoint)
     if ck.kind == "classifier":
         if split is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from ctmask.cli.common import JsonOpt, QuietOpt, emit_json, human_echo, user_errors
+from ctmask.cli.common import JsonOpt, QuietOpt, check_paths, emit_json, human_echo, split_images, user_errors
 
 CalibrationOpt = typer.Option(None, "--calibration", help="INT8 ranges: a ranges file from `ctmask calibrate` (no "
                                                           "calibration runs), or slices to calibrate on: a folder, "
@@ -129,6 +129,10 @@ def export(
             raise ConfigError(f"{checkpoint} is packaged into {triton_repo} as it is: {', '.join(given)} "
                               f"appl{'ies' if len(given) == 1 else 'y'} when exporting from a checkpoint or "
                               "building an engine")
+        from ctmask.trt.engine import sidecar_path
+
+        check_paths({"CKPT_OR_ONNX": checkpoint, "its sidecar": sidecar_path(checkpoint)}, {"--json": json_out},
+                    {"--triton-repo": triton_repo})
         _package(checkpoint, triton, json_out)
         return
     if engine is None and packaged:
@@ -148,6 +152,10 @@ def export(
     engine_only += [n for n, v, d in (("--batch", batch, "1,8,32"), ("--workspace", workspace, 4.0)) if v != d]
     if engine_only:
         raise ConfigError(f"{', '.join(engine_only)} only apply to --engine tensorrt")
+    check_paths({"CKPT_OR_ONNX": checkpoint, "--calibration": calibration, "its slices": split_images(calibration),
+                 "--islands": islands},
+                {"--out": out, **_graph_sidecars(out, precision or "fp32", calibration, islands, fp32_blocks),
+                 "--json": json_out}, {"--triton-repo": triton_repo})
     if triton is not None:
         triton["name"] = triton["name"] or _default_name(out)
         _check_triton_destination(triton, graph=True, engine=False)
@@ -157,6 +165,19 @@ def export(
     _echo_graph(result, summary, echo)
     extra = {"triton": _write_triton(triton, out, None, echo)} if triton is not None else {}
     emit_json(result.to_dict() | ({"precision_summary": summary} if summary else {}) | extra, json_out)
+
+
+def _graph_sidecars(out: Path, precision: str, calibration: Path | None, islands: Path | None,
+                    fp32_blocks: str | None) -> dict[str, Path]:
+    """The files an export writes beside the graph ``out`` (:func:`ctmask.exporter.reduced.export_reduced`)."""
+    from ctmask.exporter.reduced import is_ranges_file, sidecar
+
+    files = {}
+    if precision == "int8" and not (calibration is not None and is_ranges_file(calibration)):
+        files["the ranges file beside --out"] = sidecar(out, "ranges")
+    if precision in ("fp16", "int8") and islands is None and fp32_blocks is None:
+        files["the precision report beside --out"] = sidecar(out, "precision")
+    return files
 
 
 def _triton_options(repo: Path | None, name: str | None, max_batch: int | None, instances: int, kind: str,
@@ -185,8 +206,6 @@ def _triton_options(repo: Path | None, name: str | None, max_batch: int | None, 
         raise ConfigError(f"--triton-kind must be gpu or cpu, got {kind!r}")
     if not 0 <= delay_us <= 60_000_000:
         raise ConfigError(f"--triton-delay-us must be in 0..60000000 (a minute), got {delay_us}")
-    if repo.exists() and not repo.is_dir():
-        raise ConfigError("--triton-repo is a file, not a folder", repo)
     return {"repo": repo, "name": name, "max_batch": max_batch, "instances": instances, "kind": kind,
             "delay_us": delay_us}
 
@@ -313,6 +332,17 @@ def _export_engine(source: Path, out: Path, engine: str, precision: str | None, 
         raise ConfigError("building an engine from a checkpoint proves its ONNX graph against PyTorch first: pass "
                           "--images DIR (slices for the parity check), or export the graph, check it with `ctmask "
                           "parity`, and build from the ONNX file")
+    from ctmask.trt.engine import sidecar_path
+
+    graph_out = out.with_suffix(".onnx")
+    graph_files = {} if from_graph else {
+        "the graph beside --out": graph_out,
+        **_graph_sidecars(graph_out, precision or "fp32", graph_opts["calibration"], graph_opts["islands"],
+                          graph_opts["fp32_blocks"])}
+    check_paths({"CKPT_OR_ONNX": source, "--images": images, "--calibration": graph_opts["calibration"],
+                 "its slices": split_images(graph_opts["calibration"]), "--islands": graph_opts["islands"]},
+                {"--out": out, "the engine's sidecar": sidecar_path(out), **graph_files,
+                 "--timing-cache": timing_cache, "--json": json_out}, {"--triton-repo": triton and triton["repo"]})
     if not source.is_file():
         raise ConfigError(f"{source} does not exist")
     require_tensorrt()  # before anything is written: TensorRT and a GPU must be here
@@ -323,7 +353,7 @@ def _export_engine(source: Path, out: Path, engine: str, precision: str | None, 
     if not from_graph:
         from ctmask.exporter.parity import check_parity
 
-        graph = out.with_suffix(".onnx")
+        graph = graph_out
         result, reduced = _export_graph(source, graph, precision or "fp32", quiet=quiet, **graph_opts)
         _echo_graph(result, reduced, echo)
         with console.status(f"parity of {graph} against PyTorch"):
@@ -377,23 +407,6 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def check_out(out: Path, what: str, *inputs: Path) -> None:
-    """Refuse an ``--out`` that cannot be written as a file, before any work is done.
-
-    Raises:
-        ConfigError: ``out`` is a folder, one of ``inputs``, or lies under a file.
-    """
-    from ctmask.core.errors import ConfigError
-
-    if out.is_dir():
-        raise ConfigError(f"--out is a folder; give {what}'s name", out)
-    if out.resolve() in {p.resolve() for p in inputs}:
-        raise ConfigError("--out would overwrite an input", out)
-    existing = next((p for p in out.parents if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"--out: {existing} is a file, not a folder", out)
-
-
 @user_errors
 def calibrate(
     model: Path = typer.Argument(..., help="FP32 ctmask ONNX graph."),
@@ -426,7 +439,8 @@ def calibrate(
         raise ConfigError(f"unknown --ops {ops!r}; expected one of {', '.join(OP_SETS)}")
     if not 0 < percentile <= 100:
         raise ConfigError(f"--percentile must be in (0, 100], got {percentile}")
-    check_out(out, "the ranges file", model, images)
+    check_paths({"MODEL": model, "--images": images, "its slices": split_images(images)},
+                {"--out": out, "--json": json_out})
     proto = load_proto(model)
     spec = spec_of(proto, model)
     check_calibratable(proto, spec, model)
@@ -474,8 +488,9 @@ def precision_report(
     from ctmask.core.progress import console
     from ctmask.exporter.reduced import ReducedOptions, measure_precision
 
-    if out is not None:  # refused before minutes of measurement, not after
-        check_out(out, "the report", checkpoint, images)
+    # refused before minutes of measurement, not after
+    check_paths({"CHECKPOINT": checkpoint, "--images": images, "its slices": split_images(images)},
+                {"--out": out, "--json": json_out})
     opts = ReducedOptions(precision, images, int8_target or "tensorrt", None, None, size, measure_size,
                           method or "minmax")
     with console.status(f"measuring {checkpoint} at {precision}") as status:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ctmask.cli.common import JsonOpt, emit_json, human_echo, user_errors
+from ctmask.cli.common import JsonOpt, check_paths, emit_json, human_echo, user_errors
 
 
 @user_errors
@@ -26,6 +26,7 @@ def check_triton(
     """
     from ctmask.scale.triton import check_triton_repo, model_folders
 
+    check_paths({"REPO": repo}, {"--json": json_out}, slice_folders=False)  # every file of a repository is read
     findings = check_triton_repo(repo)
     models = [p.name for p in model_folders(repo)]
     echo = human_echo(json_out)

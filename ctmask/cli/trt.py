@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ctmask.cli.common import JsonOpt, emit_json, human_echo, user_errors
+from ctmask.cli.common import JsonOpt, check_paths, emit_json, human_echo, user_errors
 
 
 @user_errors
@@ -32,6 +32,7 @@ def check_trt(
 
     if trt_version not in (10, 11):
         raise ConfigError(f"--trt-version must be 10 or 11, got {trt_version}")
+    check_paths({"MODEL": model}, {"--json": json_out})
     findings = check_graph(model, trt_version, max_batch)
     echo = human_echo(json_out)
     echo(f"check-trt {model}: TensorRT {trt_version}.x, batch up to {max_batch}")

@@ -112,9 +112,9 @@ AIR_HU = -1000.0
 
 CT = "CT"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-_HEADER_TAGS = ["SOPClassUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
-                "ImageOrientationPatient", "InstanceNumber", "NumberOfFrames", "Rows", "Columns",
-                "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "SpecificCharacterSet"]
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID",
+                "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber", "NumberOfFrames", "Rows",
+                "Columns", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "SpecificCharacterSet"]
 _DECODER_LOGGERS = ("pydicom", "nibabel", "nibabel.global", "PIL")
 _DECODER_PACKAGES = tuple(f"{os.sep}{p}{os.sep}" for p in ("pydicom", "PIL", "nibabel", "numpy"))
 _MAX_NOTES = 20
@@ -349,6 +349,7 @@ class _DicomSlice:
     ipp: np.ndarray | None
     normal: np.ndarray | None
     instance: int | None
+    uid: str = ""  # SOPInstanceUID: the slice's identity for `infer --resume`
 
 
 @dataclass(frozen=True)
@@ -540,13 +541,14 @@ def _dicom_entries(probe: FileProbe, ds: Any, path: Path, label: str, sure: bool
         instance = _int(ds, "InstanceNumber")
     except (TypeError, ValueError):
         pass
+    uid = str(ds.get("SOPInstanceUID", "") or "")
     shared = None  # frames without per-frame groups share one geometry (and have no position)
     if frames > 1 and not ds.get("PerFrameFunctionalGroupsSequence", None):
         shared = (None, _geometry(ds, 0)[1])
     for k in range(frames) if frames > 1 else [None]:
         ipp, normal = shared or _geometry(ds, k)
         probe.dicom.append(_DicomSlice(path, label if k is None else f"{label}[frame={k}]", study, series, k,
-                                       ipp, normal, instance))
+                                       ipp, normal, instance, uid))
     return True
 
 
@@ -600,7 +602,7 @@ def assemble(items: list[FileTask | Failure | _FolderMark], probes: list[FilePro
             continue
         for e, position in _order_series(slot, series[slot]):
             refs.append(SliceRef(path=str(e.path), frame=e.frame, study=e.study, series=e.series, position=position,
-                                 label=e.label))
+                                 label=e.label, uid=e.uid))
     return refs, failures
 
 

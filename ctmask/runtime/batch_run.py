@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ def slice_predictions(loaded: Loaded, outputs: dict[str, np.ndarray], spec: Grap
             rois=[[round(float(v), 6) for v in row] for row in real[:top_rois]],
             n_rois=int(len(real)),
             key=ref.key,
+            identity=ref.identity or None,
             label=ref.label or ref.key,
             study=ref.study or ref.path,
             series=ref.series or ref.path,
@@ -180,54 +182,104 @@ def predict_sources(
 
 
 class Resume:
-    """The records of an earlier run's output file (JSONL, CSV or Parquet), for ``infer --resume``.
+    """The records of an earlier run's output (JSONL, CSV, or Parquet and its journal), for
+    ``infer --resume``: checked line by line before anything runs.
+
+    Records are matched to slices on their ``id`` (:func:`ctmask.runtime.sources.with_identities`:
+    SOPInstanceUID, or the file's content hash), so another spelling of the inputs or a moved
+    archive finds them; records of an older ctmask, without ``id``, on their ``key``. A last line
+    without its line end (a run killed while writing it) is left out: :attr:`whole_bytes` says
+    where the whole records end, and the writer cuts the rest off before appending.
 
     Args:
         path: the output file; a missing file is an empty resume (first run).
 
     Raises:
-        DataError: the file exists but is not a ctmask predictions file.
+        DataError: the file (or a line of it, named) is not a ctmask predictions file: not JSON,
+            nested too deep, a NaN / Infinity or a probability outside [0, 1], a field of the
+            wrong type.
     """
 
     def __init__(self, path: str | Path):
+        from ctmask.runtime.predict import journal_path
+
         self.path = Path(path)
         self.records: list[dict] = []
+        self.whole_bytes = 0
+        self.header: list[str] | None = None
+        self.torn = False
+        self.ids: set[str] = set()
+        self.keys_without_id: set[str] = set()
+        if self.path.suffix.lower() == ".parquet":
+            if self.path.exists():
+                from ctmask.runtime.parquet import read_slices
+
+                for n, rec in enumerate(read_slices(self.path), 1):
+                    self._add(rec, f"row {n}", self.path)
+            journal = journal_path(self.path)
+            if journal.exists():
+                self._read_jsonl(journal)
+            return
         if not self.path.exists():
             return
-        if self.path.suffix.lower() == ".parquet":
-            from ctmask.runtime.parquet import read_slices
+        if self.path.suffix.lower() == ".jsonl":
+            self._read_jsonl(self.path)
+        else:
+            self._read_csv(self.path)
 
-            for n, rec in enumerate(read_slices(self.path), 1):
-                self._add(rec, n)
-            return
+    def _whole(self, path: Path, csv_rows: bool = False) -> str:
+        """The file's text up to its last line end (what a killed run left whole); CSV rows end
+        in CRLF (a name inside a row may hold a bare LF) unless the file has none."""
         try:
-            text = self.path.read_text(encoding="utf-8", errors="surrogateescape")
+            data = path.read_bytes()
         except OSError as exc:
             raise DataError(f"cannot read the earlier output for --resume ({exc.__class__.__name__})", path) from None
-        if self.path.suffix.lower() == ".jsonl":
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataError(f"line {n} is not JSON: not a ctmask predictions file", path) from None
-                self._add(rec, n)
-        else:
-            try:
-                rows = list(csv.DictReader(io.StringIO(text, newline="")))
-                for n, row in enumerate(rows, 2):
-                    self._add(_csv_record(row), n)
-            except (ValueError, TypeError, csv.Error) as exc:
-                raise DataError(f"not a ctmask predictions file ({exc.__class__.__name__}: {exc})", path) from None
+        end_of_row = b"\r\n" if csv_rows and b"\r\n" in data else b"\n"
+        cut = data.rfind(end_of_row)
+        self.whole_bytes = 0 if cut < 0 else cut + len(end_of_row)
+        self.torn = self.whole_bytes < len(data)
+        return data[: self.whole_bytes].decode("utf-8", errors="surrogateescape")
 
-    def _add(self, rec: object, line: int) -> None:
-        if (not isinstance(rec, dict) or "class" not in rec or not isinstance(rec.get("probs"), dict)
-                or not isinstance(rec.get("key", rec.get("file")), str)):
-            raise DataError(f"line {line} is not a prediction record (file / key, class, probs): not a ctmask "
-                            "predictions file", self.path)
+    def _read_jsonl(self, path: Path) -> None:
+        for n, line in enumerate(self._whole(path).split("\n")[:-1], 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line, parse_constant=_no_constant)
+            except RecursionError:
+                raise DataError(f"line {n} is nested too deeply: not a ctmask predictions file", path) from None
+            except ValueError as exc:
+                raise DataError(f"line {n} is not JSON a ctmask run writes ({str(exc)[:120]}): not a ctmask "
+                                "predictions file", path) from None
+            self._add(rec, f"line {n}", path)
+
+    def _read_csv(self, path: Path) -> None:
+        text = self._whole(path, csv_rows=True)
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            self.header = next(reader, None)
+            for row in reader:
+                line = reader.line_num
+                try:
+                    rec = _csv_record(dict(zip(self.header, row)))
+                except (ValueError, TypeError, RecursionError) as exc:
+                    raise DataError(f"line {line}: not a ctmask predictions row ({exc.__class__.__name__}: "
+                                    f"{str(exc)[:120]})", path) from None
+                self._add(rec, f"line {line}", path)
+        except csv.Error as exc:
+            raise DataError(f"not a ctmask predictions file ({exc})", path) from None
+
+    def _add(self, rec: object, where: str, path: Path) -> None:
+        problem = _record_problem(rec)
+        if problem is not None:
+            raise DataError(f"{where}: {problem}: not a ctmask predictions file; --resume refuses it before anything "
+                            "runs", path, hint="move the file away (or fix that line) and run again")
         rec.setdefault("key", rec.get("file"))
         self.records.append(rec)
+        if isinstance(rec.get("id"), str):
+            self.ids.add(rec["id"])
+        else:
+            self.keys_without_id.add(str(rec["key"]))
 
     def check(self, class_names: tuple[str, ...]) -> None:
         """Refuse records another model (other classes) wrote, before anything is written.
@@ -237,15 +289,64 @@ class Resume:
         """
         for rec in self.records:
             probs = rec["probs"]
-            if (set(probs) != set(class_names) or rec["class"] not in class_names
-                    or not all(isinstance(v, (int, float)) for v in probs.values())):
+            if set(probs) != set(class_names) or rec["class"] not in class_names:
                 raise DataError(f"record of {rec['key']!r} has classes {sorted(probs)} / {rec['class']!r}; this model "
                                 f"calls {list(class_names)}: the earlier output is another model's; --resume needs "
                                 "the same model", self.path)
 
+    def done(self, ref: SliceRef) -> bool:
+        """True when the earlier output holds ``ref``'s record (by identity; by key for records
+        without one)."""
+        return (bool(ref.identity) and ref.identity in self.ids) or ref.key in self.keys_without_id
+
     @property
     def keys(self) -> set[str]:
         return {str(r["key"]) for r in self.records}
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a ctmask record holds")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rows_of_numbers(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(row, list) and all(_finite(v) for v in row) for row in value)
+
+
+_TEXT_FIELDS = ("file", "key", "id", "label", "study", "series", "kind", "overlay", "class")
+
+
+def _record_problem(rec: object) -> str | None:
+    """Why ``rec`` is not a slice record ctmask writes (every field it reads checked), or None."""
+    if not isinstance(rec, dict):
+        return "not a prediction record (an object with file / key, class, probs)"
+    if not isinstance(rec.get("key", rec.get("file")), str) or "class" not in rec:
+        return "not a prediction record (file / key, class, probs)"
+    probs = rec.get("probs")
+    if not isinstance(probs, dict) or not probs:
+        return "no class probabilities (probs)"
+    for name, p in probs.items():
+        if not _finite(p) or not 0.0 <= p <= 1.0:
+            return f"probability of {name!r} is {p!r}, not a number in [0, 1]"
+    for name in _TEXT_FIELDS:
+        if rec.get(name) is not None and not isinstance(rec[name], str):
+            return f"{name} is {type(rec[name]).__name__}, not text"
+    for name in ("position", "top_roi_score"):
+        if rec.get(name) is not None and not _finite(rec[name]):
+            return f"{name} is {rec[name]!r}, not a finite number"
+    for name in ("class_index", "frame", "n_rois"):
+        if rec.get(name) is not None and not (isinstance(rec[name], int) and not isinstance(rec[name], bool)):
+            return f"{name} is {rec[name]!r}, not a whole number"
+    for name in ("top_rois", "top_boxes"):
+        if rec.get(name) is not None and not _rows_of_numbers(rec[name]):
+            return f"{name} is not rows of finite numbers"
+    if rec.get("size") is not None and not (isinstance(rec["size"], list) and all(isinstance(v, int)
+                                                                                   for v in rec["size"])):
+        return "size is not [H, W]"
+    return None
 
 
 def _csv_record(row: dict) -> dict:

@@ -32,9 +32,9 @@ def _slice_schema(class_names: Sequence[str]):
     pa, _ = _pa()
     rows = pa.list_(pa.list_(pa.float64()))
     return pa.schema([
-        ("file", pa.string()), ("key", pa.string()), ("label", pa.string()), ("study", pa.string()),
-        ("series", pa.string()), ("position", pa.float64()), ("frame", pa.int64()), ("class", pa.string()),
-        ("class_index", pa.int64()), *((f"prob_{c}", pa.float64()) for c in class_names),
+        ("file", pa.string()), ("key", pa.string()), ("id", pa.string()), ("label", pa.string()),
+        ("study", pa.string()), ("series", pa.string()), ("position", pa.float64()), ("frame", pa.int64()),
+        ("class", pa.string()), ("class_index", pa.int64()), *((f"prob_{c}", pa.float64()) for c in class_names),
         ("n_rois", pa.int64()), ("top_rois", rows), ("top_boxes", rows), ("kind", pa.string()),
         ("size", pa.list_(pa.int64())), ("overlay", pa.string()), ("names_json", pa.string()),
     ], metadata={"ctmask.format": SLICES_FORMAT, "ctmask.class_names": json.dumps(list(class_names))})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ctmask.core.errors import ConfigError, DataError
-from ctmask.core.fileio import atomic_path, close_atomic, output_error
+from ctmask.core.fileio import atomic_path, output_error
 from ctmask.core.preprocess import IMAGE_SUFFIXES, load_slice
 from ctmask.core.spec import GraphSpec
 from ctmask.core.spreadsheet import safe_row
@@ -36,7 +37,8 @@ class Prediction:
     path, plus ``#frame`` inside a multi-frame file or volume; ``label`` for people), its
     ``study`` and ``series``, its ``position`` along the slice normal, how it was rendered
     (``kind``), its pixel ``size`` [H, W], and ``boxes``: the top RoIs' boxes (x1, y1, x2, y2)
-    in that slice's own pixel frame, row for row with ``rois``.
+    in that slice's own pixel frame, row for row with ``rois``; ``identity`` (written as ``id``)
+    names the slice whatever its path (:func:`ctmask.runtime.sources.with_identities`).
     """
 
     file: str
@@ -55,14 +57,17 @@ class Prediction:
     kind: str | None = None
     size: list[int] | None = None
     overlay: str | None = None
+    identity: str | None = None
 
     def to_dict(self) -> dict:
         d = {"file": self.file, "class": self.class_name, "class_index": self.class_index,
              "probs": self.probs, "n_rois": self.n_rois, "top_rois": self.rois}
-        for name in ("key", "label", "study", "series", "position", "frame", "boxes", "kind", "size", "overlay"):
+        renamed = {"boxes": "top_boxes", "identity": "id"}
+        for name in ("key", "identity", "label", "study", "series", "position", "frame", "boxes", "kind", "size",
+                     "overlay"):
             value = getattr(self, name)
             if value is not None:
-                d["top_boxes" if name == "boxes" else name] = value
+                d[renamed.get(name, name)] = value
         return d
 
 
@@ -258,20 +263,39 @@ def check_crop(spec: GraphSpec, boxes: CropBoxes | None, uncropped: bool) -> Non
 
 
 CSV_COLUMNS = ("file", "class", "class_index", "n_rois", "top_roi_score")
-SCAN_COLUMNS = ("key", "label", "study", "series", "position", "frame", "kind", "size", "top_boxes", "overlay")
+SCAN_COLUMNS = ("key", "id", "label", "study", "series", "position", "frame", "kind", "size", "top_boxes", "overlay")
 """Extra CSV columns of slices of scans (``PredictionWriter(scan_columns=True)``)."""
+
+
+def journal_path(path: str | Path) -> Path:
+    """Where a Parquet output's records wait while a run makes them: ``p.parquet`` -> ``p.parquet.journal.jsonl``."""
+    path = Path(path)
+    return path.with_name(path.name + ".journal.jsonl")
 
 
 class PredictionWriter:
     """Writes predictions as JSON lines (``.jsonl``), CSV (``.csv``) or Parquet (``.parquet``,
-    :mod:`ctmask.runtime.parquet`), atomically.
+    :mod:`ctmask.runtime.parquet`) as they are made.
 
-    Records go to a temporary file as they come (Parquet: written there when the block
-    ends); leaving the ``with`` block renames it onto the target, and a failure before that
-    leaves no partial file behind.
+    JSON lines and CSV rows go straight into the file and :meth:`flush` (after every batch) hands
+    them to the system, so at any moment the file holds whole records, every one made so far,
+    and a run killed at any point is resumed from its last batch (``infer --resume``, which cuts
+    off a torn last line). A Parquet file cannot grow: its records go to a journal beside it
+    (:func:`journal_path`, JSON lines, flushed the same way) and leaving the ``with`` block writes
+    the Parquet file (atomically) from every record, then removes the journal. Nothing is
+    touched before the first record: a run that fails earlier leaves an earlier file as it was.
+
+    Args:
+        path: the output file.
+        class_names: the model's classes (CSV and Parquet columns).
+        scan_columns: write the CSV columns of slices of scans.
+        resume: an earlier run's output to continue (:class:`ctmask.runtime.batch_run.Resume`:
+            its records, how many of its bytes are whole records, its CSV header); ``None``
+            starts the file anew at the first record.
     """
 
-    def __init__(self, path: str | Path, class_names: tuple[str, ...], scan_columns: bool = False):
+    def __init__(self, path: str | Path, class_names: tuple[str, ...], scan_columns: bool = False,
+                 resume=None):
         self.path = Path(path)
         self.scan_columns = scan_columns
         suffix = self.path.suffix.lower()
@@ -279,42 +303,72 @@ class PredictionWriter:
             raise ConfigError(f"cannot tell the output format from {self.path.name!r}: use .jsonl, .csv or .parquet")
         self.format = suffix[1:]
         self.class_names = class_names
+        self.resume = resume
         self.count = 0
-        self._ctx = atomic_path(self.path)
         self._fh: io.TextIOBase | None = None
-        self._rows: list[dict] = []
+        self._rows: list[dict] = list(resume.records) if resume is not None and self.format == "parquet" else []
+
+    @property
+    def header(self) -> list[str]:
+        """The CSV header row."""
+        return [*CSV_COLUMNS[:3], *(f"prob_{c}" for c in self.class_names), *CSV_COLUMNS[3:],
+                *(SCAN_COLUMNS if self.scan_columns else ())]
 
     def __enter__(self) -> PredictionWriter:
-        tmp = self._ctx.__enter__()
-        self._tmp = tmp
-        if self.format == "parquet":
-            return self
+        return self
+
+    def _open(self) -> None:
+        """Open the file (the journal for Parquet) at the first record: append to an earlier run's
+        whole records, or start anew."""
+        target = journal_path(self.path) if self.format == "parquet" else self.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self.resume is not None and target.exists():
+            if self.format == "csv" and self.resume.header != self.header:
+                self._rewrite()  # an older ctmask's columns: written once in these, then appended to
+            else:
+                os.truncate(target, self.resume.whole_bytes)  # a torn last line (a killed run) is cut off
+            mode = "a"
+        else:
+            mode = "w"
+            if self.format == "parquet" and self.resume is None:
+                self.path.unlink(missing_ok=True)  # a new run replaces the file from its first record on
         # surrogateescape: a file name that is not UTF-8 goes out byte for byte (and --resume reads it back)
-        self._fh = open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
+        self._fh = open(target, mode, newline="", encoding="utf-8", errors="surrogateescape")
         if self.format == "csv":
             self._csv = csv.writer(self._fh)
-            self._csv.writerow([*CSV_COLUMNS[:3], *(f"prob_{c}" for c in self.class_names), *CSV_COLUMNS[3:],
-                                *(SCAN_COLUMNS if self.scan_columns else ())])
-        return self
+            if self._fh.tell() == 0:
+                self._csv.writerow(self.header)
+
+    def _rewrite(self) -> None:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                 errors="surrogateescape") as fh:
+            self._fh, self._csv = fh, csv.writer(fh)
+            self._csv.writerow(self.header)
+            for rec in self.resume.records:
+                self._write_line(rec)
 
     def write(self, pred: Prediction) -> None:
         self.write_record(pred.to_dict())
 
     def write_record(self, rec: dict) -> None:
-        """Write one record as :meth:`Prediction.to_dict` gives it (or as read back by ``--resume``).
+        """Write one record as :meth:`Prediction.to_dict` gives it (it reaches the file at the
+        next :meth:`flush`).
 
         Raises:
             DataError: the record cannot be written (disk full ...), naming the output file.
         """
         try:
-            self._write_record(rec)
+            if self._fh is None:
+                self._open()
+            self._write_line(rec)
         except OSError as exc:
             raise output_error(exc, self.path) from None
-
-    def _write_record(self, rec: dict) -> None:
         if self.format == "parquet":
             self._rows.append(rec)
-        elif self.format == "jsonl":
+        self.count += 1
+
+    def _write_line(self, rec: dict) -> None:
+        if self.format in ("jsonl", "parquet"):
             self._fh.write(json.dumps(rec) + "\n")
         else:
             rois = rec.get("top_rois") or []
@@ -325,16 +379,31 @@ class PredictionWriter:
                 row += ["" if rec.get(k) is None else json.dumps(rec[k]) if isinstance(rec[k], list) else rec[k]
                         for k in SCAN_COLUMNS]
             self._csv.writerow(safe_row(row))  # text cells never start like a spreadsheet formula
-        self.count += 1
+
+    def flush(self) -> None:
+        """Hand the records written so far to the system (after every batch): a run killed from
+        here on keeps them."""
+        if self._fh is not None:
+            try:
+                self._fh.flush()
+            except OSError as exc:
+                raise output_error(exc, self.path) from None
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        def finish() -> None:
+        try:
+            if self._fh is None and exc_type is None:
+                self._open()  # no record at all: still an (empty) output
             if self._fh is not None:
+                self._fh.flush()
+                if exc_type is None:
+                    os.fsync(self._fh.fileno())
                 self._fh.close()
-            elif exc_type is None:
+            if self.format == "parquet" and exc_type is None:
                 from ctmask.runtime.parquet import write_slices
 
-                write_slices(self._tmp, self._rows, self.class_names)
-
-        close_atomic(self._ctx, self.path, finish, exc_type, exc, tb)
-
+                with atomic_path(self.path) as tmp:
+                    write_slices(tmp, self._rows, self.class_names)
+                journal_path(self.path).unlink(missing_ok=True)
+        except OSError as err:
+            if exc_type is None:
+                raise output_error(err, self.path) from None

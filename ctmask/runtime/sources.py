@@ -10,7 +10,8 @@ training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,6 +31,10 @@ class SliceRef:
             projected on the normal, NIfTI affine), or InstanceNumber when positions are
             missing; ``None`` for a loose image. Slices of a series are sorted by it.
         label: what reports call the slice, e.g. ``series_dir/IM0001`` or ``ct.nii.gz[z=12]``.
+        uid: the DICOM SOPInstanceUID ("" for other files).
+        identity: what the slice is, whatever its path (:func:`with_identities`): ``--resume``
+            matches records on it, so another spelling of the path or a moved archive does
+            not predict a slice twice.
     """
 
     path: str
@@ -38,11 +43,43 @@ class SliceRef:
     series: str = ""
     position: float | None = None
     label: str = ""
+    uid: str = ""
+    identity: str = ""
 
     @property
     def key(self) -> str:
         """Unique id of the slice across a run (used by ``--resume``): path, plus ``#frame``."""
         return self.path if self.frame is None else f"{self.path}#{self.frame}"
+
+
+def with_identities(refs: list[SliceRef]) -> list[SliceRef]:
+    """``refs`` with their :attr:`SliceRef.identity`: ``dicom:<SOPInstanceUID>`` for DICOM,
+    ``sha256:<hex of the file's bytes>`` for other files (and DICOM without the UID), plus
+    ``#<frame>`` for a frame of a multi-frame DICOM or a NIfTI slice. Each file is read once;
+    one that cannot be read keeps ``path:<key>`` (it will fail to decode anyway)."""
+    digests: dict[str, str] = {}
+
+    def digest(path: str) -> str:
+        if path not in digests:
+            try:
+                h = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        h.update(block)
+                digests[path] = f"sha256:{h.hexdigest()}"
+            except OSError:
+                digests[path] = ""
+        return digests[path]
+
+    out = []
+    for ref in refs:
+        base = f"dicom:{ref.uid}" if ref.uid else digest(ref.path)
+        if not base:
+            identity = f"path:{ref.key}"
+        else:
+            identity = base if ref.frame is None else f"{base}#{ref.frame}"
+        out.append(replace(ref, identity=identity))
+    return out
 
 
 @dataclass

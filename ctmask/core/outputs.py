@@ -1,0 +1,301 @@
+"""Output paths: checked against the inputs and each other before a command runs, and locked
+while a run writes them.
+
+:func:`check_outputs` is the one check every command makes before any work: no output is an
+input, another output, or inside a folder the command fills, whatever the spelling (relative
+paths, ``..``, symlinks, hard links); an output folder holds no input. An output written
+inside an input folder is allowed when it is not a slice of that folder (a predictions file
+next to the scans), and :meth:`OutputPaths.excludes` keeps it (and everything under an output
+folder there, e.g. overlays) out of the inputs when the folder is listed again.
+
+:func:`output_lock` makes a second run that writes the same file (``infer --resume`` twice at
+once) exit naming the first, instead of both writing and losing records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctmask.core.errors import ConfigError, DataError
+
+HINT = "give every output a path of its own: not an input, not another output, not inside a folder the command fills"
+
+PathsArg = str | Path | Iterable[str | Path | None] | None
+"""One path, several (a command's list argument), or None (option not given); '-' (stdout) is skipped."""
+
+
+class OutputPathError(ConfigError):
+    """An output path that would overwrite an input or another output, or that cannot be the
+    file or folder it is asked to be."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message, path, hint=HINT)
+
+
+@dataclass(frozen=True)
+class NamedPath:
+    """A path as the user gave it, with the option or argument that gave it (``--out``, ``MODEL``)."""
+
+    name: str
+    given: Path
+    real: Path
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.given}"
+
+
+def _real(path: Path) -> Path:
+    """The path with symlinks, ``.`` and ``..`` resolved as far as it exists (then appended as written)."""
+    try:
+        return Path(os.path.realpath(path))
+    except (OSError, ValueError):
+        return Path(os.path.abspath(path))
+
+
+def named_paths(spec: Mapping[str, PathsArg]) -> list[NamedPath]:
+    """``{option: path or paths}`` as :class:`NamedPath` items (None and '-' left out)."""
+    out = []
+    for name, value in spec.items():
+        if value is None:
+            continue
+        values = [value] if isinstance(value, (str, Path)) else list(value)
+        for v in values:
+            if v is None or str(v) in ("", "-"):
+                continue
+            out.append(NamedPath(name, Path(v), _real(Path(v))))
+    return out
+
+
+def same_path(a: NamedPath, b: NamedPath) -> bool:
+    """One file or folder under both names: the same resolved path, or (existing) the same inode."""
+    if a.real == b.real:
+        return True
+    try:
+        return os.path.samefile(a.given, b.given)
+    except (OSError, ValueError):
+        return False
+
+
+def _inside(child: Path, folder: Path) -> bool:
+    return child != folder and child.is_relative_to(folder)
+
+
+def _spelling(a: NamedPath, b: NamedPath) -> str:
+    return "" if str(a.given) == str(b.given) else f" (the same {'folder' if a.real.is_dir() else 'file'} " \
+                                                   "under another name: a symlink, a link or another spelling)"
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` that is not a folder (so ``path`` cannot be made)."""
+    for parent in path.parents:
+        try:
+            if parent.exists():
+                return None if parent.is_dir() else parent
+        except OSError:
+            return None
+    return None
+
+
+def _member(o: NamedPath, folder: NamedPath) -> Path | None:
+    """The file of the input ``folder`` that the existing output file ``o`` is (inside it, or a hard
+    link elsewhere to one of its files), or None."""
+    if not _is_dir(folder.given):
+        return None
+    try:
+        st = os.stat(o.real)
+    except OSError:
+        return None
+    if not os.path.isfile(o.real):
+        return None
+    if _inside(o.real, folder.real):
+        return o.real
+    if st.st_nlink < 2:
+        return None
+    for where, _, names in os.walk(folder.real):  # a hard link: rare, so the walk is too
+        for name in names:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(st, os.stat(os.path.join(where, name), follow_symlinks=False)):
+                    return Path(where) / name
+    return None
+
+
+@dataclass
+class OutputPaths:
+    """The checked outputs of a command (:func:`check_outputs`)."""
+
+    files: list[NamedPath]
+    folders: list[NamedPath]
+
+    def excludes(self, path: str | Path) -> bool:
+        """True when ``path`` is one of these outputs or lies in an output folder: found while
+        listing an input folder, it is this command's own output, never an input."""
+        real = _real(Path(path))
+        return any(real == f.real for f in self.files) or any(real == d.real or _inside(real, d.real)
+                                                              for d in self.folders)
+
+
+def check_outputs(inputs: Mapping[str, PathsArg], outputs: Mapping[str, PathsArg],
+                  folders: Mapping[str, PathsArg] | None = None,
+                  is_input_file: Callable[[Path], bool] | None = None) -> OutputPaths:
+    """Refuse outputs that would overwrite an input or each other, before any work is done.
+
+    Args:
+        inputs: every path the command reads, by option / argument name (files or folders).
+        outputs: every file the command writes (sidecars included), by name; '-' is stdout.
+        folders: every folder the command fills (``--overlays``, ``--triton-repo``, ``synth OUT``).
+        is_input_file: for an existing output file inside an input folder, whether listing that
+            folder would take it as an input (a slice); such a file is refused. Default: every file.
+
+    Returns:
+        the outputs, whose :meth:`OutputPaths.excludes` tells an input listing what to leave out.
+
+    Raises:
+        OutputPathError: an output file that is a folder or lies under a file; an output that is
+            an input (same resolved path or same inode), or an existing input file inside an
+            input folder; an output folder that is, or holds, an input; two outputs that are
+            one file, or an output inside an output folder.
+    """
+    ins, outs, dirs = named_paths(inputs), named_paths(outputs), named_paths(folders or {})
+    for o in outs:
+        if _is_dir(o.given):
+            raise OutputPathError(f"{o.name} is a folder; give a file name", o.given)
+    for o in [*outs, *dirs]:
+        blocking = _blocking_file(o.real)
+        if blocking is not None:
+            raise OutputPathError(f"{o.name}: {blocking} is a file, not a folder", o.given)
+    for d in dirs:
+        if d.given.exists() and not _is_dir(d.given):
+            raise OutputPathError(f"{d.name} is a file; give a folder", d.given)
+    for o in outs:
+        for i in ins:
+            if same_path(o, i):
+                raise OutputPathError(f"{o.name} would overwrite an input ({i}){_spelling(o, i)}", o.given)
+            member = _member(o, i)
+            if member is not None and (is_input_file is None or is_input_file(member)):
+                raise OutputPathError(f"{o.name} would overwrite an input: {member}, a file of the input folder {i}"
+                                      + ("" if member == o.real else " (the same file under another name)"), o.given)
+    for d in dirs:
+        for i in ins:
+            if same_path(d, i) or _inside(i.real, d.real):
+                raise OutputPathError(f"{d.name} would write into a folder that holds an input ({i})", d.given)
+    for k, a in enumerate(outs):
+        for b in outs[k + 1:]:
+            if same_path(a, b):
+                what = a.name if a.name == b.name else f"{a.name} and {b.name}"
+                raise OutputPathError(f"{what} must be different files{_spelling(a, b)}", b.given)
+    for o in outs:
+        for d in dirs:
+            if same_path(o, d) or _inside(o.real, d.real):
+                raise OutputPathError(f"{o.name} lies inside {d}, which this command fills", o.given)
+    for k, a in enumerate(dirs):
+        for b in dirs[k + 1:]:
+            if same_path(a, b) or _inside(a.real, b.real) or _inside(b.real, a.real):
+                raise OutputPathError(f"{a.name} and {b.name} must be separate folders (one is, or holds, the "
+                                      "other)", b.given)
+    return OutputPaths(outs, dirs)
+
+
+# ---------------------------------------------------------------- the lock of an output
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of an output: ``p.jsonl`` -> ``p.jsonl.lock`` (there while a run writes it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _try_lock(fd: int) -> bool:
+    if sys.platform == "win32":  # pragma: no cover - no Windows runner here
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8")[:4096])
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+        return f"pid {int(info['pid'])} on {info['host']} since {since} ({str(info['command'])[:200]})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"the process that holds {lock}"
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files a killed run left of ``path`` (:func:`ctmask.core.fileio.atomic_path`
+    names them ``.<name>.XXXXXXXX.tmp``): with the lock held, no other run is writing them."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, command: str = "ctmask") -> Iterator[Path]:
+    """Hold an exclusive lock on the output ``path`` for the block (``flock`` on ``path.lock``).
+
+    The lock file names its holder (pid, host, start, command) for the run that is refused; it
+    is removed when the block ends. A run killed with SIGKILL leaves it behind, unlocked (the
+    kernel drops the lock with the process): the next run takes it over, and removes the
+    temporary files a killed run left of ``path``.
+
+    Raises:
+        DataError: another run holds the lock (exit 2), naming it.
+    """
+    lock = lock_path(path)
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise DataError(f"another run is writing it: {_holder(lock)}; wait for it to end (or stop it), or "
+                            "write to another file", path)
+        try:  # the holder before us may have removed the file between our open and our lock: lock it anew
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    _remove_stale_temporaries(Path(path))
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": command}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode("utf-8", "surrogateescape") + b"\n")
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while still locked: a waiting run then creates a new file and locks that
+        os.close(fd)
+        for folder in made:  # folders made for the lock alone (a run that failed before writing) go too
+            with contextlib.suppress(OSError):
+                folder.rmdir()
