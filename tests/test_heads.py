@@ -202,6 +202,11 @@ def test_evaluate_reports_the_noise_floor(pooled_run, synth_dir):
     assert r["head"] == "pooled" and r["noise_floor"]["n"] == len(test)
     assert all(0 <= lv["changed_calls"] <= len(test) for lv in r["noise_floor"]["levels"])
     assert "noise_floor" not in evaluate_classifier(ck, test, 2, show_progress=False, noise_levels=())
+    cached = evaluate_classifier(ck, test, batch_size=2, show_progress=False, roi_cache=pooled_run / "eval-cache")
+    assert len(list((pooled_run / "eval-cache").glob("rois-*.pt"))) == 3  # clean, +-0.25, +-1
+    again = evaluate_classifier(ck, test, batch_size=2, show_progress=False, roi_cache=pooled_run / "eval-cache")
+    assert cached["predictions"] == again["predictions"] == r["predictions"]
+    assert cached["noise_floor"] == r["noise_floor"]
 
 
 def test_noise_is_seeded_per_slice_whatever_the_batches():
@@ -224,3 +229,30 @@ def test_graph_metadata_names_its_head_and_refuses_unknown_ones():
     assert GraphSpec.from_metadata(old, "g.onnx").head == "paper"
     with pytest.raises(ModelError, match="ctmask.head"):
         GraphSpec.from_metadata({**meta, "ctmask.head": json.dumps("x")}, "g.onnx")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_pooled_head_exports_at_reduced_precision(pooled_run, synth_dir, tmp_path, precision):
+    from tests_helpers import invoke
+
+    from ctmask.exporter.precision import node_block
+    from ctmask.runtime.runner import OnnxRuntimeRunner
+
+    out = tmp_path / f"p.{precision}.onnx"
+    args = ["--calibration", synth_dir, "--calibration-size", 6, "--fp32-blocks", "none"]
+    res = invoke("export", pooled_run / "cls.pt", "--out", out, "--precision", precision, *args, "-q")
+    assert res.exit_code == 0, res.output
+    proto = onnx.load(str(out))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["ctmask.head"] == "pooled" and meta["ctmask.precision"] == precision
+    head = [n for n in proto.graph.node if node_block(n) == "classifier" and n.op_type in ("MatMul", "Gemm")]
+    assert len(head) >= 4  # the per-row network and the output layers
+    if precision == "fp16":
+        halves = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+        assert all(set(n.input) & halves for n in head)
+    else:
+        produced = {o: n.op_type for n in proto.graph.node for o in n.output}
+        assert all(produced.get(n.input[0]) == "DequantizeLinear" for n in head)
+    with OnnxRuntimeRunner(out) as r:
+        got = r.infer({"images": np.random.default_rng(0).random((2, 1, 192, 192), dtype=np.float32)})
+    assert np.isfinite(got["logits"]).all() and got["probs"].shape == (2, 3)

@@ -14,6 +14,7 @@ import typer
 
 from ctmask.cli.common import JsonOpt, QuietOpt, check_paths, emit_json, human_echo, split_images, user_errors
 from ctmask.core.errors import ConfigError
+from ctmask.core.noise import NOISE_GRAY_LEVELS, describe_noise_floor
 from ctmask.runtime.factory import CHECKPOINT_SUFFIXES, make_runner  # noqa: F401  (re-exported)
 
 
@@ -276,6 +277,9 @@ def parity(
     polygraphy: Path | None = typer.Option(None, help="Also save inputs + PyTorch outputs here for Polygraphy."),
     jitter: float = typer.Option(1e-6, min=0.0, help="Input noise of the stability probe for failing slices "
                                                      "(0: off)."),
+    noise: bool = typer.Option(True, "--noise/--no-noise", help="Also report the model's noise floor: PyTorch's "
+                                                                  "calls changed by seeded input noise of +-0.25 "
+                                                                  "and +-1 gray level."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -302,7 +306,7 @@ def parity(
 
         report = check_parity(checkpoint, model, images, max_images, batch_size, min_argmax_agreement, polygraphy,
                               on_batch=lambda n: advance[0](n), on_start=on_start, jitter=jitter, fp32_model=fp32,
-                              labels=labels)
+                              labels=labels, noise_levels=NOISE_GRAY_LEVELS if noise else ())
     for w in report["warnings"]:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
     for s in report["skipped"]:
@@ -366,8 +370,26 @@ def format_parity(report: dict) -> str:
     for item in report.get("failing_slices", [])[:10]:
         errs = ", ".join(f"{k} {v:.3g}" for k, v in item["max_abs"].items())
         lines.append(f"  failing slice {item['file']}: {errs}")
+    if "noise_floor" in report:
+        lines.append(f"PyTorch's {describe_noise_floor(report['noise_floor'])} (head {report.get('head', 'paper')})")
     lines.append("PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failures"]))
+    if not report["passed"] and "class" in report["failures"] and report["precision"] != "fp32":
+        lines.append(noise_floor_advice(report))
     return "\n".join(lines)
+
+
+def noise_floor_advice(report: dict) -> str:
+    """Why a reduced-precision graph lost class calls, in the model's own terms."""
+    floor = report.get("noise_floor")
+    own = (f"the model itself changes {floor['levels'][0]['changed_calls']} of {floor['n']} calls under "
+           f"+-{floor['levels'][0]['gray_levels']:g} gray level of input noise (its noise floor), so calls this "
+           "fragile cannot survive reduced precision either" if floor else
+           "the model's noise floor was not measured (it is by default)")
+    if report.get("head", "paper") == "paper":
+        return (f"why: {own}. The paper's S reads the ranked rows by position; a head whose calls move "
+                "continuously with the candidates keeps them: `ctmask train-cls SEG --variant heads --head pooled` "
+                "(README, \"Stable head\").")
+    return f"why: {own}."
 
 
 @user_errors

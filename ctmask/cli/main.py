@@ -189,6 +189,13 @@ def train_cls(
     consistency: float = typer.Option(0.0, "--consistency", help="With --perturb (heads variant): weight of the "
                                                                   "squared logit change between a slice's perturbed "
                                                                   "and exact RoIs in the loss."),
+    head: str | None = typer.Option(None, "--head", help="Classifier head: paper (the paper's S) | pooled (its "
+                                                         "calls survive input noise, FP16 and INT8). Default: the "
+                                                         "preset's, or the init classifier's."),
+    roi_cache: Path | None = typer.Option(None, "--roi-cache", help="heads variant: folder caching the frozen "
+                                                                     "detector's ranked RoIs, keyed by its weights, "
+                                                                     "settings and the slices; a rerun with "
+                                                                     "another head or seed skips the detector."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -205,10 +212,10 @@ def train_cls(
     check_paths({"INIT": init, "--train-split": train_split, "--val-split": val_split,
                  "their slices": [*split_images(train_split), *split_images(val_split)]},
                 {"--out": out, "--out's sidecar": out.with_name(out.name + ".json"), "--json": json_out})
-    opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed, scales, consistency)
+    opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed, scales, consistency, head)
     train = read_split(train_split)
     val = read_split(val_split) if val_split else None
-    summary = train_classifier(get_preset(preset), init, train, val, out, opts, not quiet)
+    summary = train_classifier(get_preset(preset), init, train, val, out, opts, not quiet, roi_cache)
     last = summary["history"][-1] if summary["history"] else {}
     human_echo(json_out)(f"trained on {summary['n_train']} slices in {summary['seconds']:.0f} s; last epoch: {last}")
     emit_json(summary, json_out)
@@ -224,10 +231,18 @@ def evaluate(
     crop: bool | None = typer.Option(None, "--crop/--no-crop",
                                      help="Crop slices to the split file's body box (default: as the classifier "
                                           "was trained)."),
+    noise: bool = typer.Option(True, "--noise/--no-noise", help="Classifier: also count the calls that seeded "
+                                                                  "input noise of +-0.25 and +-1 gray level changes "
+                                                                  "(the noise floor; 3x the evaluation time)."),
+    roi_cache: Path | None = typer.Option(None, "--roi-cache", help="Classifier: folder caching the detector's "
+                                                                     "ranked RoIs of the split (and of its noisy "
+                                                                     "copies): another head on the same detector "
+                                                                     "is evaluated without running it again."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Paper Table 2 (classifier) or mask AP / Dice (segmentation) on a test set."""
+    """Paper Table 2 (classifier) or mask AP / Dice (segmentation) on a test set; for a classifier also
+    its noise floor, the calls that invisible input noise changes."""
     from ctmask.core.errors import ConfigError
     from ctmask.core.metrics import format_classification_table, format_segmentation_table
     from ctmask.training.checkpoint import load_checkpoint
@@ -248,9 +263,15 @@ def evaluate(
         elif crop != trained_crop:
             typer.secho(f"warning: evaluating {'with' if crop else 'without'} the body crop, but {checkpoint} was "
                         f"trained {'with' if trained_crop else 'without'} it", fg=typer.colors.YELLOW, err=True)
-        report = evaluate_classifier(ck, read_split(split), batch_size, crop, not quiet)
+        from ctmask.core.noise import NOISE_GRAY_LEVELS, describe_noise_floor
+
+        report = evaluate_classifier(ck, read_split(split), batch_size, crop, not quiet,
+                                     NOISE_GRAY_LEVELS if noise else (), roi_cache)
         report["crop"] = crop
         echo(format_classification_table(report))
+        echo(f"head: {report['head']}")
+        if "noise_floor" in report:
+            echo(describe_noise_floor(report["noise_floor"]))
     else:
         if seg_dir is None:
             raise ConfigError("a segmentation checkpoint is evaluated on a CNCB folder: pass --seg-dir DIR")

@@ -138,6 +138,31 @@ def _private_weights(proto: onnx.ModelProto, nodes: set[str]) -> None:
                 node.input[k] = private
 
 
+def _split_shared_initializers(proto: onnx.ModelProto, fp32_nodes: set[str]) -> None:
+    """Give the reduced nodes one copy of every initializer that FP32 nodes read too.
+
+    The exporter shares identical constants between unrelated nodes (the scalar 4.0 of the
+    FPN level mapper, an FP32 island, and of a head's delta scaling); the float16 pass keeps
+    an initializer FP32 when any block-listed node reads it, and the FP16 node reading it
+    then mixes types (onnxruntime refuses the graph).
+    """
+    inits = {t.name: t for t in proto.graph.initializer}
+    fp32_reads = {i for n in proto.graph.node if n.name in fp32_nodes for i in n.input if i in inits}
+    copies: dict[str, str] = {}
+    for node in proto.graph.node:
+        if node.name in fp32_nodes:
+            continue
+        for k, name in enumerate(node.input):
+            if name in fp32_reads:
+                if name not in copies:
+                    copies[name] = f"{name}__ctmask_reduced"
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(inits[name])
+                    copy.name = copies[name]
+                    proto.graph.initializer.append(copy)
+                node.input[k] = copies[name]
+
+
 def _float_for_others(proto: onnx.ModelProto, nodes: set[str]) -> None:
     """After Q/DQ insertion: nodes other than ``nodes`` read the float original of every
     activation that ``nodes`` take as input (the quantizer rewires all of a tensor's readers).
@@ -194,6 +219,7 @@ def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str], only_nodes: set[
         _private_weights(work, only_nodes)
     keep = [n.name for n in work.graph.node if node_block(n) in set(fp32_blocks) | {OTHER}
             or (only_nodes is not None and n.name not in only_nodes)]
+    _split_shared_initializers(work, set(keep))
     with warnings.catch_warnings():
         # "the float32 number 1e-09 will be truncated to 1e-07": tiny weights clamp to FP16's range.
         warnings.simplefilter("ignore", UserWarning)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from ctmask.core.metrics import classification_report, dice_scores, mask_ap
-from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
+from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor, add_gray_noise
 from ctmask.core.progress import progress
 from ctmask.data.cncb import SegSample
 from ctmask.data.covidx import SplitEntry
@@ -16,6 +18,7 @@ from ctmask.training.datasets import ClassificationDataset, SegmentationDataset,
 from ctmask.training.detector import build_detector, segment
 from ctmask.training.model import CovidCTMaskNet, load_weights
 from ctmask.training.options import require_at_least
+from ctmask.training.roi_cache import cache_key, cached_rois
 
 
 def load_classifier(ck: Checkpoint) -> CovidCTMaskNet:
@@ -26,47 +29,68 @@ def load_classifier(ck: Checkpoint) -> CovidCTMaskNet:
 
 
 @torch.no_grad()
+def split_rois(model: CovidCTMaskNet, entries: list[SplitEntry], batch_size: int, crop: bool,
+               gray_levels: float = 0.0, seed: int = 0, show_progress: bool = False) -> torch.Tensor:
+    """The detector's ranked RoIs [M, N, 5] of every slice, with input noise of +-``gray_levels``
+    (:func:`ctmask.core.noise.add_gray_noise`, seeded per slice index; 0: none).
+
+    Slices are decoded batch by batch and not kept.
+    """
+    model.eval()
+    data = ClassificationDataset(entries, model.preset.image_size, crop, cache_bytes=0)
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
+    out, start = [], 0
+    label = "evaluate" if not gray_levels else f"evaluate +-{gray_levels:g} gray level"
+    with progress(len(loader), label, show_progress) as advance:
+        for images, _ in loader:
+            if gray_levels:
+                images = torch.from_numpy(add_gray_noise(images.numpy(), gray_levels, seed, start))
+            out.append(model.ranker(images))
+            start += len(images)
+            advance()
+    return torch.cat(out) if out else torch.zeros(0, model.preset.n_rois, 5)
+
+
 def evaluate_classifier(
     ck: Checkpoint, entries: list[SplitEntry], batch_size: int = 8, crop: bool = False, show_progress: bool = True,
-    noise_levels: tuple[float, ...] = NOISE_GRAY_LEVELS,
+    noise_levels: tuple[float, ...] = NOISE_GRAY_LEVELS, roi_cache: str | Path | None = None,
 ) -> dict:
     """Classify every slice of a split; return the Table 2 report plus per-slice predictions.
 
-    Slices are decoded batch by batch and not kept: memory does not grow with the split. With
-    ``noise_levels`` (default +-0.25 and +-1 gray level), each batch is also classified with
-    seeded input noise of each amplitude (:mod:`ctmask.core.noise`), and the report's
-    ``noise_floor`` counts the calls it changed; ``()`` skips that.
+    The detector's ranked RoIs are computed split by split (decoded slices are not kept),
+    then the head classifies them. With ``noise_levels`` (default +-0.25 and +-1 gray level),
+    the RoIs of the slices with seeded input noise of each amplitude are classified too
+    (:mod:`ctmask.core.noise`), and the report's ``noise_floor`` counts the calls the noise
+    changed; ``()`` skips that. ``roi_cache``: a folder of cached RoIs
+    (:mod:`ctmask.training.roi_cache`): a second head on the same detector and slices is
+    evaluated without running the detector again.
 
     Raises:
         ConfigError: ``batch_size`` < 1.
     """
     require_at_least("batch size", batch_size)
     model = load_classifier(ck)
-    data = ClassificationDataset(entries, ck.preset.image_size, crop, cache_bytes=0)
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
-    floor = NoiseFloor(noise_levels)
-
-    def logits_of(images: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(images))[1].numpy()
-
-    preds, probs = [], []
-    with progress(len(loader), "evaluate", show_progress) as advance:
-        for images, _ in loader:
-            _, logits = model(images)
-            probs.append(torch.softmax(logits, -1))
-            preds.append(logits.argmax(-1))
-            if noise_levels:
-                floor.measure(logits_of, images.numpy(), logits.numpy())
-            advance()
-    y_pred = torch.cat(preds).numpy()
+    rois = {}
+    for level in (0.0, *noise_levels):
+        key = cache_key(model.detector, model.preset, entries, crop, (), 0, batch_size,
+                        {"noise_gray_levels": level, "noise_seed": 0})
+        rois[level] = cached_rois(roi_cache, key, lambda: TensorDataset(
+            split_rois(model, entries, batch_size, crop, level, 0, show_progress),
+            torch.tensor([e.label for e in entries], dtype=torch.int64))).tensors[0]
+    with torch.no_grad():
+        logits = {level: model.classifier(r) for level, r in rois.items()}
+    probs = torch.softmax(logits[0.0], -1)
+    y_pred = logits[0.0].argmax(-1).numpy()
     y_true = np.array([e.label for e in entries])
     report = classification_report(y_true, y_pred)
     report["head"] = ck.preset.head
     if noise_levels:
+        floor = NoiseFloor(noise_levels)
+        floor.add(logits[0.0].numpy(), {lv: logits[lv].numpy() for lv in noise_levels})
         report["noise_floor"] = floor.to_dict()
     report["predictions"] = [
         {"file": str(e.path), "label": int(e.label), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
-        for e, p, pr in zip(entries, y_pred, torch.cat(probs).numpy())
+        for e, p, pr in zip(entries, y_pred, probs.numpy())
     ]
     return report
 

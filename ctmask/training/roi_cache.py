@@ -38,12 +38,13 @@ _NOT_IN_KEY = {"name", "head", "classifier_width", "num_slice_classes", "mask_he
 
 
 def cache_key(detector: torch.nn.Module, preset: Preset, entries: list[SplitEntry], crop: bool,
-              scales: tuple[float, ...], seed: int, batch_size: int) -> str:
+              scales: tuple[float, ...], seed: int, batch_size: int, extra: dict | None = None) -> str:
     """Hex sha256 naming the ranked RoIs of ``entries`` under this detector and these settings.
 
     Covers the detector's weights and buffers (its BN statistics), every preset field the
     ranking reads, each slice's bytes, label and crop box in order, the crop flag, the
-    perturbation scales and (with scales) the seed, and the batch size (float sums depend on it).
+    perturbation scales and (with scales) the seed, the batch size (float sums depend on it)
+    and ``extra`` (JSON-able: e.g. the input noise of a noise-floor measurement).
     """
     h = hashlib.sha256()
     h.update(FORMAT.encode() + b"\0")
@@ -51,7 +52,8 @@ def cache_key(detector: torch.nn.Module, preset: Preset, entries: list[SplitEntr
     ranking = {k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_IN_KEY}
     # The seed draws the perturbed copies only: exact RoIs are the same for every seed.
     h.update(json.dumps({"preset": ranking, "crop": crop, "scales": list(scales), "seed": seed if scales else None,
-                         "batch_size": batch_size, "torch": torch.__version__}, sort_keys=True).encode())
+                         "batch_size": batch_size, "torch": torch.__version__, "extra": extra or {}},
+                        sort_keys=True).encode())
     for e in entries:
         h.update(f"\0{e.label}\0{list(e.box)}\0".encode())
         h.update(hashlib.sha256(Path(e.path).read_bytes()).digest())

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Speed of the pooled head's reduced-precision graphs at paper size (README, "Stable head"):
+# an untrained paper-preset model with the pooled head (weights do not change speed), its FP32,
+# FP16 and INT8 (cpu and tensorrt forms) graphs, all in one `ctmask bench` run on onnxruntime
+# and OpenVINO, batch 8, on test slices.
+# Usage: scripts/bench_heads.sh RUN OUT  (RUN: a `ctmask synth` / `make accuracy` folder with data/)
+set -euo pipefail
+RUN=${1:?usage: scripts/bench_heads.sh RUN OUT}
+OUT=${2:?usage: scripts/bench_heads.sh RUN OUT}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+CT=${CTMASK:-.venv/bin/ctmask}
+PY=${PYTHON:-.venv/bin/python}
+DATA="$RUN/data"
+mkdir -p "$OUT/held"
+head -16 "$DATA/test_COVIDx_CT.txt" | while read -r name _; do
+  ln -sf "$(cd "$DATA/images" && pwd)/$name" "$OUT/held/$name"
+done
+"$PY" - "$OUT/paper-pooled.pt" <<'EOF'
+import dataclasses, sys
+
+import torch
+
+from ctmask.core.presets import PAPER
+from ctmask.training.checkpoint import save_checkpoint
+from ctmask.training.model import CovidCTMaskNet
+
+torch.manual_seed(0)
+preset = dataclasses.replace(PAPER, head="pooled")
+model = CovidCTMaskNet(preset)
+save_checkpoint(sys.argv[1], kind="classifier", preset=preset, model=model.state_dict_for_checkpoint(),
+                config={"note": "untrained seed-0 weights, for speed measurements only"})
+EOF
+CK="$OUT/paper-pooled.pt"
+"$CT" export "$CK" --out "$OUT/fp32.onnx" -q
+"$CT" calibrate "$OUT/fp32.onnx" --images "$DATA/train_COVIDx_CT.txt" --size 16 --out "$OUT/fp32.ranges.json" -q
+# Islands as the small model's measurement chose them (weights untrained: nothing to measure here).
+"$CT" export "$CK" --out "$OUT/fp16.onnx" --precision fp16 --fp32-blocks none -q
+for t in cpu tensorrt; do
+  "$CT" export "$CK" --out "$OUT/int8-$t.onnx" --precision int8 --int8-target "$t" \
+    --calibration "$OUT/fp32.ranges.json" --fp32-blocks classifier -q
+done
+"$CT" bench "$OUT/fp32.onnx" "$OUT/int8-cpu.onnx" "$OUT/int8-tensorrt.onnx" "$OUT/fp16.onnx" -b 8 \
+  --iterations 5 --warmup 1 --backend onnxruntime-cpu --backend openvino-cpu --images "$OUT/held" \
+  --json "$OUT/bench.json" | tee "$OUT/bench.txt"
