@@ -536,11 +536,13 @@ def test_dicom_without_file_meta_with_or_without_suffix(tmp_path):
 
 
 def test_truncated_and_unreadable_files_fail_alone(tmp_path):
-    for i in range(3):
+    for i in range(4):
         write_ct_dicom(tmp_path / f"s{i}.dcm", np.full((40, 40), -500.0 + i))
     good = (tmp_path / "s1.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(good[:150])
-    (tmp_path / "cut_pixels.dcm").write_bytes(good[:-1000])
+    # An instance of its own (a truncated copy of s1 would be dropped as its copy: the larger file is kept).
+    (tmp_path / "cut_pixels.dcm").write_bytes((tmp_path / "s3.dcm").read_bytes()[:-1000])
+    (tmp_path / "s3.dcm").unlink()
     (tmp_path / "empty.png").write_bytes(b"")
     decoded, failures = decode_all([tmp_path, tmp_path / "missing.dcm"])
     assert sorted(Path(d.ref.path).name for d in decoded) == ["s0.dcm", "s1.dcm", "s2.dcm"]
@@ -701,6 +703,11 @@ def test_a_duplicated_dicom_instance_is_predicted_once_with_a_warning(tmp_path):
     # The copy alone is no duplicate.
     refs, failures = collect_sources([tmp_path / "copy"])
     assert [r.label for r in refs] == ["copy/a-again.dcm"] and failures == []
+    # A truncated copy found first is dropped, not the complete file (the larger one is kept).
+    (tmp_path / "copy" / "a-again.dcm").write_bytes((tmp_path / "s" / "a.dcm").read_bytes()[:-100])
+    with pytest.warns(CtmaskWarning, match="copy/a-again.dcm copies s/a.dcm; the largest file is kept"):
+        refs, failures = collect_sources([tmp_path / "copy", tmp_path / "s"])
+    assert [r.label for r in refs] == ["s/a.dcm", "s/b.dcm"] and failures == []
 
 
 def test_nifti_of_unknown_orientation_is_refused_by_a_documented_rule(tmp_path):

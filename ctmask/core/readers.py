@@ -26,7 +26,10 @@ Rules, fixed per file type and never scaled by a slice's own content:
   k-th slice in that order, ``position`` its z in mm. Each slice is flipped to canonical RAS+
   axes ``c[x, y]`` (x towards the patient's right, y anterior) and shown as a DICOM axial slice
   is: rows anterior to posterior, columns patient right to left: ``display = c[::-1, ::-1].T``.
-  A 4-D file with more than one volume is refused (which volume is the CT cannot be told).
+  A 4-D file with more than one volume is refused (which volume is the CT cannot be told), and
+  so is a file whose qform_code and sform_code are both 0: its orientation is unknown (nibabel
+  would fall back to one guessed from the voxel sizes), so which axis is the patient's z cannot
+  be told.
 * **8-bit images** (``image-8bit``): already windowed, value / 255; colour -> luminance
   (ITU-R 601), palette images through their palette, alpha ignored (not composited).
 * **16-bit unsigned images** (``image-16bit-hu+1024``; PNG / TIFF mode ``I;16*``): CT values
@@ -46,9 +49,13 @@ hidden files and folders (``.name``) and DICOMDIR skipped. Files with a raster o
 suffix are taken as such; DICOM is a DICOM suffix, the ``DICM`` marker, or (PACS exports:
 ``IM0001``, ``1.2.840...``) a file without suffix or with a numeric one that pydicom reads
 (``force=True``, headers only) and that has Rows and Columns. DICOM objects without an image
-(reports, presentation states) and other files are skipped in folders; a folder without any
-slice is a failure. DICOM slices are grouped by SeriesInstanceUID (files without one: by
-folder) and StudyInstanceUID; ``frame`` of a multi-frame DICOM is the stored frame index.
+(reports, presentation states, RT plans) and other files are skipped in folders, the DICOM
+ones counted by modality (else SOP class) in one :class:`~ctmask.core.errors.CtmaskWarning`
+("ignored 3 non-image DICOM objects: RTPLAN 3"); a folder without any slice is a failure. DICOM
+slices sharing one SOPInstanceUID (and frame) are copies of one instance: only the one in the
+largest file (a truncated copy is shorter), else the first found, is kept, with one warning.
+DICOM slices are grouped by SeriesInstanceUID (files without one: by folder) and
+StudyInstanceUID; ``frame`` of a multi-frame DICOM is the stored frame index.
 
 Sizes are checked on what a file declares, before its pixels are decoded
 (:func:`ctmask.core.preprocess.check_image_size`: 32..8192 px per side; Pillow's
@@ -376,6 +383,7 @@ class FileProbe:
     slices: list[SliceRef] = field(default_factory=list)
     dicom: list[_DicomSlice] = field(default_factory=list)
     failure: str | None = None
+    non_image: str = ""  # a DICOM object without an image, skipped: its modality (else SOP class)
 
 
 @dataclass(frozen=True)
@@ -523,7 +531,9 @@ def _dicom_entries(probe: FileProbe, ds: Any, path: Path, label: str, sure: bool
         sop = ds.get("SOPClassUID", None)
         kind = str(getattr(sop, "name", "") or "")
         if sop and "image" not in kind.lower() and not explicit:
-            return True  # a report, a presentation state...: DICOM without an image, skipped in folders
+            # a report, a presentation state...: DICOM without an image, skipped in folders (and counted)
+            probe.non_image = _modality(ds) or kind or str(sop)
+            return True
         raise DataError("cannot decode DICOM: it holds no image (no Rows / Columns)"
                         + (f"; SOP class {kind}" if kind else ""), path)
     check_image_size(cols, rows, path)
@@ -565,6 +575,7 @@ def assemble(items: list[FileTask | Failure | _FolderMark], probes: list[FilePro
     failures: list[Failure] = []
     opened: list[tuple[int, int]] = []  # per open folder: slices and failures before it
     n_slices = 0
+    non_image: dict[str, int] = {}
     probe_iter = iter(probes)
     for item in items:
         if isinstance(item, _FolderMark):
@@ -585,6 +596,8 @@ def assemble(items: list[FileTask | Failure | _FolderMark], probes: list[FilePro
                 failures.append(Failure(item.path, probe.failure))
             if probe.slices:
                 slots.append(probe.slices)
+            if probe.non_image:
+                non_image[probe.non_image] = non_image.get(probe.non_image, 0) + 1
             for e in probe.dicom:
                 if e.series not in series:
                     series[e.series] = []
@@ -595,6 +608,17 @@ def assemble(items: list[FileTask | Failure | _FolderMark], probes: list[FilePro
             failures.append(item)
     if next(probe_iter, None) is not None:
         raise ValueError("more probes than files in the listing")
+    copies = _drop_copies(series)
+    if copies:
+        copy, kept = copies[0]
+        warnings.warn(f"{len(copies)} DICOM slice(s) dropped as copies of another file's (same SOPInstanceUID"
+                      f"{' and frame' if copy.frame is not None else ''}; e.g. {copy.label} copies {kept.label}; the "
+                      "largest file is kept): each instance is predicted once", CtmaskWarning, stacklevel=3)
+    if non_image:
+        n = sum(non_image.values())
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(non_image.items(), key=lambda kv: (-kv[1], kv[0])))
+        warnings.warn(f"ignored {n} non-image DICOM object{'s' if n != 1 else ''}: {kinds}", CtmaskWarning,
+                      stacklevel=3)
     refs: list[SliceRef] = []
     for slot in slots:
         if isinstance(slot, list):
@@ -604,6 +628,32 @@ def assemble(items: list[FileTask | Failure | _FolderMark], probes: list[FilePro
             refs.append(SliceRef(path=str(e.path), frame=e.frame, study=e.study, series=e.series, position=position,
                                  label=e.label, uid=e.uid))
     return refs, failures
+
+
+def _drop_copies(series: dict[str, list[_DicomSlice]]) -> list[tuple[_DicomSlice, _DicomSlice]]:
+    """Keep one slice per (SOPInstanceUID, frame) in ``series`` (edited in place): the one in the
+    largest file (a truncated copy is shorter), else the first found; (dropped, kept) pairs."""
+    groups: dict[tuple[str, int | None], list[_DicomSlice]] = {}
+    for entries in series.values():
+        for e in entries:
+            if e.uid:
+                groups.setdefault((e.uid, e.frame), []).append(e)
+
+    def size(e: _DicomSlice) -> int:
+        try:
+            return e.path.stat().st_size
+        except OSError:
+            return -1
+
+    pairs = []
+    for group in groups.values():
+        if len(group) > 1:
+            kept = max(group, key=size)  # the first of the largest
+            pairs += [(e, kept) for e in group if e is not kept]
+    dropped = {id(e) for e, _ in pairs}
+    for key in series:
+        series[key] = [e for e in series[key] if id(e) not in dropped]
+    return pairs
 
 
 def _order_series(series: str, entries: list[_DicomSlice]) -> list[tuple[_DicomSlice, float | None]]:
@@ -1196,10 +1246,15 @@ class _NiftiVolume:
                 shape = tuple(int(v) for v in img.shape)
                 affine = np.asarray(img.affine, dtype=np.float64)
                 dtype = np.dtype(img.get_data_dtype())
+                codes = [int(img.header.get(k, -1)) for k in ("qform_code", "sform_code")]
         except DataError:
             raise
         except Exception as exc:  # nibabel's ImageFileError, HeaderDataError, struct.error, OSError...
             raise DataError(_error("cannot read NIfTI", exc), path) from None
+        if codes == [0, 0]:
+            raise DataError("its orientation is unknown (qform_code and sform_code are both 0), so which axis is the "
+                            "patient's z cannot be told; give it its scanner affine (e.g. nibabel's set_sform(affine, "
+                            "code=1)) or convert the scan again (dcm2niix writes both)", path)
         if dtype.fields is not None or dtype.kind not in "biuf":
             raise DataError(f"voxels of type {dtype} are not CT values (expected integers or floats)", path)
         if len(shape) < 2 or min(shape) < 1:
