@@ -211,7 +211,8 @@ def train_cls(
         raise ConfigError(f"--perturb takes comma-separated numbers, got {perturb!r}") from None
     check_paths({"INIT": init, "--train-split": train_split, "--val-split": val_split,
                  "their slices": [*split_images(train_split), *split_images(val_split)]},
-                {"--out": out, "--out's sidecar": out.with_name(out.name + ".json"), "--json": json_out})
+                {"--out": out, "--out's sidecar": out.with_name(out.name + ".json"), "--json": json_out},
+                {"--roi-cache": roi_cache})
     opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed, scales, consistency, head)
     train = read_split(train_split)
     val = read_split(val_split) if val_split else None
@@ -250,7 +251,7 @@ def evaluate(
 
     echo = human_echo(json_out)
     check_paths({"CHECKPOINT": checkpoint, "--split": split, "its slices": split_images(split), "--seg-dir": seg_dir},
-                {"--json": json_out})
+                {"--json": json_out}, {"--roi-cache": roi_cache})
     ck = load_checkpoint(checkpoint)
     if ck.kind == "classifier":
         if split is None:
