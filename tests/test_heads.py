@@ -256,3 +256,35 @@ def test_pooled_head_exports_at_reduced_precision(pooled_run, synth_dir, tmp_pat
     with OnnxRuntimeRunner(out) as r:
         got = r.infer({"images": np.random.default_rng(0).random((2, 1, 192, 192), dtype=np.float32)})
     assert np.isfinite(got["logits"]).all() and got["probs"].shape == (2, 3)
+
+
+def test_evaluate_a_graph_torch_free_with_its_noise_floor(pooled_run, synth_dir, tmp_path):
+    from tests_helpers import invoke
+
+    from ctmask.exporter.onnx_export import export_onnx
+    from ctmask.training.evaluate import evaluate_classifier
+
+    graph = tmp_path / "p.onnx"
+    export_onnx(pooled_run / "cls.pt", graph)
+    test = read_split(synth_dir / "test_COVIDx_CT.txt")
+    res = invoke("evaluate", graph, "--split", synth_dir / "test_COVIDx_CT.txt", "--json", tmp_path / "e.json", "-q")
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["kind"] == "graph" and r["head"] == "pooled" and r["precision"] == "fp32" and r["n"] == len(test)
+    assert [lv["gray_levels"] for lv in r["noise_floor"]["levels"]] == [0.25, 1.0]
+    ck = evaluate_classifier(load_checkpoint(pooled_run / "cls.pt"), test, 4, show_progress=False, noise_levels=())
+    assert [p["pred"] for p in r["predictions"]] == [p["pred"] for p in ck["predictions"]]
+    # A broken slice in the split is skipped with its reason; the others are still evaluated.
+    broken = tmp_path / "split.txt"
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    lines = (synth_dir / "test_COVIDx_CT.txt").read_text().splitlines()
+    first = lines[0].split()
+    broken.write_text("\n".join([" ".join([str(tmp_path / "bad.png"), *first[1:]]), *[
+        " ".join([str(synth_dir / "images" / ln.split()[0]), *ln.split()[1:]]) for ln in lines]]) + "\n")
+    res = invoke("evaluate", graph, "--split", broken, "--no-noise", "--json", tmp_path / "e2.json", "-q")
+    assert res.exit_code == 0, res.output
+    r2 = json.loads((tmp_path / "e2.json").read_text())
+    assert r2["n"] == len(test) and [s["file"] for s in r2["skipped"]] == [str(tmp_path / "bad.png")]
+    assert "Traceback" not in res.output and "bad.png" in res.output
+    res = invoke("evaluate", graph, "--split", broken, "--roi-cache", tmp_path / "c", "-q")
+    assert res.exit_code == 2 and "applies to a checkpoint" in res.output

@@ -225,8 +225,10 @@ def train_cls(
 @app.command()
 @user_errors
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="Classifier or segmentation checkpoint."),
-    split: Path | None = typer.Option(None, "--split", help="COVIDx-CT split file (classifier)."),
+    checkpoint: Path = typer.Argument(..., metavar="CKPT_OR_GRAPH",
+                                      help="Classifier or segmentation checkpoint, or a ctmask ONNX graph (any "
+                                           "precision, run by onnxruntime on the CPU)."),
+    split: Path | None = typer.Option(None, "--split", help="COVIDx-CT split file (classifier, graph)."),
     seg_dir: Path | None = typer.Option(None, "--seg-dir", help="CNCB-layout folder (segmentation)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     crop: bool | None = typer.Option(None, "--crop/--no-crop",
@@ -242,8 +244,8 @@ def evaluate(
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Paper Table 2 (classifier) or mask AP / Dice (segmentation) on a test set; for a classifier also
-    its noise floor, the calls that invisible input noise changes."""
+    """Paper Table 2 (classifier or graph) or mask AP / Dice (segmentation) on a test set; for a classifier
+    or a graph also its noise floor, the calls that invisible input noise changes."""
     from ctmask.core.errors import ConfigError
     from ctmask.core.metrics import format_classification_table, format_segmentation_table
     from ctmask.training.checkpoint import load_checkpoint
@@ -252,6 +254,9 @@ def evaluate(
     echo = human_echo(json_out)
     check_paths({"CHECKPOINT": checkpoint, "--split": split, "its slices": split_images(split), "--seg-dir": seg_dir},
                 {"--json": json_out}, {"--roi-cache": roi_cache})
+    if checkpoint.suffix.lower() == ".onnx":
+        _evaluate_graph(checkpoint, split, batch_size, crop, noise, roi_cache, json_out, quiet)
+        return
     ck = load_checkpoint(checkpoint)
     if ck.kind == "classifier":
         if split is None:
@@ -282,6 +287,36 @@ def evaluate(
         echo(format_segmentation_table(report["mask_ap"], report["dice"]))
     report = {"checkpoint": str(checkpoint), "kind": ck.kind, "preset": ck.preset.name, **report}
     emit_json(report, json_out)
+
+
+def _evaluate_graph(model: Path, split: Path | None, batch_size: int, crop: bool | None, noise: bool,
+                    roi_cache: Path | None, json_out: Path | None, quiet: bool) -> None:
+    """``evaluate GRAPH``: the graph on a split, torch-free (``ctmask.runtime.evaluate``)."""
+    from ctmask.core.errors import ConfigError
+    from ctmask.core.metrics import format_classification_table
+    from ctmask.core.noise import NOISE_GRAY_LEVELS, describe_noise_floor
+    from ctmask.core.progress import progress
+    from ctmask.data.covidx import read_split
+    from ctmask.runtime.evaluate import evaluate_graph
+    from ctmask.runtime.runner import OnnxRuntimeRunner
+
+    if split is None:
+        raise ConfigError("a graph is evaluated on a split file: pass --split FILE")
+    given = [n for n, v in (("--crop/--no-crop", crop), ("--roi-cache", roi_cache)) if v is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} applies to a checkpoint; a graph crops as its metadata says and has "
+                          "no detector cache")
+    entries = read_split(split)
+    with OnnxRuntimeRunner(model) as runner, progress(len(entries), "evaluate", not quiet) as advance:
+        report = evaluate_graph(runner, entries, split, batch_size, NOISE_GRAY_LEVELS if noise else (), advance)
+    for s in report["skipped"]:
+        typer.secho(f"skipped {s['file']}: {s['error']}", fg=typer.colors.YELLOW, err=True)
+    echo = human_echo(json_out)
+    echo(format_classification_table(report))
+    echo(f"graph: {report['precision']}, head {report['head']}")
+    if "noise_floor" in report:
+        echo(describe_noise_floor(report["noise_floor"]))
+    emit_json({"model": str(model), "kind": "graph", **report}, json_out)
 
 
 # precision's ``export`` (every precision) replaces deploy's FP32-only one.
