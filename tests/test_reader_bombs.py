@@ -83,17 +83,18 @@ def _preamble_and_meta(ds, transfer_syntax: str) -> bytes:
     return bytes(128) + b"DICM" + fp.getvalue()
 
 
-def write_deflated_bomb(path: Path, tag_bytes: int = 1 << 30) -> Path:
+def write_deflated_bomb(path: Path, tag_bytes: int = 1 << 30, prefix: bytes = b"", meta: bytes | None = None) -> Path:
     """A Deflated Explicit VR DICOM CT slice (64 x 64) holding a private OB tag of ``tag_bytes``
-    zeros: ~1 MB on disk per GiB inflated."""
+    zeros: ~1 MB on disk per GiB inflated. ``prefix``: bytes the inflated data set starts with;
+    ``meta``: preamble and file meta to write instead of the standard ones."""
     ds = _ct_dataset()
     head, tail = _split(ds, 0x00091010)
     creator = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 12) + b"CTMASK BOMB "
     private = struct.pack("<HH2sHL", 0x0009, 0x1010, b"OB", 0, tag_bytes)
     z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     with open(path, "wb") as fh:
-        fh.write(_preamble_and_meta(ds, DEFLATED))
-        fh.write(z.compress(head + creator + private))
+        fh.write(meta if meta is not None else _preamble_and_meta(ds, DEFLATED))
+        fh.write(z.compress(prefix + head + creator + private))
         left = tag_bytes
         while left:
             piece = ZERO_CHUNK if left >= len(ZERO_CHUNK) else bytes(left)
@@ -292,3 +293,219 @@ def test_a_deflated_dicom_within_the_limit_still_reads(tmp_path):
     refs, failures = collect_sources([tmp_path / "d.dcm"])
     assert failures == [] and len(refs) == 1
     assert read_slice(refs[0]).pixels.shape == (48, 40)
+
+
+# ---------------------------------------------------------------- bypasses of the walk and of the decoders
+
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+def write_rle_bomb(path: Path, segment_bytes: int = 1 << 30) -> Path:
+    """An RLE Lossless CT slice declaring 64 x 64 8-bit pixels whose one segment decodes to
+    ``segment_bytes`` (replicate runs of 128 bytes): 16 MB on disk per GiB decoded."""
+    ds = _ct_dataset()
+    del ds.PixelData
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    frame = struct.pack("<16L", 1, 64, *([0] * 14))
+    pix = (struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE000, 0)
+           + struct.pack("<HHL", 0xFFFE, 0xE000, len(frame) + segment_bytes // 64))
+    with open(path, "wb") as fh:
+        fh.write(_preamble_and_meta(ds, RLE_LOSSLESS) + _encode(ds) + pix + frame)
+        left = segment_bytes // 64
+        while left:
+            piece = min(left, len(ZERO_CHUNK))
+            fh.write(b"\x81\x00" * (piece // 2))
+            left -= piece
+        fh.write(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    return path
+
+
+def _nested(depth: int) -> bytes:
+    """ReferencedImageSequence (explicit VR) nested ``depth`` deep, one item each, undefined lengths."""
+    inner = b""
+    for _ in range(depth):
+        item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+        inner = (struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF) + item
+                 + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    return inner
+
+
+def _implicit(ds) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _frame_item(implicit: bool = False) -> bytes:
+    from pydicom.dataset import Dataset
+
+    inner, pos = Dataset(), Dataset()
+    pos.ImagePositionPatient = [0, 0, 0]
+    inner.PlanePositionSequence = [pos]
+    body = _implicit(inner) if implicit else _encode(inner)
+    return struct.pack("<HHL", 0xFFFE, 0xE000, len(body)) + body
+
+
+def write_walk_bypass(path: Path, kind: str, items: int = 300_000) -> Path:
+    """Bombs that stopped the limits' walk early, pydicom then parsing (inflating) the rest:
+
+    * ``padded_ts``: the deflated bomb whose TransferSyntaxUID is NUL-padded past 64 bytes;
+    * ``deep_deflated``: the deflated bomb whose data set starts with sequences nested 65 deep;
+    * ``deep_items``: ``items`` frame items after a 65-deep nesting;
+    * ``implicit_items``: file meta saying explicit VR, a data set in implicit VR with ``items``
+      frame items.
+    """
+    from pydicom.dataset import Dataset
+
+    ds = _ct_dataset()
+    if kind in ("padded_ts", "deep_deflated"):
+        meta = _preamble_and_meta(ds, DEFLATED)
+        if kind == "padded_ts":
+            old = struct.pack("<HH2sH", 2, 0x10, b"UI", 22) + DEFLATED.encode()
+            new = struct.pack("<HH2sH", 2, 0x10, b"UI", 82) + DEFLATED.encode() + bytes(60)
+            assert old in meta
+            meta = meta.replace(old, new)
+            length = struct.unpack("<L", meta[140:144])[0]  # (0002,0000) group length, after preamble and its header
+            meta = meta[:140] + struct.pack("<L", length + 60) + meta[144:]
+        write_deflated_bomb(path, prefix=_nested(65) if kind == "deep_deflated" else b"", meta=meta)
+        return path
+    ds.NumberOfFrames = 1
+    before, after = Dataset(), Dataset()
+    for elem in ds:
+        (before if elem.tag < 0x52009230 else after).add(elem)
+    with open(path, "wb") as fh:
+        fh.write(_preamble_and_meta(ds, "1.2.840.10008.1.2.1"))  # explicit VR little endian, says the meta
+        if kind == "deep_items":
+            fh.write(_nested(65) + _encode(before) + struct.pack("<HH2sHL", 0x5200, 0x9230, b"SQ", 0, 0xFFFFFFFF))
+            fh.write(_frame_item() * items)
+            fh.write(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + _encode(after))
+        else:
+            fh.write(_implicit(before) + struct.pack("<HHL", 0x5200, 0x9230, 0xFFFFFFFF))
+            fh.write(_frame_item(implicit=True) * items)
+            fh.write(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + _implicit(after))
+    return path
+
+
+def write_un_frames(path: Path, items: int = 300_000) -> Path:
+    """A CT whose PerFrameFunctionalGroupsSequence is stored as VR UN of defined length (pydicom
+    keeps one of 64 KiB or more as bytes)."""
+    ds = _ct_dataset()
+    ds.NumberOfFrames = 1
+    item = _frame_item(implicit=True)
+    head, tail = _split(ds, 0x52009230)
+    with open(path, "wb") as fh:
+        fh.write(_preamble_and_meta(ds, "1.2.840.10008.1.2.1"))
+        fh.write(head + struct.pack("<HH2sHL", 0x5200, 0x9230, b"UN", 0, len(item) * items))
+        fh.write(item * items)
+        fh.write(tail)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bypasses(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bypasses")
+    out = {"rle": write_rle_bomb(d / "rle.dcm"), "un_frames": write_un_frames(d / "un.dcm")}
+    for kind in ("padded_ts", "deep_deflated", "deep_items", "implicit_items"):
+        out[kind] = write_walk_bypass(d / f"{kind}.dcm", kind)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["infer", "serve"])
+@pytest.mark.parametrize("bomb, words", [
+    ("rle", "an RLE segment decodes to more than the 4,096 bytes of its frame's plane"),
+    ("padded_ts", "inflates to more than 256 MiB"),
+    ("deep_deflated", "cannot be checked against the input limits: sequences nest more than 64 deep"),
+    ("deep_items", "cannot be checked against the input limits: sequences nest more than 64 deep"),
+    ("implicit_items", "more than 131,072 sequence items"),
+    ("un_frames", "its PerFrameFunctionalGroupsSequence is not a sequence of items but bytes of VR UN"),
+])
+def test_bypasses_of_the_limits_are_refused_before_their_memory_is_spent(bypasses, bomb, words, mode):
+    """Before: RLE 1 GiB decoded (peak 1.07 GB), padded TS and deep deflated 2 GB each, deep and
+    implicit items 330 MB and 15 s each, the UN groups an AttributeError."""
+    from ctmask.core.limits import PEAK_BYTES_BOUND
+
+    out = measure(bypasses[bomb], mode)
+    assert out["slices"] == 0 and len(out["failures"]) == 1, out
+    where, reason = out["failures"][0]
+    assert words in reason, out
+    assert where == (422 if mode == "serve" else str(bypasses[bomb])), out
+    assert out["peak_bytes"] < REFUSED_PEAK < PEAK_BYTES_BOUND, out
+
+
+def test_a_compressed_frame_within_its_declared_size_still_reads(tmp_path):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+
+    from ctmask.core.readers import collect_sources, read_slice
+
+    ds = _ct_dataset(48, 40)
+    ds.PixelData = (np.arange(48 * 40, dtype=np.uint16).reshape(48, 40) % 700 + 500).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CT_IMAGE, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    ds.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    refs, failures = collect_sources([tmp_path / "rle.dcm"])
+    assert failures == [] and len(refs) == 1
+    assert read_slice(refs[0]).pixels.shape == (48, 40)
+
+
+def test_a_walk_stopped_by_a_truncated_tail_still_reads(tmp_path):
+    """Failing closed refuses what the walk cannot check, not a file whose last bytes are cut."""
+    from ctmask.core.bounded import check_dicom_limits
+
+    ds = _ct_dataset()
+    data = _preamble_and_meta(ds, "1.2.840.10008.1.2.1") + _encode(ds) + struct.pack("<HH2sHL", 0x0009, 0x1010, b"SQ",
+                                                                                    0, 0xFFFFFFFF) + b"\xfe\xff"
+    (tmp_path / "cut.dcm").write_bytes(data)
+    check_dicom_limits(tmp_path / "cut.dcm")  # no error: pydicom says what is wrong with the file
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_holding_less_than_its_header_declares_is_one_failure(tmp_path, suffix):
+    import nibabel as nib
+
+    from ctmask.core.readers import collect_sources
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((64, 64, 100))
+    hdr.set_data_dtype(np.int16)
+    hdr.set_qform(np.diag([0.7, 0.7, 1.0, 1.0]), code=1)
+    hdr["vox_offset"] = 352
+    data = hdr.binaryblock + bytes(4) + np.full((64, 64), -1000, np.int16).tobytes("F")
+    path = tmp_path / f"lying{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    refs, failures = collect_sources([path])
+    assert refs == [] and len(failures) == 1, failures
+    assert failures[0].file == str(path)
+    assert "declares 100 slices" in failures[0].reason and "1 whole slices" in failures[0].reason, failures
+
+
+def test_a_checkpoint_nested_past_the_limit_is_a_checkpoint_error(tmp_path):
+    import torch
+
+    from ctmask.core.errors import CheckpointError
+    from ctmask.training.checkpoint import FORMAT, load_checkpoint, weights_digest
+
+    model = {"w": torch.zeros(2)}
+    nest: list = []
+    cur = nest
+    for _ in range(3000):
+        cur.append([])
+        cur = cur[0]
+    blob = {"format": FORMAT, "kind": "classifier", "config": "{}", "epoch": 0, "model": model,
+            "weights_sha256": weights_digest(model), "optimizer": {"state": nest},
+            "optimizer_sha256": "0" * 64, "content_sha256": "0" * 64}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # pickling 3,000 levels needs it; loading does not
+    try:
+        torch.save(blob, tmp_path / "deep.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(CheckpointError, match="optimizer state nests containers more than 32 deep") as err:
+        load_checkpoint(tmp_path / "deep.pt")
+    assert err.value.path == tmp_path / "deep.pt"

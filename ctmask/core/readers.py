@@ -92,7 +92,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
-from ctmask.core.bounded import GzipCursor, check_dicom_limits
+from ctmask.core.bounded import GzipCursor, check_compressed_frame, check_dicom_limits, gzip_holds
 from ctmask.core.errors import CtmaskWarning, DataError
 from ctmask.core.limits import MAX_NIFTI_HEADER_BYTES, MAX_SLICE_BYTES, MAX_SLICES, MAX_VOLUME_BYTES, MiB, mib
 from ctmask.core.preprocess import DICOM_SUFFIXES, LUNG_WINDOW, MAX_IMAGE_SIDE, check_image_size, window_hu
@@ -289,29 +289,56 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
     return out if out.shape == (n,) and np.isfinite(out).all() else None
 
 
-def _group_item(ds: Any, frame: int | None, keyword: str) -> Any:
-    """First item of functional group ``keyword`` for ``frame`` (per-frame, then shared), or None."""
+def _group_item(ds: Any, frame: int | None, keyword: str, path: Path) -> Any:
+    """First item of functional group ``keyword`` for ``frame`` (per-frame, then shared), or None.
+
+    Raises:
+        DataError: a functional group that is not a sequence of items (pydicom keeps a sequence
+            stored as VR UN of 64 KiB or more as bytes).
+    """
+    from pydicom.dataset import Dataset
+
     places = []
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None)
+    per_frame = _items(ds, "PerFrameFunctionalGroupsSequence", path)
     if per_frame is not None and frame is not None and frame < len(per_frame):
-        places.append(per_frame[frame])
-    shared = ds.get("SharedFunctionalGroupsSequence", None)
+        places.append(("PerFrameFunctionalGroupsSequence", per_frame[frame]))
+    shared = _items(ds, "SharedFunctionalGroupsSequence", path)
     if shared:
-        places.append(shared[0])
-    for group in places:
-        seq = group.get(keyword, None)
+        places.append(("SharedFunctionalGroupsSequence", shared[0]))
+    for name, group in places:
+        if not isinstance(group, Dataset):
+            _items(ds, name, path, group)
+        seq = _items(group, keyword, path)
         if seq:
+            if not isinstance(seq[0], Dataset):
+                _items(group, keyword, path, seq[0])
             return seq[0]
     return None
 
 
-def _geometry(ds: Any, frame: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _items(ds: Any, keyword: str, path: Path, found: Any = None) -> Any:
+    """``ds``'s sequence ``keyword`` (None when absent), refused when it is no sequence (or ``found``,
+    one of its items, is no data set)."""
+    from pydicom.sequence import Sequence
+
+    value = ds.get(keyword, None)
+    if found is None and (value is None or isinstance(value, Sequence)):
+        return value
+    value = value if found is None else found
+    vr = ds[keyword].VR if keyword in ds else "?"
+    raise DataError(f"its {keyword} is not a sequence of items but {type(value).__name__} of VR {vr}"
+                    + (f" ({len(value):,} bytes)" if isinstance(value, (bytes, bytearray)) else "")
+                    + "; ctmask reads the functional groups of an enhanced CT (a sequence stored as VR UN of 64 KiB "
+                    "or more is not parsed); convert the file to a standard encoding (e.g. dcmconv +e)", path)
+
+
+def _geometry(ds: Any, frame: int | None, path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(ImagePositionPatient, slice normal) of a slice or frame, each None when missing."""
-    pos_item = _group_item(ds, frame or 0, "PlanePositionSequence")
+    pos_item = _group_item(ds, frame or 0, "PlanePositionSequence", path)
     ipp = _floats(pos_item.get("ImagePositionPatient", None) if pos_item is not None else None, 3)
     if ipp is None and (frame is None or _int(ds, "NumberOfFrames", 1) == 1):
         ipp = _floats(ds.get("ImagePositionPatient", None), 3)
-    ori_item = _group_item(ds, frame or 0, "PlaneOrientationSequence")
+    ori_item = _group_item(ds, frame or 0, "PlaneOrientationSequence", path)
     iop = _floats(ori_item.get("ImageOrientationPatient", None) if ori_item is not None else None, 6)
     if iop is None:
         iop = _floats(ds.get("ImageOrientationPatient", None), 6)
@@ -468,6 +495,7 @@ def probe_file(task: FileTask, force_modality: bool = False) -> FileProbe:
     elif kind == "nifti":
         try:
             vol = _NiftiVolume.open(path)
+            vol.check_present()
             probe.slices.extend(SliceRef(path=str(path), frame=k, study=str(path), series=str(path),
                                          position=vol.z_mm(k), label=f"{label}[z={k}]") for k in range(vol.nz))
         except DataError as exc:
@@ -554,9 +582,9 @@ def _dicom_entries(probe: FileProbe, ds: Any, path: Path, label: str, sure: bool
     uid = str(ds.get("SOPInstanceUID", "") or "")
     shared = None  # frames without per-frame groups share one geometry (and have no position)
     if frames > 1 and not ds.get("PerFrameFunctionalGroupsSequence", None):
-        shared = (None, _geometry(ds, 0)[1])
+        shared = (None, _geometry(ds, 0, path)[1])
     for k in range(frames) if frames > 1 else [None]:
-        ipp, normal = shared or _geometry(ds, k)
+        ipp, normal = shared or _geometry(ds, k, path)
         probe.dicom.append(_DicomSlice(path, label if k is None else f"{label}[frame={k}]", study, series, k,
                                        ipp, normal, instance, uid))
     return True
@@ -765,7 +793,7 @@ def read_dicom_hu(path: str | Path, frame: int | None = None) -> np.ndarray:
     try:
         with _captured(notes):
             arr, k, info = _dicom_pixels(ds, path, frame, force_modality=True)
-            if _is_rendered(ds, k):
+            if _is_rendered(ds, k, path):
                 raise DataError("holds a rendered image (no rescale tags, 8 bits or colour), not HU", path)
             return _dicom_hu(ds, arr, k, path, info)
     except DataError:
@@ -983,6 +1011,8 @@ def _decode_frame(ds: Any, k: int, frames: int, ts: Any, path: Path) -> np.ndarr
         if not decoder.is_available:
             raise DataError(f"cannot decode DICOM pixels compressed with {ts.name} ({ts}): no decoder for it is "
                             f"installed; {_decoder_packages(ts)}", path)
+    if compressed:  # a decoder allocates what the frame's own headers declare, whatever the data set says
+        _check_frame(ds, k, frames, ts, path)
     try:
         if pixel_array is not None:
             return np.asarray(pixel_array(ds, index=k))
@@ -995,6 +1025,24 @@ def _decode_frame(ds: Any, k: int, frames: int, ts: Any, path: Path) -> np.ndarr
             raise DataError(_error(f"cannot decode DICOM pixels compressed with {ts.name} ({ts})", exc)
                             + f"; another decoder may read it: {_decoder_packages(ts)}", path) from None
         raise DataError(_error("cannot decode DICOM pixels", exc), path) from None
+
+
+def _check_frame(ds: Any, k: int, frames: int, ts: Any, path: Path) -> None:
+    """Refuse compressed frame ``k`` when its headers decode past the frame the data set declares."""
+    try:
+        from pydicom.encaps import get_frame
+
+        extended = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        src = get_frame(ds.PixelData, k, number_of_frames=frames, extended_offsets=extended)
+        shape = (_int(ds, "Rows", 0), _int(ds, "Columns", 0), _int(ds, "SamplesPerPixel", 1) or 1,
+                 _int(ds, "BitsAllocated", 16) or 16)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(_error(f"cannot read the compressed DICOM pixels ({ts.name})", exc), path) from None
+    check_compressed_frame(src, str(ts), *shape, path)
 
 
 def _dicom_pixels(ds: Any, path: Path, frame: int | None, force_modality: bool) -> tuple[np.ndarray, int, dict]:
@@ -1016,7 +1064,7 @@ def _dicom_pixels(ds: Any, path: Path, frame: int | None, force_modality: bool) 
                             "photometric": str(ds.get("PhotometricInterpretation", "") or "").strip().upper()}
     if frames > 1:
         info["frames"] = frames
-    measures = _group_item(ds, k, "PixelMeasuresSequence")
+    measures = _group_item(ds, k, "PixelMeasuresSequence", path)
     spacing = _floats((measures if measures is not None else ds).get("PixelSpacing", None), 2)
     if spacing is not None:
         info["pixel_spacing_mm"] = [float(v) for v in spacing]
@@ -1024,17 +1072,17 @@ def _dicom_pixels(ds: Any, path: Path, frame: int | None, force_modality: bool) 
     return arr, k, info
 
 
-def _rescale_source(ds: Any, k: int) -> Any:
-    item = _group_item(ds, k, "PixelValueTransformationSequence")
+def _rescale_source(ds: Any, k: int, path: Path) -> Any:
+    item = _group_item(ds, k, "PixelValueTransformationSequence", path)
     return item if item is not None else ds
 
 
-def _is_rendered(ds: Any, k: int) -> bool:
+def _is_rendered(ds: Any, k: int, path: Path) -> bool:
     """A rendering, not HU: colour, or no rescale tags / Modality LUT with at most 8 bits stored."""
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if (_int(ds, "SamplesPerPixel", 1) or 1) > 1 or photometric not in ("", "MONOCHROME1", "MONOCHROME2"):
         return True
-    src = _rescale_source(ds, k)
+    src = _rescale_source(ds, k, path)
     rescaled = "RescaleSlope" in src or "RescaleIntercept" in src or "ModalityLUTSequence" in ds
     bits = _int(ds, "BitsStored", None) or _int(ds, "BitsAllocated", 16) or 16
     return not rescaled and bits <= 8
@@ -1091,7 +1139,7 @@ def _dicom_hu(ds: Any, arr: np.ndarray, k: int, path: Path, info: dict) -> np.nd
     """HU (float32) of stored values ``arr``: modality LUT or rescale, padding set to air."""
     if arr.ndim != 2:
         raise DataError(f"expected a 2-D grayscale slice, found pixel array of shape {arr.shape}", path)
-    src = _rescale_source(ds, k)
+    src = _rescale_source(ds, k, path)
     if src is ds and "ModalityLUTSequence" in ds:
         try:
             from pydicom.pixels import apply_modality_lut
@@ -1155,7 +1203,7 @@ def _read_dicom(path: Path, frame: int | None, window: tuple[float, float],
     try:
         with _captured(notes):
             arr, k, info = _dicom_pixels(ds, path, frame, force_modality)
-            if _is_rendered(ds, k):
+            if _is_rendered(ds, k, path):
                 pixels, kind = _dicom_rendered(ds, arr, path), "dicom-rendered"
                 info["assumed"] = "no rescale tags with 8 bits stored, or colour: a rendering, not HU"
             else:
@@ -1289,6 +1337,26 @@ class _NiftiVolume:
                             f"axis: each slice needs the whole volume, which may take up to {mib(MAX_SLICE_BYTES)} "
                             "compressed; decompress it (gunzip) and read the .nii", path)
         return cls(path, img, axes, flips, spatial, notes)
+
+    def check_present(self) -> None:
+        """Refuse a file holding fewer voxels than its header declares (truncated, or a header that
+        lies): one failure for the file rather than one per missing slice.
+
+        Raises:
+            DataError: naming the slices declared and the bytes present.
+        """
+        dataobj = self.img.dataobj
+        dtype = np.dtype(getattr(dataobj, "dtype", self.img.get_data_dtype()))
+        offset, need = int(getattr(dataobj, "offset", 0)), math.prod(self.shape) * dtype.itemsize
+        if str(self.path).lower().endswith(".gz"):
+            held = gzip_holds(self.path, offset + need) - offset
+        else:
+            held = self.path.stat().st_size - offset
+        if held < need:
+            plane = need // self.nz
+            raise DataError(f"declares {self.nz} slices ({mib(need)} of {dtype} voxels from byte {offset:,}) but holds "
+                            f"{mib(max(0, held))}, {max(0, held) // plane} whole slices: the file is truncated or its "
+                            "header is wrong; refused whole", self.path)
 
     def index(self, k: int) -> int:
         """Array index along z of the k-th slice from inferior to superior."""

@@ -75,14 +75,29 @@ class Checkpoint:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
 
-def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted name, leaf) pairs of nested dicts / lists / tuples."""
+_MAX_NESTING = 32
+"""Deepest nesting of containers a state may have (an optimizer state has 4 levels)."""
+
+
+class _TooDeep(ValueError):
+    """A state nests its containers deeper than :data:`_MAX_NESTING`."""
+
+
+def _leaves(obj: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """(dotted name, leaf) pairs of nested dicts / lists / tuples.
+
+    Raises:
+        _TooDeep: containers nested past :data:`_MAX_NESTING` (a crafted file; deeper recursion
+            would end in a RecursionError).
+    """
+    if isinstance(obj, (Mapping, list, tuple)) and depth >= _MAX_NESTING:
+        raise _TooDeep(f"nests containers more than {_MAX_NESTING} deep")
     if isinstance(obj, Mapping):
         for k, v in obj.items():
-            yield from _leaves(v, f"{prefix}{k}.")
+            yield from _leaves(v, f"{prefix}{k}.", depth + 1)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _leaves(v, f"{prefix}{i}.")
+            yield from _leaves(v, f"{prefix}{i}.", depth + 1)
     else:
         yield prefix[:-1], obj
 
@@ -343,7 +358,11 @@ def load_checkpoint(path: str | Path, kind: str | None = None, preset: str | Non
                               hint=_CORRUPT_HINT)
     digest = weights_digest(model)
     _verify(blob, "weights_sha256", digest, path, "weights damaged")
-    optimizer_digest = weights_digest(blob["optimizer"]) if has_optimizer else None
+    try:
+        optimizer_digest = weights_digest(blob["optimizer"]) if has_optimizer else None
+    except _TooDeep as exc:
+        raise CheckpointError(f"checkpoint corrupt: its optimizer state {exc}; ctmask writes 4 levels", path,
+                              hint=_CORRUPT_HINT) from None
     if has_optimizer:
         _verify(blob, "optimizer_sha256", optimizer_digest, path, "optimizer state damaged")
     if not legacy:
