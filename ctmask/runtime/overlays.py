@@ -5,10 +5,14 @@ model-input pixels, ``[0, S]``. The model input is the slice, optionally cropped
 box, resized bilinearly to S x S (:func:`ctmask.core.preprocess.load_slice`); that resize maps
 the crop's full extent ``[xmin, xmax] x [ymin, ymax]`` (pixel edges) onto ``[0, S]``, so a
 box goes back by one scale and one shift per axis. Numpy and Pillow only.
+
+Every overlay carries a PNG text chunk :data:`OVERLAY_TAG`, so that overlays written into a
+folder that a later run reads are no CT slices to it (:func:`without_overlays`).
 """
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,10 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (40, 110, 255), (240, 50, 230), (170, 110, 255),
 )
 """Box colour of rank 1, 2, ... (cycled beyond its length); none of them gray."""
+
+OVERLAY_TAG = "ctmask-overlay"
+"""Keyword of the PNG ``tEXt`` chunk (before the pixels) that marks an overlay ctmask drew."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def rank_colour(rank: int) -> tuple[int, int, int]:
@@ -112,7 +120,7 @@ def draw_overlay(pixels: np.ndarray, boxes_src: np.ndarray, scores: np.ndarray, 
     (:func:`rank_colour`) with ``#rank score`` above it (inside it at the top edge), rank 1
     drawn last (on top); a
     header line at the top left names the slice's class and its probability. Every mark
-    lies inside the image.
+    lies inside the image. The PNG carries the :data:`OVERLAY_TAG` text chunk.
 
     Args:
         pixels: float32 [H, W] in [0, 1], the decoded slice (before any crop).
@@ -154,8 +162,48 @@ def draw_overlay(pixels: np.ndarray, boxes_src: np.ndarray, scores: np.ndarray, 
     hx0, hy0, hx1, hy1 = draw.textbbox((0, 0), header, font=font)
     draw.rectangle((0, 0, min(hx1 - hx0 + 3, w - 1), min(hy1 - hy0 + 3, h - 1)), fill=(0, 0, 0))
     draw.text((2 - hx0, 2 - hy0), header, fill=(255, 255, 255), font=font)
-    with atomic_path(out) as tmp:
-        img.save(tmp, format="PNG", compress_level=1)  # 3-4x faster than the default 6 for ~20% more bytes
+    from PIL.PngImagePlugin import PngInfo
+
+    tag = PngInfo()
+    tag.add_text(OVERLAY_TAG, "drawn by ctmask infer --overlays: not a CT slice")
+    with atomic_path(out) as tmp:  # compress_level 1: 3-4x faster than the default 6 for ~20% more bytes
+        img.save(tmp, format="PNG", compress_level=1, pnginfo=tag)
+
+
+def is_overlay(path: str | Path) -> bool:
+    """True for a PNG that :func:`draw_overlay` wrote: its :data:`OVERLAY_TAG` text chunk, looked
+    for among the chunks before the pixels (only their headers are read). Never raises."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != _PNG_SIGNATURE:
+                return False
+            keyword = OVERLAY_TAG.encode("latin-1") + b"\0"
+            for _ in range(256):  # chunks before IDAT: a handful in any PNG
+                head = fh.read(8)
+                if len(head) < 8:
+                    return False
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND"):
+                    return False
+                if kind == b"tEXt" and length >= len(keyword):
+                    if fh.read(len(keyword)) == keyword:
+                        return True
+                    fh.seek(length - len(keyword) + 4, 1)
+                else:
+                    fh.seek(length + 4, 1)  # the data and its CRC
+    except OSError:
+        return False
+    return False
+
+
+def without_overlays(refs: list) -> tuple[list, list]:
+    """``refs`` (:class:`~ctmask.runtime.sources.SliceRef`) less the overlays ctmask drew
+    (:func:`is_overlay`; only single-slice files without a DICOM UID are looked at): ``(kept,
+    overlays)``."""
+    kept, overlays = [], []
+    for ref in refs:
+        (overlays if ref.frame is None and not ref.uid and is_overlay(ref.path) else kept).append(ref)
+    return kept, overlays
 
 
 def write_overlay(folder: str | Path, pred, decoded) -> tuple[str | None, str | None]:

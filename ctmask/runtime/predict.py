@@ -90,7 +90,8 @@ def collect_images(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]
     :func:`ctmask.core.readers.collect_sources`); a file given by name is taken whatever its
     suffix. Multi-slice files (multi-frame DICOM, NIfTI) are failures here: calibration,
     parity and bench take single slices (``infer`` reads volumes). Paths that do not exist
-    become failures.
+    become failures. Overlay PNGs an ``infer --overlays`` run drew are no slices: left out,
+    counted in one :class:`~ctmask.core.errors.CtmaskWarning`.
     """
     files, failures = [], []
     for item in inputs:
@@ -109,6 +110,17 @@ def collect_images(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]
             files.append(path)
         else:
             failures.append(Failure(str(path), "no such file or folder"))
+    from ctmask.runtime.overlays import is_overlay
+
+    drawn = {p for p in files if is_overlay(p)}
+    if drawn:
+        import warnings
+
+        from ctmask.core.errors import CtmaskWarning
+
+        warnings.warn(f"skipped {len(drawn)} overlay PNG(s) a ctmask run drew (e.g. {min(drawn)}): overlays are no "
+                      "CT slices", CtmaskWarning, stacklevel=2)
+        files = [p for p in files if p not in drawn]
     return files, failures
 
 
@@ -268,8 +280,9 @@ SCAN_COLUMNS = ("key", "id", "label", "study", "series", "position", "frame", "k
 
 
 def journal_path(path: str | Path) -> Path:
-    """Where a Parquet output's records wait while a run makes them: ``p.parquet`` -> ``p.parquet.journal.jsonl``."""
-    path = Path(path)
+    """Where a Parquet output's records wait while a run makes them: ``p.parquet`` -> ``p.parquet.journal.jsonl``,
+    beside the file the path resolves to (every spelling of the output finds the journal of a killed run)."""
+    path = Path(os.path.realpath(path))
     return path.with_name(path.name + ".journal.jsonl")
 
 

@@ -55,9 +55,13 @@ class SliceRef:
 def with_identities(refs: list[SliceRef]) -> list[SliceRef]:
     """``refs`` with their :attr:`SliceRef.identity`: ``dicom:<SOPInstanceUID>`` for DICOM,
     ``sha256:<hex of the file's bytes>`` for other files (and DICOM without the UID), plus
-    ``#<frame>`` for a frame of a multi-frame DICOM or a NIfTI slice. Each file is read once;
-    one that cannot be read keeps ``path:<key>`` (it will fail to decode anyway)."""
+    ``#<frame>`` for a frame of a multi-frame DICOM or a NIfTI slice, plus ``~<n>`` for the n-th
+    slice (n >= 2, in input order) with an identity an earlier one has: files identical byte
+    for byte (the same slice exported twice) are each a slice of their own, predicted once and
+    resumed once. Each file is read once; one that cannot be read keeps ``path:<key>`` (it will
+    fail to decode anyway)."""
     digests: dict[str, str] = {}
+    seen: dict[str, int] = {}
 
     def digest(path: str) -> str:
         if path not in digests:
@@ -78,7 +82,8 @@ def with_identities(refs: list[SliceRef]) -> list[SliceRef]:
             identity = f"path:{ref.key}"
         else:
             identity = base if ref.frame is None else f"{base}#{ref.frame}"
-        out.append(replace(ref, identity=identity))
+        seen[identity] = n = seen.get(identity, 0) + 1
+        out.append(replace(ref, identity=identity if n == 1 else f"{identity}~{n}"))
     return out
 
 

@@ -54,6 +54,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 import warnings
@@ -115,15 +116,22 @@ def read_token(env: Mapping[str, str], token_file: str | Path | None) -> str | N
     when neither is set.
 
     Raises:
-        ConfigError: both set, the file unreadable, or a token :func:`check_token` refuses.
+        ConfigError: both set, the file unreadable, not a regular file (a named pipe would wait for
+            a writer forever) or larger than 4096 bytes, or a token :func:`check_token` refuses.
     """
     from_env = env.get(TOKEN_ENV)
     if from_env is not None and token_file is not None:
         raise ConfigError(f"a token in both {TOKEN_ENV} and --token-file: set one of them")
     if token_file is not None:
         path = Path(token_file)
-        try:
-            with open(path, "rb") as fh:
+        try:  # non-blocking: opening a named pipe without a writer returns at once, and is refused below
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            with open(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_size > 4096:
+                    raise ConfigError(f"--token-file {path.name} must be a regular file of at most 4096 bytes; it is "
+                                      + ("not a regular file (a named pipe, a device or a folder)"
+                                         if not stat.S_ISREG(st.st_mode) else f"{st.st_size} bytes"), path)
                 data = fh.read(4097)
         except OSError as exc:
             raise ConfigError(f"cannot read the token file ({exc.strerror or exc.__class__.__name__})", path) from None
