@@ -6,14 +6,14 @@
 # seed after the first costs only its own training.
 # Usage: scripts/stable_head.sh RUN OUT [EPOCHS]  (RUN: a `make accuracy` folder: RUN/data,
 # RUN/seg.pt). SEEDS (environment, default "0 1 2"), HEADS (default "pooled paper"),
-# LR_pooled / LR_paper (defaults 1e-3 / 1e-4).
+# LR_pooled / LR_paper (defaults 3e-4 / 1e-4).
 set -euo pipefail
 RUN=${1:?usage: scripts/stable_head.sh RUN OUT [EPOCHS]}
 OUT=${2:?usage: scripts/stable_head.sh RUN OUT [EPOCHS]}
 EPOCHS=${3:-100}
 SEEDS=${SEEDS:-0 1 2}
 HEADS=${HEADS:-pooled paper}
-LR_pooled=${LR_pooled:-1e-3}
+LR_pooled=${LR_pooled:-3e-4}
 LR_paper=${LR_paper:-1e-4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 CT=${CTMASK:-.venv/bin/ctmask}

@@ -61,7 +61,7 @@ if [ "$HEAD" = pooled ]; then
   # RoIs, cached in $OUT/roi-cache (a rerun with another seed skips the detector); its calls
   # survive input noise and reduced precision without perturbed copies or a heads+bn stage.
   "$CT" train-cls "$SEG" --preset small --variant heads --head pooled "${SPLITS[@]}" --seed "$SEED" \
-    --out "$OUT/cls.pt" --epochs "$HEADS_EPOCHS" --batch-size 8 --lr 1e-3 --roi-cache "$OUT/roi-cache" \
+    --out "$OUT/cls.pt" --epochs "$HEADS_EPOCHS" --batch-size 8 --lr 3e-4 --roi-cache "$OUT/roi-cache" \
     --json "$OUT/train-cls.json"
   t2=$(stamp)
   t3=$t2

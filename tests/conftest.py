@@ -36,7 +36,10 @@ def seg_ckpt(synth_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cls_ckpt(synth_dir, seg_ckpt, tmp_path_factory):
-    """A small-preset classifier checkpoint (heads variant, two epochs)."""
+    """A small-preset classifier checkpoint with the paper's S (heads variant, two epochs).
+
+    The paper's S is the head the parity, precision and runtime tests were written around (its
+    position-reading is what they exercise); tests/test_heads.py covers the pooled head."""
     from ctmask.core.presets import SMALL
     from ctmask.data.covidx import read_split
     from ctmask.training.train_cls import ClsTrainOptions, train_classifier
@@ -44,7 +47,8 @@ def cls_ckpt(synth_dir, seg_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "cls.pt"
     train = read_split(synth_dir / "train_COVIDx_CT.txt")
     val = read_split(synth_dir / "val_COVIDx_CT.txt")
-    train_classifier(SMALL, seg_ckpt, train, val, out, ClsTrainOptions("heads", epochs=2, batch_size=4, lr=1e-3), False)
+    train_classifier(SMALL, seg_ckpt, train, val, out, ClsTrainOptions("heads", epochs=2, batch_size=4, lr=1e-3, head="paper"),
+                     False)
     return out
 
 

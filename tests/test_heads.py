@@ -155,9 +155,16 @@ def test_a_failing_reduced_paper_graph_names_the_noise_floor_and_the_stable_head
 
     floor = {"n": 625, "levels": [{"gray_levels": 0.25, "changed_calls": 18}, {"gray_levels": 1.0,
                                                                                "changed_calls": 26}]}
-    text = noise_floor_advice({"precision": "int8", "head": "paper", "noise_floor": floor})
-    assert "18 of 625" in text and "--head pooled" in text
-    assert "--head pooled" not in noise_floor_advice({"precision": "int8", "head": "pooled", "noise_floor": floor})
+    lost = {"precision": "int8", "n_images": 625, "argmax_agreement": 1 - 18 / 625, "noise_floor": floor}
+    text = noise_floor_advice({**lost, "head": "paper"})
+    assert "18 of 625" in text and "--head pooled" in text and "loses 18" in text
+    pooled = noise_floor_advice({**lost, "head": "pooled"})
+    assert "--head pooled" not in pooled and "as many as this graph loses (18)" in pooled
+    # A stable model that loses more calls than its noise floor: the precision's own loss, said so.
+    stable = {**lost, "head": "pooled", "argmax_agreement": 1 - 7 / 625,
+              "noise_floor": {"n": 625, "levels": [{"gray_levels": 0.25, "changed_calls": 0}]}}
+    text = noise_floor_advice(stable)
+    assert "fewer than the 7 this graph loses" in text and "cannot survive" not in text
 
 
 def test_roi_cache_is_reused_keyed_and_recomputed_when_damaged(pooled_run, seg_ckpt, synth_dir, monkeypatch):

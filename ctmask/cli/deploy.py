@@ -386,17 +386,24 @@ def format_parity(report: dict) -> str:
 
 
 def noise_floor_advice(report: dict) -> str:
-    """Why a reduced-precision graph lost class calls, in the model's own terms."""
+    """Why a reduced-precision graph lost class calls, put against the model's own noise floor."""
     floor = report.get("noise_floor")
-    own = (f"the model itself changes {floor['levels'][0]['changed_calls']} of {floor['n']} calls under "
-           f"+-{floor['levels'][0]['gray_levels']:g} gray level of input noise (its noise floor), so calls this "
-           "fragile cannot survive reduced precision either" if floor else
-           "the model's noise floor was not measured (it is by default)")
+    lost = round((1.0 - report.get("argmax_agreement", 1.0)) * report.get("n_images", 0))
+    if not floor:
+        return "why: the model's noise floor was not measured (parity measures it unless --no-noise)."
+    level = floor["levels"][0]
+    own = (f"the model itself changes {level['changed_calls']} of {floor['n']} calls under "
+           f"+-{level['gray_levels']:g} gray level of input noise (its noise floor)")
     if report.get("head", "paper") == "paper":
-        return (f"why: {own}. The paper's S reads the ranked rows by position; a head whose calls move "
+        return (f"why: {own}; this graph loses {lost}. The paper's S reads the ranked rows by position, so every "
+                "near-tied row that reduced precision reorders can move its call; a head whose calls move "
                 "continuously with the candidates keeps them: `ctmask train-cls SEG --variant heads --head pooled` "
                 "(README, \"Stable head\").")
-    return f"why: {own}."
+    if level["changed_calls"] >= lost:
+        return f"why: {own}, as many as this graph loses ({lost}): calls that fragile cannot survive reduced precision."
+    return (f"why: {own}, fewer than the {lost} this graph loses: the loss is the reduced precision's own. Keep "
+            "more blocks FP32 (`export` measures islands on --measure-size slices) or calibrate on more slices "
+            "(--calibration-size, --method).")
 
 
 @user_errors

@@ -130,6 +130,9 @@ def model_info(
         echo(f"{name:<22}{n:>14,}")
     echo(f"{'mask_rcnn_total':<22}{report['mask_rcnn_total']:>14,}")
     echo(f"{'total (+S)':<22}{report['total']:>14,}")
+    for name, h in report["heads"].items():
+        mark = " (this preset's)" if name == report["head"] else ""
+        echo(f"{'head ' + name:<22}{h['parameters']:>14,}  {h['what']}{mark}")
     for v, n in report["trainable_by_variant"].items():
         echo(f"trainable[{v}]{'':<{11 - len(v)}}{n:>14,}")
     emit_json(report, json_out)
