@@ -24,6 +24,7 @@ SEED=${5:-0}
 REUSE=${REUSE:-}
 # HEAD (environment): the classifier head, pooled or paper; default: the small preset's.
 HEAD=${HEAD:-$(${PYTHON:-.venv/bin/python} -c "from ctmask.core.presets import SMALL; print(SMALL.head)")}
+case "$HEAD" in pooled|paper) ;; *) echo "HEAD=$HEAD: expected pooled or paper" >&2; exit 2 ;; esac
 PERTURB=${PERTURB-1e-3,3e-3,1e-2,2e-2,4e-2}
 CONSISTENCY=${CONSISTENCY-1.0}
 PERTURB_BN=${PERTURB_BN-1e-3,1e-2,3e-2}

@@ -47,8 +47,8 @@ def cls_ckpt(synth_dir, seg_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "cls.pt"
     train = read_split(synth_dir / "train_COVIDx_CT.txt")
     val = read_split(synth_dir / "val_COVIDx_CT.txt")
-    train_classifier(SMALL, seg_ckpt, train, val, out, ClsTrainOptions("heads", epochs=2, batch_size=4, lr=1e-3, head="paper"),
-                     False)
+    opts = ClsTrainOptions("heads", epochs=2, batch_size=4, lr=1e-3, head="paper")
+    train_classifier(SMALL, seg_ckpt, train, val, out, opts, False)
     return out
 
 

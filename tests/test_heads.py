@@ -120,29 +120,36 @@ def pooled_run(seg_ckpt, synth_dir, tmp_path_factory):
     return out
 
 
-def test_pooled_head_is_recorded_in_checkpoint_and_graph(pooled_run, tmp_path):
+@pytest.fixture(scope="module")
+def pooled_graph(pooled_run):
+    """The pooled classifier exported to ONNX once for the module."""
     from ctmask.exporter.onnx_export import export_onnx
+
+    out = pooled_run / "p.onnx"
+    export_onnx(pooled_run / "cls.pt", out)
+    return out
+
+
+def test_pooled_head_is_recorded_in_checkpoint_and_graph(pooled_run, pooled_graph):
+    from ctmask.core.spec import GraphSpec
     from ctmask.runtime.runner import OnnxRuntimeRunner
 
     ck = load_checkpoint(pooled_run / "cls.pt", kind="classifier")
     assert ck.preset.head == "pooled" and ck.config["train"]["head"] == "pooled"
     assert any(k.startswith("classifier.row.") for k in ck.model)
-    res = export_onnx(pooled_run / "cls.pt", tmp_path / "p.onnx")
-    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "p.onnx")).metadata_props}
-    assert meta["ctmask.head"] == "pooled" and res.spec.head == "pooled"
-    with OnnxRuntimeRunner(tmp_path / "p.onnx") as r:
+    meta = {p.key: p.value for p in onnx.load(str(pooled_graph)).metadata_props}
+    assert meta["ctmask.head"] == "pooled" and GraphSpec.from_metadata(meta, pooled_graph).head == "pooled"
+    with OnnxRuntimeRunner(pooled_graph) as r:
         out = r.infer({"images": np.zeros((2, 1, 192, 192), np.float32)})
     assert {k: v.shape for k, v in out.items()} == {"rois": (2, 64, 5), "logits": (2, 3), "probs": (2, 3),
                                                       "boxes": (2, 64, 4)}
 
 
-def test_pooled_graph_passes_parity_and_reports_its_noise_floor(pooled_run, synth_dir, tmp_path):
+def test_pooled_graph_passes_parity_and_reports_its_noise_floor(pooled_run, pooled_graph, synth_dir):
     from ctmask.cli.deploy import format_parity
-    from ctmask.exporter.onnx_export import export_onnx
     from ctmask.exporter.parity import check_parity
 
-    export_onnx(pooled_run / "cls.pt", tmp_path / "p.onnx")
-    report = check_parity(pooled_run / "cls.pt", tmp_path / "p.onnx", [synth_dir / "images"], max_images=6,
+    report = check_parity(pooled_run / "cls.pt", pooled_graph, [synth_dir / "images"], max_images=6,
                           batch_size=3)
     assert report["passed"], format_parity(report)
     floor = report["noise_floor"]
@@ -265,14 +272,12 @@ def test_pooled_head_exports_at_reduced_precision(pooled_run, synth_dir, tmp_pat
     assert np.isfinite(got["logits"]).all() and got["probs"].shape == (2, 3)
 
 
-def test_evaluate_a_graph_torch_free_with_its_noise_floor(pooled_run, synth_dir, tmp_path):
+def test_evaluate_a_graph_torch_free_with_its_noise_floor(pooled_run, pooled_graph, synth_dir, tmp_path):
     from tests_helpers import invoke
 
-    from ctmask.exporter.onnx_export import export_onnx
     from ctmask.training.evaluate import evaluate_classifier
 
-    graph = tmp_path / "p.onnx"
-    export_onnx(pooled_run / "cls.pt", graph)
+    graph = pooled_graph
     test = read_split(synth_dir / "test_COVIDx_CT.txt")
     res = invoke("evaluate", graph, "--split", synth_dir / "test_COVIDx_CT.txt", "--json", tmp_path / "e.json", "-q")
     assert res.exit_code == 0, res.output
@@ -293,5 +298,51 @@ def test_evaluate_a_graph_torch_free_with_its_noise_floor(pooled_run, synth_dir,
     r2 = json.loads((tmp_path / "e2.json").read_text())
     assert r2["n"] == len(test) and [s["file"] for s in r2["skipped"]] == [str(tmp_path / "bad.png")]
     assert "Traceback" not in res.output and "bad.png" in res.output
+    # A slice listed twice with two labels keeps each line's own label.
+    twice = tmp_path / "twice.txt"
+    name, *rest = lines[0].split()
+    other = str((int(rest[0]) + 1) % 3)
+    twice.write_text(f"{synth_dir / 'images' / name} {' '.join(rest)}\n{synth_dir / 'images' / name} "
+                     f"{' '.join([other, *rest[1:]])}\n")
+    res = invoke("evaluate", graph, "--split", twice, "--no-noise", "--json", tmp_path / "e3.json", "-q")
+    assert res.exit_code == 0, res.output
+    assert [p["label"] for p in json.loads((tmp_path / "e3.json").read_text())["predictions"]] == [int(rest[0]),
+                                                                                                   int(other)]
     res = invoke("evaluate", graph, "--split", broken, "--roi-cache", tmp_path / "c", "-q")
     assert res.exit_code == 2 and "applies to a checkpoint" in res.output
+
+
+def test_parity_fails_a_graph_whose_head_metadata_lies(pooled_run, pooled_graph, synth_dir, tmp_path):
+    from ctmask.exporter.parity import check_parity
+
+    liar = tmp_path / "liar.onnx"
+    model = onnx.load(str(pooled_graph))
+    for p in model.metadata_props:
+        if p.key == "ctmask.head":
+            p.value = "paper"
+    onnx.save(model, str(liar))
+    report = check_parity(pooled_run / "cls.pt", liar, [synth_dir / "images"], max_images=2, batch_size=2,
+                          noise_levels=())
+    assert not report["passed"] and report["metadata_mismatches"]["head"] == {"graph": "paper",
+                                                                              "checkpoint": "pooled"}
+
+
+def test_a_cache_file_of_the_wrong_shape_is_recomputed(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from ctmask.training.roi_cache import FORMAT, cached_rois
+
+    good = TensorDataset(torch.zeros(4, 64, 5), torch.zeros(4, dtype=torch.int64))
+    cached_rois(tmp_path, "k" * 64, lambda: good, 4, 64)
+    path = next(tmp_path.glob("rois-*.pt"))
+    torch.save({"format": FORMAT, "key": "k" * 64, "rois": torch.zeros(3, 64, 5),
+                "labels": torch.zeros(3, dtype=torch.int64)}, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = cached_rois(tmp_path, "k" * 64, lambda: good, 4, 64)
+    assert len(again) == 4 and any("expected 4 slices" in str(w.message) for w in caught)
+    path.write_bytes(b"garbage")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cached_rois(tmp_path, "k" * 64, lambda: good, 4, 64)
+    assert all("weights_only" not in str(w.message) for w in caught) and caught

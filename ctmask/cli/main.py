@@ -251,8 +251,6 @@ def evaluate(
     or a graph also its noise floor, the calls that invisible input noise changes."""
     from ctmask.core.errors import ConfigError
     from ctmask.core.metrics import format_classification_table, format_segmentation_table
-    from ctmask.training.checkpoint import load_checkpoint
-    from ctmask.training.evaluate import evaluate_classifier, evaluate_segmentation
 
     echo = human_echo(json_out)
     check_paths({"CHECKPOINT": checkpoint, "--split": split, "its slices": split_images(split), "--seg-dir": seg_dir},
@@ -260,6 +258,9 @@ def evaluate(
     if checkpoint.suffix.lower() == ".onnx":
         _evaluate_graph(checkpoint, split, batch_size, crop, noise, roi_cache, json_out, quiet)
         return
+    from ctmask.training.checkpoint import load_checkpoint
+    from ctmask.training.evaluate import evaluate_classifier, evaluate_segmentation
+
     ck = load_checkpoint(checkpoint)
     if ck.kind == "classifier":
         if split is None:

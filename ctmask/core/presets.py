@@ -2,8 +2,8 @@
 
 ``paper`` reproduces COVID-CT-Mask-Net exactly (see shared/REFERENCE.md); ``small`` keeps
 the architecture but shrinks backbone, widths, input and N so it trains in minutes on two
-CPU cores, and classifies with the pooled head instead of the paper's S. A preset's name is stored in every checkpoint and exported graph, and loading
-checks it.
+CPU cores, and classifies with the pooled head instead of the paper's S. A preset's name is
+stored in every checkpoint and exported graph, and loading checks it.
 """
 
 from __future__ import annotations

@@ -298,8 +298,9 @@ def probe_stability(reference: Runner, images: np.ndarray, expected: dict[str, n
     return out
 
 
-SERVED_METADATA = ("class_names", "crop", "resize", "window")
-"""Graph metadata the runtime acts on, which must equal the checkpoint's (``metadata`` line)."""
+SERVED_METADATA = ("class_names", "crop", "resize", "window", "head")
+"""Graph metadata the runtime acts on or reports, which must equal the checkpoint's (``metadata``
+line): a graph claiming the pooled head while holding the paper's S fails here."""
 
 DERIVED = {"probs": "logits"}
 """Lines computed from another inside the graph (probs = softmax(logits)): on a probed

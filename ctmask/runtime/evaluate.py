@@ -55,8 +55,11 @@ def evaluate_graph(runner: Runner, entries: list[SplitEntry], split_file: str | 
         skipped += [{"file": f.file, "error": f.reason} for f in bad]
         if ok:
             out = runner.infer({INPUT: images})
-            by_path = {e.path: e for e in chunk}
-            labels += [by_path[p].label for p in ok]
+            # load_batch keeps the order of the paths it decodes; a path decodes or fails the
+            # same way every time, so the entries that decoded are the chunk's minus the failed
+            # ones, in order (a slice listed twice keeps each line's own label).
+            failed = {f.file for f in bad}
+            labels += [e.label for e in chunk if str(e.path) not in failed]
             preds.append(out["logits"].argmax(-1))
             probs.append(out["probs"])
             files += [str(p) for p in ok]

@@ -76,7 +76,7 @@ def evaluate_classifier(
                         {"noise_gray_levels": level, "noise_seed": 0})
         rois[level] = cached_rois(roi_cache, key, lambda: TensorDataset(
             split_rois(model, entries, batch_size, crop, level, 0, show_progress),
-            torch.tensor([e.label for e in entries], dtype=torch.int64))).tensors[0]
+            torch.tensor([e.label for e in entries], dtype=torch.int64)), len(entries), model.preset.n_rois).tensors[0]
     with torch.no_grad():
         logits = {level: model.classifier(r) for level, r in rois.items()}
     probs = torch.softmax(logits[0.0], -1)

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torchvision
 from torch.utils.data import TensorDataset
 
+from ctmask import __version__
 from ctmask.core.errors import CtmaskWarning
 from ctmask.core.fileio import atomic_path
 from ctmask.core.presets import Preset
@@ -43,8 +45,9 @@ def cache_key(detector: torch.nn.Module, preset: Preset, entries: list[SplitEntr
 
     Covers the detector's weights and buffers (its BN statistics), every preset field the
     ranking reads, each slice's bytes, label and crop box in order, the crop flag, the
-    perturbation scales and (with scales) the seed, the batch size (float sums depend on it)
-    and ``extra`` (JSON-able: e.g. the input noise of a noise-floor measurement).
+    perturbation scales and (with scales) the seed, the batch size and torch's thread count
+    (float sums depend on both), the torch, torchvision and ctmask versions (the ranking's
+    code) and ``extra`` (JSON-able: e.g. the input noise of a noise-floor measurement).
     """
     h = hashlib.sha256()
     h.update(FORMAT.encode() + b"\0")
@@ -52,7 +55,8 @@ def cache_key(detector: torch.nn.Module, preset: Preset, entries: list[SplitEntr
     ranking = {k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_IN_KEY}
     # The seed draws the perturbed copies only: exact RoIs are the same for every seed.
     h.update(json.dumps({"preset": ranking, "crop": crop, "scales": list(scales), "seed": seed if scales else None,
-                         "batch_size": batch_size, "torch": torch.__version__, "extra": extra or {}},
+                         "batch_size": batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "ctmask": __version__, "extra": extra or {}},
                         sort_keys=True).encode())
     for e in entries:
         h.update(f"\0{e.label}\0{list(e.box)}\0".encode())
@@ -60,33 +64,42 @@ def cache_key(detector: torch.nn.Module, preset: Preset, entries: list[SplitEntr
     return h.hexdigest()
 
 
-def _load(path: Path, key: str) -> TensorDataset | None:
+def _load(path: Path, key: str, n: int | None, n_rois: int | None) -> TensorDataset | None:
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("format") != FORMAT or blob.get("key") != key:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's message suggests weights_only=False: never for a cache file
+            raise ValueError(f"not a tensor-only file ({exc.__class__.__name__})") from None
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("key") != key:
             raise ValueError("key or format differs")
         rois, labels = blob["rois"], blob["labels"]
-        if not (isinstance(rois, torch.Tensor) and isinstance(labels, torch.Tensor) and len(rois) == len(labels)):
+        if not (isinstance(rois, torch.Tensor) and isinstance(labels, torch.Tensor)):
             raise ValueError("tensors malformed")
+        want = (n if n is not None else len(labels), n_rois if n_rois is not None else rois.shape[-2], 5)
+        if rois.dtype != torch.float32 or rois.dim() not in (3, 4) or (rois.shape[0], *rois.shape[-2:]) != want \
+                or labels.shape != (want[0],) or labels.dtype != torch.int64:
+            raise ValueError(f"holds rois {list(rois.shape)} {rois.dtype}, labels {list(labels.shape)}; expected "
+                             f"{want[0]} slices of [{want[1]}, 5] float32 rows")
         return TensorDataset(rois, labels)
-    except Exception as exc:  # any unreadable cache file is recomputed, never trusted
+    except Exception as exc:  # any unusable cache file is recomputed, never trusted
         import warnings
 
-        warnings.warn(CtmaskWarning(f"RoI cache {path} is unusable ({exc.__class__.__name__}: {exc}); recomputing"),
-                      stacklevel=2)
+        warnings.warn(CtmaskWarning(f"RoI cache {path} is unusable ({exc}); recomputing"), stacklevel=2)
         return None
 
 
-def cached_rois(folder: str | Path | None, key: str, compute: Callable[[], TensorDataset]) -> TensorDataset:
+def cached_rois(folder: str | Path | None, key: str, compute: Callable[[], TensorDataset],
+                n: int | None = None, n_rois: int | None = None) -> TensorDataset:
     """The dataset stored under ``key`` in ``folder``, else ``compute()`` (then stored).
 
-    ``folder`` None: always compute, store nothing.
+    ``folder`` None: always compute, store nothing. ``n`` / ``n_rois``: the slices and rows a
+    stored file must hold (a file of another shape is recomputed, with a warning).
     """
     if folder is None:
         return compute()
     path = Path(folder) / f"rois-{key[:32]}.pt"
     if path.is_file():
-        data = _load(path, key)
+        data = _load(path, key, n, n_rois)
         if data is not None:
             return data
     data = compute()

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ctmask.core.errors import ConfigError
+from ctmask.core.errors import ConfigError, CtmaskWarning
 from ctmask.core.presets import Preset
 from ctmask.core.progress import console, progress
 from ctmask.data.covidx import SplitEntry
@@ -218,7 +218,8 @@ def _rois(model: CovidCTMaskNet, data: ClassificationDataset, entries: list[Spli
           roi_cache: str | Path | None, show: bool, scales: tuple[float, ...]) -> TensorDataset:
     """:func:`ranked_rois_of` ``data``, through the RoI cache folder when one is given."""
     key = cache_key(model.detector, model.preset, entries, opts.crop, scales, opts.seed, opts.batch_size)
-    return cached_rois(roi_cache, key, lambda: ranked_rois_of(model, data, opts.batch_size, show, scales, opts.seed))
+    return cached_rois(roi_cache, key, lambda: ranked_rois_of(model, data, opts.batch_size, show, scales, opts.seed),
+                       len(entries), model.preset.n_rois)
 
 
 def _train(preset, init, train, val, out, opts: ClsTrainOptions, show_progress: bool,
@@ -237,6 +238,11 @@ def _train(preset, init, train, val, out, opts: ClsTrainOptions, show_progress: 
         set_adam_hyperparameters(optimizer, opts.lr, opts.weight_decay)
     t0 = time.perf_counter()
     cached = opts.variant == "heads"
+    if roi_cache is not None and not cached:
+        import warnings
+
+        warnings.warn(CtmaskWarning(f"--roi-cache is not used by the {opts.variant} variant: its detector trains, "
+                                    "so its RoIs change every step"), stacklevel=2)
     # ``heads`` reads every image once (its ranked RoIs are cached), so decoded images are
     # not kept; the other variants re-read them every epoch, within the cache's budget.
     cache_bytes = 0 if cached else DEFAULT_CACHE_BYTES
