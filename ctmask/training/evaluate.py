@@ -6,19 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from ctmask.core.metrics import classification_report, dice_scores, mask_ap
-from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor, add_gray_noise
+from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
 from ctmask.core.progress import progress
 from ctmask.data.cncb import SegSample
 from ctmask.data.covidx import SplitEntry
 from ctmask.training.checkpoint import Checkpoint, load_state
-from ctmask.training.datasets import ClassificationDataset, SegmentationDataset, collate_classification
+from ctmask.training.datasets import ClassificationDataset, SegmentationDataset
 from ctmask.training.detector import build_detector, segment
 from ctmask.training.model import CovidCTMaskNet, load_weights
 from ctmask.training.options import require_at_least
 from ctmask.training.roi_cache import cache_key, cached_rois
+from ctmask.training.train_cls import ranked_rois_of
 
 
 def load_classifier(ck: Checkpoint) -> CovidCTMaskNet:
@@ -26,29 +26,6 @@ def load_classifier(ck: Checkpoint) -> CovidCTMaskNet:
     model = CovidCTMaskNet(ck.preset)
     load_weights(model, ck.model, ck.path)
     return model.eval()
-
-
-@torch.no_grad()
-def split_rois(model: CovidCTMaskNet, entries: list[SplitEntry], batch_size: int, crop: bool,
-               gray_levels: float = 0.0, seed: int = 0, show_progress: bool = False) -> torch.Tensor:
-    """The detector's ranked RoIs [M, N, 5] of every slice, with input noise of +-``gray_levels``
-    (:func:`ctmask.core.noise.add_gray_noise`, seeded per slice index; 0: none).
-
-    Slices are decoded batch by batch and not kept.
-    """
-    model.eval()
-    data = ClassificationDataset(entries, model.preset.image_size, crop, cache_bytes=0)
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
-    out, start = [], 0
-    label = "evaluate" if not gray_levels else f"evaluate +-{gray_levels:g} gray level"
-    with progress(len(loader), label, show_progress) as advance:
-        for images, _ in loader:
-            if gray_levels:
-                images = torch.from_numpy(add_gray_noise(images.numpy(), gray_levels, seed, start))
-            out.append(model.ranker(images))
-            start += len(images)
-            advance()
-    return torch.cat(out) if out else torch.zeros(0, model.preset.n_rois, 5)
 
 
 def evaluate_classifier(
@@ -70,13 +47,14 @@ def evaluate_classifier(
     """
     require_at_least("batch size", batch_size)
     model = load_classifier(ck)
+    data = ClassificationDataset(entries, model.preset.image_size, crop, cache_bytes=0)
     rois = {}
     for level in (0.0, *noise_levels):
         key = cache_key(model.detector, model.preset, entries, crop, (), 0, batch_size,
                         {"noise_gray_levels": level, "noise_seed": 0})
-        rois[level] = cached_rois(roi_cache, key, lambda: TensorDataset(
-            split_rois(model, entries, batch_size, crop, level, 0, show_progress),
-            torch.tensor([e.label for e in entries], dtype=torch.int64)), len(entries), model.preset.n_rois).tensors[0]
+        rois[level] = cached_rois(roi_cache, key, lambda: ranked_rois_of(model, data, batch_size, show_progress,
+                                                                         gray_levels=level),
+                                  len(entries), model.preset.n_rois).tensors[0]
     with torch.no_grad():
         logits = {level: model.classifier(r) for level, r in rois.items()}
     probs = torch.softmax(logits[0.0], -1)

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from ctmask.core.errors import ConfigError, CtmaskWarning
+from ctmask.core.noise import add_gray_noise
 from ctmask.core.presets import Preset
 from ctmask.core.progress import console, progress
 from ctmask.data.covidx import SplitEntry
@@ -89,18 +90,25 @@ def bce_one_hot(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ranked_rois_of(model: CovidCTMaskNet, data: ClassificationDataset, batch_size: int, show: bool,
-                   scales: tuple[float, ...] = (), seed: int = 0) -> TensorDataset:
+                   scales: tuple[float, ...] = (), seed: int = 0, gray_levels: float = 0.0) -> TensorDataset:
     """Ranked RoIs [M, N, 5] and labels [M] of every slice in ``data`` (eval mode).
 
     With ``scales``, also the RoIs of the detector perturbed at each scale (seeded by
-    ``seed``): the RoIs are then [M, 1 + len(scales), N, 5], the exact copy first.
+    ``seed``): the RoIs are then [M, 1 + len(scales), N, 5], the exact copy first. With
+    ``gray_levels``, the slices get input noise of that amplitude first
+    (:func:`ctmask.core.noise.add_gray_noise`, seeded per slice index: the noise floor's).
+    Slices are decoded batch by batch and not kept.
     """
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
-    rois, labels = [], []
+    rois, labels, start = [], [], 0
     gen = torch.Generator().manual_seed(seed + 7919)
-    with progress(len(loader) * (1 + len(scales)), "ranked RoIs", show) as advance:
+    label = "ranked RoIs" if not gray_levels else f"ranked RoIs, +-{gray_levels:g} gray level of noise"
+    with progress(len(loader) * (1 + len(scales)), label, show) as advance:
         for images, y in loader:
+            if gray_levels:
+                images = torch.from_numpy(add_gray_noise(images.numpy(), gray_levels, 0, start))
+            start += len(images)
             copies = []
             for scale in (0.0, *scales):
                 with perturbed(model.ranker, scale, gen):
@@ -108,6 +116,10 @@ def ranked_rois_of(model: CovidCTMaskNet, data: ClassificationDataset, batch_siz
                 advance()
             rois.append(torch.stack(copies, 1) if scales else copies[0])
             labels.append(y)
+    if not rois:
+        n = model.preset.n_rois
+        return TensorDataset(torch.zeros(0, *((1 + len(scales),) if scales else ()), n, 5),
+                             torch.zeros(0, dtype=torch.int64))
     return TensorDataset(torch.cat(rois), torch.cat(labels))
 
 
