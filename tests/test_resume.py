@@ -111,15 +111,24 @@ def test_records_are_keyed_on_the_slice_not_the_path(small_onnx, scans, tmp_path
     assert len(ids) == len(set(ids)) == 44 and sum(i.startswith("dicom:") for i in ids) == 4
 
 
-def test_a_second_run_on_the_same_output_exits_2_naming_the_first(small_onnx, scans, tmp_path):
-    out = tmp_path / "p.jsonl"
+def hold_lock(out: Path) -> subprocess.Popen:
+    """Another process holding ``out``'s lock as a first ``ctmask infer`` would (kill it to release)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ctmask.core.outputs import output_lock\n"
                                "with output_lock(sys.argv[1], 'ctmask infer (the first run)'):\n"
                                "    print('held', flush=True); time.sleep(60)\n", str(out)],
                               env=env, stdout=subprocess.PIPE, text=True)
+    if holder.stdout.readline().strip() != "held":
+        holder.kill()
+        holder.wait()
+        pytest.fail("the lock holder did not take the lock")
+    return holder
+
+
+def test_a_second_run_on_the_same_output_exits_2_naming_the_first(small_onnx, scans, tmp_path):
+    out = tmp_path / "p.jsonl"
+    holder = hold_lock(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
         r = invoke("infer", small_onnx, scans / "dcm", "--out", out, "--resume", "-q")
         assert r.exit_code == 2 and f"pid {holder.pid}" in r.output and "the first run" in r.output, r.output
         assert "Traceback" not in r.output and not out.exists()
@@ -185,13 +194,8 @@ def test_another_name_of_the_output_shares_its_lock(small_onnx, scans, tmp_path,
     else:
         os.link(out, other)
     before = out.read_bytes()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ctmask.core.outputs import output_lock\n"
-                               "with output_lock(sys.argv[1], 'ctmask infer (the first run)'):\n"
-                               "    print('held', flush=True); time.sleep(60)\n", str(out)],
-                              env=env, stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
         r = invoke("infer", small_onnx, scans / "dcm", "--out", other, "--resume", "-q")
         assert r.exit_code == 2 and "another run is writing" in r.output and "Traceback" not in r.output, r.output
         if how == "symlink":
