@@ -333,16 +333,16 @@ def test_a_cache_file_of_the_wrong_shape_is_recomputed(tmp_path):
     from ctmask.training.roi_cache import FORMAT, cached_rois
 
     good = TensorDataset(torch.zeros(4, 64, 5), torch.zeros(4, dtype=torch.int64))
-    cached_rois(tmp_path, "k" * 64, lambda: good, 4, 64)
+    cached_rois(tmp_path, lambda: "k" * 64, lambda: good, 4, 64)
     path = next(tmp_path.glob("rois-*.pt"))
     torch.save({"format": FORMAT, "key": "k" * 64, "rois": torch.zeros(3, 64, 5),
                 "labels": torch.zeros(3, dtype=torch.int64)}, path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        again = cached_rois(tmp_path, "k" * 64, lambda: good, 4, 64)
+        again = cached_rois(tmp_path, lambda: "k" * 64, lambda: good, 4, 64)
     assert len(again) == 4 and any("expected 4 slices" in str(w.message) for w in caught)
     path.write_bytes(b"garbage")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cached_rois(tmp_path, "k" * 64, lambda: good, 4, 64)
+        cached_rois(tmp_path, lambda: "k" * 64, lambda: good, 4, 64)
     assert all("weights_only" not in str(w.message) for w in caught) and caught

@@ -50,8 +50,10 @@ def evaluate_classifier(
     data = ClassificationDataset(entries, model.preset.image_size, crop, cache_bytes=0)
     rois = {}
     for level in (0.0, *noise_levels):
-        key = cache_key(model.detector, model.preset, entries, crop, (), 0, batch_size,
-                        {"noise_gray_levels": level, "noise_seed": 0})
+        def key() -> str:
+            return cache_key(model.detector, model.preset, entries, crop, (), 0, batch_size,
+                             {"noise_gray_levels": level, "noise_seed": 0})
+
         rois[level] = cached_rois(roi_cache, key, lambda: ranked_rois_of(model, data, batch_size, show_progress,
                                                                          gray_levels=level),
                                   len(entries), model.preset.n_rois).tensors[0]

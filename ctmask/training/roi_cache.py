@@ -88,15 +88,17 @@ def _load(path: Path, key: str, n: int | None, n_rois: int | None) -> TensorData
         return None
 
 
-def cached_rois(folder: str | Path | None, key: str, compute: Callable[[], TensorDataset],
+def cached_rois(folder: str | Path | None, key_of: Callable[[], str], compute: Callable[[], TensorDataset],
                 n: int | None = None, n_rois: int | None = None) -> TensorDataset:
-    """The dataset stored under ``key`` in ``folder``, else ``compute()`` (then stored).
+    """The dataset stored under ``key_of()`` in ``folder``, else ``compute()`` (then stored).
 
-    ``folder`` None: always compute, store nothing. ``n`` / ``n_rois``: the slices and rows a
-    stored file must hold (a file of another shape is recomputed, with a warning).
+    ``folder`` None: always compute, store nothing (the key, which reads every slice and the
+    detector's weights, is not computed then). ``n`` / ``n_rois``: the slices and rows a stored
+    file must hold (a file of another shape is recomputed, with a warning).
     """
     if folder is None:
         return compute()
+    key = key_of()
     path = Path(folder) / f"rois-{key[:32]}.pt"
     if path.is_file():
         data = _load(path, key, n, n_rois)

@@ -229,7 +229,9 @@ def train_classifier(
 def _rois(model: CovidCTMaskNet, data: ClassificationDataset, entries: list[SplitEntry], opts: ClsTrainOptions,
           roi_cache: str | Path | None, show: bool, scales: tuple[float, ...]) -> TensorDataset:
     """:func:`ranked_rois_of` ``data``, through the RoI cache folder when one is given."""
-    key = cache_key(model.detector, model.preset, entries, opts.crop, scales, opts.seed, opts.batch_size)
+    def key() -> str:
+        return cache_key(model.detector, model.preset, entries, opts.crop, scales, opts.seed, opts.batch_size)
+
     return cached_rois(roi_cache, key, lambda: ranked_rois_of(model, data, opts.batch_size, show, scales, opts.seed),
                        len(entries), model.preset.n_rois)
 
