@@ -87,6 +87,10 @@ def test_padding_rows_count_nothing_and_a_fully_padded_list_is_finite(heads):
 
 @pytest.mark.parametrize("name", ["paper", "pooled"])
 def test_build_head_by_name_and_unknown_names_are_refused(name):
+    from ctmask.core.presets import HEAD_NAMES
+    from ctmask.training.heads import HEADS
+
+    assert set(HEADS) == set(HEAD_NAMES)  # every head named in the contract is described and built
     assert isinstance(build_head(name, 64, 256), RoIClassifier if name == "paper" else PooledRoIHead)
     with pytest.raises(ConfigError, match="unknown classifier head"):
         build_head("mlp", 64, 256)

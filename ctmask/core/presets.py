@@ -23,6 +23,13 @@ HEAD_NAMES: tuple[str, ...] = ("paper", "pooled")
 """Classifier heads (``ctmask.training.heads``): ``paper`` is S of the paper, ``pooled`` the
 permutation-invariant head whose calls survive input noise and reduced precision."""
 
+def check_head(name: str) -> str:
+    """Return ``name`` if it is one of :data:`HEAD_NAMES`, else raise :class:`ConfigError` naming them."""
+    if name not in HEAD_NAMES:
+        raise ConfigError(f"unknown classifier head {name!r}; expected one of {list(HEAD_NAMES)}")
+    return name
+
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -82,8 +89,7 @@ class Preset:
     head: str = "paper"
 
     def __post_init__(self) -> None:
-        if self.head not in HEAD_NAMES:
-            raise ConfigError(f"unknown classifier head {self.head!r}; expected one of {list(HEAD_NAMES)}")
+        check_head(self.head)
 
     @property
     def anchors_per_location(self) -> int:

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ctmask.core.errors import ConfigError
-from ctmask.core.presets import HEAD_NAMES
+from ctmask.core.presets import check_head
 
 HEADS: dict[str, str] = {
     "paper": "S of the paper: Linear(5N -> F) + ReLU, Linear(F -> F) + ReLU, Linear(F -> 3) on the flattened rows",
@@ -41,13 +40,6 @@ weights (10, 10, 5, 5) put typical deltas within a few units, and a far outlier 
 instead of dominating the pool."""
 PROFILE_RANKS = (0, 1, 3, 7, 15)
 """Ranks (0-based) of the sorted score profile the pooled head reads, where N allows."""
-
-
-def check_head(name: str) -> str:
-    """Return ``name`` if it is a known head, else raise :class:`ConfigError` naming the choices."""
-    if name not in HEAD_NAMES:
-        raise ConfigError(f"unknown classifier head {name!r}; expected one of {list(HEAD_NAMES)}")
-    return name
 
 
 class RoIClassifier(nn.Module):
