@@ -509,3 +509,50 @@ def test_a_checkpoint_nested_past_the_limit_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="optimizer state nests containers more than 32 deep") as err:
         load_checkpoint(tmp_path / "deep.pt")
     assert err.value.path == tmp_path / "deep.pt"
+
+
+def _implicit_meta(ds, transfer_syntax: str) -> bytes:
+    """Preamble and a file meta group written implicit VR (pydicom reads it so: it retries the group
+    as implicit VR when its first element's VR is not one)."""
+    def element(number: int, value: bytes) -> bytes:
+        value += b"\0" * (len(value) % 2)
+        return struct.pack("<HHL", 0x0002, number, len(value)) + value
+
+    body = (element(0x0001, b"\0\1") + element(0x0002, ds.SOPClassUID.encode())
+            + element(0x0003, ds.SOPInstanceUID.encode()) + element(0x0010, transfer_syntax.encode()))
+    return bytes(128) + b"DICM" + element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def test_a_deflated_bomb_with_an_implicit_vr_file_meta_is_refused(tmp_path):
+    """Before: the meta read as explicit VR gave no transfer syntax, the walk never inflated and
+    pydicom, reading the meta as implicit VR, inflated the whole bomb."""
+    from ctmask.core.bounded import check_dicom_limits
+    from ctmask.core.errors import DataError
+    from ctmask.core.limits import MAX_INFLATED_BYTES, MiB
+
+    path = write_deflated_bomb(tmp_path / "implicit_meta.dcm", tag_bytes=MAX_INFLATED_BYTES + MiB,
+                               meta=_implicit_meta(_ct_dataset(), DEFLATED))
+    with pytest.raises(DataError, match="is a Deflated DICOM that inflates to more than 256 MiB"):
+        check_dicom_limits(path)
+
+
+def test_a_fragment_running_past_the_end_of_the_file_is_refused(tmp_path):
+    """A Pixel Data fragment whose length runs past the end of the file, frame items after it
+    (pydicom scans the bytes for the delimiter and parses what follows). Before: the walk skipped
+    past the end and counted nothing left."""
+    from ctmask.core.bounded import check_dicom_limits
+    from ctmask.core.errors import DataError
+
+    ds = _ct_dataset()
+    ds.NumberOfFrames = 1
+    del ds.PixelData
+    pixels = (struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+              + struct.pack("<HHL", 0xFFFE, 0xE000, 0x7FFFFFF0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    frames = (struct.pack("<HH2sHL", 0x5200, 0x9230, b"SQ", 0, 0xFFFFFFFF) + _frame_item() * 3_000
+              + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    path = tmp_path / "past_end.dcm"
+    path.write_bytes(_preamble_and_meta(ds, "1.2.840.10008.1.2.1") + _encode(ds) + pixels + frames)
+    assert path.stat().st_size > 100_000
+    with pytest.raises(DataError, match="cannot be checked against the input limits: an element runs past the end "
+                                        "of the data"):
+        check_dicom_limits(path)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -52,6 +53,7 @@ class _Source:
         self.pos = 0  # bytes of the data set consumed
         self.inflated = 0
         self.buf = b""
+        self.size = os.fstat(fh.fileno()).st_size
 
     def _fill(self) -> bool:
         while not self.buf:
@@ -108,7 +110,11 @@ class _Source:
         return left
 
     def skip(self, n: int) -> None:
+        """Past ``n`` bytes; a length that runs past the end of the data stops the walk where it is."""
         if self.z is None:
+            here = self.fh.tell()
+            if here + n > self.size:
+                raise _Stop("an element runs past the end of the data")
             self.fh.seek(n, 1)
             self.pos += n
             return
@@ -217,9 +223,14 @@ def _is_sequence(tag: int, length: int | None = None) -> bool:
 
 
 def _file_meta(fh: BinaryIO, path: Path) -> str | None:
-    """The transfer syntax of the file meta group at the file's position (always explicit VR little
-    endian), leaving the file at the data set; None without a meta group. The value is read at any
-    length and stripped of NULs and spaces, as pydicom does."""
+    """The transfer syntax of the file meta group at the file's position, leaving the file at the
+    data set; None without a meta group. The group is explicit VR little endian, or implicit VR
+    where its first element's VR is not a known one, as pydicom reads it (its first element's VR
+    not two capitals, or not one it can convert: it retries the group as implicit). The value is
+    read at any length and stripped of NULs and spaces, as pydicom does."""
+    first = fh.read(6)
+    fh.seek(-len(first), 1)
+    implicit = len(first) == 6 and first[4:6] not in _KNOWN_VRS
     ts = None
     while True:
         start = fh.tell()
@@ -228,7 +239,9 @@ def _file_meta(fh: BinaryIO, path: Path) -> str | None:
             fh.seek(start)
             return ts
         element, vr = struct.unpack("<H", head[2:4])[0], head[4:6]
-        if vr in _LONG_VRS:
+        if implicit:
+            length = struct.unpack("<L", head[4:8])[0]
+        elif vr in _LONG_VRS:
             length = struct.unpack("<L", fh.read(4).ljust(4, b"\0"))[0]
         else:
             length = struct.unpack("<H", head[6:8])[0]
