@@ -320,3 +320,22 @@ def test_fuzz_no_command_writes_over_an_input(tmp_path_factory):
         shutil.rmtree(root)
 
     run()
+
+
+def test_outputs_through_system_streams_are_refused_and_links_are_written_through(tmp_path):
+    """``--json /dev/stdout`` (or a link leading into /dev or /proc) would be replaced by a
+    regular file; an ordinary symlinked output is written through to its target."""
+    from ctmask.core.fileio import atomic_path
+    from ctmask.core.outputs import OutputPathError, check_outputs
+
+    fake = tmp_path / "stdout"
+    fake.symlink_to("/proc/self/fd/1")
+    for given in (Path("/dev/stdout"), fake):
+        with pytest.raises(OutputPathError, match="stream of the system"):
+            check_outputs({}, {"--json": given})
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text('{"keep": 1}')
+    link.symlink_to(real.name)
+    with atomic_path(link) as tmp:
+        tmp.write_text('{"new": 2}')
+    assert link.is_symlink() and real.read_text() == '{"new": 2}'

@@ -260,3 +260,14 @@ def test_identical_inputs_are_each_predicted_and_resumed_once(small_onnx, tmp_pa
     assert (summary["resumed"], summary["predicted"]) == (1, 2)
     assert [(r["id"], r["key"]) for r in read_jsonl(out)] == [(r["id"], r["key"]) for r in whole]
     assert sum(s["n_slices"] for s in summary["studies"]) == 3
+
+
+def test_a_hostile_uid_cannot_take_another_slices_identity():
+    """SOPInstanceUID '1.2.3#1' must not be frame 1 of the instance '1.2.3' (nor its copy '~2')."""
+    from ctmask.runtime.sources import SliceRef, with_identities
+
+    refs = with_identities([SliceRef("a.dcm", frame=0, uid="1.2.3"), SliceRef("a.dcm", frame=1, uid="1.2.3"),
+                            SliceRef("b.dcm", uid="1.2.3#1"), SliceRef("c.dcm", uid="1.2.3~2")])
+    ids = [r.identity for r in refs]
+    assert ids[:2] == ["dicom:1.2.3#0", "dicom:1.2.3#1"] and len(set(ids)) == 4
+    assert all(i.startswith("dicom:sha256-") and "#" not in i and "~" not in i for i in ids[2:])

@@ -22,9 +22,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     on POSIX. On success the temporary file is ``fsync``-ed before the rename and the
     directory after it, so a crash (or power loss) leaves either the old file or the
     complete new one, never an empty one. On any exception the temporary file is removed
-    and ``path`` is untouched.
+    and ``path`` is untouched. A ``path`` that is a symlink is written through: the file it
+    leads to is replaced, the link stays (the output checks judge that resolved file).
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -128,6 +128,26 @@ def _special(path: Path) -> str | None:
             else "not a regular file")
 
 
+def _via_system(path: Path) -> str | None:
+    """The ``/dev`` or ``/proc`` path that ``path`` is, or that a symlink on its way leads through
+    (``/dev/stdout`` -> ``/proc/self/fd/1``): a stream of this or another process, not a file to
+    replace; else None."""
+    seen, current = 0, Path(os.path.abspath(path))
+    while seen < 40:
+        if current.parts[:2] in (("/", "dev"), ("/", "proc")):
+            return str(current)
+        if not current.is_symlink():
+            parent = Path(os.path.realpath(current.parent))
+            if parent != current.parent:  # a symlinked folder on the way
+                current = parent / current.name
+                seen += 1
+                continue
+            return None
+        current = Path(os.path.abspath(current.parent / os.readlink(current)))
+        seen += 1
+    return None
+
+
 def _member(o: NamedPath, folder: NamedPath) -> Path | None:
     """The file of the input ``folder``, as listing the folder reads it, that the existing output
     file ``o`` is: ``o`` inside it, or an entry of it that is the same file under another name (a
@@ -201,6 +221,10 @@ def check_outputs(inputs: Mapping[str, PathsArg], outputs: Mapping[str, PathsArg
     for o in outs:
         if _is_dir(o.given):
             raise OutputPathError(f"{o.name} is a folder; give a file name", o.given)
+        system = _via_system(o.given)
+        if system is not None:
+            raise OutputPathError(f"{o.name} is {system}, a stream of the system, not a file ctmask can replace; give "
+                                  "a file name ('-' for stdout where the option takes it)", o.given)
         special = _special(o.given)
         if special is not None:
             raise OutputPathError(f"{o.name} is {special}, not a regular file: ctmask writes its outputs as files "

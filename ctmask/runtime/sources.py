@@ -11,6 +11,7 @@ training.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -77,7 +78,11 @@ def with_identities(refs: list[SliceRef]) -> list[SliceRef]:
 
     out = []
     for ref in refs:
-        base = f"dicom:{ref.uid}" if ref.uid else digest(ref.path)
+        # A valid UID is digits and dots; any other (hostile) UID is hashed, so a '#' or '~' in it
+        # cannot take another slice's frame or copy identity.
+        uid = ref.uid if not ref.uid or _UID.fullmatch(ref.uid) else \
+            "sha256-" + hashlib.sha256(ref.uid.encode("utf-8", "surrogateescape")).hexdigest()
+        base = f"dicom:{uid}" if uid else digest(ref.path)
         if not base:
             identity = f"path:{ref.key}"
         else:
@@ -85,6 +90,9 @@ def with_identities(refs: list[SliceRef]) -> list[SliceRef]:
         seen[identity] = n = seen.get(identity, 0) + 1
         out.append(replace(ref, identity=identity if n == 1 else f"{identity}~{n}"))
     return out
+
+
+_UID = re.compile(r"[0-9.]{1,64}")
 
 
 @dataclass
