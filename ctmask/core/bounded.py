@@ -288,6 +288,11 @@ def check_dicom_limits(path: str | Path) -> None:
             walk.dataset(None, 0, walk._looks_explicit(ts != _IMPLICIT_LE))
         except _Stop as stop:
             at = src.pos
+            if ts is None and head[128:132] != b"DICM" and at <= 12:
+                # Not one element makes sense, with no preamble and no file meta: these bytes are not
+                # DICOM (a suffix-less PNG, say), so pydicom refuses them at that first element; the
+                # readers name what the file is.
+                return
             rest = src.rest(_HARMLESS_REST)
             if rest > _HARMLESS_REST:
                 where = "its inflated data set" if src.z is not None else "its data set"
