@@ -187,6 +187,7 @@ def test_serve_listens_on_the_loopback_only_and_wants_its_token(small_onnx, synt
     finally:
         stop(proc)
     assert proc.returncode == 0, log.read_text()
+    assert "SIGTERM: shutting Serve down" in log.read_text()  # ours, not Ray's (which aborts)
     assert "WITHOUT AUTHENTICATION" not in log.read_text()
 
 

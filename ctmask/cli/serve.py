@@ -59,27 +59,35 @@ def serve(
     from ctmask.scale.serve import read_token, start_server
 
     token = read_token(os.environ, token_file)
-    handle = start_server(model, port=port, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                          host=host, backend=backend, device=device, threads=threads, max_body_mb=max_body_mb,
-                          address=address, top_rois=top_rois, force_modality=force_modality, hu_offset=hu_offset,
-                          uncropped=uncropped, read_timeout_s=read_timeout_s, token=token)
     stop = {"signal": None}
 
     def on_signal(signum, frame) -> None:
         stop["signal"] = signum
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    def install() -> dict:
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    # Ours before the start (a signal while the model loads stops right after), and again once Ray
+    # is up: ray.init replaces SIGTERM's handler with one that aborts the process.
+    previous = install()
     try:
-        typer.echo(f"serving {model} on {handle.url} ({replicas} replica(s), batch <= {max_batch}, wait "
-                   f"{batch_wait_ms:g} ms): POST {handle.url}/predict; Ctrl-C stops", err=True)
-        while stop["signal"] is None:
-            time.sleep(0.2)
-        typer.echo(f"{signal.Signals(stop['signal']).name}: shutting Serve down", err=True)
+        handle = start_server(model, port=port, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                              host=host, backend=backend, device=device, threads=threads, max_body_mb=max_body_mb,
+                              address=address, top_rois=top_rois, force_modality=force_modality,
+                              hu_offset=hu_offset, uncropped=uncropped, read_timeout_s=read_timeout_s, token=token,
+                              on_ray_started=install)
+        try:
+            if stop["signal"] is None:
+                typer.echo(f"serving {model} on {handle.url} ({replicas} replica(s), batch <= {max_batch}, wait "
+                           f"{batch_wait_ms:g} ms): POST {handle.url}/predict; Ctrl-C stops", err=True)
+            while stop["signal"] is None:
+                time.sleep(0.2)
+            typer.echo(f"{signal.Signals(stop['signal']).name}: shutting Serve down", err=True)
+        finally:
+            handle.stop()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        handle.stop()
-
 
 @user_errors
 def bench_serve(

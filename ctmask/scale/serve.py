@@ -58,7 +58,7 @@ import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -678,7 +678,8 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
                  threads: int | None = None, max_body_mb: float = 64.0, address: str | None = None,
                  top_rois: int = 5, force_modality: bool = False, hu_offset: float = 1024.0,
                  uncropped: bool = False, ready_timeout_s: float = 180.0,
-                 read_timeout_s: float = 30.0, token: str | None = None) -> ServerHandle:
+                 read_timeout_s: float = 30.0, token: str | None = None,
+                 on_ray_started: Callable[[], None] | None = None) -> ServerHandle:
     """Serve ``model`` on ``http://host:port`` with ``replicas`` replicas; returns once
     ``/health`` answers 200.
 
@@ -707,6 +708,9 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
         token: the bearer token every endpoint but ``/health`` wants (401 without it); ``None``
             serves without authentication, with a :class:`~ctmask.core.errors.CtmaskWarning`
             when ``host`` is not a loopback address.
+        on_ray_started: called once Ray is up, before Serve starts. ``ray.init`` installs Ray's
+            own SIGTERM handler (it aborts the process); a caller that stops on SIGTERM
+            installs its handler again here, so that a signal during Serve's start is its own.
 
     A local Ray started here listens on 127.0.0.1 only, whatever ``host`` is
     (:func:`ctmask.scale.ray_batch.init_ray`); only Serve's HTTP proxy listens on ``host``.
@@ -737,6 +741,8 @@ def start_server(model: str | Path, port: int = 8000, replicas: int = 1, max_bat
         started_ray = True
     handle = ServerHandle(f"http://{host}:{port}", opts, info, started_ray)
     try:
+        if on_ray_started is not None:
+            on_ray_started()
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         per_replica = min(1.0, cpus / replicas)
         quiet = {"log_level": "WARNING", "enable_access_log": False}
