@@ -81,7 +81,8 @@ def pytest_collection_modifyitems(config, items):
     marked = [i for i in items if "tensorrt" in i.keywords or "gpu" in i.keywords]
     if not marked:
         return
-    from ctmask.trt.api import TensorRTUnavailable, require_tensorrt
+    from ctmask.core.errors import TensorRTUnavailable
+    from ctmask.trt.api import require_tensorrt
     from ctmask.trt.cuda import open_cuda
 
     reasons = {}

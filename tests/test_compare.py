@@ -7,8 +7,9 @@ import pytest
 from tests_helpers import ranked_rows
 
 from ctmask.core.compare import align_rows, argmax_agreement, compare_arrays, reference_in_graph_order
+from ctmask.core.errors import ModelError
 from ctmask.core.presets import PAPER, SMALL
-from ctmask.core.spec import DEFAULT_TOLERANCES, GraphSpec, ModelError, Tolerance
+from ctmask.core.spec import DEFAULT_TOLERANCES, GraphSpec, Tolerance
 
 
 def test_compare_arrays_reports_needed_tolerance():

@@ -12,12 +12,12 @@ from tests_helpers import assert_rois_match
 from typer.testing import CliRunner
 
 from ctmask.cli.main import app
-from ctmask.core.errors import CheckpointError
+from ctmask.core.errors import CheckpointError, ExportError, ModelError
 from ctmask.core.fileio import sha256_file
 from ctmask.core.presets import PAPER, SMALL
-from ctmask.core.spec import FORMAT, OUTPUTS, PARITY_TOLERANCES, GraphSpec, ModelError
+from ctmask.core.spec import FORMAT, OUTPUTS, PARITY_TOLERANCES, GraphSpec
 from ctmask.exporter import onnx_export
-from ctmask.exporter.onnx_export import ExportError, default_opset, export_onnx, graph_problems
+from ctmask.exporter.onnx_export import default_opset, export_onnx, graph_problems
 from ctmask.runtime.runner import OnnxRuntimeRunner
 
 

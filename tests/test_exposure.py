@@ -133,7 +133,8 @@ def strings(obj):
 def test_serve_listens_on_the_loopback_only_and_wants_its_token(small_onnx, synth_dir, tmp_path):
     import onnx
 
-    from ctmask.scale.loadtest import ServerError, wait_healthy
+    from ctmask.core.errors import ServerError
+    from ctmask.scale.loadtest import wait_healthy
     from ctmask.scale.serve import free_port
 
     token = secrets.token_urlsafe(32)
@@ -296,7 +297,8 @@ def test_metadata_paths_become_file_names():
 
 
 def test_a_local_cluster_needs_a_ray_with_token_authentication_on_by_default():
-    from ctmask.scale.ray_batch import RayError, check_ray_version
+    from ctmask.core.errors import RayError
+    from ctmask.scale.ray_batch import check_ray_version
 
     for old in ("2.40.0", "2.52.1", "2.58.0", "1.13.0"):
         with pytest.raises(RayError, match="Ray >= 2.59"):

@@ -12,10 +12,10 @@ import onnx
 import pytest
 import torch
 
-from ctmask.core.errors import ConfigError, CtmaskWarning
+from ctmask.core.errors import ConfigError, CtmaskWarning, ModelError
 from ctmask.core.noise import NoiseFloor, add_gray_noise, describe_noise_floor
 from ctmask.core.presets import SMALL, preset_from_dict
-from ctmask.core.spec import GraphSpec, ModelError
+from ctmask.core.spec import GraphSpec
 from ctmask.data.covidx import read_split
 from ctmask.training.checkpoint import load_checkpoint
 from ctmask.training.heads import PooledRoIHead, RoIClassifier, build_head

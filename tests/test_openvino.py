@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from tests_helpers import assert_rois_match, invoke
 
-from ctmask.core.errors import ConfigError
-from ctmask.core.spec import ModelError
+from ctmask.core.errors import ConfigError, ModelError
 from ctmask.runtime.openvino_runner import OpenVinoRunner
 
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from tests_helpers import invoke
 
-from ctmask.core.outputs import HINT
+from ctmask.core.errors import OUTPUT_PATH_HINT as HINT
 
 GUARD = HINT[:40]  # the hint every refusal of an output path carries
 
@@ -325,8 +325,9 @@ def test_fuzz_no_command_writes_over_an_input(tmp_path_factory):
 def test_outputs_through_system_streams_are_refused_and_links_are_written_through(tmp_path):
     """``--json /dev/stdout`` (or a link leading into /dev or /proc) would be replaced by a
     regular file; an ordinary symlinked output is written through to its target."""
+    from ctmask.core.errors import OutputPathError
     from ctmask.core.fileio import atomic_path
-    from ctmask.core.outputs import OutputPathError, check_outputs
+    from ctmask.core.outputs import check_outputs
 
     fake = tmp_path / "stdout"
     fake.symlink_to("/proc/self/fd/1")

@@ -461,7 +461,7 @@ def test_residual_ops_calibrate_and_quantize(small_onnx, cls_ckpt, synth_dir, tm
 def test_runner_refuses_a_graph_with_float16_outputs(small_onnx, tmp_path):
     from onnx import TensorProto, helper
 
-    from ctmask.core.spec import ModelError
+    from ctmask.core.errors import ModelError
     from ctmask.runtime.runner import OnnxRuntimeRunner
 
     proto = onnx.load(str(small_onnx))

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctmask.core.errors import ConfigError
+from ctmask.core.errors import ConfigError, ModelError
 from ctmask.core.preprocess import Preprocessing
 from ctmask.core.presets import SMALL
-from ctmask.core.spec import GraphSpec, ModelError
+from ctmask.core.spec import GraphSpec
 from ctmask.runtime.predict import CropBoxes, PredictionWriter, collect_images, load_batch, predict_files
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
 

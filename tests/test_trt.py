@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from tests_helpers import invoke
 
+from ctmask.core.errors import EngineError, TensorRTUnavailable
 from ctmask.core.spec import FORMAT
-from ctmask.trt.api import ApiPlan, TensorRTUnavailable, TrtVersion, require_tensorrt
+from ctmask.trt.api import ApiPlan, TrtVersion, require_tensorrt
 from ctmask.trt.engine import (
     BatchProfile,
-    EngineError,
     EngineInfo,
     check_compatible,
     check_plan,

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tests_helpers import invoke
 
-from ctmask.trt.check import FATAL, INFO, WARNING, Finding, check_graph, fatal, format_findings
+from ctmask.core.errors import Finding
+from ctmask.trt.check import FATAL, INFO, WARNING, check_graph, fatal, format_findings
 
 
 def nodes_of(proto: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
@@ -281,16 +282,15 @@ def test_subgraph_nodes_are_checked_for_support():
 
 
 def test_finding_forms():
-    f = Finding(FATAL, "node_a", "TopK", "K = 5000 exceeds ...")
+    f = Finding("K = 5000 exceeds ...", FATAL, node="node_a", op="TopK")
     assert str(f) == "FATAL node_a (TopK): K = 5000 exceeds ..."
     assert f.to_dict() == {"severity": "fatal", "node": "node_a", "op": "TopK", "message": "K = 5000 exceeds ..."}
-    text = format_findings([f, Finding(INFO, "<graph>", "opset", "opset 18")])
+    text = format_findings([f, Finding("opset 18", INFO, node="<graph>", op="opset")])
     assert text.splitlines()[-1].startswith("1 fatal, 0 warning(s), 1 info")
 
 
 def test_bad_inputs_raise_user_errors(tmp_path):
-    from ctmask.core.errors import ConfigError
-    from ctmask.core.spec import ModelError
+    from ctmask.core.errors import ConfigError, ModelError
 
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a protobuf at all \xff\xfe")

@@ -17,9 +17,9 @@ import onnx
 
 from ctmask.calibration.ranges import METHODS, RangesFile
 from ctmask.calibration.slices import CalibrationSet
-from ctmask.core.errors import ConfigError
+from ctmask.core.errors import ConfigError, ModelError
 from ctmask.core.graphs import content_sha256, io_problems, load_proto
-from ctmask.core.spec import INPUT, GraphSpec, ModelError
+from ctmask.core.spec import INPUT, GraphSpec
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 """Operators that run in INT8 by default (Q/DQ on their inputs); everything else stays float."""

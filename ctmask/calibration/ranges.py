@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctmask import __version__
-from ctmask.core.errors import DataError
+from ctmask.core.errors import RangesError
 from ctmask.core.fileio import write_json_atomic
 
 FORMAT = "ctmask-ranges/1"
@@ -30,10 +30,6 @@ KNOWN_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool")
 MAX_ABS = 1e6
 """Largest |range| accepted: activations of this model are O(10-100); a range beyond this
 is corrupt (its int8 scale would lose every value, and beyond 3.4e38 it is inf in float32)."""
-
-
-class RangesError(DataError):
-    """A ranges file is unreadable, malformed or made for another graph."""
 
 
 @dataclass

@@ -292,12 +292,12 @@ def _export_engine(source: Path, out: Path, engine: str, precision: str | None, 
                    timing_cache: Path | None, images: list[Path] | None, parity_size: int, json_out: Path | None,
                    quiet: bool, graph_opts: dict, triton: dict | None = None) -> None:
     """``export --engine tensorrt``: TensorRT and the GPU are checked before anything is written."""
-    from ctmask.core.errors import ConfigError
+    from ctmask.core.errors import ConfigError, EngineError
     from ctmask.core.progress import console
     from ctmask.trt.api import require_tensorrt
     from ctmask.trt.build import BuildOptions, build_engine
     from ctmask.trt.cuda import open_cuda
-    from ctmask.trt.engine import BatchProfile, EngineError, is_engine_path
+    from ctmask.trt.engine import BatchProfile, is_engine_path
 
     echo = human_echo(json_out)
     if engine != "tensorrt":

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import onnx
 
-from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec, ModelError
+from ctmask.core.errors import ModelError
+from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 

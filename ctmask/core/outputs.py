@@ -27,20 +27,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctmask.core.errors import ConfigError, DataError
-
-HINT = "give every output a path of its own: not an input, not another output, not inside a folder the command fills"
+from ctmask.core.errors import ConfigError, DataError, OutputPathError
 
 PathsArg = str | Path | Iterable[str | Path | None] | None
 """One path, several (a command's list argument), or None (option not given); '-' (stdout) is skipped."""
-
-
-class OutputPathError(ConfigError):
-    """An output path that would overwrite an input or another output, or that cannot be the
-    file or folder it is asked to be."""
-
-    def __init__(self, message: str, path: str | Path | None = None):
-        super().__init__(message, path, hint=HINT)
 
 
 @dataclass(frozen=True)

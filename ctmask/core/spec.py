@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctmask import __version__
-from ctmask.core.errors import CtmaskError
+from ctmask.core.errors import ModelError
 from ctmask.core.preprocess import LUNG_WINDOW, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, Preprocessing
 from ctmask.core.presets import CLASS_NAMES, HEAD_NAMES, Preset
 
@@ -41,10 +41,6 @@ MAX_CLASSES = 1000
 
 MAX_WINDOW_HU = 100_000.0
 """Bound of a DICOM window's level (absolute) and width, in HU: CT values span a few thousand."""
-
-
-class ModelError(CtmaskError):
-    """A model file is missing, not ONNX, or not a ctmask graph."""
 
 
 def _json_field(meta: Mapping[str, str], key: str, path: str | Path, default: str | None = None):

@@ -20,7 +20,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from ctmask.core.errors import CtmaskError
+from ctmask.core.errors import ExportError
 from ctmask.core.fileio import atomic_path, sha256_file
 from ctmask.core.graphs import io_problems
 from ctmask.core.spec import BATCH, INPUT, OPSET, OUTPUTS, GraphSpec
@@ -28,11 +28,6 @@ from ctmask.exporter.translations import translation_table
 from ctmask.training.checkpoint import load_checkpoint
 from ctmask.training.evaluate import load_classifier
 from ctmask.training.model import CovidCTMaskNet
-
-
-class ExportError(CtmaskError):
-    """The exported graph does not meet the graph contract."""
-
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 """Newest default-domain opset the installed ``onnx`` package knows (and can check)."""

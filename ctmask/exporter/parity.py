@@ -44,7 +44,7 @@ from ctmask.core.compare import (
     compare_arrays,
     reference_in_graph_order,
 )
-from ctmask.core.errors import ConfigError
+from ctmask.core.errors import ConfigError, ModelError
 from ctmask.core.fileio import atomic_path, sha256_file
 from ctmask.core.graphs import content_sha256, load_proto, precision_problems
 from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
@@ -53,7 +53,6 @@ from ctmask.core.spec import (
     PARITY_AGREEMENT,
     PARITY_OFF_TOLERANCE,
     GraphSpec,
-    ModelError,
     Tolerance,
     parity_tolerances,
 )

@@ -24,14 +24,10 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from ctmask.core.errors import CtmaskError
+from ctmask.core.errors import PrecisionError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_TARGETS = ("tensorrt", "cpu")
-
-
-class PrecisionError(CtmaskError):
-    """A reduced-precision graph could not be made as asked."""
 
 
 BLOCKS: dict[str, tuple[str, str]] = {
@@ -405,7 +401,7 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
     op_types = list(ranges.options.get("op_types", QUANTIZED_OPS))
     missing = uncovered_tensors(work, set(exclude), op_types, set(ranges.ranges))
     if missing:
-        from ctmask.calibration.ranges import RangesError
+        from ctmask.core.errors import RangesError
 
         raise RangesError(f"the ranges do not cover {len(missing)} tensor(s) that INT8 quantizes (e.g. "
                           f"{missing[0]!r}): they were measured for other operators or another graph",

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError, CtmaskError
-from ctmask.core.spec import INPUT, GraphSpec, ModelError
+from ctmask.core.errors import ConfigError, CtmaskError, ModelError
+from ctmask.core.spec import INPUT, GraphSpec
 from ctmask.runtime.openvino_runner import HINTS, OpenVinoRunner, import_openvino
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner, onnxruntime_devices
 
@@ -300,8 +300,9 @@ def tensorrt_resolver(model: Path) -> Resolver:
     def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
         if not _is_engine(model):
             return None, "runs engine files (ctmask export MODEL.onnx --engine tensorrt)"
+        from ctmask.core.errors import TensorRTUnavailable
         from ctmask.runtime.tensorrt_runner import TensorRTRunner
-        from ctmask.trt.api import TensorRTUnavailable, require_tensorrt
+        from ctmask.trt.api import require_tensorrt
         from ctmask.trt.cuda import open_cuda
 
         try:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError
-from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec, ModelError
+from ctmask.core.errors import ConfigError, ModelError
+from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
 
 
 class Runner(abc.ABC):

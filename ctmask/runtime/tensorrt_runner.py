@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ctmask.core.errors import CtmaskWarning
+from ctmask.core.errors import CtmaskWarning, EngineError
 from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
 from ctmask.runtime.runner import Runner
 from ctmask.trt.build import check_io
-from ctmask.trt.engine import EngineError, EngineInfo, check_compatible, check_plan, read_sidecar
+from ctmask.trt.engine import EngineInfo, check_compatible, check_plan, read_sidecar
 
 if TYPE_CHECKING:
     import tensorrt as trt

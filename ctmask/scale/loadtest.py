@@ -34,11 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError, CtmaskError
-
-
-class ServerError(CtmaskError):
-    """A server that does not answer (``bench-serve --url``, or one that did not start)."""
+from ctmask.core.errors import ConfigError, ServerError
 
 PROB_ATOL = 1e-5
 """Largest difference of any class probability between the served answer and the local

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError, CtmaskError, CtmaskWarning
+from ctmask.core.errors import ConfigError, CtmaskError, CtmaskWarning, RayError
 from ctmask.core.spec import INPUT, GraphSpec
 from ctmask.runtime.batch_run import ReadOptions, load_refs, slice_predictions
 from ctmask.runtime.predict import CropBoxes, Failure, Prediction, check_crop
@@ -61,10 +61,6 @@ LOOPBACK = "127.0.0.1"
 MAX_DEFAULT_CPU_ACTORS = 16
 """Most CPU actors the default pool makes (each holds its own copy of the model, ~0.5 GB for the
 small preset); ``--actors`` sets any number."""
-
-
-class RayError(CtmaskError):
-    """The Ray job could not run (no cluster at ``--address``, actors that cannot load the model)."""
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import onnx
 
-from ctmask.core.errors import ConfigError, CtmaskError, DataError
+from ctmask.core.errors import ConfigError, CtmaskError, DataError, Finding, ModelError
 from ctmask.core.fileio import fsync_dir, fsync_file, sha256_file, write_text_atomic
 from ctmask.core.spec import FORMAT as GRAPH_FORMAT
-from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec, ModelError
+from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
 
 try:
     from google.protobuf import text_format
@@ -537,21 +537,6 @@ def check_destination(repo: Path, names: list[str]) -> None:
 # ---------------------------------------------------------------- the check
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One problem of a repository: the file (and line) and what is wrong."""
-
-    path: str
-    message: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        return f"{self.path}{f':{self.line}' if self.line else ''}: {self.message}"
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "line": self.line, "message": self.message}
-
-
 def _reason(exc: OSError) -> str:
     return f"{exc.__class__.__name__}: {exc.strerror or exc}"
 
@@ -673,15 +658,16 @@ def check_triton_repo(repo: Path) -> list[Finding]:
     findings: list[Finding] = []
     for p in entries:
         if p.name.startswith(TMP_PREFIX):
-            findings.append(Finding(str(p), "left over by an interrupted ctmask write; remove it (Triton would try "
-                                            "to load it as a model)"))
+            findings.append(Finding(path=str(p), message="left over by an interrupted ctmask write; remove it "
+                                                         "(Triton would try to load it as a model)"))
     for p in entries:
         kind, why = _kind(p)
         if kind == "bad" and not p.name.startswith("."):
-            findings.append(Finding(str(p), f"{why}: Triton cannot tell whether it is a model folder; remove it"))
+            findings.append(Finding(path=str(p),
+                                    message=f"{why}: Triton cannot tell whether it is a model folder; remove it"))
     folders = [p for p in entries if not p.name.startswith(".") and _kind(p)[0] == "dir"]
     if not folders:
-        findings.append(Finding(str(repo), "holds no model folder"))
+        findings.append(Finding(path=str(repo), message="holds no model folder"))
     for folder in folders:
         findings += _check_model(folder)
     return findings
@@ -692,7 +678,7 @@ def _check_model(folder: Path) -> list[Finding]:
     out: list[Finding] = []
 
     def add(message: str, where: Path = path, line: int | None = None) -> None:
-        out.append(Finding(str(where), message, line))
+        out.append(Finding(path=str(where), message=message, line=line))
 
     kind, why = _kind(path)
     if kind == "missing":

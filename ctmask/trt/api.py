@@ -27,21 +27,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ctmask.core.errors import CtmaskError
+from ctmask.core.errors import TensorRTUnavailable
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 SUPPORTED_MAJORS = (10, 11)
-INSTALL_HINT = ("on a machine with an NVIDIA GPU and driver: pip install 'ctmask[trt]' (TensorRT 10.x or 11.x and "
-                "cuda-python)")
-
-
-class TensorRTUnavailable(CtmaskError):
-    """TensorRT, CUDA or an NVIDIA GPU is missing or unusable (the CLI exits 2, nothing written)."""
-
-    def __init__(self, message: str, hint: str | None = INSTALL_HINT):
-        super().__init__(message, hint=hint)
 
 
 @dataclass(frozen=True)

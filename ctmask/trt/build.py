@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ctmask.core.errors import ConfigError
+from ctmask.core.errors import ConfigError, EngineError
 from ctmask.core.fileio import sha256_file, write_bytes_atomic
 from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
 from ctmask.trt.api import ApiPlan, init_plugins, make_logger, require_tensorrt
-from ctmask.trt.engine import BatchProfile, EngineError, EngineInfo, plan_sha256, write_engine
+from ctmask.trt.engine import BatchProfile, EngineInfo, plan_sha256, write_engine
 
 if TYPE_CHECKING:
     import tensorrt as trt

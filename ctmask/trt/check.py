@@ -34,7 +34,6 @@ onnxruntime, no TensorRT).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +41,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from ctmask.core.errors import ConfigError
+from ctmask.core.errors import FATAL, INFO, SEVERITIES, WARNING, ConfigError, Finding, ModelError
 from ctmask.core.graphs import load_proto
-from ctmask.core.spec import INPUT, ModelError
+from ctmask.core.spec import INPUT
 from ctmask.trt.support import (
     CLAMPED_SENTINELS,
-    FATAL,
     FLOAT_TYPES,
-    INFO,
     INT32_MAX,
     INT64_NARROWED,
     MAX_VOLUME,
@@ -58,10 +55,8 @@ from ctmask.trt.support import (
     ONNX_TYPE_NAMES,
     QUANTIZED_TYPES,
     SAME_TYPE_INPUTS,
-    SEVERITIES,
     TABLES,
     TOPK_MAX_K,
-    WARNING,
     NodeFacts,
     OpSupport,
     TrtTable,
@@ -76,29 +71,6 @@ _FOLD_MAX_ELEMENTS = 1 << 16
 """Largest tensor the static evaluator materialises (K, shapes and scales are tiny)."""
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing TensorRT will demand of the graph.
-
-    Attributes:
-        severity: ``fatal``, ``warning`` or ``info``.
-        node: the ONNX node's name (a graph input / output name, or ``<graph>``).
-        op: the node's op type (``graph input``, ``graph output``, ``opset``, ``INT64``).
-        message: what TensorRT demands and what the graph has.
-    """
-
-    severity: str
-    node: str
-    op: str
-    message: str
-
-    def to_dict(self) -> dict:
-        return {"severity": self.severity, "node": self.node, "op": self.op, "message": self.message}
-
-    def __str__(self) -> str:
-        return f"{self.severity.upper()} {self.node} ({self.op}): {self.message}"
 
 
 def fatal(findings: list[Finding]) -> list[Finding]:
@@ -504,7 +476,7 @@ class _Checker:
                        else "ctmask builds TensorRT 10 networks strongly typed (STRONGLY_TYPED)")
 
     def add(self, severity: str, node: str, op: str, message: str) -> None:
-        self.findings.append(Finding(severity, node, op, message))
+        self.findings.append(Finding(message, severity, node=node, op=op))
 
     def add_node(self, severity: str, node: onnx.NodeProto, message: str) -> None:
         self.add(severity, self.g.label(node), node.op_type, message)

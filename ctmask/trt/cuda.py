@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ctmask.trt.api import TensorRTUnavailable
+from ctmask.core.errors import TensorRTUnavailable
 
 CUDA_HINT = "pip install 'ctmask[trt]' (cuda-python) on a machine with an NVIDIA GPU and driver"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctmask import __version__
-from ctmask.core.errors import ConfigError, CtmaskError
+from ctmask.core.errors import ConfigError, CtmaskError, EngineError
 from ctmask.core.spec import FORMAT as GRAPH_FORMAT
 from ctmask.core.spec import GraphSpec
 
@@ -28,10 +28,6 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 SIDECAR_SUFFIX = ".json"
 MAX_PROFILE_BATCH = 4096
 REBUILD_HINT = "rebuild the engine: ctmask export MODEL.onnx --engine tensorrt --out ENGINE"
-
-
-class EngineError(CtmaskError):
-    """An engine file or its sidecar is missing, malformed, or does not fit this machine."""
 
 
 def sidecar_path(engine: str | Path) -> Path:

@@ -57,8 +57,7 @@ from typing import Any
 
 import numpy as np
 
-FATAL, WARNING, INFO = "fatal", "warning", "info"
-SEVERITIES = (FATAL, WARNING, INFO)
+from ctmask.core.errors import FATAL, INFO, SEVERITIES, WARNING  # noqa: F401 (the tables use them)
 
 TOPK_MAX_K = 3840
 """Largest K of a TensorRT TopK layer [OP-TOPK]."""
