@@ -7,7 +7,7 @@ DEMO := demo-out
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 
-.PHONY: install demo test accuracy clean
+.PHONY: install demo test accuracy docs clean
 
 # `pip install ctmask` alone is the torch-free runtime; the train extra adds torch & co, dev adds
 # the test tools. tensorrt-stubs (mypy's view of TensorRT) requires the real tensorrt wheel in its
@@ -48,7 +48,13 @@ test: install
 	$(BIN)/ruff check ctmask tests
 	$(BIN)/python scripts/trt_stubs.py build/trt-stubs
 	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site
 	$(BIN)/python -m pytest -q
 
+# The documentation site (MkDocs, Material theme) from docs/ into build/site; --strict: a broken
+# link, a missing page or a docstring the API reference cannot render is an error.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site
+
 clean:
-	rm -rf $(DEMO) .pytest_cache build/trt-stubs
+	rm -rf $(DEMO) .pytest_cache build/trt-stubs build/site
