@@ -28,6 +28,7 @@ APP_NAME = "ctmask"
 
 
 def _check_port(host: str, port: int) -> None:
+    """ConfigError when nothing here can listen on ``host:port`` (in use, or not this machine's address)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -35,10 +36,6 @@ def _check_port(host: str, port: int) -> None:
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): the port is in use or the "
                               "address is not this machine's", hint="choose another --port / --host") from None
-
-
-
-# ---------------------------------------------------------------- the driver
 
 
 @dataclass
