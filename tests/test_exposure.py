@@ -134,8 +134,7 @@ def test_serve_listens_on_the_loopback_only_and_wants_its_token(small_onnx, synt
     import onnx
 
     from ctmask.core.errors import ServerError
-    from ctmask.scale.loadtest import wait_healthy
-    from ctmask.scale.serve import free_port
+    from ctmask.scale.http import free_port, wait_healthy
 
     token = secrets.token_urlsafe(32)
     port = free_port()
@@ -285,7 +284,7 @@ def test_serving_beyond_the_loopback_without_a_token_warns_loudly(foreign_model)
 
 
 def test_metadata_paths_become_file_names():
-    from ctmask.scale.serve import without_paths
+    from ctmask.scale.serve_app import without_paths
 
     meta = {"ctmask.checkpoint": "/home/alice/runs/robust3/cls.pt", "ctmask.preset": "small",
             "runner": {"model": "models/small.onnx", "threads": "default", "cache": "C:\\Users\\bob\\ov\\m.blob",

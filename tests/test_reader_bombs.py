@@ -163,7 +163,7 @@ from ctmask.runtime.batch_run import ReadOptions, load_refs
 mode, path = sys.argv[1], Path(sys.argv[2])
 spec = GraphSpec(preset="small", image_size=64, n_rois=4)
 if mode == "serve":
-    from ctmask.scale.serve import CtmaskModel, _Refused
+    from ctmask.scale.serve_app import CtmaskModel, _Refused
     replica = object.__new__(CtmaskModel.func_or_class)  # the replica's decode state, without a runner
     replica.opts = SimpleNamespace(force_modality=False)
     replica.spec, replica.read_opts = spec, ReadOptions()

@@ -111,7 +111,8 @@ def server(small_onnx):
     """The module's one server: a free loopback port, batches of up to 8 waiting 50 ms, a 1 MiB body limit."""
     import ray
 
-    from ctmask.scale.serve import free_port, start_server
+    from ctmask.scale.http import free_port
+    from ctmask.scale.serve import start_server
 
     handle = start_server(small_onnx, port=free_port(), replicas=1, max_batch=8, batch_wait_ms=50,
                           max_body_mb=MAX_BODY_MB, read_timeout_s=READ_TIMEOUT_S)

@@ -22,7 +22,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ctmask.core.errors import ConfigError, CtmaskError
 from ctmask.core.spec import GraphSpec
-from ctmask.scale.triton import check_triton_repo, write_triton_repo
+from ctmask.scale.triton_check import check_triton_repo
+from ctmask.scale.triton_write import write_triton_repo
 
 OPTS = dict(max_batch=None, instances=1, kind="gpu", max_queue_delay_us=500, version=None)
 
@@ -426,7 +427,7 @@ def test_reexport_same_content_is_accepted_other_content_is_the_next_version_or_
 
 
 def test_a_failed_copy_leaves_nothing_half_written(repo_copy, small_onnx, tmp_path, monkeypatch):
-    import ctmask.scale.triton as triton
+    import ctmask.scale.triton_write as triton
 
     def failing(src, dst):
         Path(dst).write_bytes(b"partial")
@@ -527,7 +528,7 @@ def test_bad_triton_options_are_refused_before_anything_is_written(small_onnx, t
 
 
 def test_without_tritonclient_export_names_the_extra(small_onnx, tmp_path, monkeypatch):
-    monkeypatch.delitem(sys.modules, "ctmask.scale.triton")
+    monkeypatch.delitem(sys.modules, "ctmask.scale.triton_schema")
     for name in [m for m in sys.modules if m == "tritonclient" or m.startswith("tritonclient.")]:
         monkeypatch.setitem(sys.modules, name, None)  # None: `import` raises ModuleNotFoundError
     r = invoke("export", small_onnx, "--triton-repo", tmp_path / "repo")

@@ -194,7 +194,7 @@ def _triton_options(repo: Path | None, name: str | None, max_batch: int | None, 
             raise ConfigError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --triton-repo "
                               "DIR")
         return None
-    from ctmask.scale.triton import MAX_BATCH, check_name
+    from ctmask.scale.triton_schema import MAX_BATCH, check_name
 
     if name is not None:
         check_name(name)
@@ -211,19 +211,20 @@ def _triton_options(repo: Path | None, name: str | None, max_batch: int | None, 
 
 
 def _default_name(path: Path) -> str:
-    from ctmask.scale.triton import triton_model_name
+    from ctmask.scale.triton_schema import triton_model_name
 
     return triton_model_name(path.stem)
 
 
 def _check_triton_destination(triton: dict, graph: bool, engine: bool) -> None:
-    from ctmask.scale.triton import ENGINE_SUFFIX, check_destination
+    from ctmask.scale.triton_schema import ENGINE_SUFFIX
+    from ctmask.scale.triton_write import check_destination
 
     check_destination(triton["repo"], [triton["name"]] * graph + [triton["name"] + ENGINE_SUFFIX] * engine)
 
 
 def _write_triton(triton: dict, graph: Path | None, engine: Path | None, echo) -> dict:
-    from ctmask.scale.triton import write_triton_repo
+    from ctmask.scale.triton_write import write_triton_repo
 
     summary = write_triton_repo(triton["repo"], triton["name"], graph, engine, max_batch=triton["max_batch"],
                                 instances=triton["instances"], kind=triton["kind"],

@@ -3,8 +3,6 @@ its load test (:mod:`ctmask.scale.loadtest`). Ray is imported only inside the co
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 
 import typer
@@ -54,40 +52,14 @@ def serve(
     be loaded exit 2 before Ray starts. With a token (CTMASK_SERVE_TOKEN or --token-file), every endpoint but
     /health answers 401 without `Authorization: Bearer TOKEN`.
     """
-    import os
+    from ctmask.scale.serve import run_server
 
-    from ctmask.scale.serve import read_token, start_server
+    run_server(model, token_file=token_file, echo=lambda text: typer.echo(text, err=True), port=port,
+               replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms, host=host, backend=backend,
+               device=device, threads=threads, max_body_mb=max_body_mb, address=address, top_rois=top_rois,
+               force_modality=force_modality, hu_offset=hu_offset, uncropped=uncropped,
+               read_timeout_s=read_timeout_s)
 
-    token = read_token(os.environ, token_file)
-    stop = {"signal": None}
-
-    def on_signal(signum, frame) -> None:
-        stop["signal"] = signum
-
-    def install() -> dict:
-        return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    # Ours before the start (a signal while the model loads stops right after), and again once Ray
-    # is up: ray.init replaces SIGTERM's handler with one that aborts the process.
-    previous = install()
-    try:
-        handle = start_server(model, port=port, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                              host=host, backend=backend, device=device, threads=threads, max_body_mb=max_body_mb,
-                              address=address, top_rois=top_rois, force_modality=force_modality,
-                              hu_offset=hu_offset, uncropped=uncropped, read_timeout_s=read_timeout_s, token=token,
-                              on_ray_started=install)
-        try:
-            if stop["signal"] is None:
-                typer.echo(f"serving {model} on {handle.url} ({replicas} replica(s), batch <= {max_batch}, wait "
-                           f"{batch_wait_ms:g} ms): POST {handle.url}/predict; Ctrl-C stops", err=True)
-            while stop["signal"] is None:
-                time.sleep(0.2)
-            typer.echo(f"{signal.Signals(stop['signal']).name}: shutting Serve down", err=True)
-        finally:
-            handle.stop()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 @user_errors
 def bench_serve(

@@ -1,5 +1,5 @@
 """``check-triton``: a Triton Inference Server model repository checked against Triton's own
-config schema and the models it holds (:mod:`ctmask.scale.triton`)."""
+config schema and the models it holds (:mod:`ctmask.scale.triton_check`)."""
 
 from __future__ import annotations
 
@@ -24,19 +24,15 @@ def check_triton(
     most that (and, for a TensorRT plan, at most its batch profile's MAX); `labels.txt` holds the class names.
     One line per finding; exit status 1 when there is one, 0 otherwise, 2 for a missing or unusable folder.
     """
-    from ctmask.scale.triton import check_triton_repo, model_folders
+    from ctmask.scale.triton_check import check_report
 
     check_paths({"REPO": repo}, {"--json": json_out}, slice_folders=False)  # every file of a repository is read
-    findings = check_triton_repo(repo)
-    models = [p.name for p in model_folders(repo)]
+    report, lines = check_report(repo)
     echo = human_echo(json_out)
-    echo(f"check-triton {repo}: {len(models)} model(s){': ' + ', '.join(models) if models else ''}")
-    for finding in findings:
-        echo(f"  {finding}")
-    echo(f"{len(findings)} finding(s)" if findings else "no findings")
-    emit_json({"repo": str(repo), "models": models, "passed": not findings,
-               "findings": [f.to_dict() for f in findings]}, json_out)
-    if findings:
+    for line in lines:
+        echo(line)
+    emit_json(report, json_out)
+    if not report["passed"]:
         raise typer.Exit(1)
 
 

@@ -69,15 +69,17 @@ def declared_shapes(proto: onnx.ModelProto) -> dict[str, list[int | str | None]]
     return shapes
 
 
-def spec_of(proto: onnx.ModelProto, path: str | Path) -> GraphSpec:
-    """The graph's ctmask spec, checked against the graph's own declared shapes.
+def spec_of(proto: onnx.ModelProto, path: str | Path, *, check_shapes: bool = True) -> GraphSpec:
+    """The graph's ctmask spec, checked against the graph's own declared shapes (unless
+    ``check_shapes`` is False: the Triton writer and checker compare them field by field).
 
     Raises:
         ModelError: naming ``path`` and the metadata key, when the metadata is missing,
             malformed, out of range or contradicts the graph.
     """
     spec = GraphSpec.from_metadata({p.key: p.value for p in proto.metadata_props}, path)
-    spec.check_shapes(declared_shapes(proto), path)
+    if check_shapes:
+        spec.check_shapes(declared_shapes(proto), path)
     return spec
 
 

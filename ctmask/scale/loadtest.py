@@ -22,60 +22,24 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError, ServerError
+from ctmask.core.errors import ConfigError
+from ctmask.scale.http import auth_headers, free_port, get_json, wait_healthy
 
 PROB_ATOL = 1e-5
 """Largest difference of any class probability between the served answer and the local
 prediction that still counts as the same prediction."""
 
 
-# ---------------------------------------------------------------- small HTTP helpers
-
-
-def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
-    """Wait until ``GET url/health`` answers 200.
-
-    Raises:
-        ServerError: it did not within ``timeout_s``.
-    """
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-        except OSError as exc:
-            last = f"{exc.__class__.__name__}: {exc}"
-        time.sleep(0.2)
-    raise ServerError(f"the server at {url} did not answer /health within {timeout_s:g} s (last: {last})")
-
-
-def auth_headers() -> dict[str, str]:
-    """``Authorization: Bearer`` with the token ``ctmask serve`` reads (``CTMASK_SERVE_TOKEN``),
-    when it is set: a server started with a token answers 401 to requests without it."""
-    token = os.environ.get("CTMASK_SERVE_TOKEN", "").strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def get_json(url: str, timeout_s: float = 30.0) -> dict:
-    with urllib.request.urlopen(urllib.request.Request(url, headers=auth_headers()), timeout=timeout_s) as r:
-        return json.loads(r.read())
+# ---------------------------------------------------------------- replicas' counters
 
 
 def collect_stats(url: str, replicas: int, tries: int | None = None, timeout_s: float = 10.0) -> dict:
@@ -305,11 +269,41 @@ def run_loadtest(model: str | Path, images: str | Path, clients: list[int], requ
         ConfigError: bad options, no predictable slice in ``images``, or the server at ``url``
             serves another model.
     """
-    from ctmask.core.fileio import sha256_file
-    from ctmask.runtime.factory import make_runner
-    from ctmask.runtime.predict import collect_images
-
     note = on_note or (lambda text: None)
+    _check_options(model, images, clients, requests, max_batch)
+    model = Path(model)
+    local = _local_reference(model, images, requests, max_batch, backend, device, threads, top_rois, note)
+    uploads = local["uploads"]
+    handle = None
+    try:
+        if url is None:
+            from ctmask.scale.serve import start_server
+
+            port = free_port()
+            note(f"starting the server on 127.0.0.1:{port} ({replicas} replica(s), batch <= {max_batch}, "
+                 f"wait {batch_wait_ms:g} ms)")
+            handle = start_server(model, port=port, replicas=replicas, max_batch=max_batch,
+                                  batch_wait_ms=batch_wait_ms, backend=backend, device=device, threads=threads,
+                                  top_rois=top_rois)
+            url = handle.url
+        url = url.rstrip("/")
+        meta = _server_metadata(url, model, local["sha256"], top_rois, note)
+        n_replicas = int(meta.get("replicas", replicas))
+        for i in range(min(warmup, len(uploads))):  # first calls of a runner are slow: not measured
+            run_level(url, uploads[i : i + 1], 1, 1, timeout_s)
+        levels = [_measured_level(url, uploads, c, requests, n_replicas, timeout_s, on_level) for c in clients]
+        passed = all(lv["lost"] == 0 and lv["mismatched"] == 0 and lv["non200"] == 0 for lv in levels)
+        return {"url": url, "server_started": handle is not None, "model": meta["model"],
+                "server": {"replicas": n_replicas, "batching": meta.get("batching"), "runner": meta.get("runner")},
+                "local_runner": local["runner"], "images": len(uploads), "requests_per_level": requests,
+                "prob_atol": PROB_ATOL, "levels": levels, "reference": local["reference"], "passed": passed}
+    finally:
+        if handle is not None:
+            handle.stop()
+
+
+def _check_options(model: str | Path, images: str | Path, clients: list[int], requests: int, max_batch: int) -> None:
+    """Refuse bad :func:`run_loadtest` options (ConfigError) before anything runs."""
     if not clients or any(c < 1 for c in clients):
         raise ConfigError(f"--clients takes concurrency levels >= 1, got {clients}")
     if requests < 1:
@@ -321,6 +315,16 @@ def run_loadtest(model: str | Path, images: str | Path, clients: list[int], requ
         raise ConfigError(f"{model}: model file does not exist")
     if not Path(images).is_dir():
         raise ConfigError(f"--images {images}: not a folder")
+
+
+def _local_reference(model: Path, images: str | Path, requests: int, max_batch: int, backend: str, device: str,
+                     threads: int | None, top_rois: int, note) -> dict:
+    """The uploads (each file's bytes and local record), the in-process reference throughput,
+    the local runner's description and the model's sha256."""
+    from ctmask.core.fileio import sha256_file
+    from ctmask.runtime.factory import make_runner
+    from ctmask.runtime.predict import collect_images
+
     files, refused = collect_images([images])
     for f in refused:
         note(f"not used: {f.file}: {f.reason}")
@@ -336,53 +340,37 @@ def run_loadtest(model: str | Path, images: str | Path, clients: list[int], requ
         note(f"reference: in-process runner ({runner.describe().get('provider', runner.name)}), {requests} slices "
              f"at batch 1 and {max_batch}")
         reference = [reference_throughput(runner, used, requests, b) for b in sorted({1, max_batch})]
-        local_runner = runner.describe()
-    handle = None
-    try:
-        if url is None:
-            from ctmask.scale.serve import free_port, start_server
+        return {"uploads": uploads, "reference": reference, "runner": runner.describe(), "sha256": sha}
 
-            port = free_port()
-            note(f"starting the server on 127.0.0.1:{port} ({replicas} replica(s), batch <= {max_batch}, "
-                 f"wait {batch_wait_ms:g} ms)")
-            handle = start_server(model, port=port, replicas=replicas, max_batch=max_batch,
-                                  batch_wait_ms=batch_wait_ms, backend=backend, device=device, threads=threads,
-                                  top_rois=top_rois)
-            url = handle.url
-        url = url.rstrip("/")
-        wait_healthy(url, 60.0)
-        meta = get_json(url + "/metadata")
-        if meta["model"]["sha256"] != sha:
-            raise ConfigError(f"the server at {url} serves {meta['model']['file']} (sha256 "
-                              f"{meta['model']['sha256'][:12]}...), not {model} ({sha[:12]}...): the answers could "
-                              "not be checked against the local runner")
-        if int(meta.get("top_rois", top_rois)) != top_rois:
-            note(f"the server keeps {meta['top_rois']} RoI rows per answer; only class and probs are compared")
-        n_replicas = int(meta.get("replicas", replicas))
-        for i in range(min(warmup, len(uploads))):  # first calls of a runner are slow: not measured
-            run_level(url, uploads[i : i + 1], 1, 1, timeout_s)
-        levels = []
-        for c in clients:
-            before = collect_stats(url, n_replicas)
-            level = judge_level(run_level(url, uploads, c, requests, timeout_s), uploads)
-            after = collect_stats(url, n_replicas)
-            level["batches_formed"] = _delta(after["batches"], before["batches"])
-            level["stats"] = {"complete": before["complete"] and after["complete"],
-                              "replicas_seen": len(after["replicas"]),
-                              "served": after["served"] - before["served"],
-                              "requests": after["requests"] - before["requests"],
-                              "predict_answers": _delta(after["predict_answers"], before["predict_answers"])}
-            levels.append(level)
-            if on_level is not None:
-                on_level(level)
-        passed = all(lv["lost"] == 0 and lv["mismatched"] == 0 and lv["non200"] == 0 for lv in levels)
-        return {"url": url, "server_started": handle is not None, "model": meta["model"],
-                "server": {"replicas": n_replicas, "batching": meta.get("batching"), "runner": meta.get("runner")},
-                "local_runner": local_runner, "images": len(uploads), "requests_per_level": requests,
-                "prob_atol": PROB_ATOL, "levels": levels, "reference": reference, "passed": passed}
-    finally:
-        if handle is not None:
-            handle.stop()
+
+def _server_metadata(url: str, model: Path, sha: str, top_rois: int, note) -> dict:
+    """The server's ``/metadata`` once it is healthy; ConfigError when it serves another model."""
+    wait_healthy(url, 60.0)
+    meta = get_json(url + "/metadata")
+    if meta["model"]["sha256"] != sha:
+        raise ConfigError(f"the server at {url} serves {meta['model']['file']} (sha256 "
+                          f"{meta['model']['sha256'][:12]}...), not {model} ({sha[:12]}...): the answers could "
+                          "not be checked against the local runner")
+    if int(meta.get("top_rois", top_rois)) != top_rois:
+        note(f"the server keeps {meta['top_rois']} RoI rows per answer; only class and probs are compared")
+    return meta
+
+
+def _measured_level(url: str, uploads: list[Upload], clients: int, requests: int, n_replicas: int,
+                    timeout_s: float, on_level) -> dict:
+    """One concurrency level run and judged, with the replicas' counters before and after."""
+    before = collect_stats(url, n_replicas)
+    level = judge_level(run_level(url, uploads, clients, requests, timeout_s), uploads)
+    after = collect_stats(url, n_replicas)
+    level["batches_formed"] = _delta(after["batches"], before["batches"])
+    level["stats"] = {"complete": before["complete"] and after["complete"],
+                      "replicas_seen": len(after["replicas"]),
+                      "served": after["served"] - before["served"],
+                      "requests": after["requests"] - before["requests"],
+                      "predict_answers": _delta(after["predict_answers"], before["predict_answers"])}
+    if on_level is not None:
+        on_level(level)
+    return level
 
 
 def format_report(report: dict) -> str:

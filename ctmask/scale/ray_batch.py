@@ -530,6 +530,17 @@ def predict_sources_ray(
                                  top_rois=top_rois, overlays=folder)
     ds = ds.map_batches(predictor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=cpa, num_gpus=options.gpus_per_actor or None)
+    yield from _in_order(ds, chunks, stats, on_batch)
+
+
+def _in_order(ds, chunks: list[list[SliceRef]], stats: RayStats,
+              on_batch: Callable[[int], None] | None) -> Iterator[tuple[Prediction, None] | Failure]:
+    """The chunks' results as the actors deliver them, yielded in input order (a chunk Ray
+    delivered twice counted in ``stats.duplicates`` and dropped).
+
+    Raises:
+        RayError: the Ray job failed, or ended with chunks not delivered.
+    """
     waiting: dict[int, tuple[list[Prediction], list[Failure]]] = {}
     seen: set[int] = set()
     next_n = 0
