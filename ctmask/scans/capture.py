@@ -21,7 +21,7 @@ from PIL import Image
 
 _DECODER_LOGGERS = ("pydicom", "nibabel", "nibabel.global", "PIL")
 _DECODER_PACKAGES = tuple(f"{os.sep}{p}{os.sep}" for p in ("pydicom", "PIL", "nibabel", "numpy"))
-_SCANS = os.path.dirname(os.path.abspath(__file__)) + os.sep  # the readers' own warnings (numpy's, raised here)
+_SCANS = os.path.dirname(__file__) + os.sep  # the readers' own warnings (numpy's, raised in their code)
 _MAX_NOTES = 20
 
 _LOCAL = threading.local()  # .notes: the list the current thread's decoder warnings go to

@@ -161,7 +161,7 @@ class DicomSlice:
 
 @dataclass(frozen=True)
 class FileTask:
-    """One file found while listing the inputs, to be probed (:func:`probe_file`).
+    """One file found while listing the inputs, to be probed (:func:`~ctmask.scans.listing.probe_file`).
 
     Attributes:
         path: the file.
@@ -176,9 +176,10 @@ class FileTask:
 
 @dataclass
 class FileProbe:
-    """What a file holds (:func:`probe_file`): ready slices (images, NIfTI), DICOM slices still
-    to be grouped into series and ordered, or the reason it was refused. Picklable: probes may
-    be computed in other processes (``infer --ray``) and assembled in the caller."""
+    """What a file holds (:func:`~ctmask.scans.listing.probe_file`): ready slices (images, NIfTI),
+    DICOM slices still to be grouped into series and ordered, or the reason it was refused.
+    Picklable: probes may be computed in other processes (``infer --ray``) and assembled in the
+    caller."""
 
     slices: list[SliceRef] = field(default_factory=list)
     dicom: list[DicomSlice] = field(default_factory=list)
