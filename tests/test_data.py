@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from ctmask.core.errors import DataError
-from ctmask.core.preprocess import read_gray
 from ctmask.data.cncb import lesion_label_map, list_segmentation, mask_to_instances, read_mask
 from ctmask.data.covidx import SplitEntry, read_split, write_split
 from ctmask.data.synth import DESCRIPTION, generate_slice, synthesize
+from ctmask.scans.decode import read_slice
 
 
 def _png(path, arr):
@@ -99,7 +99,7 @@ def test_read_split_empty_is_error(split_dir):
 def test_corrupt_png_is_data_error(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    for reader in (read_mask, read_gray):
+    for reader in (read_mask, read_slice):
         with pytest.raises(DataError) as exc:
             reader(bad)
         assert str(bad) in str(exc.value)
@@ -206,7 +206,7 @@ def test_synthesize_layout(tmp_path):
         samples = list_segmentation(out / "segmentation" / split)
         assert [s.image.name for s in samples] == sorted(e.path.name for e in entries)
         for e, s in zip(sorted(entries, key=lambda e: e.path.name), samples):
-            img = read_gray(s.image)
+            img = read_slice(s.image).pixels
             mask = read_mask(s.mask, expected_shape=img.shape)
             assert set(np.unique(mask)) <= {0, 1, 2, 3}
             assert (mask >= 2).any() == (e.label != 0)

@@ -279,8 +279,9 @@ def test_crop_trained_graph_carries_the_crop_and_infer_crops_like_training(crop_
 
     from ctmask.core.presets import SMALL
     from ctmask.data.covidx import read_split
-    from ctmask.runtime.predict import CropBoxes, load_batch
+    from ctmask.runtime.predict import CropBoxes
     from ctmask.runtime.runner import OnnxRuntimeRunner
+    from ctmask.scans.batch import load_batch
     from ctmask.training.checkpoint import load_checkpoint
     from ctmask.training.datasets import ClassificationDataset
 
@@ -295,8 +296,9 @@ def test_crop_trained_graph_carries_the_crop_and_infer_crops_like_training(crop_
                                  for i in range(len(entries))]).numpy()
     with OnnxRuntimeRunner(model) as r:
         assert r.spec.crop
-        batch, ok, failures = load_batch(files, r.spec, CropBoxes.from_split(split))
-        whole, _, _ = load_batch(files, r.spec)
+        loaded = load_batch(files, r.spec, CropBoxes.from_split(split))
+        batch, ok, failures = loaded.batch, loaded.paths, loaded.failures
+        whole = load_batch(files, r.spec).batch
         expected = r.infer({"images": training_view})["probs"]
     assert ok == files and not failures
     np.testing.assert_array_equal(batch, training_view)  # bit for bit what training fed the model

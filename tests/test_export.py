@@ -119,7 +119,7 @@ def test_padding_rows_have_zero_boxes(cls_ckpt, synth_dir, tmp_path):
                     model=ck.model)
     out = tmp_path / "padded.onnx"
     export_onnx(padded, out)
-    from ctmask.core.preprocess import load_slice
+    from ctmask.scans.batch import load_slice
 
     files = sorted((synth_dir / "images").iterdir())[:8]
     x = np.stack([load_slice(f, SMALL.image_size) for f in files])[:, None].astype(np.float32)

@@ -29,12 +29,13 @@ def test_slices(synth_dir, tmp_path):
 
 def test_f32_matches_onnxruntime_at_batch_1_and_3(small_onnx, synth_dir):
     pytest.importorskip("openvino")
-    from ctmask.runtime.predict import load_batch
     from ctmask.runtime.runner import OnnxRuntimeRunner
+    from ctmask.scans.batch import load_batch
 
     files = sorted((synth_dir / "images").glob("test_*.png"))[:3]
     with OnnxRuntimeRunner(small_onnx) as ort_runner:
-        batch, ok, failures = load_batch(files, ort_runner.spec)
+        loaded = load_batch(files, ort_runner.spec)
+        batch, ok, failures = loaded.batch, loaded.paths, loaded.failures
         assert ok == files and not failures
         ref = ort_runner.infer({"images": batch})
     with OpenVinoRunner(small_onnx, threads=2) as ov_runner:

@@ -28,7 +28,7 @@ def test_boxes_to_source_through_a_crop():
 
 def test_boxes_to_source_clips_the_crop_and_the_boxes_to_the_image():
     # The crop reaches beyond the image (as a split file's box may): it is clipped as
-    # load_slice clips it, to (0, 10, 200, 110) on this 120 x 200 slice.
+    # load_batch clips it, to (0, 10, 200, 110) on this 120 x 200 slice.
     out = boxes_to_source(np.array([[0, 0, 100, 100], [50, 50, 100, 100]], np.float32), 100, (120, 200),
                           (-20, 10, 260, 110))
     np.testing.assert_allclose(out, [[0, 10, 200, 110], [100, 60, 200, 110]], atol=1e-4)

@@ -33,10 +33,10 @@ def run(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def images(small_onnx, synth_dir):
     from ctmask.core.spec import GraphSpec
-    from ctmask.runtime.predict import load_batch
+    from ctmask.scans.batch import load_batch
 
     spec = GraphSpec.from_metadata(meta(small_onnx), small_onnx)
-    batch, _, _ = load_batch(sorted((synth_dir / "images").glob("*.png"))[:6], spec)
+    batch = load_batch(sorted((synth_dir / "images").glob("*.png"))[:6], spec).batch
     return batch
 
 

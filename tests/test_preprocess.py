@@ -16,11 +16,11 @@ from ctmask.core.preprocess import (
     MAX_IMAGE_SIDE,
     MIN_IMAGE_SIDE,
     crop_box,
-    load_slice,
-    read_gray,
     resize,
     window_hu,
 )
+from ctmask.scans.batch import load_slice
+from ctmask.scans.decode import read_slice
 
 
 def declared_png(path, width, height):
@@ -78,35 +78,35 @@ def test_window_maps_lung_window_to_unit_range():
 def test_png_8_and_16_bit(tmp_path):
     a8 = np.arange(1024, dtype=np.uint8).reshape(32, 32)
     Image.fromarray(a8).save(tmp_path / "a.png")
-    np.testing.assert_allclose(read_gray(tmp_path / "a.png"), a8 / 255.0, atol=1e-6)
+    np.testing.assert_allclose(read_slice(tmp_path / "a.png").pixels, a8 / 255.0, atol=1e-6)
     # 16-bit: HU + 1024 (never scaled by the image's own range), rendered with the window.
     a16 = (np.arange(1024, dtype=np.uint16) * 64).reshape(32, 32)
     Image.fromarray(a16).save(tmp_path / "b.png")
-    np.testing.assert_allclose(read_gray(tmp_path / "b.png"), window_hu(a16 - 1024.0), atol=1e-6)
+    np.testing.assert_allclose(read_slice(tmp_path / "b.png").pixels, window_hu(a16 - 1024.0), atol=1e-6)
 
 
 def test_dicom_is_converted_to_hu_and_windowed(tmp_path):
     hu = np.kron(np.array([[-1000.0, -600.0], [40.0, 400.0]], dtype=np.float32), np.ones((16, 16), np.float32))
     write_ct_dicom(tmp_path / "s.dcm", hu)
-    np.testing.assert_allclose(read_gray(tmp_path / "s.dcm"), window_hu(hu), atol=1e-3)
+    np.testing.assert_allclose(read_slice(tmp_path / "s.dcm").pixels, window_hu(hu), atol=1e-3)
     # Found by content too, whatever the suffix.
     (tmp_path / "s.dcm").rename(tmp_path / "slice0001")
-    np.testing.assert_allclose(read_gray(tmp_path / "slice0001"), window_hu(hu), atol=1e-3)
+    np.testing.assert_allclose(read_slice(tmp_path / "slice0001").pixels, window_hu(hu), atol=1e-3)
 
 
 def test_corrupt_files_name_the_file(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(DataError, match="cannot decode image") as err:
-        read_gray(bad)
+        read_slice(bad)
     assert str(bad) in str(err.value)
     bad_dcm = tmp_path / "bad.dcm"
     bad_dcm.write_bytes(b"not dicom at all")
     with pytest.raises(DataError, match="cannot decode DICOM") as err:
-        read_gray(bad_dcm)
+        read_slice(bad_dcm)
     assert str(bad_dcm) in str(err.value)
     with pytest.raises(DataError, match="does not exist"):
-        read_gray(tmp_path / "missing.png")
+        read_slice(tmp_path / "missing.png")
 
 
 def test_every_decoding_failure_is_a_data_error_naming_the_file(tmp_path):
@@ -114,7 +114,7 @@ def test_every_decoding_failure_is_a_data_error_naming_the_file(tmp_path):
     non-finite pixels: each one a DataError naming the file, never another exception."""
     for path, words in write_bad_slices(tmp_path).items():
         with pytest.raises(DataError) as err:
-            read_gray(path)
+            read_slice(path)
         assert str(path) in str(err.value) and words in str(err.value), (path, str(err.value))
 
 
@@ -125,7 +125,7 @@ def test_oversized_images_are_refused_before_their_pixels_are_decoded(tmp_path, 
     monkeypatch.setattr(Image.Image, "load", no_decoding)
     for w, h in ((MAX_IMAGE_SIDE + 1, 40), (40, MAX_IMAGE_SIDE + 1), (20000, 20000)):
         with pytest.raises(DataError, match="maximum"):
-            read_gray(declared_png(tmp_path / f"{w}x{h}.png", w, h))
+            read_slice(declared_png(tmp_path / f"{w}x{h}.png", w, h))
     dcm = tmp_path / "tall.dcm"
     write_ct_dicom(dcm, np.zeros((40, 40), np.float32))
     data = dcm.read_bytes()
@@ -133,16 +133,16 @@ def test_oversized_images_are_refused_before_their_pixels_are_decoded(tmp_path, 
     assert data.count(rows) == 1
     dcm.write_bytes(data.replace(rows, rows[:-2] + struct.pack("<H", 60000)))
     with pytest.raises(DataError, match="40x60000 pixels, more than the maximum") as err:
-        read_gray(dcm)
+        read_slice(dcm)
     assert str(dcm) in str(err.value)
 
 
 def test_size_limits_are_inclusive(tmp_path):
     Image.fromarray(np.zeros((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE), np.uint8)).save(tmp_path / "min.png")
-    assert read_gray(tmp_path / "min.png").shape == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
+    assert read_slice(tmp_path / "min.png").pixels.shape == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
     Image.fromarray(np.zeros((MIN_IMAGE_SIDE - 1, 64), np.uint8)).save(tmp_path / "small.png")
     with pytest.raises(DataError, match=f"64x{MIN_IMAGE_SIDE - 1} pixels, less than the minimum"):
-        read_gray(tmp_path / "small.png")
+        read_slice(tmp_path / "small.png")
 
 
 def test_crop_resize_and_load_slice(tmp_path):

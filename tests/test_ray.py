@@ -69,8 +69,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_listing_on_ray_gives_the_local_slices_and_failures(scans):
-    from ctmask.core.readers import collect_sources
     from ctmask.scale.ray_batch import collect_sources_ray
+    from ctmask.scans.listing import collect_sources
 
     local = collect_sources(inputs_of(scans))
     on_ray = collect_sources_ray(inputs_of(scans))
@@ -145,12 +145,12 @@ def test_resume_on_ray_from_parquet(small_onnx, scans, tmp_path):
 def test_a_killed_actor_is_recovered_nothing_lost_or_duplicated(small_onnx, scans, tmp_path):
     """SIGKILL the actor process that delivered the first chunk while the others are in flight:
     Ray restarts it and runs its chunks again; every slice comes once, as the local path gives it."""
-    from ctmask.core.readers import collect_sources
     from ctmask.runtime.batch_run import predict_sources
     from ctmask.runtime.bench import read_spec
-    from ctmask.runtime.predict import Failure
     from ctmask.runtime.runner import OnnxRuntimeRunner
     from ctmask.scale.ray_batch import RayOptions, RayStats, predict_sources_ray, ray_cluster
+    from ctmask.scans.listing import collect_sources
+    from ctmask.scans.types import Failure
 
     refs, _ = collect_sources([scans / "synth" / "dicom", scans / "synth" / "nifti"])
     refs = refs * 3  # 72 slices, 36 chunks of 2

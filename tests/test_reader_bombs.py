@@ -2,10 +2,10 @@
 
 Each bomb is generated here (streamed: the test never holds what the bomb inflates to) and
 read in a fresh Python process, once through the ``infer`` path (``collect_sources`` then
-``load_refs``, what ``predict_sources`` runs on its loader thread) and once through the
+``load_batch``, what ``predict_sources`` runs on its loader thread) and once through the
 Serve request path (``CtmaskModel._decode``, what ``/predict`` runs on a worker thread).
 The process's peak resident memory while reading (``ru_maxrss`` after minus before) must stay
-under :data:`ctmask.core.readers.PEAK_BYTES_BOUND`.
+under :data:`ctmask.core.limits.PEAK_BYTES_BOUND`.
 """
 
 from __future__ import annotations
@@ -156,9 +156,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel, pydicom, pydicom.pixels  # imported before the baseline: only the reading is measured
-from ctmask.core.readers import collect_sources
 from ctmask.core.spec import GraphSpec
-from ctmask.runtime.batch_run import ReadOptions, load_refs
+from ctmask.scans.batch import ReadOptions, load_batch
+from ctmask.scans.listing import collect_sources
 
 mode, path = sys.argv[1], Path(sys.argv[2])
 spec = GraphSpec(preset="small", image_size=64, n_rois=4)
@@ -180,7 +180,7 @@ else:
     refs, failures = collect_sources([path])
     out["failures"] += [[f.file, f.reason] for f in failures]
     for i in range(0, len(refs), 8):
-        loaded = load_refs(refs[i:i + 8], spec, None, False, ReadOptions())
+        loaded = load_batch(refs[i:i + 8], spec, None, False, ReadOptions())
         out["slices"] += len(loaded.refs)
         out["failures"] += [[f.file, f.reason] for f in loaded.failures]
 out["seconds"] = round(time.perf_counter() - t0, 2)
@@ -244,7 +244,8 @@ def test_the_largest_allowed_slice_stays_within_the_bound_and_nothing_stays(bomb
 
 
 def test_a_bomb_among_good_inputs_fails_alone(bombs, tmp_path):
-    from ctmask.core.readers import collect_sources, read_slice
+    from ctmask.scans.decode import read_slice
+    from ctmask.scans.listing import collect_sources
 
     good = write_nifti_gz(tmp_path / "good.nii.gz", (64, 64, 3), np.int16, -500)
     refs, failures = collect_sources([bombs["deflated"], good, bombs["sequence"]])
@@ -257,7 +258,9 @@ def test_a_bomb_among_good_inputs_fails_alone(bombs, tmp_path):
 def test_a_gzipped_volume_is_inflated_about_once_whatever_the_slice_order(tmp_path, flip_z):
     import threading
 
-    from ctmask.core.readers import _LOCAL, collect_sources, read_slice
+    from ctmask.scans.decode import read_slice
+    from ctmask.scans.listing import collect_sources
+    from ctmask.scans.nifti import _LOCAL
 
     shape = (256, 256, 240)  # 30 MiB of int16, slices of 128 KiB
     path = write_nifti_gz(tmp_path / "v.nii.gz", shape, np.int16, -300, flip_z=flip_z)
@@ -281,7 +284,8 @@ def test_a_gzipped_volume_is_inflated_about_once_whatever_the_slice_order(tmp_pa
 def test_a_deflated_dicom_within_the_limit_still_reads(tmp_path):
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from ctmask.core.readers import collect_sources, read_slice
+    from ctmask.scans.decode import read_slice
+    from ctmask.scans.listing import collect_sources
 
     ds = _ct_dataset(48, 40)
     from pydicom.dataset import FileMetaDataset
@@ -440,7 +444,8 @@ def test_a_compressed_frame_within_its_declared_size_still_reads(tmp_path):
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-    from ctmask.core.readers import collect_sources, read_slice
+    from ctmask.scans.decode import read_slice
+    from ctmask.scans.listing import collect_sources
 
     ds = _ct_dataset(48, 40)
     ds.PixelData = (np.arange(48 * 40, dtype=np.uint16).reshape(48, 40) % 700 + 500).tobytes()
@@ -456,7 +461,7 @@ def test_a_compressed_frame_within_its_declared_size_still_reads(tmp_path):
 
 def test_a_walk_stopped_by_a_truncated_tail_still_reads(tmp_path):
     """Failing closed refuses what the walk cannot check, not a file whose last bytes are cut."""
-    from ctmask.core.bounded import check_dicom_limits
+    from ctmask.scans.bounded import check_dicom_limits
 
     ds = _ct_dataset()
     data = _preamble_and_meta(ds, "1.2.840.10008.1.2.1") + _encode(ds) + struct.pack("<HH2sHL", 0x0009, 0x1010, b"SQ",
@@ -469,7 +474,7 @@ def test_a_walk_stopped_by_a_truncated_tail_still_reads(tmp_path):
 def test_a_nifti_holding_less_than_its_header_declares_is_one_failure(tmp_path, suffix):
     import nibabel as nib
 
-    from ctmask.core.readers import collect_sources
+    from ctmask.scans.listing import collect_sources
 
     hdr = nib.Nifti1Header()
     hdr.set_data_shape((64, 64, 100))
@@ -526,9 +531,9 @@ def _implicit_meta(ds, transfer_syntax: str) -> bytes:
 def test_a_deflated_bomb_with_an_implicit_vr_file_meta_is_refused(tmp_path):
     """Before: the meta read as explicit VR gave no transfer syntax, the walk never inflated and
     pydicom, reading the meta as implicit VR, inflated the whole bomb."""
-    from ctmask.core.bounded import check_dicom_limits
     from ctmask.core.errors import DataError
     from ctmask.core.limits import MAX_INFLATED_BYTES, MiB
+    from ctmask.scans.bounded import check_dicom_limits
 
     path = write_deflated_bomb(tmp_path / "implicit_meta.dcm", tag_bytes=MAX_INFLATED_BYTES + MiB,
                                meta=_implicit_meta(_ct_dataset(), DEFLATED))
@@ -540,8 +545,8 @@ def test_a_fragment_running_past_the_end_of_the_file_is_refused(tmp_path):
     """A Pixel Data fragment whose length runs past the end of the file, frame items after it
     (pydicom scans the bytes for the delimiter and parses what follows). Before: the walk skipped
     past the end and counted nothing left."""
-    from ctmask.core.bounded import check_dicom_limits
     from ctmask.core.errors import DataError
+    from ctmask.scans.bounded import check_dicom_limits
 
     ds = _ct_dataset()
     ds.NumberOfFrames = 1

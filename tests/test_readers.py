@@ -1,4 +1,4 @@
-"""Readers of real scans (ctmask.core.readers): DICOM series and multi-frame, NIfTI, raster images,
+"""Readers of real scans (ctmask.scans): DICOM series and multi-frame, NIfTI, raster images,
 and every malformed input a per-file failure, never a crash."""
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from PIL import Image
 from tests_helpers import write_ct_dicom
 
 from ctmask.core.errors import CtmaskWarning, DataError
-from ctmask.core.preprocess import LUNG_WINDOW, read_gray, window_hu
-from ctmask.core.readers import collect_sources, read_slice
-from ctmask.runtime.predict import Failure
+from ctmask.core.preprocess import LUNG_WINDOW, window_hu
+from ctmask.scans.decode import read_slice
+from ctmask.scans.listing import collect_sources
+from ctmask.scans.types import Failure
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -287,9 +288,9 @@ def test_enhanced_multiframe_ct_frames_ordered_with_their_own_rescale(tmp_path):
                                shared_rescale=(1.0, -1024.0))
     d = decode_all([shared])[0][0]
     np.testing.assert_allclose(hu_of(d), stored[1] - 1024.0, atol=0.01)
-    # read_gray (training) reads one 2-D slice: a multi-frame file is an error that says what to use.
+    # read_slice of a path (training) reads one 2-D slice: a multi-frame file is an error that says what to use.
     with pytest.raises(DataError, match="multi-frame DICOM .4 frames.*ctmask infer"):
-        read_gray(path)
+        read_slice(path)
 
 
 # ---------------------------------------------------------------- NIfTI
@@ -340,7 +341,7 @@ def test_nifti_slices_ordered_by_z_and_shown_like_dicom(tmp_path, layout, suffix
         assert hu_of(d)[0, 0] == pytest.approx(3000, abs=0.01)  # anterior up, patient right on the left
         assert d.info["pixel_spacing_mm"] == pytest.approx([0.8, 0.7]) and d.info["slice_spacing_mm"] == 2.5
     with pytest.raises(DataError, match="NIfTI volume .5 slices.*ctmask infer"):
-        read_gray(path)
+        read_slice(path)
 
 
 def test_nifti_refusals(tmp_path):
@@ -364,7 +365,7 @@ def test_readers_import_without_nibabel_until_a_nifti_is_read(tmp_path):
     nifti(tmp_path / "v.nii", np.zeros((32, 32, 2), np.int16), np.eye(4))
     code = (
         "import sys; sys.modules['nibabel'] = None\n"
-        "from ctmask.core.readers import collect_sources, read_slice\n"
+        "from ctmask.scans.decode import read_slice\nfrom ctmask.scans.listing import collect_sources\n"
         f"refs, failures = collect_sources([{str(tmp_path)!r}])\n"
         "print(read_slice(refs[0]).kind, [f.reason for f in failures])\n"
         "print('nibabel' in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None])\n"
@@ -532,7 +533,7 @@ def test_dicom_without_file_meta_with_or_without_suffix(tmp_path):
     for d in decoded:
         assert d.kind == "dicom-hu" and d.info["transfer_syntax"] == "Implicit VR Little Endian"
         np.testing.assert_allclose(hu_of(d), hu, atol=0.01)
-    np.testing.assert_allclose(read_gray(tmp_path / "exp" / "IM0001", WIDE), decoded[1].pixels)
+    np.testing.assert_allclose(read_slice(tmp_path / "exp" / "IM0001", WIDE).pixels, decoded[1].pixels)
 
 
 def test_truncated_and_unreadable_files_fail_alone(tmp_path):
@@ -555,7 +556,7 @@ def test_truncated_and_unreadable_files_fail_alone(tmp_path):
     decoded, failures = decode_all([tmp_path / "pipe.dcm"])
     assert decoded == [] and failures == [Failure(str(tmp_path / "pipe.dcm"), "not a regular file or folder")]
     with pytest.raises(DataError, match="not a regular file"):
-        read_gray(tmp_path / "pipe.dcm")
+        read_slice(tmp_path / "pipe.dcm")
     assert len(decode_all([tmp_path])[0]) == 3
 
 
@@ -563,12 +564,12 @@ def test_unreadable_file_is_a_failure(tmp_path, monkeypatch):
     locked = tmp_path / "locked.dcm"
     write_ct_dicom(locked, np.zeros((40, 40)))
     if os.geteuid() == 0:  # root reads a chmod 000 file: refuse the open instead
-        import ctmask.core.readers as readers
+        import ctmask.scans.sniff as sniff
 
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(args[0]))
 
-        monkeypatch.setattr(readers, "open", refuse, raising=False)
+        monkeypatch.setattr(sniff, "open", refuse, raising=False)
     locked.chmod(0)
     try:
         decoded, failures = decode_all([locked])

@@ -173,8 +173,8 @@ def test_a_torn_last_line_is_cut_off_and_its_slice_predicted_again(small_onnx, s
 def test_dicom_identity_is_the_sop_instance_uid(scans):
     import pydicom
 
-    from ctmask.core.readers import collect_sources
-    from ctmask.runtime.sources import with_identities
+    from ctmask.scans.listing import collect_sources
+    from ctmask.scans.types import with_identities
 
     refs, _ = collect_sources([scans / "dcm", scans / "png" / "s01.png"])
     ids = {Path(r.path).name: r.identity for r in with_identities(refs)}
@@ -264,7 +264,7 @@ def test_identical_inputs_are_each_predicted_and_resumed_once(small_onnx, tmp_pa
 
 def test_a_hostile_uid_cannot_take_another_slices_identity():
     """SOPInstanceUID '1.2.3#1' must not be frame 1 of the instance '1.2.3' (nor its copy '~2')."""
-    from ctmask.runtime.sources import SliceRef, with_identities
+    from ctmask.scans.types import SliceRef, with_identities
 
     refs = with_identities([SliceRef("a.dcm", frame=0, uid="1.2.3"), SliceRef("a.dcm", frame=1, uid="1.2.3"),
                             SliceRef("b.dcm", uid="1.2.3#1"), SliceRef("c.dcm", uid="1.2.3~2")])

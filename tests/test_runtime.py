@@ -11,8 +11,9 @@ from ctmask.core.errors import ConfigError, ModelError
 from ctmask.core.preprocess import Preprocessing
 from ctmask.core.presets import SMALL
 from ctmask.core.spec import GraphSpec
-from ctmask.runtime.predict import CropBoxes, PredictionWriter, collect_images, load_batch, predict_files
+from ctmask.runtime.predict import CropBoxes, PredictionWriter, collect_images, predict_files
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
+from ctmask.scans.batch import load_batch
 
 
 class CountingRunner(OnnxRuntimeRunner):
@@ -116,8 +117,8 @@ def test_dicom_is_decoded_like_its_rendering(small_onnx, tmp_path):
     from PIL import Image
     from tests_helpers import write_ct_dicom
 
-    from ctmask.core.preprocess import read_gray
     from ctmask.data.synth import generate_slice
+    from ctmask.scans.decode import read_slice
 
     s = generate_slice(5, 0, 2)
     assert -1024 <= s.hu.min() and s.hu.max() <= 3071  # storable as uint16 with intercept -1024
@@ -128,16 +129,18 @@ def test_dicom_is_decoded_like_its_rendering(small_onnx, tmp_path):
         spec = r.spec
     width = spec.window[1]
     tol = 0.5 / 255 + 0.5 / width + 1e-6
-    dcm_full, png_full = read_gray(tmp_path / "slice.dcm", spec.window), read_gray(tmp_path / "slice.png")
+    dcm_full = read_slice(tmp_path / "slice.dcm", spec.window).pixels
+    png_full = read_slice(tmp_path / "slice.png").pixels
     assert dcm_full.shape == png_full.shape == (512, 512)
     np.testing.assert_allclose(dcm_full, png_full, rtol=0, atol=tol)
-    batch, ok, failures = load_batch([tmp_path / "slice.dcm", tmp_path / "slice.png"], spec)
+    loaded = load_batch([tmp_path / "slice.dcm", tmp_path / "slice.png"], spec)
+    batch, failures = loaded.batch, loaded.failures
     assert not failures and batch.shape == (2, 1, spec.image_size, spec.image_size)
     np.testing.assert_allclose(batch[0], batch[1], rtol=0, atol=tol)  # resizing only averages the errors
     assert np.abs(batch[0] - batch[1]).mean() < 1.5e-3
     # A 5% wider window is already far outside that: the check sees the window.
     other = GraphSpec.for_preset(SMALL, window=(spec.window[0], width * 1.05))
-    off = np.abs(load_batch([tmp_path / "slice.dcm"], other)[0][0] - batch[1]).max()
+    off = np.abs(load_batch([tmp_path / "slice.dcm"], other).batch[0] - batch[1]).max()
     assert off > 10 * tol
 
 
@@ -161,7 +164,7 @@ class SpecOnlyRunner(Runner):
 def test_crop_boxes_from_a_split_file(tmp_path):
     from PIL import Image
 
-    from ctmask.core.preprocess import load_slice
+    from ctmask.scans.batch import load_slice
 
     img = np.zeros((40, 60), np.uint8)
     img[10:30, 20:50] = 200
@@ -181,7 +184,8 @@ def test_crop_boxes_from_a_split_file(tmp_path):
 
     spec = GraphSpec.for_preset(SMALL, preprocessing=Preprocessing(crop=True))
     files = [tmp_path / "images" / n for n in ("a.png", "c.png")]
-    batch, ok, failures = load_batch(files, spec, boxes)
+    loaded = load_batch(files, spec, boxes)
+    batch, ok, failures = loaded.batch, loaded.paths, loaded.failures
     assert ok == files[:1] and [f.file for f in failures] == [str(files[1])]
     assert "no crop box" in failures[0].reason and str(split) in failures[0].reason
     np.testing.assert_array_equal(batch[0, 0], load_slice(files[0], spec.image_size, box=(20, 10, 50, 30)))
@@ -236,7 +240,8 @@ def test_load_batch_turns_every_bad_slice_into_a_failure(tmp_path):
     write_ct_dicom(good[1], np.full((40, 40), -600.0, np.float32))
     spec = GraphSpec.for_preset(SMALL)
     files = [good[0], *bad, good[1]]
-    batch, ok, failures = load_batch(files, spec)
+    loaded = load_batch(files, spec)
+    batch, ok, failures = loaded.batch, loaded.paths, loaded.failures
     assert ok == good and batch.shape == (2, 1, spec.image_size, spec.image_size) and np.isfinite(batch).all()
     assert {f.file: f.reason for f in failures}.keys() == {str(p) for p in bad}
     for f in failures:

@@ -14,7 +14,9 @@ import numpy as np
 from ctmask.core.errors import DataError
 from ctmask.core.spec import GraphSpec
 from ctmask.data.covidx import read_split
-from ctmask.runtime.predict import CropBoxes, Failure, collect_images, load_batch
+from ctmask.runtime.predict import CropBoxes, collect_images
+from ctmask.scans.batch import load_batch
+from ctmask.scans.types import Failure
 
 SPLIT_FOR_CALIBRATION = "train_COVIDx_CT.txt"
 """In a ``ctmask synth`` folder, calibration takes the training split (never test slices)."""
@@ -121,7 +123,8 @@ def calibration_set(source: str | Path, spec: GraphSpec, size: int = 64, seed: i
     picked = balanced_sample(labels, size, seed)
     chosen = [files[i] for i in picked]
     label_of = {files[i]: labels[i] for i in picked}
-    images, ok, bad = load_batch(chosen, spec, boxes if spec.crop else None)
+    loaded = load_batch(chosen, spec, boxes if spec.crop else None)
+    images, ok, bad = loaded.batch, loaded.paths, loaded.failures
     failures += bad
     if not ok:
         reasons = "; ".join(f"{f.file}: {f.reason}" for f in failures[:5])

@@ -177,7 +177,8 @@ def split_images(path: Path | None) -> list[Path]:
 
 
 def _read_as_slice(path: Path) -> bool:
-    from ctmask.core.readers import FileTask, probe_file
+    from ctmask.scans.listing import probe_file
+    from ctmask.scans.types import FileTask
 
     probe = probe_file(FileTask(str(path), path.name, explicit=False))
     return bool(probe.slices or probe.dicom or probe.failure)

@@ -80,15 +80,17 @@ def infer(
     backend, an output over an input): nothing written.
     """
     from ctmask.core.progress import progress
-    from ctmask.runtime.predict import CropBoxes, Failure, PredictionWriter, check_crop
+    from ctmask.runtime.predict import CropBoxes, PredictionWriter, check_crop
+    from ctmask.scans.types import Failure
 
     t0 = time.perf_counter()
     echo = human_echo(json_out)
     guard = _check_outputs(out, studies, report, overlays, resume, model, inputs, boxes, json_out)
-    from ctmask.core.readers import collect_sources
-    from ctmask.runtime.batch_run import ReadOptions, Resume, predict_sources
+    from ctmask.runtime.batch_run import Resume, predict_sources
     from ctmask.runtime.overlays import without_overlays
-    from ctmask.runtime.sources import with_identities
+    from ctmask.scans.batch import ReadOptions
+    from ctmask.scans.listing import collect_sources
+    from ctmask.scans.types import with_identities
 
     ray_opts = ray_stats = None
     ray_only = [n for n, v in (("--address", address), ("--actors", actors), ("--cpus-per-actor", cpus_per_actor))

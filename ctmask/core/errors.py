@@ -39,6 +39,15 @@ class DataError(CtmaskError):
     """An input file (image, mask, split file) is missing, unreadable or malformed."""
 
 
+class TooLargeError(DataError):
+    """An input declares more than a limit allows (a slice side past the maximum, a raster image
+    Pillow counts as a decompression bomb), refused before it is decoded (``ctmask serve``: 413)."""
+
+
+class UnsupportedFileError(DataError):
+    """An input that is no image, DICOM or NIfTI file at all (``ctmask serve``: 415)."""
+
+
 class CheckpointError(CtmaskError):
     """A checkpoint is missing, unreadable or does not match the requested model."""
 

@@ -3,7 +3,7 @@
 A small file can declare far more than it holds: a PNG of 65 bytes 20000 x 20000 pixels, a
 Deflated DICOM of 1 MB a 1 GiB tag, a ``.nii.gz`` of 500 KB a 512 MiB slice, a 15 MB DICOM
 300,000 sequence items (each a Python object when parsed). The readers
-(:mod:`ctmask.core.readers`) check each of these limits on what the file declares, or while
+(:mod:`ctmask.scans`) check each of these limits on what the file declares, or while
 streaming it (inflating with a cap, counting items without building them), and refuse the
 file with a :class:`~ctmask.core.errors.DataError` naming it and the limit.
 

@@ -1,11 +1,11 @@
-"""Image decoding and pre-processing, shared by training, export checks and runtime.
+"""Pre-processing maths, shared by training, export checks and runtime.
 
 Pipeline: decode file -> grayscale float32 in [0, 1] -> optional crop to a body box ->
-bilinear resize to the model's square input. Decoding lives in :mod:`ctmask.core.readers`
-(shared with ``ctmask infer``): 8-bit images are taken as already windowed; DICOM slices are
-converted to Hounsfield units (modality LUT: RescaleSlope / RescaleIntercept), 16-bit images
-from HU + 1024, and rendered with the lung window, as the synthetic data and COVIDx-CT
-slices are.
+bilinear resize to the model's square input. Decoding lives in :mod:`ctmask.scans` (shared
+with ``ctmask infer``; :func:`ctmask.scans.batch.load_batch` runs the whole pipeline): 8-bit
+images are taken as already windowed; DICOM slices are converted to Hounsfield units
+(modality LUT: RescaleSlope / RescaleIntercept), 16-bit images from HU + 1024, and rendered
+with the lung window (:func:`window_hu`), as the synthetic data and COVIDx-CT slices are.
 Channel replication and ImageNet normalisation are *not* done here: they live inside
 the model (and its exported graph).
 """
@@ -18,24 +18,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ctmask.core.errors import DataError
+from ctmask.core.errors import DataError, TooLargeError
 
 LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 """Lung window (level, width) in Hounsfield units: maps [-1350, 150] HU to [0, 1]."""
 
 RESIZE_METHODS = ("bilinear",)
-"""Resize methods :func:`load_slice` implements (recorded per model, checked at run time)."""
+"""Resize methods :func:`resize` implements (recorded per model, checked at run time)."""
 
 MIN_IMAGE_SIDE = 32
-"""Smallest slice side (pixels) :func:`read_gray` accepts: a smaller image carries too little
-to classify, and resizing it up would only invent pixels."""
+"""Smallest slice side (pixels) the readers accept (:func:`check_image_size`): a smaller image
+carries too little to classify, and resizing it up would only invent pixels."""
 
 MAX_IMAGE_SIDE = 8192
-"""Largest slice side (pixels) :func:`read_gray` accepts, checked on the size a file declares
+"""Largest slice side (pixels) the readers accept, checked on the size a file declares
 *before* its pixels are decoded (a 65-byte PNG can declare 20000 x 20000)."""
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
-DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 def window_hu(hu: np.ndarray, level: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> np.ndarray:
@@ -54,65 +51,19 @@ def window_hu(hu: np.ndarray, level: float = LUNG_WINDOW[0], width: float = LUNG
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def is_dicom(path: Path) -> bool:
-    """True for a DICOM suffix or a file with the ``DICM`` marker after its preamble."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    with open(path, "rb") as fh:
-        head = fh.read(132)
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
 def check_image_size(width: int, height: int, path: str | Path) -> None:
     """Refuse a slice whose sides are outside [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`].
 
     Raises:
-        DataError: naming ``path``, the size found and the accepted range.
+        DataError: naming ``path``, the size found and the accepted range
+            (:class:`~ctmask.core.errors.TooLargeError` for a side past the maximum).
     """
     if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
-        raise DataError(f"image declares {width}x{height} pixels, more than the maximum of "
-                        f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} (refused before decoding)", path)
+        raise TooLargeError(f"image declares {width}x{height} pixels, more than the maximum of "
+                            f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} (refused before decoding)", path)
     if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
         raise DataError(f"image is {width}x{height} pixels, less than the minimum of "
                         f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}", path)
-
-
-def read_dicom_hu(path: str | Path) -> np.ndarray:
-    """Read a single-frame DICOM slice as float32 [H, W] Hounsfield units.
-
-    The modality LUT (RescaleSlope / RescaleIntercept) is applied and PixelPaddingValue
-    pixels are set to air, as :func:`ctmask.core.readers.read_slice` does.
-
-    Raises:
-        DataError: naming the file, when it is not a readable single-frame DICOM image in HU
-            (no pixel data, several frames, compressed without a decoder, a rendered image),
-            declares a size outside [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`] (checked
-            before the pixels are decoded), or has a non-numeric or non-finite rescale slope /
-            intercept or non-finite Hounsfield units.
-    """
-    from ctmask.core.readers import read_dicom_hu as read
-
-    return read(path)
-
-
-def read_gray(path: str | Path, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
-    """Decode a single-slice file to a float32 [H, W] array in [0, 1].
-
-    Training and inference share this decoding (:func:`ctmask.core.readers.read_single`; the
-    rules per file type are in :mod:`ctmask.core.readers`): 8-bit images are taken as already
-    windowed (value / 255, colour as luminance); 16-bit images hold HU + 1024 and 32-bit
-    integer or float images HU (float within [0, 1]: already windowed), rendered with
-    ``window`` (level, width) as DICOM (HU through the modality LUT) is.
-
-    Every decoding failure is a :class:`DataError` naming the file (the per-file failure
-    the runtime reports and skips): missing, unreadable, truncated or not an image; a
-    declared size outside [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`] pixels per side
-    (checked before the pixels are decoded); non-finite pixels or DICOM rescale values; a
-    multi-frame DICOM or a NIfTI volume (``ctmask infer`` predicts each of their slices).
-    """
-    from ctmask.core.readers import read_single
-
-    return read_single(path, window)
 
 
 def crop_box(img: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
@@ -145,31 +96,6 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
         return mask
     pil = Image.fromarray(mask.astype(np.uint8), mode="L")
     return np.asarray(pil.resize((size, size), Image.NEAREST), dtype=mask.dtype)
-
-
-def load_slice(
-    path: str | Path,
-    size: int,
-    box: tuple[int, int, int, int] | None = None,
-    window: tuple[float, float] = LUNG_WINDOW,
-) -> np.ndarray:
-    """Read one slice and return the model input: float32 [size, size] in [0, 1].
-
-    The one pre-processing path of ctmask: training, export checks and the runtime all
-    call it, so they all see identical tensors.
-
-    Args:
-        path: PNG/JPEG/TIFF slice (already lung-windowed grayscale) or DICOM (HU).
-        size: model input side (``Preset.image_size``).
-        box: optional body crop (xmin, ymin, xmax, ymax) from a COVIDx-CT split file.
-        window: (level, width) in HU applied to DICOM input.
-    """
-    img = read_gray(path, window)
-    try:
-        img = crop_box(img, box)
-    except ValueError as exc:
-        raise DataError(str(exc), path) from None
-    return resize(img, size)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from ctmask.core.errors import DataError
-from ctmask.core.preprocess import IMAGE_SUFFIXES
+from ctmask.scans.sniff import IMAGE_SUFFIXES
 
 MASK_VALUES: tuple[int, ...] = (0, 1, 2, 3)
 """Valid raw mask values: background, lung field, GGO, consolidation."""

@@ -57,8 +57,10 @@ from ctmask.core.spec import (
     parity_tolerances,
 )
 from ctmask.exporter.reference import TorchRunner
-from ctmask.runtime.predict import Failure, collect_images, load_batch
+from ctmask.runtime.predict import collect_images
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
+from ctmask.scans.batch import load_batch
+from ctmask.scans.types import Failure
 
 COMPARABLE = 0.5
 """A failing slice is judged out as unstable only when PyTorch, under input noise, moves
@@ -529,7 +531,8 @@ def check_parity(
         if spec.weights_sha256 and ref_spec.weights_sha256 and spec.weights_sha256 != ref_spec.weights_sha256:
             warnings.append(f"{model} holds other weights than {checkpoint} (weights digest "
                             f"{spec.weights_sha256[:12]}... against {ref_spec.weights_sha256[:12]}...)")
-        images, ok, bad = load_batch(files, spec)
+        loaded = load_batch(files, spec)
+        images, ok, bad = loaded.batch, loaded.paths, loaded.failures
         skipped += bad
         if not ok:
             raise ConfigError("no readable slices to compare: " + "; ".join(f"{f.file}: {f.reason}" for f in skipped))

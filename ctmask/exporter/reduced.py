@@ -197,13 +197,14 @@ def _measurement_images(spec: GraphSpec, opts: ReducedOptions, ranges: RangesFil
 
 def _slices_from_files(files: list[Path], spec: GraphSpec):
     from ctmask.calibration.slices import CalibrationSet
-    from ctmask.runtime.predict import load_batch
+    from ctmask.scans.batch import load_batch
 
     if spec.crop:
         raise DataError("the model crops slices to their body box, and a ranges file does not keep the boxes, so the "
                         "FP32 islands cannot be measured on its slices",
                         hint="pass --islands REPORT (saved by the first export), or --calibration SPLIT as well")
-    images, ok, bad = load_batch(files, spec)
+    loaded = load_batch(files, spec)
+    images, ok, bad = loaded.batch, loaded.paths, loaded.failures
     if not ok:
         raise DataError("none of the ranges file's calibration slices could be read")
     return CalibrationSet(files[0].parent, [], images, bad)

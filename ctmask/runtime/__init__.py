@@ -1,11 +1,10 @@
 """Torch-free inference: numpy + onnxruntime (TensorRT in a later step) behind one runner
 interface, batch prediction over image files, and benchmarking."""
 
-from ctmask.runtime.predict import Failure, Prediction, PredictionWriter, collect_images, predict_files
+from ctmask.runtime.predict import Prediction, PredictionWriter, collect_images, predict_files
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner, onnxruntime_devices
 
 __all__ = [
-    "Failure",
     "OnnxRuntimeRunner",
     "Prediction",
     "PredictionWriter",

@@ -1,10 +1,10 @@
 """Batch prediction over real scans: slices of files, DICOM series and NIfTI volumes.
 
-:func:`predict_sources` decodes every :class:`~ctmask.runtime.sources.SliceRef` with
-:func:`ctmask.core.readers.read_slice` (on a worker thread, one batch ahead of the runner),
-crops and resizes it exactly as training did, runs the batch, and yields one
+:func:`predict_sources` decodes every :class:`~ctmask.scans.types.SliceRef` with
+:func:`ctmask.scans.batch.load_batch` (on a worker thread, one batch ahead of the runner:
+decoded, cropped and resized exactly as training did), runs the batch, and yields one
 :class:`~ctmask.runtime.predict.Prediction` per slice (with its top RoI boxes mapped back to
-the slice's own pixel frame) or one :class:`~ctmask.runtime.predict.Failure` per slice that
+the slice's own pixel frame) or one :class:`~ctmask.scans.types.Failure` per slice that
 could not be read. Nothing a single input holds can stop the run: every decoding error of
 any kind is that slice's failure.
 
@@ -21,85 +21,17 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ctmask.core.errors import ConfigError, CtmaskWarning, DataError
-from ctmask.core.preprocess import crop_box, resize
 from ctmask.core.spec import INPUT, GraphSpec
 from ctmask.core.spreadsheet import restore_cell
-from ctmask.runtime.predict import CropBoxes, Failure, Prediction, check_crop
+from ctmask.runtime.predict import CropBoxes, Prediction, check_crop
 from ctmask.runtime.runner import Runner
-from ctmask.runtime.sources import DecodedSlice, SliceRef
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    """How slices are read (the ``infer`` flags)."""
-
-    force_modality: bool = False
-    hu_offset: float = 1024.0
-
-
-@dataclass
-class Loaded:
-    """One decoded batch: the model input, the slices it holds, and the failures."""
-
-    batch: np.ndarray
-    refs: list[SliceRef]
-    shapes: list[tuple[int, int]]
-    crops: list[tuple[int, int, int, int] | None]
-    decoded: list[DecodedSlice | None]
-    kinds: list[str] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-
-
-def _read(ref: SliceRef, spec: GraphSpec, opts: ReadOptions) -> DecodedSlice:
-    from ctmask.core.readers import read_slice
-
-    try:
-        return read_slice(ref, spec.window, force_modality=opts.force_modality, hu_offset=opts.hu_offset)
-    except DataError:
-        raise
-    except Exception as exc:  # the readers wrap decoder errors; this is the last line of defence
-        raise DataError(f"cannot read ({exc.__class__.__name__}: {exc})", ref.path) from None
-
-
-def load_refs(refs: list[SliceRef], spec: GraphSpec, boxes: CropBoxes | None, keep_pixels: bool,
-              opts: ReadOptions) -> Loaded:
-    """Decode ``refs`` into a float32 [b, 1, S, S] batch; unreadable slices become failures."""
-    arrays, ok, shapes, crops, decoded, kinds, failures = [], [], [], [], [], [], []
-    for ref in refs:
-        box = None
-        if spec.crop and boxes is not None:
-            box = boxes.lookup(ref.path) if ref.frame is None else None
-            if box is None:
-                failures.append(Failure(ref.key, f"no crop box for this slice in {boxes.source} (the model was "
-                                                 "trained on body-cropped slices)"))
-                continue
-        try:
-            dec = _read(ref, spec, opts)
-            try:
-                img = crop_box(dec.pixels, box)
-            except ValueError as exc:
-                raise DataError(str(exc), ref.path) from None
-            arrays.append(resize(img, spec.image_size))
-        except DataError as exc:
-            failures.append(Failure(ref.key, exc.message))
-            continue
-        except MemoryError:
-            failures.append(Failure(ref.key, "out of memory decoding this slice"))
-            continue
-        ok.append(ref)
-        shapes.append(tuple(dec.pixels.shape))
-        crops.append(box)
-        decoded.append(dec if keep_pixels else None)
-        kinds.append(dec.kind)
-    s = spec.image_size
-    batch = np.stack(arrays)[:, None] if arrays else np.zeros((0, 1, s, s), np.float32)
-    return Loaded(batch.astype(np.float32, copy=False), ok, shapes, crops, decoded, kinds, failures)
+from ctmask.scans.batch import Loaded, ReadOptions, load_batch
+from ctmask.scans.types import DecodedSlice, Failure, SliceRef
 
 
 def slice_predictions(loaded: Loaded, outputs: dict[str, np.ndarray], spec: GraphSpec,
@@ -169,11 +101,11 @@ def predict_sources(
         boxes = None
     chunks = [refs[i : i + batch_size] for i in range(0, len(refs), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load_refs, chunks[0], spec, boxes, keep_pixels, opts) if chunks else None
+        pending = pool.submit(load_batch, chunks[0], spec, boxes, keep_pixels, opts) if chunks else None
         for n, chunk in enumerate(chunks):
             loaded = pending.result()
             if n + 1 < len(chunks):
-                pending = pool.submit(load_refs, chunks[n + 1], spec, boxes, keep_pixels, opts)
+                pending = pool.submit(load_batch, chunks[n + 1], spec, boxes, keep_pixels, opts)
             yield from loaded.failures
             if loaded.refs:
                 preds = slice_predictions(loaded, runner.infer({INPUT: loaded.batch}), spec, top_rois)
@@ -186,7 +118,7 @@ class Resume:
     """The records of an earlier run's output (JSONL, CSV, or Parquet and its journal), for
     ``infer --resume``: checked line by line before anything runs.
 
-    Records are matched to slices on their ``id`` (:func:`ctmask.runtime.sources.with_identities`:
+    Records are matched to slices on their ``id`` (:func:`ctmask.scans.types.with_identities`:
     SOPInstanceUID, or the file's content hash), so another spelling of the inputs or a moved
     archive finds them; records of an older ctmask, without ``id``, on their ``key``. A last line
     without its line end (a run killed while writing it) is left out: :attr:`whole_bytes` says

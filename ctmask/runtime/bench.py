@@ -401,13 +401,15 @@ def plan_models(models: Sequence[str | Path], wanted: list[str] | None,
 def bench_images(spec: GraphSpec, n: int, folder: Path | None) -> np.ndarray:
     """``n`` input slices [n, 1, S, S]: the first files of ``folder`` (repeated), or synthetic."""
     if folder is not None:
-        from ctmask.runtime.predict import collect_images, load_batch
+        from ctmask.runtime.predict import collect_images
+        from ctmask.scans.batch import load_batch
 
         files, skipped = collect_images([folder])
         if not files:
             why = "; ".join(f"{f.file}: {f.reason}" for f in skipped[:3])
             raise ConfigError(f"no single-slice images in {folder}" + (f" ({why})" if why else ""))
-        batch, ok, bad = load_batch(files[:n], spec)
+        loaded = load_batch(files[:n], spec)
+        batch, bad = loaded.batch, loaded.failures
         if bad:
             raise ConfigError("unreadable bench input: " + "; ".join(f"{f.file}: {f.reason}" for f in bad))
         reps = -(-n // len(batch))

@@ -18,8 +18,9 @@ from ctmask.core.metrics import classification_report
 from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
 from ctmask.core.spec import INPUT
 from ctmask.data.covidx import SplitEntry
-from ctmask.runtime.predict import CropBoxes, load_batch
+from ctmask.runtime.predict import CropBoxes
 from ctmask.runtime.runner import Runner
+from ctmask.scans.batch import load_batch
 
 
 def evaluate_graph(runner: Runner, entries: list[SplitEntry], split_file: str | Path, batch_size: int = 8,
@@ -51,7 +52,8 @@ def evaluate_graph(runner: Runner, entries: list[SplitEntry], split_file: str | 
     labels, preds, probs, files, skipped = [], [], [], [], []
     for start in range(0, len(entries), batch_size):
         chunk = entries[start:start + batch_size]
-        images, ok, bad = load_batch([e.path for e in chunk], spec, boxes)
+        loaded = load_batch([e.path for e in chunk], spec, boxes)
+        images, ok, bad = loaded.batch, loaded.paths, loaded.failures
         skipped += [{"file": f.file, "error": f.reason} for f in bad]
         if ok:
             out = runner.infer({INPUT: images})

@@ -2,7 +2,7 @@
 
 The graph's ``boxes`` output holds each ranked row's decoded box ``(x1, y1, x2, y2)`` in
 model-input pixels, ``[0, S]``. The model input is the slice, optionally cropped to its body
-box, resized bilinearly to S x S (:func:`ctmask.core.preprocess.load_slice`); that resize maps
+box, resized bilinearly to S x S (:func:`ctmask.scans.batch.load_batch`); that resize maps
 the crop's full extent ``[xmin, xmax] x [ymin, ymax]`` (pixel edges) onto ``[0, S]``, so a
 box goes back by one scale and one shift per axis. Numpy and Pillow only.
 
@@ -197,7 +197,7 @@ def is_overlay(path: str | Path) -> bool:
 
 
 def without_overlays(refs: list) -> tuple[list, list]:
-    """``refs`` (:class:`~ctmask.runtime.sources.SliceRef`) less the overlays ctmask drew
+    """``refs`` (:class:`~ctmask.scans.types.SliceRef`) less the overlays ctmask drew
     (:func:`is_overlay`; only single-slice files without a DICOM UID are looked at): ``(kept,
     overlays)``."""
     kept, overlays = [], []

@@ -1,7 +1,7 @@
 """Batch prediction over image files, with pre-processing driven by the graph spec.
 
-Slices are decoded by :func:`ctmask.core.preprocess.load_slice`, the same function
-training uses; the input size, DICOM window and body crop come from the model's metadata.
+Slices are decoded by :func:`ctmask.scans.batch.load_batch`, the same decoding training
+uses; the input size, DICOM window and body crop come from the model's metadata.
 A model trained on body-cropped slices (``train-cls --crop``) needs each slice's crop
 box: :class:`CropBoxes` reads them from a COVIDx-CT split file. A slice that cannot be
 read (or has no box) becomes a :class:`Failure` (path and reason) and the others go on.
@@ -18,15 +18,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ctmask.core.errors import ConfigError, DataError
 from ctmask.core.fileio import atomic_path, output_error
-from ctmask.core.preprocess import IMAGE_SUFFIXES, load_slice
 from ctmask.core.spec import GraphSpec
 from ctmask.core.spreadsheet import safe_row
 from ctmask.data.covidx import Box, SplitEntry, read_split
 from ctmask.runtime.runner import Runner
+from ctmask.scans.sniff import IMAGE_SUFFIXES
+from ctmask.scans.types import Failure
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Prediction:
     ``study`` and ``series``, its ``position`` along the slice normal, how it was rendered
     (``kind``), its pixel ``size`` [H, W], and ``boxes``: the top RoIs' boxes (x1, y1, x2, y2)
     in that slice's own pixel frame, row for row with ``rois``; ``identity`` (written as ``id``)
-    names the slice whatever its path (:func:`ctmask.runtime.sources.with_identities`).
+    names the slice whatever its path (:func:`ctmask.scans.types.with_identities`).
     """
 
     file: str
@@ -71,23 +70,12 @@ class Prediction:
         return d
 
 
-@dataclass
-class Failure:
-    """A slice that could not be processed, and why."""
-
-    file: str
-    reason: str
-
-    def to_dict(self) -> dict:
-        return {"file": self.file, "error": self.reason}
-
-
 def collect_images(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]:
     """Expand files and folders (recursively, sorted) into image files.
 
     Folders contribute files with an image suffix (:data:`IMAGE_SUFFIXES`) and single-slice
     DICOM files without one (``IM0001``, as a PACS export names them; found by
-    :func:`ctmask.core.readers.collect_sources`); a file given by name is taken whatever its
+    :func:`ctmask.scans.listing.collect_sources`); a file given by name is taken whatever its
     suffix. Multi-slice files (multi-frame DICOM, NIfTI) are failures here: calibration,
     parity and bench take single slices (``infer`` reads volumes). Paths that do not exist
     become failures. Overlay PNGs an ``infer --overlays`` run drew are no slices: left out,
@@ -125,13 +113,13 @@ def collect_images(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]
 
 
 def _dicom_slices(folder: Path, failures: list[Failure]) -> tuple[set[Path], set[Path]]:
-    """The single-slice and the multi-slice files :func:`ctmask.core.readers.collect_sources`
+    """The single-slice and the multi-slice files :func:`ctmask.scans.listing.collect_sources`
     finds in ``folder`` (suffix-less DICOM included); the files it refuses, and multi-slice
     files, become ``failures``. Its series-ordering warnings concern ``infer`` and are not
     shown here."""
     import warnings
 
-    from ctmask.core.readers import collect_sources
+    from ctmask.scans.listing import collect_sources
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -191,36 +179,6 @@ class CropBoxes:
         return self.by_path.get(path.resolve()) or self.by_name.get(path.name)
 
 
-def load_batch(paths: list[Path], spec: GraphSpec,
-               boxes: CropBoxes | None = None) -> tuple[np.ndarray, list[Path], list[Failure]]:
-    """Decode ``paths`` into a float32 [b, 1, S, S] batch; unreadable files become failures.
-
-    Args:
-        paths: image files.
-        spec: the model's spec (input size, window, crop).
-        boxes: crop boxes, used when ``spec.crop``: a slice without one is a failure.
-            ``None`` decodes whole slices whatever the spec says (parity checks feed both
-            sides the same tensors; :func:`predict_files` refuses it for a cropping model).
-    """
-    arrays, ok, failures = [], [], []
-    for p in paths:
-        box = None
-        if spec.crop and boxes is not None:
-            box = boxes.lookup(p)
-            if box is None:
-                failures.append(Failure(str(p), f"no crop box for this slice in {boxes.source} (the model was "
-                                                "trained on body-cropped slices)"))
-                continue
-        try:
-            arrays.append(load_slice(p, spec.image_size, box=box, window=spec.window))
-            ok.append(p)
-        except DataError as exc:
-            failures.append(Failure(str(p), exc.message))
-    s = spec.image_size
-    batch = np.stack(arrays)[:, None] if arrays else np.zeros((0, 1, s, s), np.float32)
-    return batch.astype(np.float32, copy=False), ok, failures
-
-
 def predict_files(
     runner: Runner,
     files: list[Path],
@@ -252,7 +210,7 @@ def predict_files(
         ConfigError: a bad batch size, or a cropping model without ``boxes`` or ``uncropped``.
     """
     from ctmask.runtime.batch_run import predict_sources
-    from ctmask.runtime.sources import SliceRef
+    from ctmask.scans.types import SliceRef
 
     refs = [SliceRef(str(p)) for p in files]
     for item in predict_sources(runner, refs, batch_size, top_rois, on_batch, boxes, uncropped):

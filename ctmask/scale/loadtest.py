@@ -8,7 +8,7 @@ the replicas counted (``/stats`` before and after, summed over every replica), t
 answers, and *lost* requests (sent, but neither a 200 nor an error answer came back: a
 broken connection, a thread that died): it must be 0. Every 200 answer is compared with the
 local runner's prediction of the same file (decoded and predicted as ``ctmask infer`` does:
-:func:`~ctmask.core.readers.collect_sources`, then
+:func:`~ctmask.scans.listing.collect_sources`, then
 :func:`~ctmask.runtime.batch_run.predict_sources`): same class, probabilities within
 :data:`PROB_ATOL` (the served batch and the local one differ in size, and a backend's
 batched kernels may move the 7th digit).
@@ -215,9 +215,9 @@ def judge_level(level: Level, uploads: list[Upload]) -> dict:
 def local_uploads(runner, files: list[Path], batch_size: int, top_rois: int) -> tuple[list[Upload], list[str]]:
     """Each file's bytes and its local record (as ``ctmask infer`` predicts it); files the
     local runner cannot predict are left out and named."""
-    from ctmask.core.readers import collect_sources
     from ctmask.runtime.batch_run import predict_sources
-    from ctmask.runtime.predict import Failure
+    from ctmask.scans.listing import collect_sources
+    from ctmask.scans.types import Failure
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -238,7 +238,7 @@ def reference_throughput(runner, files: list[Path], requests: int, batch_size: i
     """Slices per second of the in-process runner (decode + inference, as ``ctmask infer``),
     ``requests`` slices (the files cycled) at ``batch_size``."""
     from ctmask.runtime.batch_run import predict_sources
-    from ctmask.runtime.sources import SliceRef
+    from ctmask.scans.types import SliceRef
 
     refs = [SliceRef(str(files[i % len(files)])) for i in range(requests)]
     t0 = time.perf_counter()

@@ -3,12 +3,12 @@
 The same pipeline as :func:`ctmask.runtime.batch_run.predict_sources`, spread over a Ray
 cluster (a local one that ctmask starts, or one it joins with ``--address``):
 
-1. **Listing**: the driver walks the inputs (:func:`ctmask.core.readers.list_inputs`, no file
-   opened); every file's headers are probed in Ray tasks (:func:`~ctmask.core.readers.probe_file`);
-   the driver groups DICOM series and orders them (:func:`~ctmask.core.readers.assemble`), so
+1. **Listing**: the driver walks the inputs (:func:`ctmask.scans.listing.list_inputs`, no file
+   opened); every file's headers are probed in Ray tasks (:func:`~ctmask.scans.listing.probe_file`);
+   the driver groups DICOM series and orders them (:func:`~ctmask.scans.listing.assemble`), so
    the slices, their order and the refused files are exactly the local ones.
 2. **Decoding and pre-processing** in Ray tasks, one chunk of ``batch_size`` slices each
-   (:func:`~ctmask.runtime.batch_run.load_refs`: crop, resize; unreadable slices are failures).
+   (:func:`~ctmask.scans.batch.load_batch`: crop, resize; unreadable slices are failures).
 3. **Inference** in an actor pool (``map_batches`` with a callable class): each actor builds
    one :class:`~ctmask.runtime.runner.Runner` (onnxruntime, OpenVINO or TensorRT) once and
    runs one chunk per call, so every runner call sees exactly the batch the local path would
@@ -40,9 +40,10 @@ import numpy as np
 
 from ctmask.core.errors import ConfigError, CtmaskError, CtmaskWarning, RayError
 from ctmask.core.spec import INPUT, GraphSpec
-from ctmask.runtime.batch_run import ReadOptions, load_refs, slice_predictions
-from ctmask.runtime.predict import CropBoxes, Failure, Prediction, check_crop
-from ctmask.runtime.sources import SliceRef
+from ctmask.runtime.batch_run import slice_predictions
+from ctmask.runtime.predict import CropBoxes, Prediction, check_crop
+from ctmask.scans.batch import ReadOptions, load_batch
+from ctmask.scans.types import Failure, SliceRef
 
 PROBE_CHUNK = 64
 """Files per listing task."""
@@ -331,7 +332,7 @@ def _driver_dir(cwd: str) -> Iterator[None]:
 
 def _probe_chunks(batch: dict[str, np.ndarray], force_modality: bool, cwd: str) -> dict[str, np.ndarray]:
     """Ray task: probe one chunk of files (pickled :class:`FileTask` lists in, probes out)."""
-    from ctmask.core.readers import probe_file
+    from ctmask.scans.listing import probe_file
 
     with _driver_dir(cwd):
         out = [pickle.dumps([probe_file(t, force_modality) for t in pickle.loads(blob)]) for blob in batch["tasks"]]
@@ -340,9 +341,9 @@ def _probe_chunks(batch: dict[str, np.ndarray], force_modality: bool, cwd: str) 
 
 def collect_sources_ray(inputs: list[str | Path], force_modality: bool = False,
                         stats: RayStats | None = None) -> tuple[list[SliceRef], list[Failure]]:
-    """:func:`ctmask.core.readers.collect_sources` with the files probed in Ray tasks (call inside
+    """:func:`ctmask.scans.listing.collect_sources` with the files probed in Ray tasks (call inside
     :func:`ray_cluster`): the same slices, order and failures."""
-    from ctmask.core.readers import collect_sources
+    from ctmask.scans.listing import collect_sources
 
     _quiet_data_context()
     t0 = time.perf_counter()
@@ -380,7 +381,7 @@ def _decode_chunks(batch: dict[str, np.ndarray], spec: GraphSpec, boxes: CropBox
                    opts: ReadOptions, cwd: str) -> dict[str, np.ndarray]:
     """Ray task: decode and pre-process one chunk of slices (a pickled ``Loaded`` out)."""
     with _driver_dir(cwd):
-        out = [pickle.dumps(load_refs(pickle.loads(blob), spec, boxes, keep_pixels, opts), protocol=5)
+        out = [pickle.dumps(load_batch(pickle.loads(blob), spec, boxes, keep_pixels, opts), protocol=5)
                for blob in batch["refs"]]
     return {"n": batch["n"], "loaded": np.array(out, dtype=object)}
 

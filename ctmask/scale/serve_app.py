@@ -7,8 +7,8 @@ runs: onnxruntime, OpenVINO, a TensorRT ``.engine``, a checkpoint in PyTorch) an
 * ``POST /predict``: the raw request body is one slice (DICOM, PNG, JPEG, TIFF, BMP). It is
   streamed to a private temporary file (at most ``max_body_mb``; the ``Content-Length`` is
   checked first), found and decoded by the same readers ``ctmask infer`` uses
-  (:func:`ctmask.core.readers.collect_sources`, then
-  :func:`ctmask.runtime.batch_run.load_refs`), and its ``[1, 1, S, S]`` array waits for the
+  (:func:`ctmask.scans.listing.collect_sources`, then
+  :func:`ctmask.scans.batch.load_batch`), and its ``[1, 1, S, S]`` array waits for the
   batcher (``@serve.batch``): the requests that arrive within ``batch_wait_ms`` (up to
   ``max_batch``) run as one ``runner.infer`` call, and each request's record is made by
   :func:`ctmask.runtime.batch_run.slice_predictions`, as ``infer`` makes it. The answer is
@@ -65,9 +65,11 @@ from ray import serve
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from ctmask.core.preprocess import DICOM_SUFFIXES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
-from ctmask.core.readers import NIFTI_SUFFIXES, RASTER_SUFFIXES
+from ctmask.core.errors import TooLargeError, UnsupportedFileError
+from ctmask.core.preprocess import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from ctmask.scale.serve_options import ModelInfo, ServeOptions, check_crop
+from ctmask.scans.sniff import DICOM_SUFFIXES, NIFTI_SUFFIXES, RASTER_SUFFIXES, magic
+from ctmask.scans.types import Failure
 
 DEPLOYMENT_NAME = "CtmaskModel"
 
@@ -121,26 +123,22 @@ def _error(status: int, reason: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": reason, "status": status}, status_code=status, headers=headers)
 
 
-def _status_of(reason: str) -> int:
-    """HTTP status of a reason the readers give for refusing an upload."""
-    if reason.startswith("not an image (") or reason.startswith("cannot decode image: not an image ("):
-        return 415
-    if "more than the maximum" in reason or reason.startswith("image declares too many pixels"):
+def _status_of(failure: Failure) -> int:
+    """HTTP status of an upload the readers refused, by the type of their error (never its text): 413
+    too large, 415 not an image, DICOM or NIfTI file, 422 any other refusal."""
+    if issubclass(failure.error, TooLargeError):
         return 413
+    if issubclass(failure.error, UnsupportedFileError):
+        return 415
     return 422
 
 
 def _sniff_magic(head: bytes) -> str:
     """The suffix of a PNG, JPEG or DICOM Part 10 upload known by its signature, else ``""``
     (weaker ones, TIFF's and BMP's, are left to the readers, which check them by decoding the
-    header: text starting with ``BM`` stays "not an image")."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return ".png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return ".jpg"
-    if head[128:132] == b"DICM":
-        return ".dcm"
-    return ""
+    header: text starting with ``BM`` stays "not an image"), by the readers' sniffer
+    (:func:`ctmask.scans.sniff.magic`)."""
+    return {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}.get(magic(head), "")
 
 
 def _suffix_hint(request: Request, head: bytes) -> str:
@@ -169,7 +167,7 @@ def _suffix_hint(request: Request, head: bytes) -> str:
 class _Upload:
     """One decoded upload, waiting for its batch."""
 
-    loaded: object  # ctmask.runtime.batch_run.Loaded with one slice
+    loaded: object  # ctmask.scans.batch.Loaded with one slice
 
 
 class _Refused(Exception):
@@ -207,8 +205,8 @@ class CtmaskModel:
     """One replica: one activated runner, the batcher and this replica's counters."""
 
     def __init__(self, opts: ServeOptions, info: ModelInfo):
-        from ctmask.runtime.batch_run import ReadOptions
         from ctmask.runtime.factory import make_runner
+        from ctmask.scans.batch import ReadOptions
 
         _replica_grpc_on_loopback()
         self.opts = opts
@@ -415,24 +413,24 @@ class CtmaskModel:
             raise _Refused(422, clean(f"cannot read the upload ({exc.__class__.__name__}: {exc})")) from None
 
     def _decode_checked(self, path: Path, clean) -> _Upload:
-        from ctmask.core.readers import collect_sources
-        from ctmask.runtime.batch_run import load_refs
+        from ctmask.scans.batch import load_batch
+        from ctmask.scans.listing import collect_sources
 
         # One file: none of collect_sources' series warnings can apply to a slice that is kept
         # (warnings.catch_warnings is not thread-safe, so none is set here).
         refs, failures = collect_sources([path], force_modality=self.opts.force_modality)
         if failures:
             reason = clean(failures[0].reason)
-            raise _Refused(_status_of(reason), reason)
+            raise _Refused(_status_of(failures[0]), reason)
         if not refs:
             raise _Refused(422, "the upload holds no slice")
         if len(refs) > 1:
             raise _Refused(422, f"one slice per request: the upload holds {len(refs)} slices (a multi-frame DICOM "
                                 "or a NIfTI volume); send each slice on its own, or run `ctmask infer` on the file")
-        loaded = load_refs(refs, self.spec, None, False, self.read_opts)
+        loaded = load_batch(refs, self.spec, None, False, self.read_opts)
         if loaded.failures:
             reason = clean(loaded.failures[0].reason)
-            raise _Refused(_status_of(reason), reason)
+            raise _Refused(_status_of(loaded.failures[0]), reason)
         return _Upload(loaded)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

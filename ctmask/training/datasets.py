@@ -9,9 +9,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ctmask.core.preprocess import load_slice, read_gray, resize, resize_mask
+from ctmask.core.preprocess import resize, resize_mask
 from ctmask.data.cncb import SegSample, lesion_label_map, mask_to_instances, read_mask
 from ctmask.data.covidx import SplitEntry
+from ctmask.scans.batch import load_slice
+from ctmask.scans.decode import read_slice
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
 """Default budget of decoded images a :class:`ClassificationDataset` keeps (256 MiB)."""
@@ -117,7 +119,7 @@ class SegmentationDataset(Dataset):
         """Decoded image [1, S, S] and instance targets of sample ``i`` (cached)."""
         if i not in self._cache:
             s = self.samples[i]
-            img = read_gray(s.image)
+            img = read_slice(s.image).pixels
             mask = read_mask(s.mask, expected_shape=img.shape)
             image = torch.from_numpy(resize(img, self.size))[None]
             self._cache[i] = (image, instance_targets(mask, self.size))

@@ -1,4 +1,5 @@
-"""Reading compressed and nested inputs within :mod:`ctmask.core.limits`, before a decoder does.
+"""Reading compressed and nested inputs within :mod:`ctmask.core.limits`, before a decoder does (the
+bomb checks of the readers of scans).
 
 * :func:`check_dicom_limits` walks a DICOM file's elements on the raw bytes (inflating a
   Deflated Explicit VR file chunk by chunk, counted and capped at

@@ -1,11 +1,11 @@
-"""What ``ctmask infer`` predicts: slices of files, DICOM series and volumes, grouped in studies.
+"""What the readers of scans find and give: slices, failures, and what a file holds.
 
 A :class:`SliceRef` names one slice (a PNG, one DICOM file, one frame of a multi-frame DICOM,
 one axial slice of a NIfTI volume) and the series and study it belongs to; reading it gives
 a :class:`DecodedSlice`: the windowed pixels in the file's own pixel frame, and how they were
-rendered. Finding the slices (:func:`ctmask.core.readers.collect_sources`) and decoding them
-(:func:`ctmask.core.readers.read_slice`) live in :mod:`ctmask.core.readers`, shared with
-training.
+rendered. A slice or file that cannot be read is a :class:`Failure`. Finding the slices
+(:func:`ctmask.scans.listing.collect_sources`) and decoding them
+(:func:`ctmask.scans.decode.read_slice`) live beside this module, shared with training.
 """
 
 from __future__ import annotations
@@ -13,8 +13,37 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
+
+from ctmask.core.errors import DataError
+
+
+@dataclass
+class Failure:
+    """A slice that could not be processed, and why.
+
+    Attributes:
+        file: the file (or slice key, ``path#frame``).
+        reason: what is wrong with it, for people.
+        error: what kind of refusal it is, for programs (``ctmask serve`` picks its HTTP status by
+            it): :class:`~ctmask.core.errors.TooLargeError`,
+            :class:`~ctmask.core.errors.UnsupportedFileError`, else
+            :class:`~ctmask.core.errors.DataError`. Not compared, not written.
+    """
+
+    file: str
+    reason: str
+    error: type[DataError] = field(default=DataError, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, file: str, exc: DataError) -> Failure:
+        """The failure of ``file`` that ``exc`` says (its message, its type)."""
+        return cls(file, exc.message, type(exc))
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "error": self.reason}
 
 
 @dataclass(frozen=True)
@@ -112,3 +141,52 @@ class DecodedSlice:
     pixels: np.ndarray
     kind: str
     info: dict = field(default_factory=dict)
+
+
+@dataclass
+class DicomSlice:
+    """A DICOM slice or frame found by its headers, still to be grouped into its series and ordered
+    (:func:`ctmask.scans.listing.assemble`)."""
+
+    path: Path
+    label: str
+    study: str
+    series: str
+    frame: int | None
+    ipp: np.ndarray | None
+    normal: np.ndarray | None
+    instance: int | None
+    uid: str = ""  # SOPInstanceUID: the slice's identity for `infer --resume`
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """One file found while listing the inputs, to be probed (:func:`~ctmask.scans.listing.probe_file`).
+
+    Attributes:
+        path: the file.
+        label: what reports call it (relative to the input folder's parent).
+        explicit: named on the command line (taken whatever its suffix) rather than found in a folder.
+    """
+
+    path: str
+    label: str
+    explicit: bool
+
+
+@dataclass
+class FileProbe:
+    """What a file holds (:func:`~ctmask.scans.listing.probe_file`): ready slices (images, NIfTI),
+    DICOM slices still to be grouped into series and ordered, or the reason it was refused.
+    Picklable: probes may be computed in other processes (``infer --ray``) and assembled in the
+    caller."""
+
+    slices: list[SliceRef] = field(default_factory=list)
+    dicom: list[DicomSlice] = field(default_factory=list)
+    failure: str | None = None
+    error: type[DataError] = DataError  # what kind of refusal ``failure`` is
+    non_image: str = ""  # a DICOM object without an image, skipped: its modality (else SOP class)
+
+    def refuse(self, exc: DataError) -> None:
+        """Refuse the file for ``exc`` (its message and its kind)."""
+        self.failure, self.error = exc.message, type(exc)
