@@ -57,7 +57,7 @@ def test_a_kind_is_neither_compared_nor_written():
 
 def test_serve_maps_a_refusal_to_its_status_by_kind():
     pytest.importorskip("ray")
-    from ctmask.scale.serve import _status_of
+    from ctmask.scale.serve_app import _status_of
 
     # the message text does not matter, only the kind
     assert _status_of(Failure("u", "more than the maximum", DataError)) == 422
@@ -82,7 +82,7 @@ def test_one_sniffer_for_files_and_uploads(tmp_path):
     assert [sniff(tmp_path / n) for n in ("v.nii.gz", "a.PNG", "1.2.840.10", "notes.txt")] == \
         ["nifti", "image", "maybe-dicom", ""]
     pytest.importorskip("ray")
-    from ctmask.scale.serve import _sniff_magic
+    from ctmask.scale.serve_app import _sniff_magic
 
     assert (_sniff_magic(png), _sniff_magic(head), _sniff_magic(b"\xff\xd8\xff"), _sniff_magic(b"text")) == \
         (".png", ".dcm", ".jpg", "")
