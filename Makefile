@@ -44,12 +44,15 @@ chromium:
 	  echo "warning: chromium not installed (needs apt-get and root): tests/test_report.py will skip"
 test: chromium
 
+# pytest-xdist workers: one per core (at most 4: each test module's fixtures are made per worker).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: install
 	$(BIN)/ruff check ctmask tests
 	$(BIN)/python scripts/trt_stubs.py build/trt-stubs
 	$(BIN)/mypy
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The documentation site (MkDocs, Material theme) from docs/ into build/site; --strict: a broken
 # link, a missing page or a docstring the API reference cannot render is an error.

@@ -1,14 +1,46 @@
-"""Shared fixtures: tiny synthetic data sets and trained-for-one-step checkpoints."""
+"""Shared fixtures: tiny synthetic data sets and trained-for-one-step checkpoints.
+
+``make test`` runs the suite on pytest-xdist workers (one process per core). Each worker has
+its own session, so the session fixtures that train or export a model are made once per run
+by whichever worker asks first and shared with the others (:func:`shared`), never twice.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
-# Two cores on CI: keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+# Two cores on CI: keep torch from oversubscribing them (a core per worker under xdist).
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
+
+
+def shared(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``make(folder)`` once per test run: under xdist the workers
+    share it (the first one to get the lock makes it, the others wait and reuse it); a folder
+    left half-made by a worker that failed is made again."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    root = base / "shared"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +48,7 @@ def synth_dir(tmp_path_factory):
     """A 24-slice synthetic benchmark (train/val/test, all three classes)."""
     from ctmask.data.synth import synthesize
 
-    out = tmp_path_factory.mktemp("synth")
-    synthesize(out, 24, seed=3, workers=1)
-    return out
+    return shared(tmp_path_factory, "synth", lambda out: synthesize(out, 24, seed=3, workers=1))
 
 
 @pytest.fixture(scope="session")
@@ -28,10 +58,12 @@ def seg_ckpt(synth_dir, tmp_path_factory):
     from ctmask.data.cncb import list_segmentation
     from ctmask.training.train_seg import SegTrainOptions, train_segmentation
 
-    out = tmp_path_factory.mktemp("ckpt") / "seg.pt"
-    samples = list_segmentation(synth_dir / "segmentation" / "train")
-    train_segmentation(SMALL, samples, out, SegTrainOptions(epochs=1, batch_size=4, lr=1e-3, max_images=8), None, False)
-    return out
+    def make(folder: Path) -> None:
+        samples = list_segmentation(synth_dir / "segmentation" / "train")
+        train_segmentation(SMALL, samples, folder / "seg.pt",
+                           SegTrainOptions(epochs=1, batch_size=4, lr=1e-3, max_images=8), None, False)
+
+    return shared(tmp_path_factory, "seg", make) / "seg.pt"
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +76,13 @@ def cls_ckpt(synth_dir, seg_ckpt, tmp_path_factory):
     from ctmask.data.covidx import read_split
     from ctmask.training.train_cls import ClsTrainOptions, train_classifier
 
-    out = tmp_path_factory.mktemp("ckpt") / "cls.pt"
-    train = read_split(synth_dir / "train_COVIDx_CT.txt")
-    val = read_split(synth_dir / "val_COVIDx_CT.txt")
-    opts = ClsTrainOptions("heads", epochs=2, batch_size=4, lr=1e-3, head="paper")
-    train_classifier(SMALL, seg_ckpt, train, val, out, opts, False)
-    return out
+    def make(folder: Path) -> None:
+        train = read_split(synth_dir / "train_COVIDx_CT.txt")
+        val = read_split(synth_dir / "val_COVIDx_CT.txt")
+        opts = ClsTrainOptions("heads", epochs=2, batch_size=4, lr=1e-3, head="paper")
+        train_classifier(SMALL, seg_ckpt, train, val, folder / "cls.pt", opts, False)
+
+    return shared(tmp_path_factory, "cls", make) / "cls.pt"
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +90,7 @@ def small_onnx(cls_ckpt, tmp_path_factory):
     """The classifier checkpoint exported to ONNX with ``ctmask export``'s function."""
     from ctmask.exporter.onnx_export import export_onnx
 
-    out = tmp_path_factory.mktemp("onnx") / "small.onnx"
-    export_onnx(cls_ckpt, out)
-    return out
+    return shared(tmp_path_factory, "onnx", lambda folder: export_onnx(cls_ckpt, folder / "small.onnx")) / "small.onnx"
 
 
 @pytest.fixture()
@@ -76,8 +107,18 @@ def foreign_model(tmp_path):
     return path
 
 
+# Modules that start a Ray cluster and servers of their own, kept on one xdist worker (one after
+# another): two clusters at once on two cores slow each other past their start deadlines.
+RAY_MODULES = {"test_ray.py", "test_serve.py", "test_exposure.py"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``tensorrt`` / ``gpu`` skip, with the reason, where TensorRT or a GPU is missing."""
+    """Under xdist (``--dist loadgroup``) each test module runs on one worker, so its module and
+    session fixtures are made once (the Ray modules share one worker). Tests marked
+    ``tensorrt`` / ``gpu`` skip, with the reason, where TensorRT or a GPU is missing."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_MODULES else name))
     marked = [i for i in items if "tensorrt" in i.keywords or "gpu" in i.keywords]
     if not marked:
         return
