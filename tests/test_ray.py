@@ -146,7 +146,7 @@ def test_a_killed_actor_is_recovered_nothing_lost_or_duplicated(small_onnx, scan
     """SIGKILL the actor process that delivered the first chunk while the others are in flight:
     Ray restarts it and runs its chunks again; every slice comes once, as the local path gives it."""
     from ctmask.core.readers import collect_sources
-    from ctmask.runtime.batch_run import predict_sources
+    from ctmask.runtime.batch_run import PredictOptions, predict_sources
     from ctmask.runtime.bench import read_spec
     from ctmask.runtime.predict import Failure
     from ctmask.runtime.runner import OnnxRuntimeRunner
@@ -155,7 +155,8 @@ def test_a_killed_actor_is_recovered_nothing_lost_or_duplicated(small_onnx, scan
     refs, _ = collect_sources([scans / "synth" / "dicom", scans / "synth" / "nifti"])
     refs = refs * 3  # 72 slices, 36 chunks of 2
     with OnnxRuntimeRunner(small_onnx) as runner:
-        want = [(i[0].key, i[0].probs) for i in predict_sources(runner, refs, 2) if not isinstance(i, Failure)]
+        want = [(i[0].key, i[0].probs) for i in predict_sources(runner, refs, PredictOptions(2))
+                if not isinstance(i, Failure)]
     stats = RayStats()
     killed: list[str] = []
 
