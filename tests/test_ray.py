@@ -145,7 +145,7 @@ def test_resume_on_ray_from_parquet(small_onnx, scans, tmp_path):
 def test_a_killed_actor_is_recovered_nothing_lost_or_duplicated(small_onnx, scans, tmp_path):
     """SIGKILL the actor process that delivered the first chunk while the others are in flight:
     Ray restarts it and runs its chunks again; every slice comes once, as the local path gives it."""
-    from ctmask.runtime.batch_run import predict_sources
+    from ctmask.runtime.batch_run import PredictOptions, predict_sources
     from ctmask.runtime.bench import read_spec
     from ctmask.runtime.runner import OnnxRuntimeRunner
     from ctmask.scale.ray_batch import RayOptions, RayStats, predict_sources_ray, ray_cluster
@@ -155,7 +155,8 @@ def test_a_killed_actor_is_recovered_nothing_lost_or_duplicated(small_onnx, scan
     refs, _ = collect_sources([scans / "synth" / "dicom", scans / "synth" / "nifti"])
     refs = refs * 3  # 72 slices, 36 chunks of 2
     with OnnxRuntimeRunner(small_onnx) as runner:
-        want = [(i[0].key, i[0].probs) for i in predict_sources(runner, refs, 2) if not isinstance(i, Failure)]
+        want = [(i[0].key, i[0].probs) for i in predict_sources(runner, refs, PredictOptions(2))
+                if not isinstance(i, Failure)]
     stats = RayStats()
     killed: list[str] = []
 

@@ -11,6 +11,7 @@ from ctmask.core.errors import ConfigError, ModelError
 from ctmask.core.preprocess import Preprocessing
 from ctmask.core.presets import SMALL
 from ctmask.core.spec import GraphSpec
+from ctmask.runtime.batch_run import PredictOptions
 from ctmask.runtime.predict import CropBoxes, PredictionWriter, collect_images, predict_files
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
 from ctmask.scans.batch import load_batch
@@ -63,9 +64,9 @@ def test_batching_batches_and_matches_single_slices(small_onnx, synth_dir):
     files, failures = collect_images([synth_dir / "images"])
     assert len(files) == 24 and not failures
     r = CountingRunner(small_onnx).activate()
-    batched = list(predict_files(r, files[:11], batch_size=4))
+    batched = list(predict_files(r, files[:11], PredictOptions(batch_size=4)))
     assert r.batches == [4, 4, 3]
-    single = list(predict_files(r, files[:11], batch_size=1))
+    single = list(predict_files(r, files[:11], PredictOptions(batch_size=1)))
     assert [p.file for p in batched] == [str(f) for f in files[:11]]
     for a, b in zip(batched, single):
         assert a.class_name == b.class_name
@@ -83,7 +84,7 @@ def test_unreadable_slice_is_a_failure_and_the_rest_go_on(small_onnx, synth_dir,
     files, failures = collect_images([tmp_path, tmp_path / "nope.png"])
     assert [f.file for f in failures] == [str(tmp_path / "nope.png")]
     with OnnxRuntimeRunner(small_onnx) as r:
-        items = list(predict_files(r, files, batch_size=2))
+        items = list(predict_files(r, files, PredictOptions(batch_size=2)))
     bad = [i for i in items if not hasattr(i, "probs")]
     assert [b.file for b in bad] == [str(tmp_path / "b_broken.png")] and "cannot decode" in bad[0].reason
     assert sum(hasattr(i, "probs") for i in items) == 3

@@ -124,7 +124,7 @@ def test_export_from_a_checkpoint_puts_the_new_graph_into_the_repository(cls_ckp
                                                                         monkeypatch):
     """What `export CKPT --out F --triton-repo DIR` does after the export. The export itself
     (tested in test_deploy_cli) is replaced by a copy of the fixture's graph, which it wrote."""
-    import ctmask.cli.precision as precision_cli
+    import ctmask.cli.export as export_cli
     from ctmask.exporter.onnx_export import ExportResult
 
     def exported(checkpoint, out, precision, *args, **kwargs):
@@ -133,7 +133,7 @@ def test_export_from_a_checkpoint_puts_the_new_graph_into_the_repository(cls_ckp
         spec = GraphSpec.from_metadata(graph_io(out)[2], out)
         return ExportResult(out, spec, 0.0, 1, [], out.stat().st_size), None
 
-    monkeypatch.setattr(precision_cli, "_export_graph", exported)
+    monkeypatch.setattr(export_cli, "_export_graph", exported)
     out, repo = tmp_path / "covid model+1.onnx", tmp_path / "repo"
     r = invoke("export", cls_ckpt, "--out", out, "--triton-repo", repo, "-q")
     assert r.exit_code == 0, r.output

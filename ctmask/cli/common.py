@@ -8,6 +8,7 @@ import json
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,32 @@ def _read_as_slice(path: Path) -> bool:
 PresetOpt = typer.Option("small", "--preset", "-p", help="Model preset: 'small' or 'paper'.")
 JsonOpt = typer.Option(None, "--json", help="Write results as JSON to this file ('-' for stdout).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+@dataclass(frozen=True)
+class SharedOption:
+    """An option several commands take (``infer``, ``serve``, ``bench-serve``): its name, default,
+    bound and help declared once; a command where it means a little more words its own help."""
+
+    default: Any
+    name: str
+    help: str
+    min: int | None = None
+
+    def option(self, help: str | None = None, bounded: bool = True) -> Any:
+        """The command's ``typer.Option`` (``help``: the command's own wording; ``bounded=False``:
+        no ``min``, the command checks the value itself)."""
+        return typer.Option(self.default, self.name, help=help or self.help, min=self.min if bounded else None)
+
+
+BACKEND = SharedOption("auto", "--backend", "auto | onnxruntime | openvino | tensorrt | torch (auto: by the model "
+                                            "file: .engine runs on TensorRT (GPU, pip install 'ctmask[trt]'); "
+                                            "openvino: CPU only, pip install 'ctmask[openvino]').")
+DEVICE = SharedOption("cpu", "--device", "cpu | cuda.")
+THREADS = SharedOption(None, "--threads", "CPU threads (default: the backend's own choice).")
+TOP_ROIS = SharedOption(5, "--top-rois", "RoI rows kept per slice in the output (and drawn on overlays).", min=1)
+FORCE_MODALITY = SharedOption(False, "--force-modality", "Predict DICOM of a modality other than CT (off the "
+                                                         "model's training distribution).")
+HU_OFFSET = SharedOption(1024.0, "--hu-offset", "16-bit PNG / TIFF slices hold HU + this offset.")
+UNCROPPED = SharedOption(False, "--uncropped", "Run a model trained on cropped slices on whole slices anyway (off "
+                                               "its training distribution).")

@@ -7,15 +7,44 @@ pieces are imported only when a checkpoint is run.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import typer
 
-from ctmask.cli.common import JsonOpt, QuietOpt, check_paths, emit_json, human_echo, split_images, user_errors
+from ctmask.cli.common import (
+    BACKEND,
+    DEVICE,
+    FORCE_MODALITY,
+    HU_OFFSET,
+    THREADS,
+    TOP_ROIS,
+    UNCROPPED,
+    JsonOpt,
+    QuietOpt,
+    check_paths,
+    emit_json,
+    human_echo,
+    split_images,
+    user_errors,
+)
 from ctmask.core.errors import ConfigError
 from ctmask.core.noise import NOISE_GRAY_LEVELS, describe_noise_floor
-from ctmask.runtime.factory import CHECKPOINT_SUFFIXES, make_runner  # noqa: F401  (re-exported)
+from ctmask.runtime.factory import make_runner
+
+ResumeOpt = typer.Option(False, "--resume", help="Continue --out of an earlier (or killed) run: the slices already in "
+                                                 "it (matched by SOPInstanceUID, else file content) are not "
+                                                 "predicted again; new records are appended.")
+BoxesOpt = typer.Option(None, "--boxes", help="COVIDx-CT split file with each slice's body crop box (needed by a "
+                                              "model trained with --crop; matched by path, else by file name).")
+RayOpt = typer.Option(False, "--ray", help="Run on Ray Data (pip install 'ctmask[ray]'): inputs listed and decoded "
+                                           "in Ray tasks, one runner per actor; a local cluster unless --address. "
+                                           "Same predictions as without.")
+AddressOpt = typer.Option(None, "--address", help="With --ray: join this cluster ('auto', 'ray://HOST:10001') "
+                                                  "instead of starting one.")
+ActorsOpt = typer.Option(None, "--actors", help="With --ray: inference actors (default: one per GPU with "
+                                                "--gpus-per-actor, else one per CPU, up to 16).")
+CpusPerActorOpt = typer.Option(None, "--cpus-per-actor", help="With --ray: CPUs per actor (default: the cluster's, "
+                                                              "shared).")
 
 
 @user_errors
@@ -31,37 +60,23 @@ def infer(
     overlays: Path | None = typer.Option(None, "--overlays", help="Folder for PNG overlays: each slice with its top "
                                                                   "RoIs' boxes and scores drawn."),
     report: Path | None = typer.Option(None, "--report", help="Self-contained HTML report of the run (.html)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue --out of an earlier (or killed) run: the slices "
-                                                        "already in it (matched by SOPInstanceUID, else file "
-                                                        "content) are not predicted again; new records are "
-                                                        "appended."),
+    resume: bool = ResumeOpt,
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference call."),
-    backend: str = typer.Option("auto", help="auto | onnxruntime | openvino | tensorrt | torch (auto: by the model "
-                                              "file: .engine runs on TensorRT (GPU, pip install 'ctmask[trt]'); "
-                                              "openvino: CPU only, pip install 'ctmask[openvino]')."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
-    threads: int | None = typer.Option(None, help="CPU threads (default: the backend's own choice)."),
-    top_rois: int = typer.Option(5, min=1, help="RoI rows kept per slice in the output (and drawn on overlays)."),
+    backend: str = BACKEND.option(),
+    device: str = DEVICE.option(),
+    threads: int | None = THREADS.option(),
+    top_rois: int = TOP_ROIS.option(),
     study_top_k: int = typer.Option(5, "--study-top-k", min=1, help="Slices per class that drive a study's call "
                                                                      "(see the README: study-level prediction)."),
-    force_modality: bool = typer.Option(False, "--force-modality", help="Predict DICOM of a modality other than CT "
-                                                                        "(off the model's training distribution)."),
-    hu_offset: float = typer.Option(1024.0, "--hu-offset", help="16-bit PNG / TIFF slices hold HU + this offset."),
-    boxes: Path | None = typer.Option(None, "--boxes", help="COVIDx-CT split file with each slice's body crop box "
-                                                            "(needed by a model trained with --crop; matched by "
-                                                            "path, else by file name)."),
-    uncropped: bool = typer.Option(False, "--uncropped", help="Run a model trained on cropped slices on whole "
-                                                              "slices anyway (off its training distribution)."),
-    use_ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (pip install 'ctmask[ray]'): inputs listed "
-                                                        "and decoded in Ray tasks, one runner per actor; a local "
-                                                        "cluster unless --address. Same predictions as without."),
-    address: str | None = typer.Option(None, "--address", help="With --ray: join this cluster ('auto', "
-                                                               "'ray://HOST:10001') instead of starting one."),
-    actors: int | None = typer.Option(None, "--actors", help="With --ray: inference actors (default: one per GPU "
-                                                             "with --gpus-per-actor, else one per CPU, up to 16)."),
+    force_modality: bool = FORCE_MODALITY.option(),
+    hu_offset: float = HU_OFFSET.option(),
+    boxes: Path | None = BoxesOpt,
+    uncropped: bool = UNCROPPED.option(),
+    use_ray: bool = RayOpt,
+    address: str | None = AddressOpt,
+    actors: int | None = ActorsOpt,
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="With --ray: GPUs per actor."),
-    cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", help="With --ray: CPUs per actor "
-                                                                               "(default: the cluster's, shared)."),
+    cpus_per_actor: float | None = CpusPerActorOpt,
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -79,158 +94,74 @@ def infer(
     predicted; 1 some inputs skipped (listed); 2 nothing could run (bad option, unreadable model, missing
     backend, an output over an input): nothing written.
     """
-    from ctmask.core.progress import progress
-    from ctmask.runtime.predict import CropBoxes, PredictionWriter, check_crop
-    from ctmask.scans.types import Failure
+    from ctmask.runtime.batch_run import PredictOptions
+    from ctmask.runtime.pipeline import InferEvents, InferRequest, run_infer
+    from ctmask.scans.batch import ReadOptions
 
-    t0 = time.perf_counter()
     echo = human_echo(json_out)
     guard = _check_outputs(out, studies, report, overlays, resume, model, inputs, boxes, json_out)
-    from ctmask.runtime.batch_run import Resume, predict_sources
-    from ctmask.runtime.overlays import without_overlays
-    from ctmask.scans.batch import ReadOptions
-    from ctmask.scans.listing import collect_sources
-    from ctmask.scans.types import with_identities
+    engine = _engine(model, backend, device, threads, use_ray, address, actors, gpus_per_actor, cpus_per_actor)
+    predict = PredictOptions(batch_size, top_rois, uncropped=uncropped, read=ReadOptions(force_modality, hu_offset))
+    request = InferRequest(model, inputs, out, studies, overlays, report, resume, boxes, study_top_k, predict, guard)
+    events = InferEvents(note=echo, warn=_warn, prediction=_slice_line(echo) if out is None else None,
+                         progress=not quiet)
+    summary = run_infer(request, engine, events)
+    _echo_summary(summary, request)
+    emit_json(summary.to_dict(), json_out)
+    if summary.failures:
+        raise typer.Exit(1)
 
-    ray_opts = ray_stats = None
+
+def _engine(model: Path, backend: str, device: str, threads: int | None, use_ray: bool, address: str | None,
+            actors: int | None, gpus_per_actor: float, cpus_per_actor: float | None):
+    """Where ``infer`` runs: in this process on one runner, or on Ray (``--ray``: its options checked here)."""
+    from ctmask.runtime.pipeline import LocalEngine
+
+    def open_runner():
+        return make_runner(model, backend, device, threads)
+
+    if use_ray:
+        from ctmask.scale.ray_batch import RayOptions
+        from ctmask.scale.ray_infer import RayEngine
+
+        return RayEngine(model, RayOptions(address, actors, gpus_per_actor, cpus_per_actor), backend, device,
+                         threads, open_runner)
     ray_only = [n for n, v in (("--address", address), ("--actors", actors), ("--cpus-per-actor", cpus_per_actor))
                 if v is not None] + (["--gpus-per-actor"] if gpus_per_actor else [])
-    if use_ray:
-        from ctmask.scale.ray_batch import RayOptions, RayStats
-
-        ray_opts = RayOptions(address, actors, gpus_per_actor, cpus_per_actor)
-        ray_opts.check()
-        ray_stats = RayStats()
-    elif ray_only:
+    if ray_only:
         raise ConfigError(f"{', '.join(ray_only)} only apply with --ray")
-    crop_boxes = CropBoxes.from_split(boxes) if boxes is not None else None
-    counts: dict[str, int] = {}
-    opts = ReadOptions(force_modality, hu_offset)
-    t_infer = 0.0
-    with contextlib.ExitStack() as stack:
-        earlier = None
-        if out is not None:  # one run at a time on an output; its earlier records checked before anything runs
-            from ctmask.core.outputs import output_lock
+    return LocalEngine(open_runner)
 
-            stack.enter_context(output_lock(out, " ".join(["ctmask infer", *map(str, [model, *inputs])])))
-            earlier = Resume(out) if resume else None
-        records: list[dict] = list(earlier.records) if earlier is not None else []
-        if use_ray:
-            from ctmask.runtime.bench import read_spec
-            from ctmask.scale.ray_batch import collect_sources_ray, predict_sources_ray, ray_cluster
 
-            if model.suffix.lower() in CHECKPOINT_SUFFIXES:
-                raise ConfigError(f"{model}: --ray runs exported graphs (ONNX, TensorRT engine); export the "
-                                  "checkpoint with `ctmask export` first")
-            spec = read_spec(model)
-            make_runner(model, backend, device, threads)  # refuses a bad backend / device before Ray starts
-            stack.enter_context(ray_cluster(address, ray_stats))
-            refs, failures = collect_sources_ray(inputs, force_modality, ray_stats)
-        else:
-            refs, failures = collect_sources(inputs, force_modality=force_modality)
-            runner = stack.enter_context(make_runner(model, backend, device, threads))
-            spec = runner.spec
-        # this run's own outputs inside an input folder (overlays, a predictions file) are no inputs
-        refs = [r for r in refs if not guard.excludes(r.path)]
-        failures = [f for f in failures if not guard.excludes(f.file)]
-        refs, drawn = without_overlays(refs)  # an earlier run's overlays (tagged PNGs) are no slices either
-        if drawn:
-            typer.secho(f"warning: skipped {len(drawn)} overlay PNG(s) an earlier ctmask run drew (e.g. "
-                        f"{drawn[0].path}): overlays are no CT slices", fg=typer.colors.YELLOW, err=True)
-        refs = with_identities(refs)
-        if earlier is not None:
-            n_before = len(refs)
-            refs = [r for r in refs if not earlier.done(r)]
-            torn = "; an incomplete last line (a killed run) is left out" if earlier.torn else ""
-            echo(f"resume: {n_before - len(refs)} slice(s) already in {out}, {len(refs)} to predict{torn}")
-        check_crop(spec, crop_boxes, uncropped)
-        if spec.crop and uncropped:
-            typer.secho(f"warning: {model} was trained on body-cropped slices; running it on whole slices "
-                        "(--uncropped) puts it off its training distribution", fg=typer.colors.YELLOW, err=True)
-        elif not spec.crop and crop_boxes is not None:
-            typer.secho(f"warning: {model} was trained on whole slices; --boxes ignored", fg=typer.colors.YELLOW,
-                        err=True)
-        if earlier is not None:
-            earlier.check(spec.class_names)
-        writer = PredictionWriter(out, spec.class_names, scan_columns=True, resume=earlier) if out is not None else None
-        t_run = time.perf_counter()
-        with (writer or contextlib.nullcontext()), progress(len(refs), "infer", not quiet) as advance:
+def _warn(message: str) -> None:
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
-            def batch_done(n: int) -> None:
-                if writer is not None:
-                    writer.flush()  # the batch's records are in --out: a run killed from here resumes after it
-                advance(n)
 
-            if use_ray:
-                items = predict_sources_ray(model, spec, refs, ray_opts, ray_stats, batch_size, top_rois,
-                                            on_batch=batch_done, boxes=crop_boxes, uncropped=uncropped,
-                                            overlays=overlays, opts=opts, backend=backend, device=device,
-                                            threads=threads)
-            else:
-                items = predict_sources(runner, refs, batch_size, top_rois, on_batch=batch_done, boxes=crop_boxes,
-                                        uncropped=uncropped, keep_pixels=overlays is not None, opts=opts)
-            for item in items:
-                if isinstance(item, Failure):
-                    failures.append(item)
-                    continue
-                pred, decoded = item
-                if overlays is not None and decoded is not None:
-                    from ctmask.runtime.overlays import write_overlay
+def _slice_line(echo):
+    """Prints each slice's prediction (no --out): name, class and probabilities."""
 
-                    pred.overlay, reason = write_overlay(overlays, pred, decoded)
-                    if reason is not None:
-                        failures.append(Failure(pred.key or pred.file, reason))
-                counts[pred.class_name] = counts.get(pred.class_name, 0) + 1
-                rec = pred.to_dict()
-                records.append(rec)
-                if writer is not None:
-                    writer.write(pred)
-                else:
-                    probs = " ".join(f"{k}={v:.4f}" for k, v in pred.probs.items())
-                    # a file name that is not UTF-8 prints its odd bytes as \xNN (stdout is strict UTF-8)
-                    name = (pred.key or pred.file).encode("utf-8", "surrogateescape")
-                    echo(f"{name.decode('utf-8', 'backslashreplace')}\t{pred.class_name}\t{probs}")
-        t_infer = time.perf_counter() - t_run
-        described = (dict(ray_stats.runner or {"backend": backend}) if use_ray else runner.describe())
-    study_records = _write_studies(records, spec, studies, study_top_k)
-    seconds = time.perf_counter() - t0
-    all_counts: dict[str, int] = {}
-    for rec in records:
-        all_counts[rec["class"]] = all_counts.get(rec["class"], 0) + 1
-    if report is not None:
-        from ctmask.core.fileio import output_error
-        from ctmask.runtime.report import write_report
+    def show(pred) -> None:
+        probs = " ".join(f"{k}={v:.4f}" for k, v in pred.probs.items())
+        # a file name that is not UTF-8 prints its odd bytes as \xNN (stdout is strict UTF-8)
+        name = (pred.key or pred.file).encode("utf-8", "surrogateescape")
+        echo(f"{name.decode('utf-8', 'backslashreplace')}\t{pred.class_name}\t{probs}")
 
-        try:
-            write_report(report, model={"path": str(model), "metadata": spec.metadata(), "runner": described},
-                         slices=records, studies=study_records, skipped=[(f.file, f.reason) for f in failures],
-                         counts=all_counts,
-                         timing={"seconds": round(seconds, 3), "inference_seconds": round(t_infer, 3)},
-                         command=" ".join(["ctmask infer", *map(str, [model, *inputs])]))
-        except OSError as exc:
-            raise output_error(exc, report) from None
-    for f in failures:
+    return show
+
+
+def _echo_summary(summary, request) -> None:
+    """The skipped inputs, and the run in one line (stderr)."""
+    for f in summary.failures:
         typer.secho(f"skipped {f.file}: {f.reason}", fg=typer.colors.YELLOW, err=True)
-    n_ok = sum(counts.values())
-    resumed = f" (+{len(earlier.records)} from the earlier run)" if earlier is not None and earlier.records else ""
-    classes = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-    typer.echo(f"predicted {n_ok} slices{resumed} ({classes}) in "
-               f"{len(study_records)} stud{'y' if len(study_records) == 1 else 'ies'}, skipped {len(failures)}, in "
-               f"{seconds:.2f} s on {described.get('provider', described['backend'])}"
-               + (f" in {ray_stats.actors} Ray actor(s)" if ray_stats is not None and ray_stats.actors else "")
-               + "".join(f"; wrote {p}" for p in (out, studies, report) if p is not None)
-               + (f"; overlays in {overlays}" if overlays is not None else ""), err=True)
-    summary = {"model": str(model), "runner": described, "predicted": n_ok, "classes": counts,
-               "studies": study_records, "skipped": [f.to_dict() for f in failures], "seconds": round(seconds, 3),
-               "out": None if out is None else str(out), "crop": bool(spec.crop and not uncropped),
-               "resumed": 0 if earlier is None else len(earlier.records)}
-    if ray_stats is not None:
-        summary["ray"] = ray_stats.to_dict()
-    if out is None:
-        summary["predictions"] = records
-    emit_json(summary, json_out)
-    if failures:
-        raise typer.Exit(1)
+    described, n_studies, actors = summary.runner, len(summary.studies), (summary.ray or {}).get("actors")
+    resumed = f" (+{summary.resumed} from the earlier run)" if summary.resumed else ""
+    classes = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or "none"
+    typer.echo(f"predicted {summary.predicted} slices{resumed} ({classes}) in "
+               f"{n_studies} stud{'y' if n_studies == 1 else 'ies'}, skipped {len(summary.failures)}, in "
+               f"{summary.seconds:.2f} s on {described.get('provider', described['backend'])}"
+               + (f" in {actors} Ray actor(s)" if actors else "")
+               + "".join(f"; wrote {p}" for p in (request.out, request.studies, request.report) if p is not None)
+               + (f"; overlays in {request.overlays}" if request.overlays is not None else ""), err=True)
 
 
 def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, overlays: Path | None,
@@ -255,18 +186,6 @@ def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, 
     if resume and out is None:
         raise ConfigError("--resume continues the predictions file of an earlier run: pass --out FILE")
     return checked
-
-
-def _write_studies(records: list[dict], spec, studies: Path | None, top_k: int) -> list[dict]:
-    """Aggregate the slice records into studies; write them when asked."""
-    from ctmask.runtime.study import StudyWriter, aggregate
-
-    aggregated = aggregate(records, spec.class_names, top_k)
-    if studies is not None:
-        with StudyWriter(studies, spec.class_names) as w:
-            for s in aggregated:
-                w.write(s)
-    return [s.to_dict() for s in aggregated]
 
 
 @user_errors

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from ctmask import __version__
-from ctmask.cli import deploy, precision, serve, triton, trt
+from ctmask.cli import deploy, export, precision, serve, triton, trt
 from ctmask.cli.common import (
     JsonOpt,
     PresetOpt,
@@ -323,8 +323,7 @@ def _evaluate_graph(model: Path, split: Path | None, batch_size: int, crop: bool
     emit_json({"model": str(model), "kind": "graph", **report}, json_out)
 
 
-# precision's ``export`` (every precision) replaces deploy's FP32-only one.
-for _name, _fn in {**deploy.COMMANDS, **precision.COMMANDS, **trt.COMMANDS, **serve.COMMANDS,
+for _name, _fn in {**deploy.COMMANDS, **export.COMMANDS, **precision.COMMANDS, **trt.COMMANDS, **serve.COMMANDS,
                   **triton.COMMANDS}.items():
     app.command(_name)(_fn)
 

@@ -7,13 +7,26 @@ from pathlib import Path
 
 import typer
 
-from ctmask.cli.common import JsonOpt, check_paths, emit_json, human_echo, user_errors
+from ctmask.cli.common import (
+    BACKEND,
+    DEVICE,
+    FORCE_MODALITY,
+    HU_OFFSET,
+    THREADS,
+    TOP_ROIS,
+    UNCROPPED,
+    JsonOpt,
+    check_paths,
+    emit_json,
+    human_echo,
+    user_errors,
+)
 
-BackendOpt = typer.Option("auto", "--backend", help="auto | onnxruntime | openvino | tensorrt | torch (auto: by the "
-                                                    "model file, as `ctmask infer`).")
-DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda.")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads per replica (default: the backend's own choice for "
-                                                  "one replica; the cores divided among several).")
+BackendOpt = BACKEND.option("auto | onnxruntime | openvino | tensorrt | torch (auto: by the model file, as `ctmask "
+                            "infer`).")
+DeviceOpt = DEVICE.option()
+ThreadsOpt = THREADS.option("CPU threads per replica (default: the backend's own choice for one replica; the cores "
+                            "divided among several).")
 
 
 @user_errors
@@ -31,11 +44,11 @@ def serve(
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (MiB); larger: 413."),
     read_timeout_s: float = typer.Option(30.0, "--read-timeout-s", help="How long a request body may stall "
                                                                         "(no new bytes, s) before a 408."),
-    top_rois: int = typer.Option(5, "--top-rois", help="RoI rows (and boxes) per answer."),
-    force_modality: bool = typer.Option(False, "--force-modality", help="Predict DICOM of a modality other than CT."),
-    hu_offset: float = typer.Option(1024.0, "--hu-offset", help="16-bit PNG / TIFF slices hold HU + this offset."),
-    uncropped: bool = typer.Option(False, "--uncropped", help="Serve a model trained on body-cropped slices on whole "
-                                                              "slices (uploads carry no crop box)."),
+    top_rois: int = TOP_ROIS.option("RoI rows (and boxes) per answer.", bounded=False),
+    force_modality: bool = FORCE_MODALITY.option("Predict DICOM of a modality other than CT."),
+    hu_offset: float = HU_OFFSET.option(),
+    uncropped: bool = UNCROPPED.option("Serve a model trained on body-cropped slices on whole slices (uploads carry "
+                                       "no crop box)."),
     address: str | None = typer.Option(None, "--address", help="Join this Ray cluster (e.g. auto, ray://host:10001) "
                                                                "instead of starting a local Ray."),
     token_file: Path | None = typer.Option(None, "--token-file", help="File holding the bearer token every endpoint "

@@ -21,6 +21,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,30 @@ from ctmask.runtime.predict import CropBoxes, Prediction, check_crop
 from ctmask.runtime.runner import Runner
 from ctmask.scans.batch import Loaded, ReadOptions, load_batch
 from ctmask.scans.types import DecodedSlice, Failure, SliceRef
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How slices are predicted: the options :func:`predict_sources` and
+    :func:`ctmask.runtime.predict.predict_files` take.
+
+    Attributes:
+        batch_size: slices per inference call (the last batch may be smaller).
+        top_rois: RoI rows kept per slice in the records.
+        boxes: per-slice body crop boxes; required when the model was trained on cropped
+            slices (``spec.crop``), ignored otherwise.
+        uncropped: run a cropping model on whole slices anyway (off its training
+            distribution: the caller should say so).
+        keep_pixels: keep each decoded slice (for overlays).
+        read: how slices are read.
+    """
+
+    batch_size: int = 8
+    top_rois: int = 5
+    boxes: CropBoxes | None = None
+    uncropped: bool = False
+    keep_pixels: bool = False
+    read: ReadOptions = ReadOptions()
 
 
 def slice_predictions(loaded: Loaded, outputs: dict[str, np.ndarray], spec: GraphSpec,
@@ -74,30 +99,27 @@ def slice_predictions(loaded: Loaded, outputs: dict[str, np.ndarray], spec: Grap
 def predict_sources(
     runner: Runner,
     refs: list[SliceRef],
-    batch_size: int = 8,
-    top_rois: int = 5,
+    options: PredictOptions = PredictOptions(),
     on_batch: Callable[[int], None] | None = None,
-    boxes: CropBoxes | None = None,
-    uncropped: bool = False,
-    keep_pixels: bool = False,
-    opts: ReadOptions = ReadOptions(),
 ) -> Iterator[tuple[Prediction, DecodedSlice | None] | Failure]:
-    """Predict every slice, ``batch_size`` per runner call, in input order.
+    """Predict every slice, ``options.batch_size`` per runner call, in input order.
 
-    The next batch is decoded on a worker thread while the current one runs.
+    The next batch is decoded on a worker thread while the current one runs. ``on_batch`` is
+    called with the number of slices handled after each batch.
 
     Yields:
         ``(prediction, decoded slice or None)`` (the decoded pixels only with
-        ``keep_pixels``, for overlays) or a :class:`Failure` per slice.
+        ``options.keep_pixels``, for overlays) or a :class:`Failure` per slice.
 
     Raises:
         ConfigError: a bad batch size, or a cropping model without ``boxes`` or ``uncropped``.
     """
+    batch_size, boxes, keep_pixels, opts = options.batch_size, options.boxes, options.keep_pixels, options.read
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     spec = runner.spec
-    check_crop(spec, boxes, uncropped)
-    if not spec.crop or uncropped:
+    check_crop(spec, boxes, options.uncropped)
+    if not spec.crop or options.uncropped:
         boxes = None
     chunks = [refs[i : i + batch_size] for i in range(0, len(refs), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -108,7 +130,7 @@ def predict_sources(
                 pending = pool.submit(load_batch, chunks[n + 1], spec, boxes, keep_pixels, opts)
             yield from loaded.failures
             if loaded.refs:
-                preds = slice_predictions(loaded, runner.infer({INPUT: loaded.batch}), spec, top_rois)
+                preds = slice_predictions(loaded, runner.infer({INPUT: loaded.batch}), spec, options.top_rois)
                 yield from zip(preds, loaded.decoded)
             if on_batch is not None:
                 on_batch(len(chunk))

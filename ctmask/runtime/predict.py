@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctmask.core.errors import ConfigError, DataError
 from ctmask.core.fileio import atomic_path, output_error
@@ -26,6 +27,9 @@ from ctmask.data.covidx import Box, SplitEntry, read_split
 from ctmask.runtime.runner import Runner
 from ctmask.scans.sniff import IMAGE_SUFFIXES
 from ctmask.scans.types import Failure
+
+if TYPE_CHECKING:
+    from ctmask.runtime.batch_run import PredictOptions
 
 
 @dataclass
@@ -182,11 +186,8 @@ class CropBoxes:
 def predict_files(
     runner: Runner,
     files: list[Path],
-    batch_size: int = 8,
-    top_rois: int = 5,
+    options: PredictOptions | None = None,
     on_batch: Callable[[int], None] | None = None,
-    boxes: CropBoxes | None = None,
-    uncropped: bool = False,
 ) -> Iterator[Prediction | Failure]:
     """Predict every file, ``batch_size`` slices per runner call, in input order: the
     single-slice form of :func:`ctmask.runtime.batch_run.predict_sources` (same decoding,
@@ -195,13 +196,9 @@ def predict_files(
     Args:
         runner: an active runner.
         files: image files.
-        batch_size: slices per inference call (the last batch may be smaller).
-        top_rois: RoI rows kept per slice in the records.
+        options: batch size, RoI rows, crop boxes, ... (:class:`~ctmask.runtime.batch_run.PredictOptions`;
+            default: its defaults).
         on_batch: called with the number of files handled after each batch.
-        boxes: per-slice body crop boxes; required when the model was trained on
-            cropped slices (``runner.spec.crop``), ignored otherwise.
-        uncropped: run a cropping model on whole slices anyway (off its training
-            distribution: the caller should say so).
 
     Yields:
         a :class:`Prediction` or :class:`Failure` per file.
@@ -209,11 +206,11 @@ def predict_files(
     Raises:
         ConfigError: a bad batch size, or a cropping model without ``boxes`` or ``uncropped``.
     """
-    from ctmask.runtime.batch_run import predict_sources
+    from ctmask.runtime.batch_run import PredictOptions, predict_sources
     from ctmask.scans.types import SliceRef
 
     refs = [SliceRef(str(p)) for p in files]
-    for item in predict_sources(runner, refs, batch_size, top_rois, on_batch, boxes, uncropped):
+    for item in predict_sources(runner, refs, options or PredictOptions(), on_batch):
         yield item if isinstance(item, Failure) else item[0]
 
 

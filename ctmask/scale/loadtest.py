@@ -215,7 +215,7 @@ def judge_level(level: Level, uploads: list[Upload]) -> dict:
 def local_uploads(runner, files: list[Path], batch_size: int, top_rois: int) -> tuple[list[Upload], list[str]]:
     """Each file's bytes and its local record (as ``ctmask infer`` predicts it); files the
     local runner cannot predict are left out and named."""
-    from ctmask.runtime.batch_run import predict_sources
+    from ctmask.runtime.batch_run import PredictOptions, predict_sources
     from ctmask.scans.listing import collect_sources
     from ctmask.scans.types import Failure
 
@@ -224,7 +224,7 @@ def local_uploads(runner, files: list[Path], batch_size: int, top_rois: int) -> 
         refs, failures = collect_sources(files)
     skipped = [f"{f.file}: {f.reason}" for f in failures]
     records: dict[str, dict] = {}
-    for item in predict_sources(runner, refs, batch_size, top_rois):
+    for item in predict_sources(runner, refs, PredictOptions(batch_size, top_rois)):
         if isinstance(item, Failure):
             skipped.append(f"{item.file}: {item.reason}")
         else:
@@ -237,12 +237,12 @@ def local_uploads(runner, files: list[Path], batch_size: int, top_rois: int) -> 
 def reference_throughput(runner, files: list[Path], requests: int, batch_size: int) -> dict:
     """Slices per second of the in-process runner (decode + inference, as ``ctmask infer``),
     ``requests`` slices (the files cycled) at ``batch_size``."""
-    from ctmask.runtime.batch_run import predict_sources
+    from ctmask.runtime.batch_run import PredictOptions, predict_sources
     from ctmask.scans.types import SliceRef
 
     refs = [SliceRef(str(files[i % len(files)])) for i in range(requests)]
     t0 = time.perf_counter()
-    n = sum(1 for _ in predict_sources(runner, refs, batch_size))
+    n = sum(1 for _ in predict_sources(runner, refs, PredictOptions(batch_size)))
     seconds = time.perf_counter() - t0
     return {"batch_size": batch_size, "slices": n, "seconds": round(seconds, 3),
             "throughput_sps": round(n / seconds, 2) if seconds > 0 else 0.0}
