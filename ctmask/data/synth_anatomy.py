@@ -162,7 +162,23 @@ def build_anatomy(rng: np.random.Generator) -> Anatomy:
     vessels = _vessels(rng, shape, lung_id, hila, lateral) * in_lung
     np.copyto(hu, parenchyma + vessels, where=in_lung)
 
-    # Airways: bronchi near the hila (dark lumen, thin wall) and the trachea/main bronchi.
+    air_items = _airways(rng, lung_id, hila, level, (cx, cy, b, medw), (vy, rv))
+    _composite(hu, air_items)
+    _composite(hu, bone_items)
+
+    _table(hu, rng, xx, yy, (cx, cy, a, b))
+
+    rows, cols = np.nonzero(body.any(axis=1))[0], np.nonzero(body.any(axis=0))[0]
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    return Anatomy(hu, parenchyma, vessels, lung_id, tuple(centres), tuple(hila), box)
+
+
+def _airways(rng: np.random.Generator, lung_id: np.ndarray, hila: list, level: float, chest: tuple,
+             spine: tuple) -> list:
+    """Airways: bronchi near the hila (dark lumen, thin wall) and the trachea / main bronchi, as
+    :func:`_composite` items."""
+    cx, cy, b, medw = chest
+    vy, rv = spine
     air_items = []
     for hx, hy in hila:
         for _ in range(int(rng.integers(3, 6))):
@@ -177,10 +193,12 @@ def build_anatomy(rng: np.random.Generator) -> Anatomy:
         for side in (-1, 1):
             r = rng.uniform(5, 7)
             air_items.append(((cx + side * (medw + 4), vy - 2.2 * rv), (r, r), 0.0, -990.0, SOFT_HU, 1.5))
-    _composite(hu, air_items)
-    _composite(hu, bone_items)
+    return air_items
 
-    # Patient table below the back: two thin curved shells around foam.
+
+def _table(hu: np.ndarray, rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, chest: tuple) -> None:
+    """The patient table below the back: two thin curved shells around foam, drawn into ``hu``."""
+    cx, cy, a, b = chest
     top = int(cy + b * 1.02 + rng.uniform(3, 9))
     curve = rng.uniform(0.0, 2e-4)
     band = slice(top, min(SIZE, top + 16))
@@ -188,10 +206,6 @@ def build_anatomy(rng: np.random.Generator) -> Anatomy:
     width_ok = np.abs(xx[band] - cx) < a * 1.15
     shell = ((np.abs(offset - 1) < 1.2) | (np.abs(offset - 9) < 1.0)) & width_ok
     hu[band] = np.where(shell, 150.0, np.where(width_ok & (offset > 1) & (offset < 9), -850.0, hu[band]))
-
-    rows, cols = np.nonzero(body.any(axis=1))[0], np.nonzero(body.any(axis=0))[0]
-    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-    return Anatomy(hu, parenchyma, vessels, lung_id, tuple(centres), tuple(hila), box)
 
 
 def _composite(hu: np.ndarray, items: list) -> None:
