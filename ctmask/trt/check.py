@@ -2,11 +2,12 @@
 decided without a GPU and without TensorRT.
 
 The rules and where each comes from are in :mod:`ctmask.trt.support` (operator matrix,
-limits, restriction checks). This module reads the graph (types and shapes by ONNX shape
+limits, restriction checks). :mod:`ctmask.trt.fold` reads the graph (types and shapes by ONNX shape
 inference, once with the batch symbolic and once with it set to the optimisation profile's
 ``max_batch``), folds what can be known before the build (initializers, Constant nodes,
 Shape of tensors whose dimensions are static at that batch, and integer arithmetic on
-them), and reports one :class:`Finding` per violation, naming the ONNX node:
+them); this module and :mod:`ctmask.trt.rules` (the per-node rules) report one
+:class:`Finding` per violation, naming the ONNX node:
 
 1. the op is in the matrix of the TensorRT major, for its element types, within the
    restrictions the matrix states (unknown domains are fatal unless the op is a plugin);
