@@ -351,7 +351,7 @@ def _export_engine(source: Path, out: Path, engine: str, precision: str | None, 
     summary: dict = {"engine": str(out)}
     graph = source
     if not from_graph:
-        from ctmask.exporter.parity import check_parity
+        from ctmask.backends.parity import check_parity
 
         graph = graph_out
         result, reduced = _export_graph(source, graph, precision or "fp32", quiet=quiet, **graph_opts)

@@ -305,8 +305,8 @@ def run_loadtest(model: str | Path, images: str | Path, clients: list[int], requ
         ConfigError: bad options, no predictable slice in ``images``, or the server at ``url``
             serves another model.
     """
+    from ctmask.backends.registry import make_runner
     from ctmask.core.fileio import sha256_file
-    from ctmask.runtime.factory import make_runner
     from ctmask.runtime.predict import collect_images
 
     note = on_note or (lambda text: None)
