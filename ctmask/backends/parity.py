@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctmask.backends.registry import graph_runner, make_runner
+from ctmask.backends.registry import graph_runner
 from ctmask.core.errors import ConfigError, ModelError
 from ctmask.core.fileio import atomic_path, sha256_file
 from ctmask.core.graphs import content_sha256, load_proto, precision_problems
@@ -24,7 +24,7 @@ from ctmask.core.spec import INPUT, PARITY_AGREEMENT, PARITY_OFF_TOLERANCE, Grap
 from ctmask.exporter.parity import CANDIDATES, judge_parity, probe_stability, take_rows
 from ctmask.exporter.reference import TorchRunner
 from ctmask.runtime.predict import Failure, collect_images, load_batch
-from ctmask.runtime.runner import Runner
+from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
@@ -297,7 +297,7 @@ def decisions_report(files: list[Path], expected: dict[str, np.ndarray], actual:
                  "agreement_vs_pytorch_fp32": float(np.mean(calls[spec.precision] == calls["pytorch_fp32"])),
                  "changed_vs_pytorch_fp32": int(np.sum(calls[spec.precision] != calls["pytorch_fp32"]))}
     if fp32_model is not None:
-        with make_runner(Path(fp32_model), "onnxruntime") as fp32:
+        with OnnxRuntimeRunner(fp32_model) as fp32:  # the FP32 ONNX graph, whatever its suffix
             if fp32.spec.precision != "fp32" or fp32.spec.preset != spec.preset:
                 raise ModelError(f"--fp32 must be the FP32 graph of the same preset; it is {fp32.spec.precision}, "
                                  f"preset {fp32.spec.preset}", fp32_model)
