@@ -56,7 +56,7 @@ from ctmask.exporter.precision import graph_blocks
 from ctmask.exporter.sensitivity import run_graph
 from ctmask.runtime.predict import collect_images, load_batch
 from ctmask.runtime.runner import OnnxRuntimeRunner
-from ctmask.exporter.parity import slice_labels
+from ctmask.backends.parity import slice_labels
 
 out, held, split, precisions = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 files, _ = collect_images([held])

@@ -11,10 +11,11 @@ import onnx
 from onnx import TensorProto, helper
 from tests_helpers import invoke
 
+from ctmask.backends.registry import plan_models
 from ctmask.cli.deploy import format_bench
 from ctmask.core.presets import SMALL
 from ctmask.core.spec import GraphSpec
-from ctmask.runtime.bench import BenchPlan, MultiPlan, plan_models, run_plan
+from ctmask.runtime.bench import BenchPlan, MultiPlan, run_plan
 from ctmask.runtime.runner import Runner
 
 FAST = ("-b", "1", "--warmup", "0", "--iterations", "1", "-q")

@@ -150,8 +150,8 @@ def test_pooled_head_is_recorded_in_checkpoint_and_graph(pooled_run, pooled_grap
 
 
 def test_pooled_graph_passes_parity_and_reports_its_noise_floor(pooled_run, pooled_graph, synth_dir):
+    from ctmask.backends.parity import check_parity
     from ctmask.cli.deploy import format_parity
-    from ctmask.exporter.parity import check_parity
 
     report = check_parity(pooled_run / "cls.pt", pooled_graph, [synth_dir / "images"], max_images=6,
                           batch_size=3)
@@ -317,7 +317,7 @@ def test_evaluate_a_graph_torch_free_with_its_noise_floor(pooled_run, pooled_gra
 
 
 def test_parity_fails_a_graph_whose_head_metadata_lies(pooled_run, pooled_graph, synth_dir, tmp_path):
-    from ctmask.exporter.parity import check_parity
+    from ctmask.backends.parity import check_parity
 
     liar = tmp_path / "liar.onnx"
     model = onnx.load(str(pooled_graph))

@@ -1,4 +1,4 @@
-"""Tests of ctmask.core.metrics (numpy only, fast)."""
+"""Tests of ctmask.core.metrics and ctmask.training.metrics (numpy only, fast)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from ctmask.core.metrics import (
-    classification_report,
-    dice_scores,
-    format_classification_table,
-    format_segmentation_table,
-    mask_ap,
-    mask_iou,
-)
+from ctmask.core.metrics import classification_report, format_classification_table
 from ctmask.core.presets import CLASS_NAMES
+from ctmask.training.metrics import dice_scores, format_segmentation_table, mask_ap, mask_iou
 
 H = W = 20
 
@@ -262,6 +256,7 @@ def test_format_segmentation_table():
     assert "ggo" in format_segmentation_table(None, dice)
 
 
-def test_core_metrics_does_not_import_torch():
-    code = "import sys, ctmask.core.metrics; sys.exit(1 if 'torch' in sys.modules else 0)"
+def test_metrics_do_not_import_torch():
+    code = ("import sys, ctmask.core.metrics, ctmask.training.metrics; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

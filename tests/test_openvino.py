@@ -83,7 +83,7 @@ def test_model_errors_name_the_file(small_onnx, foreign_model, tmp_path):
 
 
 def test_missing_openvino_is_a_config_error_with_the_install_command(small_onnx, monkeypatch):
-    from ctmask.runtime.bench import onnxruntime_resolver, openvino_resolver, plan_backends
+    from ctmask.backends.registry import onnxruntime_resolver, openvino_resolver, plan_backends
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
     with pytest.raises(ConfigError) as err:
@@ -100,7 +100,7 @@ def test_missing_openvino_is_a_config_error_with_the_install_command(small_onnx,
 
 def test_bench_plans_openvino_by_default_and_bf16_only_when_named(small_onnx):
     pytest.importorskip("openvino")
-    from ctmask.runtime.bench import onnxruntime_resolver, openvino_resolver, plan_backends
+    from ctmask.backends.registry import onnxruntime_resolver, openvino_resolver, plan_backends
 
     resolvers = {"onnxruntime": onnxruntime_resolver(small_onnx, 1), "openvino": openvino_resolver(small_onnx, 1)}
     plan = plan_backends(small_onnx, None, resolvers)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from ctmask.backends.parity import check_parity
 from ctmask.core.presets import PAPER
 from ctmask.exporter.onnx_export import export_onnx, trace_to_onnx
-from ctmask.exporter.parity import check_parity
 from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
 from ctmask.training.evaluate import load_classifier
 from ctmask.training.model import CovidCTMaskNet

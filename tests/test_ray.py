@@ -145,8 +145,8 @@ def test_resume_on_ray_from_parquet(small_onnx, scans, tmp_path):
 def test_a_killed_actor_is_recovered_nothing_lost_or_duplicated(small_onnx, scans, tmp_path):
     """SIGKILL the actor process that delivered the first chunk while the others are in flight:
     Ray restarts it and runs its chunks again; every slice comes once, as the local path gives it."""
+    from ctmask.backends.registry import model_spec
     from ctmask.runtime.batch_run import PredictOptions, predict_sources
-    from ctmask.runtime.bench import read_spec
     from ctmask.runtime.runner import OnnxRuntimeRunner
     from ctmask.scale.ray_batch import RayOptions, RayStats, predict_sources_ray, ray_cluster
     from ctmask.scans.listing import collect_sources
@@ -167,7 +167,7 @@ def test_a_killed_actor_is_recovered_nothing_lost_or_duplicated(small_onnx, scan
             os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
 
     with ray_cluster(None, stats):
-        got = [(p.key, p.probs) for p, _ in predict_sources_ray(small_onnx, read_spec(small_onnx), refs,
+        got = [(p.key, p.probs) for p, _ in predict_sources_ray(small_onnx, model_spec(small_onnx), refs,
                                                                 RayOptions(actors=1, cpus_per_actor=1.0), stats,
                                                                 batch_size=2, on_batch=kill_first_worker)]
     assert killed

@@ -323,8 +323,7 @@ def test_metadata_is_checked_against_the_graph_and_sane_ranges_at_load(small_onn
     nor a probability silently dropped."""
     from tests_helpers import invoke
 
-    from ctmask.core.graphs import load_proto, spec_of
-    from ctmask.runtime.bench import read_spec
+    from ctmask.core.graphs import load_proto, read_spec, spec_of
 
     bad = _with_metadata(small_onnx, tmp_path / "edited.onnx", **{key: value})
     for load in (lambda: OnnxRuntimeRunner(bad).activate(), lambda: spec_of(load_proto(bad), bad),

@@ -313,7 +313,7 @@ def test_infer_refuses_an_engine_without_its_sidecar_before_tensorrt(engine_pair
 def test_engine_builds_and_keeps_parity(cls_ckpt, small_onnx, synth_dir, tmp_path):
     """Build an FP32 engine of the small graph, run it through the runner, and judge it with
     the parity gate against PyTorch; the engine's outputs must also match onnxruntime's."""
-    from ctmask.exporter.parity import check_parity
+    from ctmask.backends.parity import check_parity
     from ctmask.runtime.runner import OnnxRuntimeRunner
     from ctmask.runtime.tensorrt_runner import TensorRTRunner
     from ctmask.trt.build import BuildOptions, build_engine

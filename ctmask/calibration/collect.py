@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ctmask.calibration.ranges import METHODS, RangesFile
+from ctmask.calibration.ranges import RangesFile, ort_method
 from ctmask.calibration.slices import CalibrationSet
 from ctmask.core.errors import ConfigError, ModelError
 from ctmask.core.graphs import content_sha256, io_problems, load_proto
@@ -31,21 +31,6 @@ so onnxruntime keeps whole ResNet blocks in int8. Measured (README): paper prese
 against 34, so it is not the default."""
 
 OP_SETS = {"conv": QUANTIZED_OPS, "residual": RESIDUAL_OPS}
-
-
-def _method(name: str):
-    from onnxruntime.quantization import CalibrationMethod
-
-    table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-             "percentile": CalibrationMethod.Percentile}
-    if name not in table:
-        raise ConfigError(f"unknown calibration method {name!r}; expected one of {', '.join(METHODS)}")
-    return table[name]
-
-
-def ort_method(name: str):
-    """onnxruntime's ``CalibrationMethod`` for a ctmask method name."""
-    return _method(name)
 
 
 class _Reader:
@@ -130,7 +115,7 @@ def collect_ranges(model: str | Path, spec: GraphSpec, cal: CalibrationSet, meth
     """
     from onnxruntime.quantization.calibrate import create_calibrator
 
-    ort_m = _method(method)
+    ort_m = ort_method(method)
     proto = proto if proto is not None else load_proto(model)
     check_calibratable(proto, spec, Path(model))
     options: dict = {"op_types": list(op_types), "batch_size": batch_size}

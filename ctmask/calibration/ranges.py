@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctmask import __version__
-from ctmask.core.errors import RangesError
+from ctmask.core.errors import ConfigError, RangesError
 from ctmask.core.fileio import write_json_atomic
 
 FORMAT = "ctmask-ranges/1"
@@ -30,6 +30,17 @@ KNOWN_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool")
 MAX_ABS = 1e6
 """Largest |range| accepted: activations of this model are O(10-100); a range beyond this
 is corrupt (its int8 scale would lose every value, and beyond 3.4e38 it is inf in float32)."""
+
+
+def ort_method(name: str):
+    """onnxruntime's ``CalibrationMethod`` for a ctmask method name."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}
+    if name not in table:
+        raise ConfigError(f"unknown calibration method {name!r}; expected one of {', '.join(METHODS)}")
+    return table[name]
 
 
 @dataclass
@@ -58,8 +69,6 @@ class RangesFile:
         """The ranges as onnxruntime's ``TensorsData`` (what its quantizer reads)."""
         import numpy as np
         from onnxruntime.quantization.calibrate import TensorData, TensorsData
-
-        from ctmask.calibration.collect import ort_method
 
         return TensorsData(ort_method(self.method), {
             name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))

@@ -150,7 +150,7 @@ def check_paths(inputs: dict[str, Any], outputs: dict[str, Any], folders: dict[s
 def input_sidecars(inputs: dict[str, Any]) -> dict[str, list[Path]]:
     """The sidecars of the checkpoints and TensorRT engines among ``inputs`` (``cls.pt`` ->
     ``cls.pt.json``, ``m.engine`` -> ``m.engine.json``), by the input's name."""
-    from ctmask.runtime.factory import CHECKPOINT_SUFFIXES
+    from ctmask.backends.registry import CHECKPOINT_SUFFIXES
     from ctmask.trt.engine import ENGINE_SUFFIXES, SIDECAR_SUFFIX
 
     sidecars: dict[str, list[Path]] = {}

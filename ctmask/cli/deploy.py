@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from ctmask.backends.registry import make_runner
 from ctmask.cli.common import (
     BACKEND,
     DEVICE,
@@ -29,7 +30,6 @@ from ctmask.cli.common import (
 )
 from ctmask.core.errors import ConfigError
 from ctmask.core.noise import NOISE_GRAY_LEVELS, describe_noise_floor
-from ctmask.runtime.factory import make_runner
 
 ResumeOpt = typer.Option(False, "--resume", help="Continue --out of an earlier (or killed) run: the slices already in "
                                                  "it (matched by SOPInstanceUID, else file content) are not "
@@ -221,8 +221,8 @@ def parity(
     PyTorch itself moves by at least half the graph's error under +-jitter input noise (a top-k / NMS decision
     on a knife edge) is reported with both figures and judged out, up to 5% of the slices.
     """
+    from ctmask.backends.parity import check_parity
     from ctmask.core.progress import progress
-    from ctmask.exporter.parity import check_parity
 
     check_paths({"CHECKPOINT": checkpoint, "MODEL": model, "--images": images, "--fp32": fp32, "--labels": labels,
                  "its slices": split_images(labels)}, {"--json": json_out}, {"--polygraphy": polygraphy})
@@ -351,22 +351,11 @@ def bench(
 ) -> None:
     """Latency p50/p90/p99, throughput and peak memory of every model on every backend, on the same
     inputs; ratios over PyTorch (vs torch) and over the FP32 graph on the same backend (vs fp32)."""
-    from ctmask.runtime.bench import onnxruntime_resolver, openvino_resolver, plan_models, run_plan, tensorrt_resolver
+    from ctmask.backends.registry import bench_resolvers, plan_models
+    from ctmask.runtime.bench import run_plan
 
     check_paths({"MODEL": models, "--checkpoint": checkpoint, "--images": images}, {"--json": json_out})
-    def torch_backend(device, spec):
-        # Imported only when a torch backend is planned: an onnxruntime-only bench stays torch-free.
-        try:
-            from ctmask.exporter.reference import torch_resolver
-        except ImportError:
-            return None, "torch is not installed (pip install 'ctmask[train]')"
-        return torch_resolver(checkpoint, threads)(device, spec)
-
-    def resolvers(model: Path) -> dict:
-        return {"onnxruntime": onnxruntime_resolver(model, threads), "openvino": openvino_resolver(model, threads),
-                "tensorrt": tensorrt_resolver(model), "torch": torch_backend}
-
-    plan = plan_models(models, backend, resolvers)
+    plan = plan_models(models, backend, bench_resolvers(checkpoint, threads))
     for name, why in plan.skipped.items():
         typer.secho(f"not benchmarked: {name}: {why}", fg=typer.colors.YELLOW, err=True)
     report = run_plan(plan, batch_size, images, warmup, iterations, not quiet)

@@ -419,9 +419,9 @@ def _prove_graph(checkpoint: Path, graph_out: Path, precision: str | None, build
                  graph: GraphOptions, quiet: bool, echo, summary: dict) -> Path:
     """The graph an engine is built from a checkpoint: exported, then proven against PyTorch on
     --images (its parity in ``summary``)."""
+    from ctmask.backends.parity import check_parity
     from ctmask.core.errors import EngineError
     from ctmask.core.progress import console
-    from ctmask.exporter.parity import check_parity
 
     result, reduced = _export_graph(checkpoint, graph_out, precision or "fp32", graph, quiet)
     _echo_graph(result, reduced, echo)

@@ -250,7 +250,8 @@ def evaluate(
     """Paper Table 2 (classifier or graph) or mask AP / Dice (segmentation) on a test set; for a classifier
     or a graph also its noise floor, the calls that invisible input noise changes."""
     from ctmask.core.errors import ConfigError
-    from ctmask.core.metrics import format_classification_table, format_segmentation_table
+    from ctmask.core.metrics import format_classification_table
+    from ctmask.training.metrics import format_segmentation_table
 
     echo = human_echo(json_out)
     check_paths({"CHECKPOINT": checkpoint, "--split": split, "its slices": split_images(split), "--seg-dir": seg_dir},

@@ -83,6 +83,26 @@ def spec_of(proto: onnx.ModelProto, path: str | Path, *, check_shapes: bool = Tr
     return spec
 
 
+def read_spec(path: str | Path) -> GraphSpec:
+    """The ctmask spec of an ONNX file, from its metadata (weights are not loaded), checked
+    against the graph's declared shapes (:func:`spec_of`).
+
+    Raises:
+        ModelError: the file is missing, not ONNX, or not a ctmask graph.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError("model file does not exist", path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError, onnx others
+        text = str(exc).strip()
+        line = text.splitlines()[0][:300] if text else ""
+        raise ModelError(f"not a loadable ONNX model ({f'{exc.__class__.__name__}: {line}'.rstrip(': ')})",
+                         path) from None
+    return spec_of(proto, path)
+
+
 def io_problems(proto: onnx.ModelProto, spec: GraphSpec) -> list[str]:
     """How the graph's inputs / outputs differ from ``images [B,1,S,S] -> rois, logits, probs, boxes``
     (:data:`OUTPUTS`, in that order, shapes from ``spec``) float32."""

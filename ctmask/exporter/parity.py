@@ -22,16 +22,15 @@ The definition (the README states it in one paragraph):
   there (``probs`` follows ``logits``); both are reported. At most 5% of the slices may
   be judged out: when more fail, none is probed and the check fails.
 
-Running and judging are separate: :func:`run_pair` produces two output dicts,
-:func:`judge_parity` (numpy; S passed in as a callable) judges them.
+Running and judging are separate: :func:`ctmask.backends.parity.run_pair` produces two
+output dicts, :func:`judge_parity` (numpy; S passed in as a callable) judges them, and
+:func:`ctmask.backends.parity.check_parity` (which makes the runners) reports.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -44,23 +43,8 @@ from ctmask.core.compare import (
     compare_arrays,
     reference_in_graph_order,
 )
-from ctmask.core.errors import ConfigError, ModelError
-from ctmask.core.fileio import atomic_path, sha256_file
-from ctmask.core.graphs import content_sha256, load_proto, precision_problems
-from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
-from ctmask.core.spec import (
-    INPUT,
-    PARITY_AGREEMENT,
-    PARITY_OFF_TOLERANCE,
-    GraphSpec,
-    Tolerance,
-    parity_tolerances,
-)
-from ctmask.exporter.reference import TorchRunner
-from ctmask.runtime.predict import collect_images
-from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
-from ctmask.scans.batch import load_batch
-from ctmask.scans.types import Failure
+from ctmask.core.spec import INPUT, Tolerance
+from ctmask.runtime.runner import Runner
 
 COMPARABLE = 0.5
 """A failing slice is judged out as unstable only when PyTorch, under input noise, moves
@@ -92,7 +76,7 @@ def line_tolerance(tol: dict[str, Tolerance], name: str) -> Tolerance:
     return tol[name] if name in tol else tol[TOLERANCE_OF.get(name, name)]
 
 
-def _rows(outputs: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+def take_rows(outputs: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
     """The same rows (slices) of every output."""
     return {k: v[index] for k, v in outputs.items()}
 
@@ -101,10 +85,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis."""
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
-
-
-def _batches(n: int, batch_size: int) -> list[slice]:
-    return [slice(start, start + batch_size) for start in range(0, n, batch_size)]
 
 
 @dataclass
@@ -289,7 +269,7 @@ def probe_stability(reference: Runner, images: np.ndarray, expected: dict[str, n
     out = {}
     for i in indices:
         moved: dict[str, float] = {}
-        clean = _rows(expected, slice(i, i + 1))
+        clean = take_rows(expected, slice(i, i + 1))
         for seed in range(seeds):
             noise = np.random.default_rng(seed).uniform(-jitter, jitter, images[i : i + 1].shape)
             run = reference.infer({INPUT: np.clip(images[i : i + 1] + noise, 0, 1).astype(np.float32)})
@@ -298,10 +278,6 @@ def probe_stability(reference: Runner, images: np.ndarray, expected: dict[str, n
         out[i] = moved
     return out
 
-
-SERVED_METADATA = ("class_names", "crop", "resize", "window", "head")
-"""Graph metadata the runtime acts on or reports, which must equal the checkpoint's (``metadata``
-line): a graph claiming the pooled head while holding the paper's S fails here."""
 
 DERIVED = {"probs": "logits"}
 """Lines computed from another inside the graph (probs = softmax(logits)): on a probed
@@ -322,21 +298,6 @@ def unstable(failing: list[dict], moved: dict[int, dict[str, float]]) -> set[int
 
     return {f["index"] for f in failing if f["index"] in moved
             and all(comparable(f["index"], f["max_abs"], k) for k in f["max_abs"])}
-
-
-def run_pair(reference: Runner, candidate: Runner, images: np.ndarray, batch_size: int,
-             on_batch: Callable[[int], None] | None = None) -> tuple[dict, dict]:
-    """Run both active runners on ``images`` [M, 1, S, S] in batches; concatenate outputs."""
-    ref: dict[str, list] = {}
-    cand: dict[str, list] = {}
-    for batch in _batches(len(images), batch_size):
-        feed = {INPUT: np.ascontiguousarray(images[batch])}
-        for store, runner in ((ref, reference), (cand, candidate)):
-            for k, v in runner.infer(feed).items():
-                store.setdefault(k, []).append(v)
-        if on_batch:
-            on_batch(len(feed[INPUT]))
-    return ({k: np.concatenate(v) for k, v in ref.items()}, {k: np.concatenate(v) for k, v in cand.items()})
 
 
 def judge_parity(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tol: dict[str, Tolerance],
@@ -410,258 +371,3 @@ def _judge_reduced(judged: list[SliceJudgement], expected: dict[str, np.ndarray]
                   off_tolerance_allowed=allowed, off_tolerance_candidates=len(excusable))
     report["judged_reference"] = _judged_reference(judged, expected)
     return report
-
-
-def candidate_runner(model: str | Path) -> Runner:
-    """The runner of the graph under test: a TensorRT engine (``.engine``) or an ONNX graph."""
-    from ctmask.trt.engine import is_engine_path
-
-    if is_engine_path(model):
-        from ctmask.runtime.tensorrt_runner import TensorRTRunner
-
-        return TensorRTRunner(model)
-    return OnnxRuntimeRunner(model)
-
-
-def source_graph(model: str | Path, notes: list[str]) -> Path | None:
-    """The ONNX file whose contents parity checks against the declared precision: the model
-    itself, or for an engine the graph it was built from, when that file is still there
-    unchanged (otherwise a note says the contents were not re-checked)."""
-    from ctmask.trt.engine import is_engine_path, read_sidecar
-
-    if not is_engine_path(model):
-        return Path(model)
-    info = read_sidecar(model)
-    onnx_file = Path(info.onnx_file) if info.onnx_file else None
-    if onnx_file is not None and onnx_file.is_file() and sha256_file(onnx_file) == info.onnx_sha256:
-        return onnx_file
-    notes.append(f"the ONNX graph {model} was built from ({info.onnx_file or 'unnamed'}, sha256 "
-                 f"{info.onnx_sha256[:12]}...) is not at hand unchanged: its contents were not re-checked against "
-                 "its declared precision")
-    return None
-
-
-def check_parity(
-    checkpoint: str | Path,
-    model: str | Path,
-    inputs: list[str | Path],
-    max_images: int = 64,
-    batch_size: int = 8,
-    min_argmax_agreement: float | None = None,
-    polygraphy_dir: str | Path | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
-    jitter: float = 1e-6,
-    max_unstable_fraction: float = 0.05,
-    fp32_model: str | Path | None = None,
-    labels: str | Path | None = None,
-    noise_levels: tuple[float, ...] = NOISE_GRAY_LEVELS,
-) -> dict:
-    """PyTorch (checkpoint) against onnxruntime (model) on up to ``max_images`` slices.
-
-    Args:
-        checkpoint: classifier checkpoint the model was exported from.
-        model: ctmask ONNX file.
-        inputs: image files or folders.
-        max_images: slices used (the first ones, in sorted order).
-        batch_size: slices per inference call.
-        min_argmax_agreement: fraction of slices whose predicted class must agree (default:
-            ctmask's ``PARITY_AGREEMENT`` for the graph's precision: 100% FP32, 99.5% FP16,
-            99% INT8).
-        polygraphy_dir: if given, also write the inputs and the PyTorch outputs there in
-            Polygraphy's JSON formats, for ``polygraphy run --load-inputs/--load-outputs``.
-        on_batch: progress callback (slices done in the batch).
-        on_start: called once with the number of slices about to be compared.
-        jitter: input noise of the stability probe (:func:`probe_stability`); 0 turns
-            it off. Unstable slices are reported and judged out, up to
-            ``max_unstable_fraction`` of the slices; beyond that the check fails. FP32 only:
-            FP16 / INT8 graphs may instead be off tolerance on ``PARITY_OFF_TOLERANCE`` of
-            the slices (:func:`judge_parity`).
-        fp32_model: the FP32 graph a reduced-precision graph was made from: its class calls
-            (and accuracy) are reported beside the graph's.
-        labels: a COVIDx-CT split file naming the slices' classes: accuracy of PyTorch, the
-            graph (and the FP32 graph) is reported, and the graph's change against FP32.
-        noise_levels: the model's noise floor (:mod:`ctmask.core.noise`): PyTorch's own calls
-            under seeded input noise of each amplitude (gray levels), reported as
-            ``noise_floor`` beside the agreement it puts in proportion; ``()`` skips it.
-
-    Returns:
-        the report of :func:`judge_parity` plus ``model``, ``checkpoint``, ``n_images``,
-        ``precision``, ``tolerances`` (ctmask's table for it), ``skipped`` (unreadable
-        files), ``warnings``, and the runners' descriptions.
-
-    Raises:
-        ModelError: the graph and the checkpoint are of different presets, or the graph
-            declares a precision ctmask has no tolerances for.
-    """
-    files, skipped = collect_images(inputs)
-    files = files[:max_images]
-    notes: list[str] = []
-    graph_file = source_graph(model, notes)
-    with candidate_runner(model) as candidate, TorchRunner(checkpoint, candidates=CANDIDATES) as reference:
-        spec, ref_spec = candidate.spec, reference.spec
-        if (spec.preset, spec.image_size, spec.n_rois) != (ref_spec.preset, ref_spec.image_size, ref_spec.n_rois):
-            raise ModelError(f"graph is preset {spec.preset!r} ({spec.image_size} px, N={spec.n_rois}) but the "
-                             f"checkpoint is preset {ref_spec.preset!r} ({ref_spec.image_size} px, "
-                             f"N={ref_spec.n_rois})", model)
-        tol = parity_tolerances(spec.precision, model)
-        if graph_file is not None:
-            proto = load_proto(graph_file)
-            reduced = json.loads({p.key: p.value for p in proto.metadata_props}.get("ctmask.reduced_blocks", "null"))
-            contradictions = precision_problems(proto, spec, reduced if isinstance(reduced, list) else None)
-            del proto
-            if contradictions:
-                raise ModelError("the graph's contents contradict its metadata: " + "; ".join(contradictions),
-                                 graph_file)
-        if min_argmax_agreement is None:
-            min_argmax_agreement = PARITY_AGREEMENT[spec.precision]
-        off_tolerance = PARITY_OFF_TOLERANCE[spec.precision]
-        # What the runtime reads from the graph's metadata must be what the model was trained with.
-        mismatches = {name: {"graph": getattr(spec, name), "checkpoint": getattr(ref_spec, name)}
-                      for name in SERVED_METADATA if getattr(spec, name) != getattr(ref_spec, name)}
-        warnings = list(notes)
-        declared = spec.declared_tolerances
-        if declared is not None and declared != tol:
-            warnings.append(f"{model} declares its own parity tolerances; they are ignored: ctmask judges a "
-                            f"{spec.precision} graph by its own table")
-        ref_sha = sha256_file(checkpoint)
-        if spec.checkpoint_sha256 and spec.checkpoint_sha256 != ref_sha:
-            warnings.append(f"{model} was exported from a different checkpoint (sha256 {spec.checkpoint_sha256[:12]}"
-                            f"..., {checkpoint} is {ref_sha[:12]}...)")
-        if spec.weights_sha256 and ref_spec.weights_sha256 and spec.weights_sha256 != ref_spec.weights_sha256:
-            warnings.append(f"{model} holds other weights than {checkpoint} (weights digest "
-                            f"{spec.weights_sha256[:12]}... against {ref_spec.weights_sha256[:12]}...)")
-        loaded = load_batch(files, spec)
-        images, ok, bad = loaded.batch, loaded.paths, loaded.failures
-        skipped += bad
-        if not ok:
-            raise ConfigError("no readable slices to compare: " + "; ".join(f"{f.file}: {f.reason}" for f in skipped))
-        if on_start:
-            on_start(len(ok))
-        expected, actual = run_pair(reference, candidate, images, batch_size, on_batch)
-        runners = {"reference": reference.describe(), "candidate": candidate.describe()}
-        wrong = {k: list(actual[k].shape) if k in actual else "missing"
-                 for k, shape in spec.output_shapes(len(ok)).items() if k not in actual or actual[k].shape != shape}
-        if wrong:
-            raise ModelError(f"graph outputs {wrong} do not have the shapes its metadata declares "
-                             f"{ {k: list(v) for k, v in spec.output_shapes(len(ok)).items()} }", model)
-
-        def probe(indices: list[int]) -> dict[int, dict[str, float]]:
-            return probe_stability(reference, images, expected, indices, tol, jitter)
-
-        report = judge_parity(actual, expected, tol, reference.classify, min_argmax_agreement,
-                              probe if jitter > 0 and off_tolerance == 0 else None, max_unstable_fraction,
-                              off_tolerance)
-        report["decisions"] = decisions_report(ok, expected, actual, spec, model, fp32_model, labels, images,
-                                               batch_size)
-        if noise_levels:
-            report["noise_floor"] = reference_noise_floor(reference, images, expected, batch_size, noise_levels)
-    judged_reference = report.pop("judged_reference")
-    report["metadata_mismatches"] = mismatches
-    if mismatches:
-        report["failures"].append("metadata")
-        report["passed"] = False
-    for item in report["failing_slices"] + report["probed_slices"]:
-        item["file"] = str(ok[item["index"]])
-    if polygraphy_dir is not None:
-        save_for_polygraphy(polygraphy_dir, images, judged_reference, batch_size)
-    return {
-        "model": str(model),
-        "checkpoint": str(checkpoint),
-        "preset": spec.preset,
-        "precision": spec.precision,
-        "tolerances": {k: t.to_dict() for k, t in tol.items()},
-        "reference_candidates": int(expected["candidates"].shape[1] - spec.n_rois),
-        "n_images": len(ok),
-        "batch_size": batch_size,
-        "skipped": [f.to_dict() for f in skipped if isinstance(f, Failure)],
-        "warnings": warnings,
-        "runners": runners,
-        "head": ref_spec.head,
-        **report,
-    }
-
-
-def reference_noise_floor(reference: TorchRunner, images: np.ndarray, expected: dict[str, np.ndarray],
-                          batch_size: int, levels: tuple[float, ...]) -> dict:
-    """PyTorch's own class calls under seeded input noise (:class:`ctmask.core.noise.NoiseFloor`)."""
-    floor = NoiseFloor(levels)
-    for b in _batches(len(images), batch_size):
-        floor.measure(lambda x: reference.infer({INPUT: x})["logits"], images[b], expected["logits"][b])
-    return floor.to_dict()
-
-
-def slice_labels(files: list[Path], split: str | Path) -> np.ndarray:
-    """Class of each file from a COVIDx-CT split (by resolved path, else by file name); -1 if absent."""
-    from ctmask.data.covidx import read_split
-
-    entries = read_split(split, check_exists=False)
-    by_path = {e.path.resolve(): e.label for e in entries}
-    by_name = {e.path.name: e.label for e in entries}
-    return np.array([by_path.get(Path(f).resolve(), by_name.get(Path(f).name, -1)) for f in files])
-
-
-def decisions_report(files: list[Path], expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
-                     spec: GraphSpec, model: str | Path, fp32_model: str | Path | None,
-                     labels: str | Path | None, images: np.ndarray, batch_size: int) -> dict:
-    """Class calls of the graph against PyTorch FP32 (and the FP32 graph), accuracy with labels."""
-    calls = {"pytorch_fp32": expected["logits"].argmax(-1), spec.precision: actual["logits"].argmax(-1)}
-    out: dict = {"precision": spec.precision,
-                 "agreement_vs_pytorch_fp32": float(np.mean(calls[spec.precision] == calls["pytorch_fp32"])),
-                 "changed_vs_pytorch_fp32": int(np.sum(calls[spec.precision] != calls["pytorch_fp32"]))}
-    if fp32_model is not None:
-        with OnnxRuntimeRunner(fp32_model) as fp32:
-            if fp32.spec.precision != "fp32" or fp32.spec.preset != spec.preset:
-                raise ModelError(f"--fp32 must be the FP32 graph of the same preset; it is {fp32.spec.precision}, "
-                                 f"preset {fp32.spec.preset}", fp32_model)
-            if spec.precision != "fp32" and content_sha256(load_proto(fp32_model)) != spec.source_sha256:
-                raise ModelError(f"{model} was not made from this FP32 graph (its source's content sha256 is "
-                                 f"{spec.source_sha256[:12] or 'missing'}...)", fp32_model)
-            logits = np.concatenate([fp32.infer({INPUT: np.ascontiguousarray(images[b])})["logits"]
-                                     for b in _batches(len(images), batch_size)])
-        calls["fp32_graph"] = logits.argmax(-1)
-        out["agreement_vs_fp32_graph"] = float(np.mean(calls[spec.precision] == calls["fp32_graph"]))
-        out["changed_vs_fp32_graph"] = int(np.sum(calls[spec.precision] != calls["fp32_graph"]))
-    if labels is not None:
-        y = slice_labels(files, labels)
-        known = y >= 0
-        out["labelled"] = int(known.sum())
-        if known.any():
-            acc = {k: float(np.mean(v[known] == y[known])) for k, v in calls.items()}
-            out["accuracy"] = acc
-            base = acc.get("fp32_graph", acc["pytorch_fp32"])
-            out["accuracy_change_vs_fp32"] = acc[spec.precision] - base
-    return out
-
-
-def save_for_polygraphy(out_dir: str | Path, images: np.ndarray, expected: dict[str, np.ndarray],
-                        batch_size: int) -> dict[str, Path]:
-    """Write ``inputs.json`` and ``reference_outputs.json`` (runner "pytorch") for Polygraphy.
-
-    ``expected`` should be the judged reference (PyTorch's rows, and the logits each
-    slice was judged against); Polygraphy compares elementwise, so judge ``rois`` there
-    with a robust statistic (median).
-
-    Raises:
-        ConfigError: Polygraphy is not installed.
-    """
-    try:
-        from polygraphy.comparator import RunResults
-        from polygraphy.json import save_json
-        from polygraphy.logger import G_LOGGER
-    except ImportError:
-        raise ConfigError("writing Polygraphy files needs polygraphy: pip install polygraphy") from None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    batches = _batches(len(images), batch_size)
-    feeds = [{INPUT: np.ascontiguousarray(images[b])} for b in batches]
-    outs = [{k: np.ascontiguousarray(v) for k, v in _rows(expected, b).items()} for b in batches]
-    paths = {"inputs": out_dir / "inputs.json", "outputs": out_dir / "reference_outputs.json"}
-    G_LOGGER.module_severity = G_LOGGER.ERROR  # its "[I] Saving ..." lines would mix into our output
-    results = RunResults()
-    results.add(outs, runner_name="pytorch")
-    with atomic_path(paths["inputs"]) as tmp:
-        save_json(feeds, str(tmp), description="ctmask parity inputs")
-    with atomic_path(paths["outputs"]) as tmp:
-        results.save(str(tmp))
-    return paths

@@ -389,7 +389,8 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    from ctmask.calibration.collect import QUANTIZED_OPS, ort_method
+    from ctmask.calibration.collect import QUANTIZED_OPS
+    from ctmask.calibration.ranges import ort_method
 
     if target not in INT8_TARGETS:
         raise PrecisionError(f"unknown INT8 target {target!r}; expected one of {', '.join(INT8_TARGETS)}")

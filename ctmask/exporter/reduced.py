@@ -239,16 +239,7 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
     if opts.precision == "int8":
         ranges, calibrated, cal = _ranges_for(proto32, spec32, sha, opts, on_step)
     reduce = reducer(opts.precision, ranges, opts.int8_target)
-    report = None
-    if opts.fp32_blocks is not None:
-        islands = {b: "chosen by --fp32-blocks (not measured)" for b in opts.fp32_blocks}
-        islands.update(ALWAYS_FP32)
-    elif opts.islands_report is not None:
-        report = load_report(opts.islands_report, opts.precision, sha, opts.int8_target, ranges)
-        islands = {**report["choice"]["fp32_islands"], **ALWAYS_FP32}
-    else:
-        report = _measure(proto32, spec32, sha, opts, ranges, cal, on_step)
-        islands = dict(report["choice"]["fp32_islands"])
+    islands, report = _choose_islands(proto32, spec32, sha, opts, ranges, cal, on_step)
     reduced_proto = reduce(proto32, set(islands) | set(ALWAYS_FP32))
     spec = replace(spec32, precision=opts.precision, fp32_islands=tuple(sorted(islands)),
                    int8_target=opts.int8_target if opts.precision == "int8" else "", source_sha256=sha)
@@ -292,6 +283,23 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
         summary["int8_target"] = opts.int8_target
         summary["qdq"] = qdq_summary(reduced_proto)
     return result, summary
+
+
+def _choose_islands(proto32: onnx.ModelProto, spec32: GraphSpec, sha: str, opts: ReducedOptions,
+                    ranges: RangesFile | None, cal, on_step: Callable[[str], None] | None) -> tuple[dict, dict | None]:
+    """The blocks kept in FP32 (block -> why) and the sensitivity report behind them (None
+    when ``--fp32-blocks`` chose them): given, read from a report, or measured now."""
+    report = None
+    if opts.fp32_blocks is not None:
+        islands = {b: "chosen by --fp32-blocks (not measured)" for b in opts.fp32_blocks}
+        islands.update(ALWAYS_FP32)
+    elif opts.islands_report is not None:
+        report = load_report(opts.islands_report, opts.precision, sha, opts.int8_target, ranges)
+        islands = {**report["choice"]["fp32_islands"], **ALWAYS_FP32}
+    else:
+        report = _measure(proto32, spec32, sha, opts, ranges, cal, on_step)
+        islands = dict(report["choice"]["fp32_islands"])
+    return islands, report
 
 
 def _measure(proto32: onnx.ModelProto, spec32: GraphSpec, sha: str, opts: ReducedOptions,

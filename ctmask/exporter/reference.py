@@ -6,8 +6,6 @@ checks and benchmarks compare like with like.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -99,17 +97,3 @@ def reference_checkpoint(spec: GraphSpec, checkpoint: Path | None) -> tuple[Path
     if sha256_file(named) != spec.checkpoint_sha256:
         return None, f"{named} changed since export (sha256 differs): pass --checkpoint"
     return named, ""
-
-
-def torch_resolver(checkpoint: str | Path | None, threads: int | None):
-    """Resolver of the ``torch-*`` bench backends (see :func:`ctmask.runtime.bench.plan_backends`)."""
-
-    def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
-        if device == "cuda" and not torch.cuda.is_available():
-            return None, "torch sees no CUDA device"
-        ckpt, why = reference_checkpoint(spec, None if checkpoint is None else Path(checkpoint))
-        if ckpt is None:
-            return None, why
-        return functools.partial(TorchRunner, ckpt, device, threads), ""
-
-    return resolve

@@ -6,24 +6,25 @@ their ratios are meaningful even on a shared, noisy machine: several graphs of o
 process's resident-set high-water mark while the runner is built and run (Linux:
 ``VmHWM``, reset through ``/proc/self/clear_refs``), which includes what the backend
 loads (libraries, weights, arenas).
+
+Which backends run a model, and their runners, come from :mod:`ctmask.backends.registry`
+(:func:`~ctmask.backends.registry.plan_models`); this module measures a plan.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ctmask.core.errors import ConfigError, CtmaskError, ModelError
+from ctmask.core.errors import ConfigError, CtmaskError
 from ctmask.core.spec import INPUT, GraphSpec
-from ctmask.runtime.openvino_runner import HINTS, OpenVinoRunner, import_openvino
-from ctmask.runtime.runner import OnnxRuntimeRunner, Runner, onnxruntime_devices
+from ctmask.runtime.runner import Runner
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -167,17 +168,10 @@ def speedups_vs_fp32(results: list[dict], baseline: str) -> dict[str, dict[str, 
     return out
 
 
-BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu", "tensorrt-cuda", "torch-cpu", "torch-cuda")
-"""Backends benchmarked by default (each one that can run here)."""
-ON_REQUEST = ("openvino-bf16",)
-"""Backends benchmarked only when named: OpenVINO with the bf16 precision hint changes class
-calls, so it is a figure to report, never a default."""
 REFERENCE = "torch-cpu"
+"""The backend the speed-ups are taken over (the PyTorch checkpoint on the CPU)."""
 ONCE = ("torch",)
 """Backend kinds that run the checkpoint, not a graph: planned for the first model only."""
-
-Resolver = Callable[[str, GraphSpec], tuple[Callable[[], Runner] | None, str]]
-"""(device, graph spec) -> (runner factory, "") or (None, why the backend cannot run here)."""
 
 
 def _kind(backend: str) -> str:
@@ -188,30 +182,6 @@ def _kind(backend: str) -> str:
 def precision_label(precision: str, int8_target: str | None = None) -> str:
     """``fp32``, ``fp16``, ``int8 (cpu)``, ``int8 (tensorrt)``."""
     return f"{precision} ({int8_target})" if precision == "int8" and int8_target else precision
-
-
-def read_spec(model: Path) -> GraphSpec:
-    """The ctmask spec of an ONNX file, from its metadata (no backend, weights not loaded), or
-    of a TensorRT engine, from its sidecar.
-
-    Raises:
-        ModelError: the file is missing, not ONNX, or not a ctmask graph.
-    """
-    import onnx
-
-    from ctmask.trt.engine import is_engine_path, read_sidecar
-
-    if is_engine_path(model):
-        return read_sidecar(model).spec
-    if not model.is_file():
-        raise ModelError("model file does not exist", model)
-    try:
-        proto = onnx.load(str(model), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own DecodeError, onnx others
-        raise ModelError(f"not a loadable ONNX model ({_first_line(exc)})", model) from None
-    from ctmask.core.graphs import spec_of
-
-    return spec_of(proto, model)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -253,149 +223,6 @@ class MultiPlan:
         for plan in self.plans:
             names |= dict.fromkeys(plan.factories)
         return list(names)
-
-
-def onnxruntime_resolver(model: Path, threads: int | None) -> Resolver:
-    """Resolver of the ``onnxruntime-*`` backends for ``model``."""
-
-    def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
-        if _is_engine(model):
-            return None, "an engine runs on tensorrt only"
-        if device not in onnxruntime_devices():
-            return None, "this onnxruntime build has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
-        return functools.partial(OnnxRuntimeRunner, model, device, threads), ""
-
-    return resolve
-
-
-def openvino_resolver(model: Path, threads: int | None) -> Resolver:
-    """Resolver of the ``openvino-*`` backends for ``model``: ``openvino-cpu`` (f32 hint) and
-    ``openvino-bf16`` (bf16 hint, on the CPU too); skipped when OpenVINO is not installed."""
-
-    def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
-        if _is_engine(model):
-            return None, "an engine runs on tensorrt only"
-        hint = "f32" if device == "cpu" else device
-        if hint not in HINTS:
-            return None, f"no OpenVINO precision hint {device!r}"
-        try:
-            import_openvino()
-        except ConfigError as exc:
-            return None, f"{exc.message} ({exc.hint})"
-        return functools.partial(OpenVinoRunner, model, threads, hint), ""
-
-    return resolve
-
-
-def _is_engine(model: Path) -> bool:
-    from ctmask.trt.engine import is_engine_path
-
-    return is_engine_path(model)
-
-
-def tensorrt_resolver(model: Path) -> Resolver:
-    """Resolver of ``tensorrt-cuda`` for an engine file; skipped (with the reason) for an ONNX
-    graph, or where TensorRT, CUDA or a GPU is missing."""
-
-    def resolve(device: str, spec: GraphSpec) -> tuple[Callable[[], Runner] | None, str]:
-        if not _is_engine(model):
-            return None, "runs engine files (ctmask export MODEL.onnx --engine tensorrt)"
-        from ctmask.core.errors import TensorRTUnavailable
-        from ctmask.runtime.tensorrt_runner import TensorRTRunner
-        from ctmask.trt.api import require_tensorrt
-        from ctmask.trt.cuda import open_cuda
-
-        try:
-            require_tensorrt()
-            open_cuda().close()
-        except TensorRTUnavailable as exc:
-            return None, f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-        return functools.partial(TensorRTRunner, model), ""
-
-    return resolve
-
-
-def plan_backends(model: str | Path, wanted: list[str] | None, resolvers: dict[str, Resolver]) -> BenchPlan:
-    """Resolve the backends to benchmark one model; unavailable ones are skipped with a reason.
-
-    Args:
-        model: ctmask ONNX file.
-        wanted: backend names, from :data:`BACKENDS` and :data:`ON_REQUEST` (default: all of
-            :data:`BACKENDS`).
-        resolvers: per backend kind ("onnxruntime", "openvino", "torch"), what builds its runners.
-            The runtime knows only onnxruntime; the caller adds the PyTorch reference
-            (:func:`ctmask.exporter.reference.torch_resolver`), so nothing here imports torch.
-
-    Raises:
-        ConfigError: an unknown backend name, or an explicitly requested backend that
-            cannot run here.
-        ModelError: the model is missing or not a ctmask graph.
-    """
-    return plan_models([model], wanted, lambda _: resolvers).plans[0]
-
-
-def plan_models(models: Sequence[str | Path], wanted: list[str] | None,
-                resolvers: Callable[[Path], dict[str, Resolver]]) -> MultiPlan:
-    """Resolve the backends to benchmark several graphs of one model (e.g. FP32, FP16, INT8).
-
-    Every graph is planned on every backend; the checkpoint backends (``torch-*``, see
-    :data:`ONCE`) only for the first graph, whose metadata names the checkpoint.
-
-    Args:
-        models: ctmask ONNX files, all of one preset and input size.
-        wanted: as for :func:`plan_backends`.
-        resolvers: model -> its resolvers per backend kind (as for :func:`plan_backends`).
-
-    Raises:
-        ConfigError: no model, a model given twice, models of different presets or input
-            sizes, an unknown backend name, or an explicitly requested backend that cannot
-            run here.
-        ModelError: a model is missing or not a ctmask graph.
-    """
-    paths = [Path(m) for m in models]
-    if not paths:
-        raise ConfigError("no model to benchmark")
-    seen: dict[Path, Path] = {}
-    for path in paths:
-        key = path.resolve()
-        if key in seen:
-            raise ConfigError(f"{path} is given twice" + (f" (as {seen[key]})" if seen[key] != path else ""))
-        seen[key] = path
-    specs = [read_spec(p) for p in paths]
-    first = specs[0]
-    for path, spec in zip(paths[1:], specs[1:], strict=True):
-        if (spec.preset, spec.image_size) != (first.preset, first.image_size):
-            raise ConfigError(
-                f"all models must share preset and input size, to run on the same inputs: {paths[0]} is "
-                f"{first.preset} ({first.image_size} x {first.image_size}), {path} is {spec.preset} "
-                f"({spec.image_size} x {spec.image_size})")
-    for name in wanted or ():
-        if name not in BACKENDS + ON_REQUEST:
-            raise ConfigError(f"unknown backend {name!r}; expected one of {list(BACKENDS + ON_REQUEST)}")
-    names = list(dict.fromkeys(wanted or BACKENDS))
-    plans = []
-    for i, (path, spec) in enumerate(zip(paths, specs, strict=True)):
-        plan = BenchPlan(path, spec)
-        offered = resolvers(path)
-        for name in names:
-            kind, device = name.rsplit("-", 1)
-            if i and kind in ONCE:
-                continue
-            resolver = offered.get(kind)
-            factory, why = resolver(device, spec) if resolver else (None, f"no {kind} backend was offered")
-            if factory is None:
-                plan.skipped[name] = why
-            else:
-                plan.factories[name] = factory
-        plans.append(plan)
-    skipped = plans[0].skipped
-    if wanted:
-        missing = [n for n in names if n in skipped]
-        if missing:
-            raise ConfigError("cannot run " + "; ".join(f"{n}: {skipped[n]}" for n in missing))
-    if not plans[0].factories:
-        raise ConfigError("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    return MultiPlan(plans)
 
 
 def bench_images(spec: GraphSpec, n: int, folder: Path | None) -> np.ndarray:

@@ -44,19 +44,6 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
-def _read_spec(path: Path) -> GraphSpec:
-    """The ctmask spec from the ONNX file's ``metadata_props`` (weights are not loaded)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own DecodeError, onnx others
-        raise ModelError(f"not a loadable ONNX model ({_first_line(exc)})", path) from None
-    from ctmask.core.graphs import spec_of
-
-    return spec_of(proto, path)
-
-
 class OpenVinoRunner(Runner):
     """OpenVINO backend on the CPU.
 
@@ -91,7 +78,9 @@ class OpenVinoRunner(Runner):
 
         if not self.path.is_file():
             raise ModelError("model file does not exist", self.path)
-        spec = _read_spec(self.path)
+        from ctmask.core.graphs import read_spec
+
+        spec = read_spec(self.path)
         core = ov.Core()
         try:
             model = core.read_model(str(self.path))

@@ -262,7 +262,21 @@ def render_report(
         f"written {generated} by ctmask {e(__version__)}</p>",
     ]
 
-    # Counts per class.
+    out.extend(_counts_section(class_names, study_views, slice_views, counts))
+    head = "".join(f'<th class="num">{e(c)}</th>' for c in class_names)
+    out.extend(_studies_section(study_views, class_names, head, overlays, with_overlays, study_anchor))
+    out.extend(_slices_section(slice_views, class_names, head, overlays, with_overlays, study_anchor))
+    out.extend(_skipped_section(skipped))
+    out.extend(_model_section(model))
+    out.extend(_run_section(command, timing))
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def _counts_section(class_names: list[str], study_views: list[dict], slice_views: list[dict],
+                    counts: Mapping[str, Any] | None) -> list[str]:
+    """Counts per class."""
+    out = []
     out.append('<h2 id="counts">Counts</h2><table><thead><tr><th>class</th><th class="num">studies</th>'
                '<th class="num">slices</th></tr></thead><tbody>')
     for c in class_names:
@@ -276,15 +290,19 @@ def render_report(
                "</tr></tbody></table>")
     if counts:
         out.append(_kv_table([(k, v) for k, v in counts.items()]))
+    return out
 
-    # Studies.
+
+def _studies_section(study_views: list[dict], class_names: list[str], head: str, overlays: _Overlays,
+                     with_overlays: bool, study_anchor: dict[str, str]) -> list[str]:
+    """Studies: the call, the class scores and the driving slices of each."""
+    out = []
     rules = sorted({s["rule"].split()[0] for s in study_views if s["rule"]})
     out.append(f'<h2 id="studies">Studies ({len(study_views)})</h2>')
     out.append(f'<p class="small">Rule {e(", ".join(rules) or RULE)} (k per study, next to its key): a lesion class '
                "scores the mean of its k highest slice probabilities, normal the mean of its k lowest; the highest "
                "score is the call. Scores shown normalised to sum to 1 (hover for the raw score). Driving slices: the "
                "k slices behind the call, with their probability of the called class.</p>")
-    head = "".join(f'<th class="num">{e(c)}</th>' for c in class_names)
     out.append(f"<table><thead><tr><th>#</th><th>study</th><th>call</th>{head}<th>driving slices</th></tr>"
                "</thead><tbody>")
     for i, st in enumerate(study_views, 1):
@@ -306,8 +324,13 @@ def render_report(
             f"{_prob_cells(st['probs'], class_names, st['class'], st['scores'])}<td>{''.join(driving)}</td></tr>"
         )
     out.append("</tbody></table>")
+    return out
 
-    # Slices (collapsed).
+
+def _slices_section(slice_views: list[dict], class_names: list[str], head: str, overlays: _Overlays,
+                    with_overlays: bool, study_anchor: dict[str, str]) -> list[str]:
+    """Slices (collapsed)."""
+    out = []
     out.append(f'<details id="slices"><summary>Slices ({len(slice_views)})</summary>')
     ov_head = "<th>overlay</th>" if with_overlays else ""
     out.append(f"<table><thead><tr><th>#</th><th>slice</th><th>study</th><th>class</th>{head}{ov_head}</tr>"
@@ -324,8 +347,12 @@ def render_report(
             f"<td>{_badge(sl['class'], class_names)}</td>{_prob_cells(sl['probs'], class_names, sl['class'])}{ov}</tr>"
         )
     out.append("</tbody></table></details>")
+    return out
 
-    # Skipped files.
+
+def _skipped_section(skipped: Sequence[Any]) -> list[str]:
+    """Skipped files."""
+    out = []
     out.append(f'<h2 id="skipped">Skipped files ({len(skipped)})</h2>')
     if skipped:
         out.append("<table><thead><tr><th>file</th><th>reason</th></tr></thead><tbody>")
@@ -338,8 +365,12 @@ def render_report(
         out.append("</tbody></table>")
     else:
         out.append("<p>None.</p>")
+    return out
 
-    # Model.
+
+def _model_section(model: Mapping[str, Any]) -> list[str]:
+    """Model."""
+    out = []
     out.append('<h2 id="model">Model</h2>')
     out.append(_kv_table(_model_rows(model)))
     meta = model.get("metadata") or {}
@@ -347,16 +378,19 @@ def render_report(
         out.append(f"<details><summary>Model metadata ({len(meta)} keys)</summary>")
         out.append(_kv_table([(k, meta[k]) for k in sorted(meta)], code=True))
         out.append("</details>")
+    return out
 
-    # Run.
+
+def _run_section(command: str | Sequence[str] | None, timing: Mapping[str, Any] | None) -> list[str]:
+    """Run: the command and its timing."""
+    out = []
     out.append('<h2 id="run">Run</h2>')
     if command is not None:
         text = command if isinstance(command, str) else shlex.join(str(c) for c in command)
         out.append(f"<p>Command: <code>{e(text)}</code></p>")
     if timing:
         out.append(_kv_table([(k, _fmt_timing(v)) for k, v in timing.items()]))
-    out.append("</body></html>\n")
-    return "\n".join(out)
+    return out
 
 
 def _model_rows(model: Mapping[str, Any]) -> list[tuple[str, Any]]:

@@ -321,8 +321,8 @@ def _local_reference(model: Path, images: str | Path, requests: int, max_batch: 
                      threads: int | None, top_rois: int, note) -> dict:
     """The uploads (each file's bytes and local record), the in-process reference throughput,
     the local runner's description and the model's sha256."""
+    from ctmask.backends.registry import make_runner
     from ctmask.core.fileio import sha256_file
-    from ctmask.runtime.factory import make_runner
     from ctmask.runtime.predict import collect_images
 
     files, refused = collect_images([images])

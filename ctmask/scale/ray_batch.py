@@ -402,7 +402,7 @@ class ChunkPredictor:
                  overlays: tuple[str, str] | None):
         import socket
 
-        from ctmask.runtime.factory import make_runner
+        from ctmask.backends.registry import make_runner
 
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.top_rois = top_rois

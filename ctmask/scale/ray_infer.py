@@ -37,14 +37,13 @@ class RayEngine:
 
     def start(self, stack: ExitStack, inputs: list[Path], force_modality: bool) -> tuple[GraphSpec, list[SliceRef],
                                                                                           list[Failure]]:
-        from ctmask.runtime.bench import read_spec
-        from ctmask.runtime.factory import CHECKPOINT_SUFFIXES
+        from ctmask.backends.registry import CHECKPOINT_SUFFIXES, model_spec
         from ctmask.scale.ray_batch import collect_sources_ray, ray_cluster
 
         if self.model.suffix.lower() in CHECKPOINT_SUFFIXES:
             raise ConfigError(f"{self.model}: --ray runs exported graphs (ONNX, TensorRT engine); export the "
                               "checkpoint with `ctmask export` first")
-        spec = read_spec(self.model)
+        spec = model_spec(self.model)
         self._open_runner()  # refuses a bad backend / device before Ray starts
         stack.enter_context(ray_cluster(self.options.address, self.ray_stats))
         refs, failures = collect_sources_ray(inputs, force_modality, self.ray_stats)

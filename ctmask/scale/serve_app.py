@@ -205,7 +205,7 @@ class CtmaskModel:
     """One replica: one activated runner, the batcher and this replica's counters."""
 
     def __init__(self, opts: ServeOptions, info: ModelInfo):
-        from ctmask.runtime.factory import make_runner
+        from ctmask.backends.registry import make_runner
         from ctmask.scans.batch import ReadOptions
 
         _replica_grpc_on_loopback()

@@ -162,8 +162,8 @@ def check_model(opts: ServeOptions) -> ModelInfo:
     """Load the model once in this process: a missing file, a file that is not a ctmask
     graph, a backend that cannot run it or a cropping model fail here, as a
     :class:`~ctmask.core.errors.CtmaskError`, before Ray starts."""
+    from ctmask.backends.registry import make_runner
     from ctmask.core.fileio import sha256_file
-    from ctmask.runtime.factory import make_runner
 
     path = Path(opts.model)
     if not path.is_file():

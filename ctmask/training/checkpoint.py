@@ -316,10 +316,46 @@ def load_checkpoint(path: str | Path, kind: str | None = None, preset: str | Non
             (it is loaded all the same).
     """
     path = Path(path)
+    blob = _read_blob(path)
+    fmt, model = _check_entries(blob, path)
+    legacy = fmt == LEGACY_FORMAT
+    digest = _check_digests(blob, fmt, model, path)
+    cfg, ckpt_preset, prep = _read_config(blob, path)
+    # The stored tensors' shapes against the preset's, before anything builds the model at the
+    # preset's sizes (a classifier_width edited to 20000 would allocate gigabytes first).
+    shape_problems = _shape_problems(model, expected_shapes(blob["kind"], ckpt_preset))
+    if shape_problems:
+        raise CheckpointError(f"the preset in the checkpoint config ({ckpt_preset.name!r}) does not fit its stored "
+                              "weights: " + "; ".join(shape_problems), path,
+                              hint="the config and the weights are of different models (edited or damaged); use the "
+                                   "checkpoint as ctmask wrote it")
+    if legacy:
+        what = ("has no weights digest (written before ctmask recorded one), so its weights and config cannot"
+                if "weights_sha256" not in blob else
+                f"is of format {LEGACY_FORMAT} (no digest of its config), so its config, kind and epoch cannot")
+        warnings.warn(f"{path}: checkpoint {what} be checked for corruption; re-save it to add digests",
+                      CtmaskWarning, stacklevel=2)
+    _check_wanted(blob["kind"], ckpt_preset, kind, preset, path)
+    return Checkpoint(
+        path=path,
+        kind=blob["kind"],
+        preset=ckpt_preset,
+        model=model,
+        config=cfg,
+        optimizer=blob.get("optimizer"),
+        epoch=int(blob.get("epoch", 0)),
+        weights_sha256=digest,
+        verified=not legacy,
+        preprocessing=prep,
+    )
+
+
+def _read_blob(path: Path) -> Any:
+    """What ``torch.load`` (weights only) finds in ``path``, or a :class:`CheckpointError`."""
     if not path.is_file():
         raise CheckpointError("checkpoint file does not exist", path)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(_unpickling_refused(exc), path,
                               hint="a ctmask checkpoint comes from `ctmask train-seg` / `ctmask train-cls`") from None
@@ -330,6 +366,11 @@ def load_checkpoint(path: str | Path, kind: str | None = None, preset: str | Non
             path,
             hint="was it written by ctmask and copied completely? Re-copy it or use an earlier checkpoint",
         ) from None
+
+
+def _check_entries(blob: Any, path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The blob's format and state dict, once its entries are those of a ctmask checkpoint
+    (known format, no unknown entry, the digests its format requires present)."""
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if isinstance(fmt, str) and fmt.startswith("ctmask-checkpoint/") and fmt not in _KEYS_BY_FORMAT:
         raise CheckpointError(f"unsupported checkpoint format {fmt!r}; this ctmask reads {FORMAT!r} and "
@@ -356,6 +397,12 @@ def load_checkpoint(path: str | Path, kind: str | None = None, preset: str | Non
     if "optimizer_sha256" in blob and not has_optimizer:
         raise CheckpointError("checkpoint corrupt: optimizer_sha256 without an optimizer state", path,
                               hint=_CORRUPT_HINT)
+    return fmt, model
+
+
+def _check_digests(blob: dict, fmt: str, model: dict[str, torch.Tensor], path: Path) -> str:
+    """The weights' digest, once every digest the blob records matches its contents."""
+    has_optimizer = blob.get("optimizer") is not None
     digest = weights_digest(model)
     _verify(blob, "weights_sha256", digest, path, "weights damaged")
     try:
@@ -365,10 +412,15 @@ def load_checkpoint(path: str | Path, kind: str | None = None, preset: str | Non
                               hint=_CORRUPT_HINT) from None
     if has_optimizer:
         _verify(blob, "optimizer_sha256", optimizer_digest, path, "optimizer state damaged")
-    if not legacy:
+    if fmt != LEGACY_FORMAT:
         _verify(blob, "content_sha256", content_digest(
             format=fmt, kind=blob["kind"], config=blob["config"], epoch=blob["epoch"], weights_sha256=digest,
             optimizer_sha256=optimizer_digest), path, "config, kind or epoch damaged")
+    return digest
+
+
+def _read_config(blob: dict, path: Path) -> tuple[dict, Preset, Preprocessing]:
+    """The checkpoint's config, preset and pre-processing, each checked (kind, epoch, types, bounds)."""
     try:
         if blob.get("kind") not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {blob.get('kind')!r}")
@@ -386,22 +438,13 @@ def load_checkpoint(path: str | Path, kind: str | None = None, preset: str | Non
     except Exception as exc:  # anything in a damaged or hand-edited config
         why = exc.message if isinstance(exc, CtmaskError) else f"{exc.__class__.__name__}: {exc}"
         raise CheckpointError(f"checkpoint config is malformed: {why}"[:600], path, hint=_CORRUPT_HINT) from None
-    # The stored tensors' shapes against the preset's, before anything builds the model at the
-    # preset's sizes (a classifier_width edited to 20000 would allocate gigabytes first).
-    shape_problems = _shape_problems(model, expected_shapes(blob["kind"], ckpt_preset))
-    if shape_problems:
-        raise CheckpointError(f"the preset in the checkpoint config ({ckpt_preset.name!r}) does not fit its stored "
-                              "weights: " + "; ".join(shape_problems), path,
-                              hint="the config and the weights are of different models (edited or damaged); use the "
-                                   "checkpoint as ctmask wrote it")
-    if legacy:
-        what = ("has no weights digest (written before ctmask recorded one), so its weights and config cannot"
-                if "weights_sha256" not in blob else
-                f"is of format {LEGACY_FORMAT} (no digest of its config), so its config, kind and epoch cannot")
-        warnings.warn(f"{path}: checkpoint {what} be checked for corruption; re-save it to add digests",
-                      CtmaskWarning, stacklevel=2)
-    if kind is not None and blob["kind"] != kind:
-        raise CheckpointError(f"expected a {kind} checkpoint, found a {blob['kind']} checkpoint", path)
+    return cfg, ckpt_preset, prep
+
+
+def _check_wanted(found: str, ckpt_preset: Preset, kind: str | None, preset: str | None, path: Path) -> None:
+    """Refuse a checkpoint of another kind or preset than the caller requires."""
+    if kind is not None and found != kind:
+        raise CheckpointError(f"expected a {kind} checkpoint, found a {found} checkpoint", path)
     if preset is not None:
         get_preset(preset)
         if ckpt_preset.name != preset:
@@ -410,18 +453,6 @@ def load_checkpoint(path: str | Path, kind: str | None = None, preset: str | Non
                 path,
                 hint=f"use --preset {ckpt_preset.name} or a checkpoint of preset {preset!r}",
             )
-    return Checkpoint(
-        path=path,
-        kind=blob["kind"],
-        preset=ckpt_preset,
-        model=model,
-        config=cfg,
-        optimizer=blob.get("optimizer"),
-        epoch=int(blob.get("epoch", 0)),
-        weights_sha256=digest,
-        verified=not legacy,
-        preprocessing=prep,
-    )
 
 
 def _verify(blob: dict, key: str, digest: str, path: Path, what: str) -> bool:
@@ -442,12 +473,3 @@ def _verify(blob: dict, key: str, digest: str, path: Path, what: str) -> bool:
             hint=_CORRUPT_HINT,
         )
     return True
-
-
-def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """``module.load_state_dict(state)`` with a :class:`CheckpointError` naming ``path``."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:4]
-        raise CheckpointError("weights do not fit the model: " + " | ".join(lines)[:600], path) from None

@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctmask.core.metrics import classification_report, dice_scores, mask_ap
+from ctmask.core.metrics import classification_report
 from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
 from ctmask.core.progress import progress
 from ctmask.data.cncb import SegSample
 from ctmask.data.covidx import SplitEntry
-from ctmask.training.checkpoint import Checkpoint, load_state
+from ctmask.training.checkpoint import Checkpoint
 from ctmask.training.datasets import ClassificationDataset, SegmentationDataset
 from ctmask.training.detector import build_detector, segment
-from ctmask.training.model import CovidCTMaskNet, load_weights
+from ctmask.training.metrics import dice_scores, mask_ap
+from ctmask.training.model import CovidCTMaskNet, load_state, load_weights
 from ctmask.training.options import require_at_least
 from ctmask.training.roi_cache import cache_key, cached_rois
 from ctmask.training.train_cls import ranked_rois_of

@@ -11,9 +11,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 
-from ctmask.core.errors import ConfigError
+from ctmask.core.errors import CheckpointError, ConfigError
 from ctmask.core.presets import Preset
-from ctmask.training.checkpoint import load_state
 from ctmask.training.detector import build_detector
 from ctmask.training.heads import HEADS, build_head
 from ctmask.training.ranked_rois import RankedRoIs
@@ -120,6 +119,15 @@ def parameter_report(preset: Preset) -> dict:
         set_variant(model, v)
         report["trainable_by_variant"][v] = count(model, trainable_only=True)
     return report
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``module.load_state_dict(state)`` with a :class:`CheckpointError` naming ``path``."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:4]
+        raise CheckpointError("weights do not fit the model: " + " | ".join(lines)[:600], path) from None
 
 
 def load_weights(model: CovidCTMaskNet, state: dict[str, Tensor], path: Path) -> None:

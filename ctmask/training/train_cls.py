@@ -22,9 +22,9 @@ from ctmask.core.noise import add_gray_noise
 from ctmask.core.presets import Preset, check_head
 from ctmask.core.progress import console, progress
 from ctmask.data.covidx import SplitEntry
-from ctmask.training.checkpoint import load_checkpoint, load_state, save_checkpoint
+from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
 from ctmask.training.datasets import DEFAULT_CACHE_BYTES, ClassificationDataset, collate_classification
-from ctmask.training.model import VARIANTS, CovidCTMaskNet, load_weights, set_variant
+from ctmask.training.model import VARIANTS, CovidCTMaskNet, load_state, load_weights, set_variant
 from ctmask.training.options import (
     require_adam,
     require_at_least,

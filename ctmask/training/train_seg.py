@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader
 from ctmask.core.presets import Preset
 from ctmask.core.progress import console, progress
 from ctmask.data.cncb import SegSample
-from ctmask.training.checkpoint import load_checkpoint, load_state, save_checkpoint
+from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
 from ctmask.training.datasets import SegmentationDataset, collate_detection
 from ctmask.training.detector import build_detector, detector_losses
+from ctmask.training.model import load_state
 from ctmask.training.options import (
     require_adam,
     require_at_least,

@@ -115,6 +115,32 @@ def check_io(engine: trt.ICudaEngine, spec: GraphSpec, path: Path) -> None:
         raise EngineError(f"engine inputs/outputs must be float32; found {wrong}", path)
 
 
+def _builder_config(builder: trt.Builder, options: BuildOptions, spec: GraphSpec, path: Path) -> trt.IBuilderConfig:
+    """The build's configuration: workspace, the batch profile over ``images`` and the timing cache.
+
+    Raises:
+        EngineError: TensorRT refuses the profile, or the timing cache does not fit.
+    """
+    import tensorrt as trt
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
+    profile = builder.create_optimization_profile()
+    shapes = options.profile.shapes(spec)
+    profile.set_shape(INPUT, *(trt.Dims(list(shapes[k])) for k in ("min", "opt", "max")))
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineError(f"TensorRT refused the batch profile {options.profile.to_dict()}", path)
+
+    cache_in = b""
+    if options.timing_cache is not None and options.timing_cache.is_file():
+        cache_in = options.timing_cache.read_bytes()
+    cache = config.create_timing_cache(cache_in)
+    if not config.set_timing_cache(cache, False):
+        raise EngineError("the timing cache does not fit this TensorRT / GPU (delete it to start a new one)",
+                          options.timing_cache)
+    return config
+
+
 def build_engine(onnx_path: str | Path, out: str | Path, options: BuildOptions,
                  on_step: Callable[[str], None] | None = None) -> EngineInfo:
     """Build ``out`` (and ``out.json``) from a ctmask ONNX graph.
@@ -149,21 +175,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, options: BuildOptions,
     if not parser.parse_from_file(str(path)):
         raise EngineError(f"TensorRT's ONNX parser refused the graph:\n  {_parser_errors(parser)}", path)
 
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
-    profile = builder.create_optimization_profile()
-    shapes = options.profile.shapes(spec)
-    profile.set_shape(INPUT, *(trt.Dims(list(shapes[k])) for k in ("min", "opt", "max")))
-    if config.add_optimization_profile(profile) < 0:
-        raise EngineError(f"TensorRT refused the batch profile {options.profile.to_dict()}", path)
-
-    cache_in = b""
-    if options.timing_cache is not None and options.timing_cache.is_file():
-        cache_in = options.timing_cache.read_bytes()
-    cache = config.create_timing_cache(cache_in)
-    if not config.set_timing_cache(cache, False):
-        raise EngineError("the timing cache does not fit this TensorRT / GPU (delete it to start a new one)",
-                          options.timing_cache)
+    config = _builder_config(builder, options, spec, path)
 
     step(f"building ({spec.precision}, batch {options.profile.min}-{options.profile.max}, TensorRT {version})")
     serialized = builder.build_serialized_network(network, config)
