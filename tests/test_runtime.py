@@ -11,8 +11,8 @@ from ctmask.core.errors import ConfigError, ModelError
 from ctmask.core.preprocess import Preprocessing
 from ctmask.core.presets import SMALL
 from ctmask.core.spec import GraphSpec
-from ctmask.runtime.batch_run import PredictOptions
-from ctmask.runtime.predict import CropBoxes, PredictionWriter, collect_images, predict_files
+from ctmask.runtime.batch_run import PredictOptions, predict_files
+from ctmask.runtime.predict import CropBoxes, PredictionWriter, collect_images
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
 from ctmask.scans.batch import load_batch
 

@@ -1,7 +1,8 @@
 """Torch-free inference: numpy + onnxruntime (TensorRT in a later step) behind one runner
 interface, batch prediction over image files, and benchmarking."""
 
-from ctmask.runtime.predict import Prediction, PredictionWriter, collect_images, predict_files
+from ctmask.runtime.batch_run import predict_files
+from ctmask.runtime.predict import Prediction, PredictionWriter, collect_images
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner, onnxruntime_devices
 
 __all__ = [

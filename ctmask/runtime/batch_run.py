@@ -136,6 +136,33 @@ def predict_sources(
                 on_batch(len(chunk))
 
 
+def predict_files(
+    runner: Runner,
+    files: list[Path],
+    options: PredictOptions | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[Prediction | Failure]:
+    """Predict every file, ``batch_size`` slices per runner call, in input order: the
+    single-slice form of :func:`predict_sources` (same decoding, batching and records).
+
+    Args:
+        runner: an active runner.
+        files: image files.
+        options: batch size, RoI rows, crop boxes, ... (:class:`PredictOptions`;
+            default: its defaults).
+        on_batch: called with the number of files handled after each batch.
+
+    Yields:
+        a :class:`Prediction` or :class:`Failure` per file.
+
+    Raises:
+        ConfigError: a bad batch size, or a cropping model without ``boxes`` or ``uncropped``.
+    """
+    refs = [SliceRef(str(p)) for p in files]
+    for item in predict_sources(runner, refs, options or PredictOptions(), on_batch):
+        yield item if isinstance(item, Failure) else item[0]
+
+
 class Resume:
     """The records of an earlier run's output (JSONL, CSV, or Parquet and its journal), for
     ``infer --resume``: checked line by line before anything runs.

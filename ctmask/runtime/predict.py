@@ -14,22 +14,16 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ctmask.core.errors import ConfigError, DataError
 from ctmask.core.fileio import atomic_path, output_error
 from ctmask.core.spec import GraphSpec
 from ctmask.core.spreadsheet import safe_row
 from ctmask.data.covidx import Box, SplitEntry, read_split
-from ctmask.runtime.runner import Runner
 from ctmask.scans.sniff import IMAGE_SUFFIXES
 from ctmask.scans.types import Failure
-
-if TYPE_CHECKING:
-    from ctmask.runtime.batch_run import PredictOptions
 
 
 @dataclass
@@ -181,37 +175,6 @@ class CropBoxes:
         """The box of ``path``: listed with the same resolved path, else by file name."""
         path = Path(path)
         return self.by_path.get(path.resolve()) or self.by_name.get(path.name)
-
-
-def predict_files(
-    runner: Runner,
-    files: list[Path],
-    options: PredictOptions | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> Iterator[Prediction | Failure]:
-    """Predict every file, ``batch_size`` slices per runner call, in input order: the
-    single-slice form of :func:`ctmask.runtime.batch_run.predict_sources` (same decoding,
-    batching and records).
-
-    Args:
-        runner: an active runner.
-        files: image files.
-        options: batch size, RoI rows, crop boxes, ... (:class:`~ctmask.runtime.batch_run.PredictOptions`;
-            default: its defaults).
-        on_batch: called with the number of files handled after each batch.
-
-    Yields:
-        a :class:`Prediction` or :class:`Failure` per file.
-
-    Raises:
-        ConfigError: a bad batch size, or a cropping model without ``boxes`` or ``uncropped``.
-    """
-    from ctmask.runtime.batch_run import PredictOptions, predict_sources
-    from ctmask.scans.types import SliceRef
-
-    refs = [SliceRef(str(p)) for p in files]
-    for item in predict_sources(runner, refs, options or PredictOptions(), on_batch):
-        yield item if isinstance(item, Failure) else item[0]
 
 
 def check_crop(spec: GraphSpec, boxes: CropBoxes | None, uncropped: bool) -> None:
