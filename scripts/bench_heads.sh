@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Speed of the pooled head's reduced-precision graphs at paper size (README, "Stable head"):
+# Speed of the pooled head's reduced-precision graphs at paper size (docs/model.md, "Stable head"):
 # an untrained paper-preset model with the pooled head (weights do not change speed), its FP32,
 # FP16 and INT8 (cpu and tensorrt forms) graphs, all in one `ctmask bench` run on onnxruntime
 # and OpenVINO, batch 8, on test slices.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The classifier heads compared on one frozen detector (README, "Stable head"): the paper's S
+# The classifier heads compared on one frozen detector (docs/model.md, "Stable head"): the paper's S
 # and the pooled head, each trained with the `heads` variant on the detector's exact ranked RoIs
 # for several seeds, then evaluated on the test split with the noise floor (+-0.25 / +-1 gray
 # level). The detector's RoIs are computed once and cached (--roi-cache), so every head and

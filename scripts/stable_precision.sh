@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reduced precision of one classifier checkpoint, judged by its calls (README, "Stable head"):
+# Reduced precision of one classifier checkpoint, judged by its calls (docs/model.md, "Stable head"):
 # the FP32 graph, an FP16 graph and INT8 graphs for both targets (calibrated on class-balanced
 # training slices with METHOD), each exported with measured FP32 islands; the class agreement
 # of each with the FP32 graph on the whole test split, and `ctmask parity` against PyTorch.

@@ -13,7 +13,7 @@
 # PERTURB / CONSISTENCY / PERTURB_BN (environment): S also trains on the RoIs of the detector
 # perturbed at these relative noise scales, with a penalty on the logit change, and the
 # heads+bn epoch cycles through perturbed forward passes, so the class calls survive FP16 /
-# INT8 (README, "Reduced precision"); PERTURB= PERTURB_BN= CONSISTENCY=0 trains on exact RoIs
+# INT8 (docs/precision.md); PERTURB= PERTURB_BN= CONSISTENCY=0 trains on exact RoIs
 # only, as the paper does.
 set -euo pipefail
 OUT=${1:?usage: scripts/train_eval.sh OUT [SLICES] [SEG_EPOCHS] [HEADS_EPOCHS] [SEED]}
@@ -58,7 +58,7 @@ if [ -z "$REUSE" ]; then
 fi
 t1=$(stamp)
 if [ "$HEAD" = pooled ]; then
-  # 2. the pooled head (README, "Stable head"): heads variant on the frozen detector's exact
+  # 2. the pooled head (docs/model.md, "Stable head"): heads variant on the frozen detector's exact
   # RoIs, cached in $OUT/roi-cache (a rerun with another seed skips the detector); its calls
   # survive input noise and reduced precision without perturbed copies or a heads+bn stage.
   "$CT" train-cls "$SEG" --preset small --variant heads --head pooled "${SPLITS[@]}" --seed "$SEED" \

@@ -26,7 +26,7 @@ QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 RESIDUAL_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool")
 """``ctmask calibrate --ops residual``: the residual ``Add``, ``Relu`` and ``MaxPool`` join,
-so onnxruntime keeps whole ResNet blocks in int8. Measured (README): paper preset, batch 8,
+so onnxruntime keeps whole ResNet blocks in int8. Measured (docs/benchmarks.md): paper preset, batch 8,
 2.03x the FP32 graph against 1.83x, but on the small model 58 of 625 class calls changed
 against 34, so it is not the default."""
 

@@ -67,7 +67,7 @@ def infer(
     threads: int | None = THREADS.option(),
     top_rois: int = TOP_ROIS.option(),
     study_top_k: int = typer.Option(5, "--study-top-k", min=1, help="Slices per class that drive a study's call "
-                                                                     "(see the README: study-level prediction)."),
+                                                                     "(see docs/scans.md: Study-level prediction)."),
     force_modality: bool = FORCE_MODALITY.option(),
     hu_offset: float = HU_OFFSET.option(),
     boxes: Path | None = BoxesOpt,
@@ -319,7 +319,7 @@ def noise_floor_advice(report: dict) -> str:
         return (f"why: {own}; this graph loses {lost}. The paper's S reads the ranked rows by position, so every "
                 "near-tied row that reduced precision reorders can move its call; a head whose calls move "
                 "continuously with the candidates keeps them: `ctmask train-cls SEG --variant heads --head pooled` "
-                "(README, \"Stable head\").")
+                "(docs/model.md, \"Stable head\").")
     if level["changed_calls"] >= lost:
         return f"why: {own}, as many as this graph loses ({lost}): calls that fragile cannot survive reduced precision."
     return (f"why: {own}, fewer than the {lost} this graph loses: the loss is the reduced precision's own. Keep "

@@ -125,7 +125,7 @@ SMALL = Preset(
     rpn_pre_nms_top_n_test=300,
     rpn_post_nms_top_n_test=300,
     box_batch_size_per_image=128,
-    # Measured on the `make accuracy` detector (README, "Stable head"): more accurate than the
+    # Measured on the `make accuracy` detector (docs/model.md, "Stable head"): more accurate than the
     # paper's S, and its calls hold under input noise, FP16 and INT8.
     head="pooled",
 )

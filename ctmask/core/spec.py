@@ -137,7 +137,7 @@ order checks). Parity takes them from here for the precision a graph declares, n
 the graph file, so an edited or converted graph cannot loosen its own pass criteria."""
 
 PARITY_TOLERANCES["fp16"] = {
-    # Measured (README, "Reduced precision"): FP16 storage moves detector activations by
+    # Measured (docs/precision.md): FP16 storage moves detector activations by
     # ~5e-4 relative, which reorders near-tied rows and swaps proposals at the NMS / top-N
     # cuts; per-row agreement is judged loosely, decisions strictly (PARITY_AGREEMENT).
     "rois.score": Tolerance(2e-2),

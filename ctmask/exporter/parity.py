@@ -1,7 +1,7 @@
 """Parity: run the PyTorch reference and an exported graph on the same tensors and judge
 every output against ctmask's own tolerances for the graph's declared precision.
 
-The definition (the README states it in one paragraph):
+The definition (docs/parity.md states it in one paragraph):
 
 * PyTorch ranks N + K candidates (K = :data:`CANDIDATES`) with the same module; its first
   N rows are its output and feed its S. Every real row of the graph is matched one to one

@@ -19,7 +19,7 @@ Fault tolerance is Ray's: an actor that dies (killed, out of memory, node lost) 
 and the chunks it held are run again (``max_restarts=-1``, ``max_task_retries=-1``); a chunk
 is yielded once, whatever the retries (a chunk delivered twice is counted in
 :attr:`RayStats.duplicates` and dropped). Input paths must be readable on every node (a
-shared file system) and ctmask installed there (see the README: ``ray job submit``).
+shared file system) and ctmask installed there (see docs/scale-out/ray.md: ``ray job submit``).
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def exposure_warning(host: str, token: str | None) -> str | None:
         return None
     return (f"--host {host} serves BEYOND THIS MACHINE WITHOUT AUTHENTICATION: anyone who reaches "
             f"{host} can run the model and read /metadata and /stats. Set {TOKEN_ENV} or --token-file, and put a "
-            "reverse proxy with TLS in front (README: Serving on Ray Serve)")
+            "reverse proxy with TLS in front (docs/scale-out/serve.md: Network exposure, tokens and TLS)")
 
 
 @dataclass(frozen=True)

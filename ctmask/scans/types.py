@@ -133,7 +133,7 @@ class DecodedSlice:
         pixels: float32 [H, W] in [0, 1].
         kind: how it was rendered, e.g. ``dicom-hu`` (HU through the modality LUT, then the
             window), ``nifti-hu``, ``image-8bit`` (taken as already windowed),
-            ``image-16bit-hu+1024`` (see the README).
+            ``image-16bit-hu+1024`` (see docs/scans.md).
         info: facts worth reporting (modality, pixel spacing, rescale, warnings).
     """
 

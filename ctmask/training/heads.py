@@ -7,7 +7,7 @@ whichever is inside (the graph's ``ctmask.head`` names it):
   list. It reads rows *by position*: when two near-tied candidates swap rows, a candidate
   crosses the N cut or NMS keeps the other of two overlapping near-equal boxes, its input
   moves by whole rows (deltas differ by units) and its call can jump on an input change far
-  below anything visible (README, "Stable head").
+  below anything visible (docs/model.md, "Stable head").
 - ``pooled``: :class:`PooledRoIHead`, whose logits are a continuous function of the
   candidates: a per-row network, pooled with weights that fall to zero at the N-th row's
   score, plus score statistics that do not depend on the row order.

@@ -3,7 +3,7 @@
 S reads the detector's ranked RoIs, and a relative change of 1e-3 in any detector layer
 (what FP16 storage does; INT8 does about ten times more) reorders near-tied rows and
 changes which proposals survive NMS: with an S trained on exact FP32 RoIs, that flipped
-1-2% of the class calls (measured, see the README's precision section). Training S also
+1-2% of the class calls (measured, see docs/precision.md). Training S also
 on RoIs from a perturbed detector teaches it to rely on what survives such noise.
 
 The perturbation multiplies the output of every convolution and linear layer of the

@@ -3,7 +3,7 @@
 Same seed, same data, same machine (CPU instruction set, torch build, thread count) ->
 bit-identical checkpoints. Across machines or thread counts, floating-point sums may
 differ in the last bits; the ranked RoIs S is fed contain near-tied scores, so such a
-difference can swap rows and move the classifier (see the README's seed-spread table).
+difference can swap rows and move the classifier (see docs/benchmarks.md).
 The thread count and library versions are therefore recorded in every checkpoint.
 
 Every epoch draws from its own streams, derived from ``(seed, epoch)``: the data order
