@@ -23,8 +23,9 @@ def qat(
     batch_size: int = typer.Option(4, "--batch-size", "-b"),
     lr: float = typer.Option(2e-5, help="Adam learning rate."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    distill: float = typer.Option(1.0, help="Weight of the self-distillation term (fake-quantized heads' "
-                                            "outputs against the unquantized ones); 0: detection losses only."),
+    distill: float = typer.Option(0.0, help="Weight of the distillation term (fake-quantized heads' "
+                                            "outputs against the detector before the fine-tune, FP32); "
+                                            "0: detection losses only."),
     seed: int = typer.Option(0),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
@@ -58,7 +59,8 @@ def qat_ranges(
     from ctmask.core.errors import CheckpointError
     from ctmask.core.graphs import load_proto
     from ctmask.training.checkpoint import load_checkpoint
-    from ctmask.training.qat import graph_quantizers, qat_ranges as make
+    from ctmask.training.qat import graph_quantizers
+    from ctmask.training.qat import qat_ranges as make
 
     check_paths({"GRAPH": graph, "--qat": checkpoint, "--base": base}, {"--out": out})
     ck = load_checkpoint(checkpoint, kind="segmentation")
