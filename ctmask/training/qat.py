@@ -22,9 +22,9 @@ reproduces that with NVIDIA ModelOpt's PyTorch quantization (``modelopt.torch.qu
 Training: the five Mask R-CNN losses of the fake-quantized detector plus, optionally, a
 distillation term (the fake-quantized RPN and box-predictor outputs against the detector as
 it was before, frozen FP32), so the INT8 graph learns to agree with the FP32 model. The
-saved checkpoint is a plain segmentation checkpoint (fake-quant
-removed, FP32 weights); the activation amax values go into its config (``config["qat"]``),
-from which :func:`qat_ranges` writes the ranges file of the exported graph.
+saved checkpoint is a plain segmentation checkpoint (fake-quant removed, FP32 weights); the
+activation amax values go into its config (``config["qat"]``), from which :func:`qat_ranges`
+writes the ranges file of the exported graph.
 """
 
 from __future__ import annotations
