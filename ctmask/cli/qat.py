@@ -23,7 +23,7 @@ def qat(
     batch_size: int = typer.Option(4, "--batch-size", "-b"),
     lr: float = typer.Option(2e-5, help="Adam learning rate."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    distill: float = typer.Option(0.0, help="Weight of the distillation term (fake-quantized heads' "
+    distill: float = typer.Option(1.0, help="Weight of the distillation term (fake-quantized heads' "
                                             "outputs against the detector before the fine-tune, FP32); "
                                             "0: detection losses only."),
     seed: int = typer.Option(0),

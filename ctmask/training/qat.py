@@ -245,7 +245,7 @@ class QatOptions:
     batch_size: int = 4
     lr: float = 2e-5
     weight_decay: float = 0.0
-    distill: float = 0.0
+    distill: float = 1.0
     hflip: bool = True
     seed: int = 0
 
