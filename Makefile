@@ -10,12 +10,13 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 .PHONY: install demo test accuracy docs clean
 
 # `pip install ctmask` alone is the torch-free runtime; the train extra adds torch & co, dev adds
-# the test tools. tensorrt-stubs (mypy's view of TensorRT) requires the real tensorrt wheel in its
+# the test tools, qat NVIDIA ModelOpt (ctmask qat and tests/test_qat.py).
+# tensorrt-stubs (mypy's view of TensorRT) requires the real tensorrt wheel in its
 # metadata, which cannot be installed without a GPU: hence --no-deps, on its own line.
 $(BIN)/ctmask: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,dev,qat]'
 	$(BIN)/pip install -q --no-deps $(TRT_STUBS)
 	touch $@
 
