@@ -164,16 +164,27 @@ def _deploy(opts: ServeOptions, info: ModelInfo) -> None:
         serve_logger.setLevel(level)
 
 
+class _Stopped(Exception):
+    """A stop signal arrived while the server was starting (raised once Ray is up)."""
+
+
 def run_server(model: str | Path, token_file: str | Path | None = None,
                echo: Callable[[str], None] = print, **options: Any) -> None:
     """Serve ``model`` until SIGINT / SIGTERM (``ctmask serve``), then shut Serve down.
 
     The token comes from :data:`~ctmask.scale.serve_options.TOKEN_ENV` or ``token_file``
     (:func:`~ctmask.scale.serve_options.read_token`); ``options`` are :func:`start_server`'s;
-    ``echo`` takes the progress lines. Our signal handlers are installed before the start (a
-    signal while the model loads stops right after) and again once Ray is up: ``ray.init``
-    replaces SIGTERM's handler with one that aborts the process. The previous handlers are
-    restored on return.
+    ``echo`` takes the progress lines.
+
+    A stop signal is a clean stop (return, exit status 0) at any moment:
+    * while the model loads, our handler notes it, and the start ends as soon as Ray is up
+      (Serve is never deployed);
+    * while Ray starts: ``ray.init`` first installs its own SIGTERM handler, which raises
+      ``SystemExit(SIGTERM)``; that is caught here and Ray shut down;
+    * once Ray is up our handlers are installed again (:func:`start_server`'s
+      ``on_ray_started``), through the deploy, the wait for health and serving.
+    The previous handlers are restored before Serve shuts down, so a second Ctrl-C can break a
+    shutdown that hangs.
     """
     token = read_token(os.environ, token_file)
     stop: dict[str, int | None] = {"signal": None}
@@ -184,19 +195,43 @@ def run_server(model: str | Path, token_file: str | Path | None = None,
     def install() -> dict:
         return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    def ray_started() -> None:
+        install()
+        if stop["signal"] is not None:
+            raise _Stopped
+
     previous = install()
+    handle: ServerHandle | None = None
     try:
-        handle = start_server(model, token=token, on_ray_started=install, **options)
-        try:
-            o = handle.options
-            if stop["signal"] is None:
-                echo(f"serving {model} on {handle.url} ({o.replicas} replica(s), batch <= {o.max_batch}, wait "
-                     f"{o.batch_wait_ms:g} ms): POST {handle.url}/predict; Ctrl-C stops")
-            while stop["signal"] is None:
-                time.sleep(0.2)
-            echo(f"{signal.Signals(stop['signal']).name}: shutting Serve down")
-        finally:
-            handle.stop()
+        handle = _start_or_stop(model, token, ray_started, stop, echo, options)
+        if handle is None:
+            return
+        o = handle.options
+        if stop["signal"] is None:
+            echo(f"serving {model} on {handle.url} ({o.replicas} replica(s), batch <= {o.max_batch}, wait "
+                 f"{o.batch_wait_ms:g} ms): POST {handle.url}/predict; Ctrl-C stops")
+        while stop["signal"] is None:
+            time.sleep(0.2)
+        echo(f"{signal.Signals(stop['signal']).name}: shutting Serve down")
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if handle is not None:
+            handle.stop()
+
+
+def _start_or_stop(model: str | Path, token: str | None, ray_started: Callable[[], None], stop: dict,
+                   echo: Callable[[str], None], options: dict) -> ServerHandle | None:
+    """:func:`start_server`, or ``None`` when a stop signal arrived during the start (what was
+    started is shut down)."""
+    try:
+        return start_server(model, token=token, on_ray_started=ray_started, **options)
+    except _Stopped:  # start_server stopped what it had started
+        echo(f"{signal.Signals(stop['signal']).name}: stopped before Serve was deployed")
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        if ray.is_initialized():
+            ray.shutdown()
+        echo("SIGTERM: stopped while Ray was starting")
+    return None
