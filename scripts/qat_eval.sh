@@ -64,16 +64,18 @@ from pathlib import Path
 import numpy as np
 
 from ctmask.core.graphs import load_proto
-from ctmask.exporter.parity import slice_labels
+from ctmask.backends.parity import slice_labels
 from ctmask.exporter.sensitivity import run_graph
-from ctmask.runtime.predict import collect_images, load_batch
+from ctmask.runtime.predict import collect_images
+from ctmask.scans.batch import load_batch
 from ctmask.runtime.runner import OnnxRuntimeRunner
 
 out, held, split, graphs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 files, _ = collect_images([held])
 with OnnxRuntimeRunner(out / "fp32.onnx") as r:
     spec = r.spec
-images, ok, bad = load_batch(files, spec)
+loaded = load_batch(files, spec)
+images, ok, bad = loaded.batch, loaded.paths, loaded.failures
 y = slice_labels(ok, split)
 ref = run_graph(load_proto(out / "fp32.onnx"), images)["logits"].argmax(-1)
 ev = json.loads((out / "eval.json").read_text())

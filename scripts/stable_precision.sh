@@ -54,7 +54,8 @@ import numpy as np
 from ctmask.core.graphs import load_proto
 from ctmask.exporter.precision import graph_blocks
 from ctmask.exporter.sensitivity import run_graph
-from ctmask.runtime.predict import collect_images, load_batch
+from ctmask.runtime.predict import collect_images
+from ctmask.scans.batch import load_batch
 from ctmask.runtime.runner import OnnxRuntimeRunner
 from ctmask.backends.parity import slice_labels
 
@@ -62,7 +63,8 @@ out, held, split, precisions = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.
 files, _ = collect_images([held])
 with OnnxRuntimeRunner(out / "fp32.onnx") as r:
     spec = r.spec
-images, ok, bad = load_batch(files, spec)
+loaded = load_batch(files, spec)
+images, ok, bad = loaded.batch, loaded.paths, loaded.failures
 y = slice_labels(ok, split)
 ref = run_graph(load_proto(out / "fp32.onnx"), images)["logits"].argmax(-1)
 summary = {"n": len(ok), "fp32_accuracy": float(np.mean(ref == y))}

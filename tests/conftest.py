@@ -23,7 +23,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 def shared(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
     """The folder ``name``, filled by ``make(folder)`` once per test run: under xdist the workers
     share it (the first one to get the lock makes it, the others wait and reuse it); a folder
-    left half-made by a worker that failed is made again."""
+    left half-made by a worker that failed is made again. Each name belongs to one fixture: the
+    fixture that made it is recorded, and another fixture asking for the same name fails."""
+    maker = f"{make.__module__}.{make.__qualname__}"
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # the run's folder, above each worker's own
@@ -32,14 +34,16 @@ def shared(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
     folder, done = root / name, root / f"{name}.done"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
+        if done.exists():
+            assert done.read_text() == maker, f"shared folder {name!r} made by {done.read_text()}, asked by {maker}"
+        else:
             if folder.exists():
                 import shutil
 
                 shutil.rmtree(folder)
             folder.mkdir()
             make(folder)
-            done.touch()
+            done.write_text(maker)
     return folder
 
 

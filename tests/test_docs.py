@@ -34,3 +34,22 @@ def test_every_module_the_docs_name_exists():
                                             or (ROOT / "ctmask" / package / module).is_dir()):
                 missing.append(f"{file.relative_to(ROOT)}: ctmask.{package}.{module}")
     assert not missing, missing
+
+
+def test_every_ctmask_import_in_the_scripts_resolves():
+    """The scripts (scripts/*.sh, *.py) import ctmask in embedded Python: a moved or renamed name
+    fails here, not at the end of an hour-long experiment."""
+    import importlib
+
+    pattern = re.compile(r"^\s*from (ctmask(?:\.\w+)*) import ([\w, ]+)$", re.M)
+    seen, missing = 0, []
+    for script in sorted((ROOT / "scripts").glob("*")):
+        if script.suffix not in (".sh", ".py"):
+            continue
+        for module, names in pattern.findall(script.read_text()):
+            mod = importlib.import_module(module)
+            for name in (n.strip() for n in names.split(",") if n.strip()):
+                seen += 1
+                if not hasattr(mod, name):
+                    missing.append(f"{script.name}: {module}.{name}")
+    assert seen > 10 and missing == []
