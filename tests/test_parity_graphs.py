@@ -178,17 +178,18 @@ def test_metadata_the_runtime_acts_on_must_match_the_checkpoint(cls_ckpt, small_
 
 
 def test_unstable_excuse_needs_a_comparable_reference_movement(cls_ckpt, small_onnx, synth_dir, tmp_path):
-    """A graph 2.0 off in one logit is not excused because PyTorch moves a little under noise."""
+    """A graph 4.0 off in one logit is not excused because PyTorch moves a little under noise."""
     bad = tampered_graph(cls_ckpt, small_onnx, tmp_path / "bad.onnx",
-                         logits=lambda x: x + torch.tensor([2.0, 0.0, 0.0]))
+                         logits=lambda x: x + torch.tensor([4.0, 0.0, 0.0]))
     # (All slices fail, more than may ever be judged out: allow all, so every slice is probed.)
     report = parity(cls_ckpt, bad, synth_dir / "images", jitter=1e-3, max_unstable_fraction=1.0)
     assert not report["passed"] and "logits" in report["failures"]
     probed = report["probed_slices"]
     assert len(probed) == report["n_images"] and report["unstable_slices"] == []
     moved = [p["reference_jitter_max_abs"]["logits"] for p in probed]
-    assert all(p["graph_max_abs"]["logits"] == pytest.approx(2.0, abs=1e-3) for p in probed)
-    assert not any(p["judged_out"] for p in probed) and max(moved) < 1.0
+    assert all(p["graph_max_abs"]["logits"] == pytest.approx(4.0, abs=1e-3) for p in probed)
+    # the premise: PyTorch's own movement is well under the graph's error (about 1 on the tiny model)
+    assert not any(p["judged_out"] for p in probed) and max(moved) < 2.0
     # PyTorch itself breaks the logits tolerance under this noise (the old rule's whole
     # condition for an excuse), by far less than the graph's error: both are shown.
     assert any(m > 1e-3 for m in moved)

@@ -217,7 +217,8 @@ class CtmaskModel:
         self.read_opts = ReadOptions(opts.force_modality, opts.hu_offset)
         self._batched.set_max_batch_size(opts.max_batch)
         self._batched.set_batch_wait_timeout_s(opts.batch_wait_ms / 1000.0)
-        self.tmp = Path(tempfile.mkdtemp(prefix="ctmask-serve-"))  # 0700: uploads are private
+        # 0700: uploads are private; the port names the server the folder belongs to
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"ctmask-serve-{opts.port}-"))
         # a 260 KB PNG can declare 8192 x 8192 RGBA (256 MiB decoded): at most this many decodes at
         # once in this replica
         self.decoding = asyncio.Semaphore(max(2, os.cpu_count() or 2))
