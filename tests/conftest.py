@@ -97,6 +97,26 @@ def small_onnx(cls_ckpt, tmp_path_factory):
     return shared(tmp_path_factory, "onnx", lambda folder: export_onnx(cls_ckpt, folder / "small.onnx")) / "small.onnx"
 
 
+@pytest.fixture(scope="session")
+def paper_graph(tmp_path_factory):
+    """Untrained paper-preset weights (seed 0) as a checkpoint and its exported full-size graph,
+    ``(model, checkpoint, graph)``: made once for the tests that need the paper's shapes."""
+    from ctmask.core.presets import PAPER
+    from ctmask.exporter.onnx_export import export_onnx
+    from ctmask.training.checkpoint import save_checkpoint
+    from ctmask.training.model import CovidCTMaskNet
+
+    torch.manual_seed(0)
+    model = CovidCTMaskNet(PAPER).eval()
+
+    def make(folder: Path) -> None:
+        save_checkpoint(folder / "paper.pt", kind="classifier", preset=PAPER, model=model.state_dict_for_checkpoint())
+        export_onnx(folder / "paper.pt", folder / "paper.onnx")
+
+    folder = shared(tmp_path_factory, "paper", make)
+    return model, folder / "paper.pt", folder / "paper.onnx"
+
+
 @pytest.fixture()
 def foreign_model(tmp_path):
     """A valid ONNX model without ctmask metadata."""

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ctmask.cli.main import app
 from ctmask.core.errors import CheckpointError, ExportError, ModelError
 from ctmask.core.fileio import sha256_file
-from ctmask.core.presets import PAPER, SMALL
+from ctmask.core.presets import SMALL
 from ctmask.core.spec import FORMAT, OUTPUTS, PARITY_TOLERANCES, GraphSpec
 from ctmask.exporter import onnx_export
 from ctmask.exporter.onnx_export import default_opset, export_onnx, graph_problems
@@ -156,18 +156,12 @@ def test_segmentation_checkpoint_is_refused_and_nothing_written(seg_ckpt, tmp_pa
 
 
 @pytest.mark.slow
-def test_paper_preset_exports_and_matches_torch(tmp_path):
+def test_paper_preset_exports_and_matches_torch(paper_graph):
     """Untrained paper-preset weights: the full-size graph, its shapes and its parity."""
-    from ctmask.training.checkpoint import save_checkpoint
-    from ctmask.training.model import CovidCTMaskNet
+    from ctmask.core.graphs import read_spec
 
-    torch.manual_seed(0)
-    model = CovidCTMaskNet(PAPER).eval()
-    ckpt = tmp_path / "paper.pt"
-    save_checkpoint(ckpt, kind="classifier", preset=PAPER, model=model.state_dict_for_checkpoint())
-    out = tmp_path / "paper.onnx"
-    result = export_onnx(ckpt, out)
-    assert result.spec.n_rois == 256 and not list(tmp_path.glob(".*tmp"))
+    model, _, out = paper_graph
+    assert read_spec(out).n_rois == 256 and not list(out.parent.glob(".*tmp"))
     dims = output_dims(out)
     assert dims["rois"][1:] == [256, 5] and dims["logits"][1:] == [3] and dims["images"][1:] == [1, 512, 512]
     assert dims["boxes"][1:] == [256, 4]

@@ -13,11 +13,9 @@ import torch
 from torch import nn
 
 from ctmask.backends.parity import check_parity
-from ctmask.core.presets import PAPER
-from ctmask.exporter.onnx_export import export_onnx, trace_to_onnx
+from ctmask.exporter.onnx_export import trace_to_onnx
 from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
 from ctmask.training.evaluate import load_classifier
-from ctmask.training.model import CovidCTMaskNet
 
 pytestmark = pytest.mark.slow
 
@@ -195,13 +193,8 @@ def test_unstable_excuse_needs_a_comparable_reference_movement(cls_ckpt, small_o
     assert any(m > 1e-3 for m in moved)
 
 
-def test_untrained_paper_graph_with_genuine_near_ties_passes(synth_dir, tmp_path):
-    torch.manual_seed(0)
-    model = CovidCTMaskNet(PAPER).eval()
-    ckpt = tmp_path / "paper.pt"
-    save_checkpoint(ckpt, kind="classifier", preset=PAPER, model=model.state_dict_for_checkpoint())
-    graph = tmp_path / "paper.onnx"
-    export_onnx(ckpt, graph)
+def test_untrained_paper_graph_with_genuine_near_ties_passes(paper_graph, synth_dir):
+    _, ckpt, graph = paper_graph
     report = check_parity(ckpt, graph, [synth_dir / "images"], max_images=6, batch_size=2)
     assert report["passed"], (report["failures"], report["failing_slices"], report["probed_slices"])
     rows = report["rois"]
