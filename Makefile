@@ -45,9 +45,8 @@ chromium:
 	  echo "warning: chromium not installed (needs apt-get and root): tests/test_report.py will skip"
 test: chromium
 
-# pytest-xdist workers: one more than the cores (the Ray and Serve tests spend much of their time
-# waiting on their servers; at most 4: each test module's fixtures are made per worker).
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); n=$$((n + 1)); [ $$n -gt 4 ] && n=4; echo $$n)
+# pytest-xdist workers: one per core (at most 4: each test module's fixtures are made per worker).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: install
 	$(BIN)/ruff check ctmask tests
