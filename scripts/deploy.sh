@@ -11,10 +11,7 @@ DATA="$OUT/data"
 HELD="$OUT/held-out"
 
 # The test split's slices, by link, in one folder (the model never saw them in training).
-rm -rf "$HELD" && mkdir -p "$HELD"
-while read -r name _; do
-  ln -s "$(cd "$DATA/images" && pwd)/$name" "$HELD/$name"
-done < "$DATA/test_COVIDx_CT.txt"
+"$(dirname "$0")/held_out.sh" "$DATA" "$HELD"
 
 "$CT" export "$OUT/cls.pt" --out "$OUT/model.onnx" --json "$OUT/export.json"
 "$CT" infer "$OUT/model.onnx" "$HELD" --batch-size 8 --out "$OUT/predictions.jsonl" -q --json "$OUT/infer.json"

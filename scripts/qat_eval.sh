@@ -24,10 +24,7 @@ PY=${PYTHON:-.venv/bin/python}
 DATA="$RUN/data"
 HELD="$OUT/held-out"
 mkdir -p "$OUT"
-rm -rf "$HELD" && mkdir -p "$HELD"
-while read -r name _; do
-  ln -s "$(cd "$DATA/images" && pwd)/$name" "$HELD/$name"
-done < "$DATA/test_COVIDx_CT.txt"
+"$(dirname "$0")/held_out.sh" "$DATA" "$HELD"
 t0=$(date +%s)
 [ -f "$OUT/cls.pt" ] || "$CT" train-cls "$SEG" --preset small --variant heads --head pooled --seed "$SEED" \
   --train-split "$DATA/train_COVIDx_CT.txt" --val-split "$DATA/val_COVIDx_CT.txt" --epochs 100 \

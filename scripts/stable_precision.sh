@@ -23,10 +23,7 @@ PY=${PYTHON:-.venv/bin/python}
 DATA="$RUN/data"
 HELD="$OUT/held-out"
 mkdir -p "$OUT"
-rm -rf "$HELD" && mkdir -p "$HELD"
-while read -r name _; do
-  ln -s "$(cd "$DATA/images" && pwd)/$name" "$HELD/$name"
-done < "$DATA/test_COVIDx_CT.txt"
+"$(dirname "$0")/held_out.sh" "$DATA" "$HELD"
 
 [ -f "$OUT/fp32.onnx" ] || "$CT" export "$CKPT" --out "$OUT/fp32.onnx" -q
 [ -f "$OUT/fp32.ranges.json" ] || "$CT" calibrate "$OUT/fp32.onnx" --images "$DATA/train_COVIDx_CT.txt" \
