@@ -43,6 +43,9 @@ def ort_method(name: str):
     return table[name]
 
 
+CALIBRATE_HINT = "calibrate this graph: `ctmask calibrate MODEL.onnx --images DIR --out ranges.json`"
+
+
 @dataclass
 class RangesFile:
     """Activation ranges of one graph.
@@ -99,15 +102,16 @@ class RangesFile:
         write_json_atomic(path, self.to_dict())
         return Path(path)
 
-    def check_graph(self, graph_sha256: str, path: str | Path, graph_name: str = "the graph") -> None:
-        """Raise :class:`RangesError` unless the ranges were measured on the graph of that sha256."""
+    def check_graph(self, graph_sha256: str, path: str | Path, graph_name: str = "the graph",
+                    hint: str = CALIBRATE_HINT) -> None:
+        """Raise :class:`RangesError` unless the ranges were measured on the graph of that sha256
+        (naming ``path``, the ranges file, and ``graph_name``; ``hint``: what to do instead)."""
         if self.graph_sha256 != graph_sha256:
             made_for = self.graph.get("file") or "another graph"
             raise RangesError(
                 f"ranges were measured on {made_for} (sha256 {self.graph_sha256[:12]}...), not on {graph_name} "
                 f"(sha256 {graph_sha256[:12]}...); INT8 scales from another graph would be wrong",
-                path, hint="calibrate this graph: `ctmask calibrate MODEL.onnx --images DIR --out ranges.json`, or "
-                           "pass a folder / split file to --calibration")
+                path, hint=hint)
 
 
 def load_ranges(path: str | Path) -> RangesFile:

@@ -68,7 +68,7 @@ def qat_ranges(
     if not amax:
         raise CheckpointError("not a QAT checkpoint (no config.qat.amax)", checkpoint)
     proto = load_proto(graph)
-    rf = make(proto, amax, load_ranges(base))
+    rf = make(proto, amax, load_ranges(base), base, str(graph))
     rf.save(out)
     if not quiet:
         typer.echo(f"wrote {out}: {len(graph_quantizers(proto))} detector tensors from the QAT scales, "

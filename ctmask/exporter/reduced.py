@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from ctmask.calibration.ranges import RangesFile, load_ranges
+from ctmask.calibration.ranges import CALIBRATE_HINT, RangesFile, load_ranges
 from ctmask.core.errors import ConfigError, DataError
 from ctmask.core.fileio import write_json_atomic
 from ctmask.core.graphs import content_sha256
@@ -158,7 +158,8 @@ def _ranges_for(proto: onnx.ModelProto, spec: GraphSpec, sha: str, opts: Reduced
     assert opts.calibration is not None
     if is_ranges_file(opts.calibration):
         ranges = load_ranges(opts.calibration)
-        ranges.check_graph(sha, opts.calibration, "this checkpoint's FP32 graph")
+        ranges.check_graph(sha, opts.calibration, "this checkpoint's FP32 graph",
+                           hint=CALIBRATE_HINT + ", or pass a folder / split file to --calibration")
         return ranges, False, None
     cal = calibration_set(opts.calibration, spec, opts.size, opts.seed)
     if on_step:

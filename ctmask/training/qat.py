@@ -117,7 +117,8 @@ def amax_from_ranges(proto: onnx.ModelProto, ranges: RangesFile) -> dict[str, fl
     return out
 
 
-def qat_ranges(proto: onnx.ModelProto, amax: dict[str, float], base: RangesFile) -> RangesFile:
+def qat_ranges(proto: onnx.ModelProto, amax: dict[str, float], base: RangesFile,
+               base_path: str | Path = "the base ranges", graph_name: str = "this graph") -> RangesFile:
     """The ranges file of ``proto`` (an export of a QAT checkpoint) with the fine-tune's scales.
 
     Every detector tensor the INT8 graph quantizes gets ``[-amax, amax]`` of its quantizer
@@ -125,11 +126,12 @@ def qat_ranges(proto: onnx.ModelProto, amax: dict[str, float], base: RangesFile)
     calibration of the same graph).
 
     Raises:
-        RangesError: ``base`` was measured on another graph, or a quantizer has no amax.
+        RangesError: ``base`` (read from ``base_path``) was measured on another graph than
+            ``graph_name``, or a quantizer has no amax.
     """
     from ctmask.core.graphs import content_sha256
 
-    base.check_graph(content_sha256(proto), "the base ranges", "this graph")
+    base.check_graph(content_sha256(proto), base_path, graph_name)
     ranges = dict(base.ranges)
     for tensor, quantizers in graph_quantizers(proto).items():
         missing = [q for q in quantizers if q not in amax]
