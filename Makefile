@@ -45,6 +45,18 @@ chromium:
 	  echo "warning: chromium not installed (needs apt-get and root): tests/test_report.py will skip"
 test: chromium
 
+# tests/test_pacs*.py run a real PACS (Orthanc and its DICOMweb plugin; they skip without one):
+# install Debian's packages when Orthanc is not on PATH, where apt-get is available and we are root.
+# The Debian package's own service is not used: the tests start Orthanc on free loopback ports.
+.PHONY: orthanc
+orthanc:
+	@command -v Orthanc >/dev/null && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb \
+	   >/dev/null) || \
+	  echo "warning: orthanc not installed (needs apt-get and root): tests/test_pacs*.py will skip"
+test: orthanc
+
 # pytest-xdist workers: one per core (at most 4: each test module's fixtures are made per worker).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1] / "ctmask"
 
 # Lowest first. The top-level modules (ctmask/__init__.py: the version; __main__.py: the CLI's
 # entry) are the ground and the roof.
-FLOORS = ("core", "scans", "data", "trt", "runtime", "calibration", "training", "exporter", "backends", "scale",
-          "cli")
+FLOORS = ("core", "scans", "data", "trt", "runtime", "calibration", "training", "exporter", "backends", "pacs",
+          "scale", "cli")
 GROUND = {"ctmask"}
 ROOF = {"ctmask.__main__"}
 
@@ -166,8 +166,8 @@ def test_the_check_sees_a_planted_loop(tmp_path):
 def test_core_data_and_runtime_do_not_import_torch():
     code = (
         "import sys, pkgutil, importlib, ctmask.core, ctmask.scans, ctmask.data, ctmask.calibration, "
-        "ctmask.runtime, ctmask.cli.main, ctmask.trt.check\n"
-        "for pkg in (ctmask.core, ctmask.scans, ctmask.data, ctmask.calibration, ctmask.runtime):\n"
+        "ctmask.runtime, ctmask.pacs, ctmask.cli.main, ctmask.trt.check\n"
+        "for pkg in (ctmask.core, ctmask.scans, ctmask.data, ctmask.calibration, ctmask.runtime, ctmask.pacs):\n"
         "    for m in pkgutil.iter_modules(pkg.__path__):\n"
         "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
         "bad = sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.'))\n"
@@ -183,7 +183,7 @@ def test_no_torch_import_statement_in_torch_free_layers():
 
     pattern = re.compile(r"^\s*(import (\w+, *)*torch(vision)?\b|from torch(vision)?\b)|"
                          r"(import_module|__import__)\(['\"]torch", re.M)
-    files = [p for layer in ("core", "scans", "data", "calibration", "runtime", "scale")
+    files = [p for layer in ("core", "scans", "data", "calibration", "runtime", "pacs", "scale")
              for p in sorted((ROOT / layer).rglob("*.py"))]
     files += sorted((ROOT / "trt").rglob("check*.py")) + [ROOT / "trt" / "support.py"]
     offenders = [f"{p.relative_to(ROOT)}:{m.group(0).strip()}" for p in files for m in pattern.finditer(p.read_text())]

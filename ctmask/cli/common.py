@@ -34,6 +34,8 @@ EXTRA_OF_MODULE: dict[str, tuple[str, str]] = {
     "pyarrow": ("ray", "pyarrow"),
     "tritonclient": ("triton", "tritonclient"),
     "google.protobuf": ("triton", "protobuf"),
+    "dicomweb_client": ("pacs", "dicomweb-client"),
+    "pynetdicom": ("pacs", "pynetdicom"),
 }
 
 

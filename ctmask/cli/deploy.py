@@ -28,6 +28,7 @@ from ctmask.cli.common import (
     split_images,
     user_errors,
 )
+from ctmask.cli.pacs import CaBundleOpt, CredentialsOpt, RetryForOpt, SpoolOpt, infer_dicomweb
 from ctmask.core.errors import ConfigError
 from ctmask.core.noise import NOISE_GRAY_LEVELS, describe_noise_floor
 
@@ -51,9 +52,9 @@ CpusPerActorOpt = typer.Option(None, "--cpus-per-actor", help="With --ray: CPUs 
 def infer(
     model: Path = typer.Argument(..., help="ctmask ONNX model, TensorRT engine (.engine), or a classifier checkpoint "
                                            "for the PyTorch path."),
-    inputs: list[Path] = typer.Argument(..., help="Slices (PNG, JPEG, TIFF, DICOM), DICOM series folders (files "
-                                                  "with or without .dcm), multi-frame DICOM, NIfTI volumes "
-                                                  "(.nii, .nii.gz), or folders of them."),
+    inputs: list[Path] = typer.Argument(None, help="Slices (PNG, JPEG, TIFF, DICOM), DICOM series folders (files "
+                                                   "with or without .dcm), multi-frame DICOM, NIfTI volumes "
+                                                   "(.nii, .nii.gz), or folders of them (none with --dicomweb)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Per-slice predictions: .jsonl, .csv or .parquet "
                                                               "(default: stdout)."),
     studies: Path | None = typer.Option(None, "--studies", help="Per-study predictions: .jsonl, .csv or .parquet."),
@@ -77,6 +78,15 @@ def infer(
     actors: int | None = ActorsOpt,
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="With --ray: GPUs per actor."),
     cpus_per_actor: float | None = CpusPerActorOpt,
+    dicomweb: str | None = typer.Option(None, "--dicomweb", help="Pull the study from this DICOMweb server "
+                                                                 "(QIDO-RS / WADO-RS) and store the results back "
+                                                                 "(STOW-RS), e.g. http://pacs:8042/dicom-web."),
+    study: str | None = typer.Option(None, "--study", help="With --dicomweb: the Study Instance UID."),
+    series: str | None = typer.Option(None, "--series", help="With --dicomweb: only this Series Instance UID."),
+    credentials: Path | None = CredentialsOpt,
+    ca_bundle: Path | None = CaBundleOpt,
+    spool: Path | None = SpoolOpt,
+    retry_for: float = RetryForOpt,
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -99,12 +109,21 @@ def infer(
     from ctmask.scans.batch import ReadOptions
 
     echo = human_echo(json_out)
-    guard = _check_outputs(out, studies, report, overlays, resume, model, inputs, boxes, json_out)
-    engine = _engine(model, backend, device, threads, use_ray, address, actors, gpus_per_actor, cpus_per_actor)
     predict = PredictOptions(batch_size, top_rois, uncropped=uncropped, read=ReadOptions(force_modality, hu_offset))
-    request = InferRequest(model, inputs, out, studies, overlays, report, resume, boxes, study_top_k, predict, guard)
     events = InferEvents(note=echo, warn=_warn, prediction=_slice_line(echo) if out is None else None,
                          progress=not quiet)
+    if dicomweb is not None or study is not None or series is not None:
+        _check_dicomweb(dicomweb, study, inputs, {"--out": out, "--studies": studies, "--overlays": overlays,
+                                                  "--report": report, "--resume": resume, "--boxes": boxes,
+                                                  "--ray": use_ray})
+        check_paths({"MODEL": model}, {"--json": json_out})
+        return infer_dicomweb(model, str(dicomweb), str(study), series, credentials, ca_bundle, spool, retry_for,
+                              predict, study_top_k, backend, device, threads, events, json_out)
+    if not inputs:
+        raise ConfigError("no INPUTS: give slices, series folders or volumes (or --dicomweb URL --study UID)")
+    guard = _check_outputs(out, studies, report, overlays, resume, model, inputs, boxes, json_out)
+    engine = _engine(model, backend, device, threads, use_ray, address, actors, gpus_per_actor, cpus_per_actor)
+    request = InferRequest(model, inputs, out, studies, overlays, report, resume, boxes, study_top_k, predict, guard)
     summary = run_infer(request, engine, events)
     _echo_summary(summary, request)
     emit_json(summary.to_dict(), json_out)
@@ -131,6 +150,18 @@ def _engine(model: Path, backend: str, device: str, threads: int | None, use_ray
     if ray_only:
         raise ConfigError(f"{', '.join(ray_only)} only apply with --ray")
     return LocalEngine(open_runner)
+
+
+def _check_dicomweb(url: str | None, study: str | None, inputs: list[Path] | None, others: dict) -> None:
+    """--dicomweb needs --study, takes no INPUTS, and none of the file-run options."""
+    if url is None or study is None:
+        raise ConfigError("--dicomweb URL and --study UID go together (--series UID: one series of the study)")
+    if inputs:
+        raise ConfigError("--dicomweb pulls its inputs from the server: give no INPUTS")
+    given = [name for name, value in others.items() if value not in (None, False)]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not with --dicomweb (its records are in --json; its results go "
+                          "back to the server)")
 
 
 def _warn(message: str) -> None:

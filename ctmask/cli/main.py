@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from ctmask import __version__
-from ctmask.cli import deploy, export, precision, qat, serve, triton, trt
+from ctmask.cli import deploy, export, pacs, precision, qat, serve, triton, trt
 from ctmask.cli.common import (
     JsonOpt,
     PresetOpt,
@@ -325,7 +325,7 @@ def _evaluate_graph(model: Path, split: Path | None, batch_size: int, crop: bool
 
 
 for _name, _fn in {**deploy.COMMANDS, **export.COMMANDS, **precision.COMMANDS, **trt.COMMANDS, **serve.COMMANDS,
-                  **triton.COMMANDS, **qat.COMMANDS}.items():
+                  **triton.COMMANDS, **qat.COMMANDS, **pacs.COMMANDS}.items():
     app.command(_name)(_fn)
 
 

@@ -105,6 +105,11 @@ class ServerError(CtmaskError):
     """A server that does not answer (``bench-serve --url``, or one that did not start)."""
 
 
+class PacsError(CtmaskError):
+    """A PACS that cannot be reached, refuses the association or the credentials, or answers
+    a DICOMweb / DIMSE request with an error (``infer --dicomweb``, ``listen``)."""
+
+
 class CtmaskWarning(UserWarning):
     """Something the user should know that does not stop the command (the CLI prints it
     as one ``warning:`` line on stderr)."""

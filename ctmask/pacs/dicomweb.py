@@ -1,0 +1,169 @@
+"""DICOMweb: the series of a study (QIDO-RS), their instances (WADO-RS), results stored back
+(STOW-RS), with ``dicomweb-client`` (the DICOMweb client of the highdicom / IDC authors, maintained,
+with QIDO / WADO / STOW and streamed multipart retrieval).
+
+Every request goes through :func:`call` so that its failures are sorted in one place: the PACS
+unreachable, a timeout, an HTTP 5xx / 429 answer are :class:`~ctmask.pacs.retry.TransientError`
+(retried by the caller's backoff); any other answer is a :class:`~ctmask.core.errors.PacsError`.
+dicomweb-client's own retries are turned off: one backoff policy, ours, governs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from ctmask.core.errors import PacsError
+from ctmask.pacs.retry import RETRIED_HTTP, Backoff, TransientError, with_retries
+
+if TYPE_CHECKING:
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+T = TypeVar("T")
+
+# QIDO attribute tags: (0008,0060) Modality, (0020,000E) SeriesInstanceUID, (0008,103E) SeriesDescription,
+# (0020,0011) SeriesNumber, (0020,1209) NumberOfSeriesRelatedInstances.
+_MODALITY, _SERIES_UID, _DESCRIPTION, _NUMBER, _COUNT = "00080060", "0020000E", "0008103E", "00200011", "00201209"
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series as QIDO-RS describes it."""
+
+    uid: str
+    modality: str
+    description: str = ""
+    number: str = ""
+    instances: int | None = None
+
+    def name(self) -> str:
+        """How a message names the series: its number and description, and its UID."""
+        label = " ".join(x for x in (f"#{self.number}" if self.number else "", self.description) if x)
+        return f"series {label + ' ' if label else ''}({self.uid})"
+
+
+def call(what: str, url: str, fn: Callable[[], T]) -> T:
+    """``fn()`` (a dicomweb-client request), its failures as :class:`TransientError` (worth a
+    retry) or :class:`PacsError` naming ``what`` and ``url``."""
+    import requests
+
+    try:
+        return fn()
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        message = f"{what}: {url} answered HTTP {status}"
+        if status in (401, 403):
+            raise PacsError(message + " (credentials refused)",
+                            hint="set CTMASK_PACS_USER / CTMASK_PACS_PASSWORD, CTMASK_PACS_TOKEN or --credentials "
+                                 "FILE") from None
+        if status in RETRIED_HTTP:
+            raise TransientError(message) from None
+        raise PacsError(message) from None
+    except requests.exceptions.SSLError as exc:
+        raise PacsError(f"{what}: {url}: TLS certificate not verified ({exc})",
+                        hint="give the PACS's CA with --ca-bundle FILE") from None
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise TransientError(f"{what}: {url} unreachable ({type(exc).__name__})") from None
+
+
+class DicomWeb:
+    """A DICOMweb server at ``url`` (its QIDO / WADO / STOW root, e.g.
+    ``http://host:8042/dicom-web``), reached through ``session`` (credentials, TLS)."""
+
+    def __init__(self, url: str, session: requests.Session, backoff: Backoff = Backoff(),
+                 on_retry: Callable[[str, float], None] | None = None, timeout: float = 60.0):
+        from dicomweb_client.api import DICOMwebClient
+
+        self.url = url.rstrip("/")
+        self.backoff = backoff
+        self.on_retry = on_retry
+        self.client: DICOMwebClient = DICOMwebClient(self.url, session=session, timeout=timeout)
+        self.client.set_http_retry_params(retry=False)
+
+    def _retried(self, what: str, fn: Callable[[], T]) -> T:
+        return with_retries(lambda: call(what, self.url, fn), self.backoff, self.on_retry)
+
+    def series(self, study: str, series: str | None = None) -> list[SeriesInfo]:
+        """The series of ``study`` (only ``series`` when given), by QIDO-RS.
+
+        Raises:
+            PacsError: the study (or series) is not on the server.
+        """
+        filters = {"SeriesInstanceUID": series} if series else None
+        fields = ["Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances"]
+        found = self._retried("QIDO-RS series", lambda: self.client.search_for_series(
+            study, fields=fields, search_filters=filters, get_remaining=True))
+        out = [SeriesInfo(_value(s, _SERIES_UID), _value(s, _MODALITY).upper(), _value(s, _DESCRIPTION),
+                          _value(s, _NUMBER), _count(s)) for s in found]
+        if not out:
+            what = f"series {series} of study {study}" if series else f"study {study}"
+            raise PacsError(f"{self.url}: no {what} (QIDO-RS found none)")
+        return out
+
+    def fetch_series(self, study: str, series: str, folder: Path) -> list[Path]:
+        """Every instance of ``series`` by WADO-RS, streamed (one instance in memory at a time)
+        into ``folder`` as ``<SOPInstanceUID>.dcm``; the paths written."""
+        from ctmask.core.fileio import atomic_path
+
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def fetch() -> list[Path]:
+            written = []
+            for ds in self.client.iter_series(study, series):
+                path = folder / f"{_safe_name(str(ds.SOPInstanceUID))}.dcm"
+                with atomic_path(path) as tmp:
+                    ds.save_as(tmp, enforce_file_format=True)
+                written.append(path)
+            return written
+
+        return self._retried(f"WADO-RS series {series}", fetch)
+
+    def store(self, files: Iterable[Path], study: str) -> int:
+        """STOW-RS the DICOM ``files`` into ``study``; the number stored.
+
+        Raises:
+            PacsError: a file that is no DICOM, a study UID that differs, or the server's refusal
+                of an instance (its failed SOP sequence).
+        """
+        import pydicom
+
+        datasets = [pydicom.dcmread(p) for p in files]
+        for p, ds in zip(files, datasets, strict=True):
+            if str(ds.get("StudyInstanceUID", "")) != study:
+                raise PacsError(f"{p}: belongs to study {ds.get('StudyInstanceUID')}, not {study}")
+        if not datasets:
+            return 0
+        # no retries here: the spool that calls this retries the whole study with its backoff
+        answer = call(f"STOW-RS study {study}", self.url, lambda: self.client.store_instances(datasets, study))
+        failed = answer.get("FailedSOPSequence") if answer is not None else None
+        if failed:
+            reasons = [f"{i.get('ReferencedSOPInstanceUID', '?')} (reason {i.get('FailureReason', '?')})"
+                       for i in failed]
+            raise PacsError(f"STOW-RS study {study}: {self.url} refused {len(failed)} instance(s): "
+                            + ", ".join(reasons))
+        return len(datasets)
+
+    def instances(self, study: str, series: str | None = None) -> list[str]:
+        """The SOP Instance UIDs of ``study`` (of ``series``) by QIDO-RS."""
+        found = self._retried("QIDO-RS instances", lambda: self.client.search_for_instances(
+            study, series, get_remaining=True))
+        return [_value(i, "00080018") for i in found]
+
+
+def _value(obj: dict, tag: str) -> str:
+    values = obj.get(tag, {}).get("Value") or [""]
+    v = values[0]
+    return str(v.get("Alphabetic", "") if isinstance(v, dict) else v)
+
+
+def _count(obj: dict) -> int | None:
+    v = _value(obj, _COUNT)
+    return int(v) if v.isdigit() else None
+
+
+def _safe_name(uid: str) -> str:
+    """A UID as a file name (digits and dots; anything else replaced)."""
+    return "".join(c if c.isdigit() or c == "." else "_" for c in uid)[:128] or "instance"

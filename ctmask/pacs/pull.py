@@ -1,0 +1,93 @@
+"""``ctmask infer --dicomweb URL --study UID [--series UID]``: a study pulled from a DICOMweb
+server, predicted, its results stored back into it.
+
+1. QIDO-RS lists the study's series (or the one asked for). A series whose modality is not CT
+   is refused and named (``--force-modality`` takes it anyway), without being fetched.
+2. WADO-RS streams each CT series' instances into a temporary folder, one instance in memory at
+   a time; from there the file readers take them, with their size limits and refusals (a
+   localizer, an instance too large, a broken file: refused and named, the rest predicted).
+3. The pipeline of ``ctmask infer`` predicts them (the same records as on the files).
+4. The DICOM result objects go to the spool, then by STOW-RS into the study (retried with
+   backoff; what the server did not take stays in the spool for the next run).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctmask.pacs.dicomweb import DicomWeb, SeriesInfo
+from ctmask.pacs.retry import Backoff
+from ctmask.pacs.spool import SendReport, Spool
+from ctmask.pacs.study import StudyResult, StudySettings, infer_folder
+from ctmask.runtime.pipeline import InferEvents
+from ctmask.runtime.runner import Runner
+from ctmask.scans.types import Failure
+
+
+@dataclass
+class PullResult:
+    """What ``infer --dicomweb`` did: the study's run, the series refused, the transfer."""
+
+    study: str
+    result: StudyResult | None
+    refused: list[Failure]
+    sent: SendReport
+
+    @property
+    def failures(self) -> list[Failure]:
+        return self.refused + (self.result.summary.failures if self.result is not None else [])
+
+    def to_dict(self) -> dict:
+        summary = self.result.summary.to_dict() if self.result is not None else {"predicted": 0}
+        summary["skipped"] = [f.to_dict() for f in self.failures]
+        summary["predictions"] = self.result.summary.records if self.result is not None else []
+        return {**summary, "study": self.study, "results": self.sent.to_dict()}
+
+
+def split_series(series: list[SeriesInfo], force_modality: bool) -> tuple[list[SeriesInfo], list[Failure]]:
+    """The series to fetch, and those refused (modality other than CT) with why."""
+    take, refused = [], []
+    for s in series:
+        if s.modality == "CT" or force_modality:
+            take.append(s)
+        else:
+            refused.append(Failure(s.name(), f"modality {s.modality or 'unknown'}, not CT: refused (not fetched; "
+                                             "--force-modality takes it)"))
+    return take, refused
+
+
+def infer_dicomweb(web: DicomWeb, study: str, series: str | None, settings: StudySettings, spool_root: Path,
+                   open_runner: Callable[[], AbstractContextManager[Runner]], backoff: Backoff,
+                   events: InferEvents = InferEvents(), keep: Path | None = None) -> PullResult:
+    """Pull ``study`` (only ``series``) from ``web``, predict its CT series, store the results
+    back (see the module). ``keep``: write the records there (``predictions.jsonl``,
+    ``studies.jsonl``) instead of a temporary folder."""
+    spool = Spool(spool_root, web.url)
+    earlier = _flush(web, spool, backoff, events) if spool.pending() else None
+    found = web.series(study, series)
+    take, refused = split_series(found, settings.predict.read.force_modality)
+    for f in refused:
+        events.warn(f"{f.file}: {f.reason}")
+    result = None
+    with tempfile.TemporaryDirectory(prefix="ctmask-dicomweb-") as tmp:
+        if take:
+            for s in take:
+                n = len(web.fetch_series(study, s.uid, Path(tmp) / "series" / s.uid))
+                events.note(f"fetched {n} instance(s) of {s.name()} by WADO-RS")
+            result = infer_folder(Path(tmp) / "series", keep or Path(tmp) / "results", settings, open_runner, events)
+            spool.add(result.dicom)
+        sent = _flush(web, spool, backoff, events)
+    if earlier is not None:
+        sent.sent += earlier.sent
+    return PullResult(study, result, refused, sent)
+
+
+def _flush(web: DicomWeb, spool: Spool, backoff: Backoff, events: InferEvents) -> SendReport:
+    def retry(reason: str, wait: float) -> None:
+        events.warn(f"{reason}: trying again in {wait:g} s")
+
+    return spool.flush(lambda study, files: web.store(files, study), backoff, retry)
