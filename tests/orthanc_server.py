@@ -117,6 +117,8 @@ class Orthanc:
         return r.json()
 
     def post(self, path: str, body: object) -> dict | list:
-        r = requests.post(self.url + path, auth=(USER, PASSWORD), json=body, timeout=120)
+        """POST ``body`` (a string as is, anything else as JSON)."""
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        r = requests.post(self.url + path, auth=(USER, PASSWORD), data=data, timeout=120)
         r.raise_for_status()
         return r.json()

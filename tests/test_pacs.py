@@ -1,0 +1,297 @@
+"""PACS connectivity on a real PACS: Orthanc (tests/orthanc_server.py) started for this module.
+
+``infer --dicomweb`` and ``listen`` against the same files predicted by ``ctmask infer``; series
+that are not CT and localizers refused and named; the spool across an Orthanc stopped and
+restarted (nothing lost, nothing doubled); an AE outside the allow list refused; credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from orthanc_server import PASSWORD, USER, Orthanc, free_port, orthanc_missing
+from pydicom.uid import generate_uid
+from typer.testing import CliRunner
+
+from ctmask.core.errors import ConfigError, PacsError
+from ctmask.pacs.auth import Credentials, http_session, read_credentials
+from ctmask.pacs.dicomweb import DicomWeb
+from ctmask.pacs.dimse import Destination, c_store
+from ctmask.pacs.retry import Backoff, TransientError, with_retries
+from ctmask.pacs.spool import Spool
+from ctmask.pacs.study import dicom_results_supported
+
+needs_orthanc = pytest.mark.skipif(orthanc_missing() is not None, reason=orthanc_missing() or "")
+ENV = {"CTMASK_PACS_USER": USER, "CTMASK_PACS_PASSWORD": PASSWORD}
+
+
+def _cli(*args, env=None):
+    from ctmask.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+# --- without a PACS ---------------------------------------------------------------------------
+
+def test_credentials_come_from_the_environment_or_a_private_file(tmp_path):
+    assert read_credentials({"CTMASK_PACS_TOKEN": "t0k"}, None) == Credentials(token="t0k")
+    assert read_credentials({}, None).kind == "none"
+    f = tmp_path / "pacs.json"
+    f.write_text(json.dumps({"username": "u", "password": "p"}))
+    os.chmod(f, 0o644)
+    with pytest.raises(ConfigError, match="readable by other users"):
+        read_credentials({}, f)
+    os.chmod(f, 0o600)
+    creds = read_credentials({}, f)
+    assert creds == Credentials("u", "p") and "p" not in repr(creds)
+    with pytest.raises(ConfigError, match="both the environment"):
+        read_credentials({"CTMASK_PACS_TOKEN": "t"}, f)
+    with pytest.raises(ConfigError, match="without a password"):
+        read_credentials({"CTMASK_PACS_USER": "u"}, None)
+    f.write_text("user:password")
+    with pytest.raises(ConfigError, match="not a credentials file"):
+        read_credentials({}, f)
+    assert http_session(Credentials(token="t")).headers["Authorization"] == "Bearer t"
+    assert http_session(Credentials()).verify is True  # TLS verified unless a CA bundle is given
+    with pytest.raises(ConfigError, match="no such CA bundle"):
+        http_session(Credentials(), tmp_path / "missing.pem")
+
+
+def test_backoff_doubles_and_gives_up_with_the_last_reason():
+    assert Backoff(first=1, longest=4, total=20).waits() == [1, 2, 4, 4, 4, 4]
+    tries, slept = [], []
+
+    def flaky():
+        tries.append(1)
+        if len(tries) < 3:
+            raise TransientError(f"down {len(tries)}")
+        return "ok"
+
+    assert with_retries(flaky, Backoff(first=0.5, total=10), sleep=slept.append) == "ok"
+    assert slept == [0.5, 1.0]
+    with pytest.raises(TransientError, match="down 2"):
+        tries.clear()
+        with_retries(flaky, Backoff(first=0.5, total=0.5), sleep=slept.append)
+
+
+def test_destination_and_dicomweb_options_are_checked(tmp_path):
+    assert Destination.parse("[::1]:104:PACS") == Destination("::1", 104, "PACS")
+    for bad in ("pacs:104", "pacs:0:AE", "pacs:104:A\\B", "pacs:104:" + "A" * 17):
+        with pytest.raises(ConfigError):
+            Destination.parse(bad)
+    r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", "http://127.0.0.1:9/dicom-web")
+    assert r.exit_code == 2 and "--study" in r.output
+    r = _cli("infer", tmp_path / "m.onnx", tmp_path, "--dicomweb", "http://x/dicom-web", "--study", "1.2")
+    assert r.exit_code == 2 and "give no INPUTS" in r.output
+    r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", "http://x/dicom-web", "--study", "1.2", "--out", "a.jsonl")
+    assert r.exit_code == 2 and "--out: not with --dicomweb" in r.output
+
+
+# --- on Orthanc -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory):
+    """Two synthetic patients of 4 slices; patient 0's study also holds an MR series and a
+    localizer series (one instance each, made from its first slice)."""
+    from ctmask.data.synth_dicom import synthesize_dicom
+
+    root = tmp_path_factory.mktemp("pacs-synth")
+    synthesize_dicom(root, patients=2, slices_per_patient=4, seed=5, workers=1)
+    patients = json.loads((root / "manifest.json").read_text())["patients"]
+    extra = root / "extra"
+    extra.mkdir()
+    first = sorted((root / patients[0]["series_folder"]).iterdir())[0]
+    for name, change in (("mr", {"Modality": "MR"}), ("scout", {"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})):
+        ds = pydicom.dcmread(first)
+        for k, v in change.items():
+            setattr(ds, k, v)
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=["test_pacs", name, "series"])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["test_pacs", name])
+        ds.SeriesDescription, ds.SeriesNumber = name.upper(), 90 + len(name)
+        ds.save_as(extra / f"{name}.dcm")
+    return root, patients, extra
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """Orthanc, allowed to send to a listener on ``listen_port`` (AE CTMASK)."""
+    if orthanc_missing():
+        pytest.skip(orthanc_missing())
+    listen_port = free_port()
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"), {"ctmask": ("CTMASK", listen_port)}).start()
+    server.listen_port = listen_port
+    yield server
+    server.stop()
+
+
+def _web(pacs) -> DicomWeb:
+    return DicomWeb(pacs.dicomweb, http_session(Credentials(USER, PASSWORD)), Backoff(total=0))
+
+
+def _file_records(model, folder) -> dict[str, dict]:
+    r = _cli("infer", model, folder, "--json", "-", "-q")
+    assert r.exit_code in (0, 1), r.output
+    out = json.loads(r.stdout[r.stdout.index("{\n"):])
+    return {p["id"]: p for p in out["predictions"]}
+
+
+def _same_calls(records: list[dict], expected: dict[str, dict]) -> None:
+    got = {p["id"]: p for p in records}
+    assert sorted(got) == sorted(expected)
+    for k, p in got.items():
+        assert p["class"] == expected[k]["class"] and p["probs"] == pytest.approx(expected[k]["probs"], abs=1e-6)
+
+
+def _results(study: str, tag: str, files: list[Path], out: Path) -> list[Path]:
+    """Result-like objects of ``study``: a copy of ``files`` in a new series, with UIDs derived
+    from (``tag``, source instance) as the result objects' are (a rerun makes the same UIDs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    series = generate_uid(entropy_srcs=[tag, study])
+    made = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert str(ds.StudyInstanceUID) == study
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series, 999, "CTMASK RESULT"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[tag, str(ds.SOPInstanceUID)])
+        made.append(out / f"{ds.SOPInstanceUID}.dcm")
+        ds.save_as(made[-1])
+    return made
+
+
+@needs_orthanc
+def test_infer_dicomweb_predicts_the_ct_series_as_files_and_refuses_the_others(pacs, study_files, small_onnx,
+                                                                               tmp_path):
+    root, patients, extra = study_files
+    p = patients[0]
+    ct = sorted((root / p["series_folder"]).iterdir())
+    assert _web(pacs).store([*ct, *sorted(extra.iterdir())], p["StudyInstanceUID"]) == len(ct) + 2  # STOW-RS
+    args = ("infer", small_onnx, "--dicomweb", pacs.dicomweb, "--study", p["StudyInstanceUID"], "--spool",
+            tmp_path / "spool", "--json", tmp_path / "run.json", "-q")
+    bad = _cli(*args, env={"CTMASK_PACS_USER": USER, "CTMASK_PACS_PASSWORD": "wrong"})
+    assert bad.exit_code == 2 and "HTTP 401 (credentials refused)" in bad.output
+    r = _cli(*args, env=ENV)
+    assert r.exit_code == 1, r.output  # the MR series and the localizer refused
+    run = json.loads((tmp_path / "run.json").read_text())
+    skipped = {s["file"]: s["error"] for s in run["skipped"]}
+    assert any("series #92 MR" in k and "modality MR, not CT" in v for k, v in skipped.items()), skipped
+    assert any("localizer" in v for v in skipped.values()), skipped
+    _same_calls(run["predictions"], _file_records(small_onnx, root / p["series_folder"]))
+    assert run["results"]["pending"] == 0 and "stored in " + pacs.dicomweb in r.output
+    if dicom_results_supported():  # the result objects are in the study, once each after a second run
+        assert run["results"]["sent"] > 0
+        before = len(_web(pacs).instances(p["StudyInstanceUID"]))
+        assert _cli(*args, env=ENV).exit_code == 1
+        assert len(_web(pacs).instances(p["StudyInstanceUID"])) == before
+
+
+@needs_orthanc
+def test_spool_keeps_results_while_orthanc_is_down_and_replaces_on_resend(pacs, study_files, tmp_path):
+    root, patients, _ = study_files
+    p = patients[1]
+    study, ct = p["StudyInstanceUID"], sorted((root / p["series_folder"]).iterdir())
+    results = _results(study, "stow", ct, tmp_path / "results")
+    web = _web(pacs)
+    spool = Spool(tmp_path / "spool", web.url)
+    spool.add(results)
+    pacs.stop()
+    try:
+        down = spool.flush(lambda s, f: web.store(f, s), Backoff(total=0))
+        assert (down.sent, down.pending) == (0, len(results)) and "unreachable" in down.status()
+        assert "held in the spool" in down.status() and spool.pending() == len(results)
+    finally:
+        pacs.start()
+    up = spool.flush(lambda s, f: web.store(f, s), Backoff(first=0.2, total=5))
+    assert (up.sent, up.pending, up.studies) == (len(results), 0, [study]) and spool.pending() == 0
+    series = str(pydicom.dcmread(results[0]).SeriesInstanceUID)
+    assert len(web.instances(study, series)) == len(results)
+    spool.add(results)  # the same results again (a rerun): replaced, not doubled
+    assert spool.flush(lambda s, f: web.store(f, s), Backoff(total=0)).sent == len(results)
+    assert len(web.instances(study, series)) == len(results)
+    by_dimse = _results(study, "dimse", ct, tmp_path / "dimse")  # the same by C-STORE, twice
+    dest = Destination("127.0.0.1", pacs.dicom_port, Orthanc.AE)
+    assert c_store(by_dimse, dest) == c_store(by_dimse, dest) == len(by_dimse)
+    assert len(web.instances(study, str(pydicom.dcmread(by_dimse[0]).SeriesInstanceUID))) == len(by_dimse)
+
+
+def _listener(pacs, model, work: Path, idle: float = 0.3):
+    from ctmask.backends.registry import make_runner
+    from ctmask.pacs.listen import Listener, ListenOptions
+    from ctmask.pacs.study import StudySettings
+
+    options = ListenOptions(Destination("127.0.0.1", pacs.dicom_port, Orthanc.AE), work, "CTMASK", "127.0.0.1",
+                            pacs.listen_port, ("ORTHANC",), idle, Backoff(first=0.2, longest=1.0))
+    listener = Listener(options, StudySettings(model), lambda: make_runner(model, "auto", "cpu", None))
+    listener.start()
+    return listener
+
+
+@needs_orthanc
+def test_listen_predicts_a_study_orthanc_sends_as_files_and_refuses_other_aes(pacs, study_files, small_onnx,
+                                                                              tmp_path):
+    root, patients, extra = study_files
+    p = patients[1]
+    ct = sorted((root / p["series_folder"]).iterdir())
+    c_store(ct, Destination("127.0.0.1", pacs.dicom_port, Orthanc.AE), "UPLOADER")  # the study into Orthanc
+    listener = _listener(pacs, small_onnx, tmp_path / "work")
+    try:
+        with pytest.raises(TransientError, match="association refused"):  # not in --allow
+            c_store(ct[:1], Destination("127.0.0.1", pacs.listen_port, "CTMASK"), "STRANGER")
+        assert listener.log == {} and listener.done == []
+        found = pacs.post("/tools/lookup", p["SeriesInstanceUID"])
+        pacs.post("/modalities/ctmask/store", [found[0]["ID"]])  # Orthanc C-STOREs the CT series to the listener
+        assert listener.wait_for(1, 60)
+    finally:
+        report = listener.stop()
+    assert report.ok
+    [log] = listener.done
+    assert log.instances == len(ct) and log.error is None and log.stored is not None
+    folder = tmp_path / "work" / "results" / p["StudyInstanceUID"]
+    records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    _same_calls(records, _file_records(small_onnx, root / p["series_folder"]))
+    if dicom_results_supported():
+        assert log.results > 0 and not list((tmp_path / "work" / "spool").rglob("*.dcm"))
+
+
+@pytest.mark.skipif(not dicom_results_supported(), reason="needs the DICOM result objects (infer --dicom-out, "
+                                                          "issue 21 part 1)")
+@needs_orthanc
+def test_listen_holds_results_while_orthanc_is_down_and_sends_them_once_after(pacs, study_files, small_onnx,
+                                                                             tmp_path):
+    root, patients, _ = study_files
+    p = patients[0]
+    ct = sorted((root / p["series_folder"]).iterdir())
+    web = _web(pacs)
+    listener = _listener(pacs, small_onnx, tmp_path / "work")
+    try:
+        pacs.stop()
+        try:  # the study comes in while the destination is down
+            c_store(ct, Destination("127.0.0.1", pacs.listen_port, "CTMASK"), "ORTHANC")
+            end = time.monotonic() + 60
+            while not listener.done and time.monotonic() < end:
+                time.sleep(0.1)
+            assert listener.done and listener.done[0].stored is None and listener.spool.pending() > 0
+            held = listener.spool.pending()
+        finally:
+            pacs.start()
+        assert listener.wait_for(1, 60)
+    finally:
+        report = listener.stop()
+    assert report.ok and listener.spool.pending() == 0
+    results = [i for i in web.instances(p["StudyInstanceUID"]) if i not in {pydicom.dcmread(f).SOPInstanceUID
+                                                                           for f in ct}]
+    assert len(set(results)) == len(results) >= held
+
+
+def test_spool_refuses_a_file_that_is_no_dicom(tmp_path):
+    f = tmp_path / "x.dcm"
+    f.write_text("no dicom")
+    with pytest.raises(PacsError, match="not a DICOM result file"):
+        Spool(tmp_path / "spool", "http://x").add([f])
+    shutil.rmtree(tmp_path / "spool", ignore_errors=True)
