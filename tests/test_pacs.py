@@ -295,3 +295,111 @@ def test_spool_refuses_a_file_that_is_no_dicom(tmp_path):
     with pytest.raises(PacsError, match="not a DICOM result file"):
         Spool(tmp_path / "spool", "http://x").add([f])
     shutil.rmtree(tmp_path / "spool", ignore_errors=True)
+
+
+class _Flaky:
+    """A real HTTP front for Orthanc that answers 503 to the next ``fail`` requests, then
+    forwards (method, path, body, the headers that matter) and relays the answer."""
+
+    def __init__(self, target: str):
+        import http.server
+        import threading
+
+        import requests
+
+        flaky = self
+        self.fail, self.seen = 0, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _relay(self):
+                flaky.seen += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if flaky.fail > 0:
+                    flaky.fail -= 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                keep = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept",
+                                                                              "content-type")}
+                r = requests.request(self.command, target + self.path, headers=keep, data=body, timeout=60)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() in ("content-type",):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = _relay
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@needs_orthanc
+def test_5xx_answers_are_retried_with_backoff_and_results_wait_in_the_spool(pacs, study_files, tmp_path):
+    root, patients, _ = study_files
+    p = patients[1]
+    flaky = _Flaky(pacs.url)
+    try:
+        web = DicomWeb(flaky.url, http_session(Credentials(USER, PASSWORD)), Backoff(first=0.05, total=1))
+        flaky.fail = 2
+        assert [s.modality for s in web.series(p["StudyInstanceUID"], p["SeriesInstanceUID"])] == ["CT"]
+        assert flaky.fail == 0 and flaky.seen >= 3  # two 503s, then the answers (QIDO pages)
+        results = _results(p["StudyInstanceUID"], "flaky", sorted((root / p["series_folder"]).iterdir())[:2],
+                           tmp_path / "results")
+        spool = Spool(tmp_path / "spool", flaky.url)
+        spool.add(results)
+        flaky.fail = 10**6
+        held = spool.flush(lambda s, f: web.store(f, s), Backoff(first=0.05, total=0.2))
+        assert held.pending == 2 and "HTTP 503" in held.status()
+        flaky.fail = 0
+        assert spool.flush(lambda s, f: web.store(f, s), Backoff(total=0)).sent == 2 and spool.pending() == 0
+    finally:
+        flaky.close()
+
+
+@needs_orthanc
+def test_listen_command_listens_on_loopback_and_exits_after_its_studies(pacs, study_files, small_onnx, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    psutil = pytest.importorskip("psutil")
+    root, patients, _ = study_files
+    ct = sorted((root / patients[1]["series_folder"]).iterdir())[:2]
+    port = free_port()
+    cmd = [sys.executable, "-m", "ctmask", "listen", str(small_onnx), "--dest", f"127.0.0.1:{pacs.dicom_port}:ORTHANC",
+           "--port", str(port), "--allow", "UPLOADER", "--idle", "0.3", "--work", str(tmp_path / "work"),
+           "--exit-after", "1", "--json", str(tmp_path / "listen.json")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        bound = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN}
+        assert bound == {"127.0.0.1"}
+        assert c_store(ct, Destination("127.0.0.1", port, "CTMASK"), "UPLOADER") == 2
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    done = json.loads((tmp_path / "listen.json").read_text())
+    assert [s["instances"] for s in done["studies"]] == [2] and done["studies"][0]["summary"]["predicted"] == 2
+    assert "listening on 127.0.0.1:" in out and done["results"]["pending"] == 0
