@@ -13,11 +13,14 @@ server, predicted, its results stored back into it.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ctmask.pacs.dicomweb import DicomWeb, SeriesInfo
 from ctmask.pacs.retry import Backoff
@@ -78,12 +81,45 @@ def infer_dicomweb(web: DicomWeb, study: str, series: str | None, settings: Stud
             for s in take:
                 n = len(web.fetch_series(study, s.uid, Path(tmp) / "series" / s.uid))
                 events.note(f"fetched {n} instance(s) of {s.name()} by WADO-RS")
-            result = infer_folder(Path(tmp) / "series", keep or Path(tmp) / "results", settings, open_runner, events)
+            name = _instance_url(web.url, study, Path(tmp) / "series")
+            shown = events
+            if events.prediction is not None:
+                show = events.prediction
+                shown = dataclasses.replace(events, prediction=lambda p: show(dataclasses.replace(
+                    p, file=name(p.file), key=name(p.key))))
+            result = infer_folder(Path(tmp) / "series", keep or Path(tmp) / "results", settings, open_runner, shown)
+            _rename(result, name)
             spool.add(result.dicom)
         sent = _flush(web, spool, backoff, events)
     if earlier is not None:
         sent.sent += earlier.sent
     return PullResult(study, result, refused, sent)
+
+
+def _instance_url(url: str, study: str, root: Path) -> Callable[[Any], Any]:
+    """A path under the temporary folder -> the instance's WADO-RS URL (``#frame`` kept); the
+    records name the instances where they are, not where they were briefly kept."""
+    prefix = str(root) + os.sep
+
+    def name(path: Any) -> Any:
+        if not isinstance(path, str) or not path.startswith(prefix):
+            return path
+        series, _, rest = path[len(prefix):].partition(os.sep)
+        sop, hash_, frame = rest.partition("#")
+        return f"{url}/studies/{study}/series/{series}/instances/{sop.removesuffix('.dcm')}{hash_}{frame}"
+
+    return name
+
+
+def _rename(result: StudyResult, name: Callable[[Any], Any]) -> None:
+    summary = result.summary
+    for rec in summary.records:
+        rec["file"], rec["key"] = name(rec.get("file")), name(rec.get("key"))
+    for st in summary.studies:
+        for d in st.get("driving", []):
+            d["key"] = name(d.get("key"))
+    summary.failures = [Failure(name(f.file), f.reason, f.error) for f in summary.failures]
+    summary.out = None
 
 
 def _flush(web: DicomWeb, spool: Spool, backoff: Backoff, events: InferEvents) -> SendReport:
