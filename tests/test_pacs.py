@@ -91,6 +91,9 @@ def test_destination_and_dicomweb_options_are_checked(tmp_path):
     assert r.exit_code == 2 and "give no INPUTS" in r.output
     r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", "http://x/dicom-web", "--study", "1.2", "--out", "a.jsonl")
     assert r.exit_code == 2 and "--out: not with --dicomweb" in r.output
+    down = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
+    r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", down, "--study", "1.2", "--retry-for", "0", env={})
+    assert r.exit_code == 2 and f"QIDO-RS series: {down} unreachable" in r.output
 
 
 # --- on Orthanc -------------------------------------------------------------------------------
@@ -349,6 +352,7 @@ class _Flaky:
 def test_5xx_answers_are_retried_with_backoff_and_results_wait_in_the_spool(pacs, study_files, tmp_path):
     root, patients, _ = study_files
     p = patients[1]
+    _web(pacs).store(sorted((root / p["series_folder"]).iterdir()), p["StudyInstanceUID"])  # (again: replaced)
     flaky = _Flaky(pacs.url)
     try:
         web = DicomWeb(flaky.url, http_session(Credentials(USER, PASSWORD)), Backoff(first=0.05, total=1))
