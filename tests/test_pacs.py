@@ -304,7 +304,7 @@ class _Flaky:
     """A real HTTP front for Orthanc that answers 503 to the next ``fail`` requests, then
     forwards (method, path, body, the headers that matter) and relays the answer."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, tls: tuple[Path, Path] | None = None):
         import http.server
         import threading
 
@@ -340,7 +340,14 @@ class _Flaky:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        if tls is not None:  # (certificate, key)
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/dicom-web"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
@@ -407,3 +414,28 @@ def test_listen_command_listens_on_loopback_and_exits_after_its_studies(pacs, st
     done = json.loads((tmp_path / "listen.json").read_text())
     assert [s["instances"] for s in done["studies"]] == [2] and done["studies"][0]["summary"]["predicted"] == 2
     assert "listening on 127.0.0.1:" in out and done["results"]["pending"] == 0
+
+
+@needs_orthanc
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command (a self-signed certificate)")
+def test_tls_certificates_are_verified_and_a_ca_bundle_is_trusted(pacs, study_files, small_onnx, tmp_path):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days",
+                    "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True)
+    root, patients, _ = study_files
+    p = patients[1]
+    _web(pacs).store(sorted((root / p["series_folder"]).iterdir()), p["StudyInstanceUID"])
+    front = _Flaky(pacs.url, (cert, key))
+    try:
+        args = ["infer", small_onnx, "--dicomweb", front.url, "--study", p["StudyInstanceUID"], "--series",
+                p["SeriesInstanceUID"], "--spool", tmp_path / "spool", "--retry-for", "0", "-q"]
+        r = _cli(*args, env=ENV)
+        assert r.exit_code == 2 and "TLS certificate not verified" in r.output and "--ca-bundle" in r.output
+        r = _cli(*args, "--ca-bundle", cert, env=ENV)
+        assert r.exit_code == 0, r.output
+        assert "predicted 4 slices" in r.output
+    finally:
+        front.close()

@@ -94,7 +94,17 @@ def http_session(credentials: Credentials, ca_bundle: str | Path | None = None) 
     ``ca_bundle`` when given, else the system's CA store)."""
     import requests
 
-    session = requests.Session()
+    class Session(requests.Session):
+        """requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` override ``session.verify``:
+        the CA bundle given here wins over them (without one they apply, verification on)."""
+
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if ca_bundle is not None:
+                settings["verify"] = os.fspath(ca_bundle)
+            return settings
+
+    session = Session()
     if ca_bundle is not None:
         if not Path(ca_bundle).is_file():
             raise ConfigError("no such CA bundle file", ca_bundle)
