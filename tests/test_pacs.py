@@ -81,6 +81,10 @@ def test_backoff_doubles_and_gives_up_with_the_last_reason():
 
 
 def test_destination_and_dicomweb_options_are_checked(tmp_path):
+    from ctmask.pacs.dimse import exposure_warning
+
+    assert exposure_warning("127.0.0.1", ()) is None and exposure_warning("0.0.0.0", ("PACS",)) is None
+    assert "ANY calling AE title" in (exposure_warning("0.0.0.0", ()) or "")
     assert Destination.parse("[::1]:104:PACS") == Destination("::1", 104, "PACS")
     for bad in ("pacs:104", "pacs:0:AE", "pacs:104:A\\B", "pacs:104:" + "A" * 17):
         with pytest.raises(ConfigError):

@@ -77,7 +77,10 @@ def c_store(files: Sequence[Path], dest: Destination, calling_ae: str = "CTMASK"
     stored = 0
     try:
         for f, ds in zip(files, datasets, strict=True):
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except (ValueError, RuntimeError) as exc:  # no accepted presentation context, association gone
+                raise PacsError(f"C-STORE to {dest}: {f.name} not sent ({exc})") from None
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
                 raise TransientError(f"C-STORE to {dest}: no answer for {f.name} (association lost)")

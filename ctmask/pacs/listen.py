@@ -141,7 +141,10 @@ class Listener:
             with self._lock:
                 ready = [s for s, log in self.log.items() if now - log.last_received >= self.options.idle]
             for study in ready:
-                self._process(study)
+                try:
+                    self._process(study)
+                except Exception as exc:  # a bug or the machine (disk full): say so, keep listening
+                    self.events.warn(f"study {study}: not predicted ({type(exc).__name__}: {exc})")
 
     def _process(self, study: str) -> None:
         """Predict a complete study: its folder moved aside (later instances start a new one),
@@ -184,7 +187,11 @@ class Listener:
         backoff = self.options.backoff
         wait = backoff.first
         while not self._stopping.is_set():
-            report = self.spool.flush(self._send_study, Backoff(total=0))
+            try:
+                report = self.spool.flush(self._send_study, Backoff(total=0))
+            except Exception as exc:  # not a PACS answer (a bug, the disk): keep the results, try later
+                report = SendReport(str(self.options.dest), self.spool.folder, pending=self.spool.pending(),
+                                    errors=[f"{type(exc).__name__}: {exc}"])
             self._mark_stored(report)
             if report.pending:
                 self.events.warn(f"{'; '.join(report.errors)}: {report.pending} result(s) held in the spool, "
