@@ -443,3 +443,27 @@ def test_tls_certificates_are_verified_and_a_ca_bundle_is_trusted(pacs, study_fi
         assert "predicted 4 slices" in r.output
     finally:
         front.close()
+
+
+def test_wado_multipart_is_split_to_files_whatever_the_chunking_with_a_size_cap(tmp_path):
+    from ctmask.pacs.multipart import boundary_of, split_parts
+
+    parts = [b"\x00" * 128 + b"DICM" + bytes(range(256)) * 2, b"", b"\r\n--not-the-boundary\r\n" * 5, b"x" * 900]
+    body = b"preamble\r\n" + b"".join(b"--b0und\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                                      for p in parts) + b"--b0und--\r\nepilogue"
+    assert boundary_of('multipart/related; type="application/dicom"; boundary="b0und"') == b"b0und"
+    for step in (1, 2, 3, 7, 64, len(body)):
+        folder = tmp_path / str(step)
+        folder.mkdir()
+
+        def open_part(n, folder=folder):
+            return folder / f"{n}.dcm", open(folder / f"{n}.dcm", "wb")
+
+        written, refused = split_parts((body[i:i + step] for i in range(0, len(body), step)), b"b0und", open_part,
+                                       limit=800)
+        assert [p.read_bytes() for p in written] == parts[:3] and refused == [(4, "over 800 bytes: refused")]
+        assert sorted(p.name for p in folder.iterdir()) == ["1.dcm", "2.dcm", "3.dcm"]  # the refused one removed
+    with pytest.raises(PacsError, match="cut short"):
+        split_parts([body[:300]], b"b0und", lambda n: (tmp_path / "cut.dcm", open(tmp_path / "cut.dcm", "wb")))
+    with pytest.raises(PacsError, match="not multipart/related"):
+        boundary_of("application/json")

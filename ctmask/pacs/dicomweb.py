@@ -1,6 +1,8 @@
 """DICOMweb: the series of a study (QIDO-RS), their instances (WADO-RS), results stored back
-(STOW-RS), with ``dicomweb-client`` (the DICOMweb client of the highdicom / IDC authors, maintained,
-with QIDO / WADO / STOW and streamed multipart retrieval).
+(STOW-RS). QIDO and STOW go through ``dicomweb-client`` (the DICOMweb client of the highdicom /
+IDC authors, maintained); WADO-RS is a plain streamed GET whose multipart answer is split to disk
+here (:mod:`ctmask.pacs.multipart`: dicomweb-client would hold and parse each instance whole,
+outside the readers' limits).
 
 Every request goes through :func:`call` so that its failures are sorted in one place: the PACS
 unreachable, a timeout, an HTTP 5xx / 429 answer are :class:`~ctmask.pacs.retry.TransientError`
@@ -10,13 +12,15 @@ dicomweb-client's own retries are turned off: one backoff policy, ours, governs.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from ctmask.core.errors import PacsError
 from ctmask.pacs.retry import RETRIED_HTTP, Backoff, TransientError, with_retries
+from ctmask.scans.types import Failure
 
 if TYPE_CHECKING:
     import requests
@@ -65,7 +69,7 @@ def call(what: str, url: str, fn: Callable[[], T]) -> T:
     except requests.exceptions.SSLError as exc:
         raise PacsError(f"{what}: {url}: TLS certificate not verified ({exc})",
                         hint="give the PACS's CA with --ca-bundle FILE") from None
-    except (requests.ConnectionError, requests.Timeout) as exc:
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
         raise TransientError(f"{what}: {url} unreachable ({type(exc).__name__})") from None
 
 
@@ -80,6 +84,7 @@ class DicomWeb:
         self.url = url.rstrip("/")
         self.backoff = backoff
         self.on_retry = on_retry
+        self.session, self.timeout = session, timeout
         self.client: DICOMwebClient = DICOMwebClient(self.url, session=session, timeout=timeout)
         self.client.set_http_retry_params(retry=False)
 
@@ -103,23 +108,31 @@ class DicomWeb:
             raise PacsError(f"{self.url}: no {what} (QIDO-RS found none)")
         return out
 
-    def fetch_series(self, study: str, series: str, folder: Path) -> list[Path]:
-        """Every instance of ``series`` by WADO-RS, streamed (one instance in memory at a time)
-        into ``folder`` as ``<SOPInstanceUID>.dcm``; the paths written."""
-        from ctmask.core.fileio import atomic_path
+    def fetch_series(self, study: str, series: str, folder: Path) -> tuple[list[Path], list[Failure]]:
+        """Every instance of ``series`` by WADO-RS into ``folder`` (``000001.dcm`` ... in the
+        answer's order), streamed to disk as received, not decoded
+        (:mod:`ctmask.pacs.multipart`); the paths written, and the instances refused (over
+        :data:`~ctmask.pacs.multipart.MAX_INSTANCE_BYTES`)."""
+        from ctmask.core.errors import TooLargeError
+        from ctmask.pacs.multipart import boundary_of, split_parts
 
-        folder.mkdir(parents=True, exist_ok=True)
+        url = f"{self.url}/studies/{study}/series/{series}"
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
-        def fetch() -> list[Path]:
-            written = []
-            for ds in self.client.iter_series(study, series):
-                path = folder / f"{_safe_name(str(ds.SOPInstanceUID))}.dcm"
-                with atomic_path(path) as tmp:
-                    ds.save_as(tmp, enforce_file_format=True)
-                written.append(path)
-            return written
+        def open_part(n: int) -> tuple[Path, BinaryIO]:
+            path = folder / f"{n:06d}.dcm"
+            return path, open(path, "wb")
 
-        return self._retried(f"WADO-RS series {series}", fetch)
+        def fetch() -> tuple[list[Path], list[tuple[int, str]]]:
+            shutil.rmtree(folder, ignore_errors=True)  # what an earlier, broken try left
+            folder.mkdir(parents=True)
+            with self.session.get(url, headers={"Accept": accept}, stream=True, timeout=self.timeout) as r:
+                r.raise_for_status()
+                return split_parts(r.iter_content(1 << 20), boundary_of(r.headers.get("Content-Type", "")),
+                                   open_part)
+
+        written, refused = self._retried(f"WADO-RS series {series}", fetch)
+        return written, [Failure(f"{url} (instance {n} of the answer)", why, TooLargeError) for n, why in refused]
 
     def store(self, files: Iterable[Path], study: str) -> int:
         """STOW-RS the DICOM ``files`` into ``study``; the number stored.
@@ -164,6 +177,3 @@ def _count(obj: dict) -> int | None:
     return int(v) if v.isdigit() else None
 
 
-def _safe_name(uid: str) -> str:
-    """A UID as a file name (digits and dots; anything else replaced)."""
-    return "".join(c if c.isdigit() or c == "." else "_" for c in uid)[:128] or "instance"

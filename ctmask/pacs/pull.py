@@ -78,17 +78,20 @@ def infer_dicomweb(web: DicomWeb, study: str, series: str | None, settings: Stud
     result = None
     with tempfile.TemporaryDirectory(prefix="ctmask-dicomweb-") as tmp:
         if take:
+            too_large: list[Failure] = []
             for s in take:
-                n = len(web.fetch_series(study, s.uid, Path(tmp) / "series" / s.uid))
-                events.note(f"fetched {n} instance(s) of {s.name()} by WADO-RS")
+                written, over = web.fetch_series(study, s.uid, Path(tmp) / "series" / s.uid)
+                too_large += over
+                events.note(f"fetched {len(written)} instance(s) of {s.name()} by WADO-RS")
             name = _instance_url(web.url, study, Path(tmp) / "series")
             shown = events
             if events.prediction is not None:
                 show = events.prediction
                 shown = dataclasses.replace(events, prediction=lambda p: show(dataclasses.replace(
-                    p, file=name(p.file), key=name(p.key))))
+                    p, file=name(p.file, p.identity), key=name(p.key, p.identity))))
             result = infer_folder(Path(tmp) / "series", keep or Path(tmp) / "results", settings, open_runner, shown)
             _rename(result, name)
+            refused += too_large
             spool.add(result.dicom)
         sent = _flush(web, spool, backoff, events)
     if earlier is not None:
@@ -96,28 +99,34 @@ def infer_dicomweb(web: DicomWeb, study: str, series: str | None, settings: Stud
     return PullResult(study, result, refused, sent)
 
 
-def _instance_url(url: str, study: str, root: Path) -> Callable[[Any], Any]:
-    """A path under the temporary folder -> the instance's WADO-RS URL (``#frame`` kept); the
-    records name the instances where they are, not where they were briefly kept."""
+def _instance_url(url: str, study: str, root: Path) -> Callable[[Any, Any], Any]:
+    """(a path under the temporary folder, the slice's identity) -> the instance's WADO-RS URL
+    (``#frame`` kept): the records name the instances where they are, not where they were
+    briefly kept. A file without a DICOM identity (refused before it was read) is named by its
+    series and its place in the WADO-RS answer."""
     prefix = str(root) + os.sep
 
-    def name(path: Any) -> Any:
+    def name(path: Any, identity: Any = None) -> Any:
         if not isinstance(path, str) or not path.startswith(prefix):
             return path
         series, _, rest = path[len(prefix):].partition(os.sep)
-        sop, hash_, frame = rest.partition("#")
-        return f"{url}/studies/{study}/series/{series}/instances/{sop.removesuffix('.dcm')}{hash_}{frame}"
+        number, hash_, frame = rest.partition("#")
+        base = f"{url}/studies/{study}/series/{series}"
+        if isinstance(identity, str) and identity.startswith("dicom:"):
+            return f"{base}/instances/{identity.removeprefix('dicom:').partition('#')[0]}{hash_}{frame}"
+        return f"{base} (instance {number.removesuffix('.dcm').lstrip('0')} of the WADO-RS answer){hash_}{frame}"
 
     return name
 
 
-def _rename(result: StudyResult, name: Callable[[Any], Any]) -> None:
+def _rename(result: StudyResult, name: Callable[[Any, Any], Any]) -> None:
     summary = result.summary
+    ids = {r.get("key"): r.get("id") for r in summary.records}
     for rec in summary.records:
-        rec["file"], rec["key"] = name(rec.get("file")), name(rec.get("key"))
+        rec["file"], rec["key"] = name(rec.get("file"), rec.get("id")), name(rec.get("key"), rec.get("id"))
     for st in summary.studies:
         for d in st.get("driving", []):
-            d["key"] = name(d.get("key"))
+            d["key"] = name(d.get("key"), ids.get(d.get("key")))
     summary.failures = [Failure(name(f.file), f.reason, f.error) for f in summary.failures]
     summary.out = None
 
