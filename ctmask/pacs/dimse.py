@@ -109,10 +109,15 @@ class StorageSCP:
 
     def start(self) -> None:
         """Listen (in background threads) until :meth:`stop`."""
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pydicom.uid import DeflatedExplicitVRLittleEndian
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
         ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        # every transfer syntax but Deflated: pydicom inflates a deflated data set whole, outside the
+        # readers' limits (a sender then sends it uncompressed, or its compressed pixels)
+        syntaxes = [ts for ts in ALL_TRANSFER_SYNTAXES if ts != DeflatedExplicitVRLittleEndian]
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
         if self.allow:
             ae.require_calling_aet = list(self.allow)
         try:
@@ -123,7 +128,7 @@ class StorageSCP:
                               hint="choose another --port / --host") from None
 
     def _on_store(self, event: Any) -> int:
-        ds = event.dataset
+        ds = event.dataset  # the elements are parsed on access: two UIDs here, the pixels never
         study, sop = str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
         if not study or not sop:
             return 0xA900  # dataset does not match SOP class

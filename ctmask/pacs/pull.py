@@ -3,9 +3,10 @@ server, predicted, its results stored back into it.
 
 1. QIDO-RS lists the study's series (or the one asked for). A series whose modality is not CT
    is refused and named (``--force-modality`` takes it anyway), without being fetched.
-2. WADO-RS streams each CT series' instances into a temporary folder, one instance in memory at
-   a time; from there the file readers take them, with their size limits and refusals (a
-   localizer, an instance too large, a broken file: refused and named, the rest predicted).
+2. WADO-RS streams each CT series' instances into a temporary folder, written as received, not
+   decoded (:mod:`ctmask.pacs.multipart`); from there the file readers take them, with their
+   size limits and refusals (a localizer, an instance too large, a broken file: refused and
+   named, the rest predicted).
 3. The pipeline of ``ctmask infer`` predicts them (the same records as on the files).
 4. The DICOM result objects go to the spool, then by STOW-RS into the study (retried with
    backoff; what the server did not take stays in the spool for the next run).
