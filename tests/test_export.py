@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 import numpy as np
 import onnx
@@ -190,6 +191,7 @@ def test_an_opset_onnx_does_not_know_is_refused_before_any_work(cls_ckpt, tmp_pa
 def test_an_opset_the_exporter_silently_falls_back_from_is_refused(cls_ckpt, small_onnx, tmp_path, monkeypatch):
     """torch.onnx converts to the requested opset and, when that fails, keeps its own one
     without an error: the file would say opset 18 while ctmask reported 21."""
+    monkeypatch.setattr(onnx_export, "_TRACES", OrderedDict())  # this process's real traces stay out of it
     monkeypatch.setattr(onnx_export, "trace_to_onnx", lambda model, opset: onnx.load(str(small_onnx)))
     out = tmp_path / "m.onnx"
     with pytest.raises(ExportError, match="could not produce opset 21 .*came out at opset 18"):
@@ -227,6 +229,7 @@ def test_a_graph_onnxruntime_cannot_load_is_refused_and_nothing_written(cls_ckpt
     problem = onnx_export.onnxruntime_problem(bumped)
     if problem is None:
         pytest.skip("the installed onnxruntime runs this graph at opset 22")
+    monkeypatch.setattr(onnx_export, "_TRACES", OrderedDict())  # this process's real traces stay out of it
     monkeypatch.setattr(onnx_export, "trace_to_onnx", lambda model, opset: _at_opset(small_onnx, opset))
     out = tmp_path / "m22.onnx"
     res = CliRunner().invoke(app, ["export", str(cls_ckpt), "--out", str(out), "--opset", "22"])

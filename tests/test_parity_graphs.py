@@ -1,10 +1,11 @@
-"""Parity against wrong *graphs*: deliberately broken wrappers of the real model, traced to
-ONNX with the exporter's own tracer, must each fail on the right line; correct graphs with
-genuine near-ties must pass."""
+"""Parity against wrong *graphs*: the real exported graph with a defect spliced in (a torch
+function exported on its own and wired between the ranked RoIs, S and the outputs) must fail on
+the right line; correct graphs with genuine near-ties must pass."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import onnx
@@ -13,32 +14,11 @@ import torch
 from torch import nn
 
 from ctmask.backends.parity import check_parity
-from ctmask.exporter.onnx_export import trace_to_onnx
+from ctmask.core.spec import OPSET
+from ctmask.exporter.onnx_export import export_onnx
 from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
-from ctmask.training.evaluate import load_classifier
 
 pytestmark = pytest.mark.slow
-
-
-class Tampered(nn.Module):
-    """The exported contract with a defect: ``rows`` rewrites the ranked RoIs, shown in the
-    ``rois`` output and / or fed to S; ``logits`` rewrites S's output; ``boxes`` rewrites the
-    decoded boxes output."""
-
-    def __init__(self, model, rows=None, show=True, feed_s=True, logits=None, boxes=None):
-        super().__init__()
-        self.model, self.rows, self.show, self.feed_s, self.logits = model, rows, show, feed_s, logits
-        self.boxes = boxes
-
-    def forward(self, images):
-        rois, boxes = self.model.ranker(images, with_boxes=True)
-        bad = self.rows(rois) if self.rows is not None else rois
-        logits = self.model.classifier(bad if self.feed_s else rois)
-        if self.logits is not None:
-            logits = self.logits(logits)
-        if self.boxes is not None:
-            boxes = self.boxes(boxes)
-        return (bad if self.show else rois), logits, torch.softmax(logits, -1), boxes
 
 
 def reverse_all(rois):
@@ -74,16 +54,80 @@ def wrong_deltas_at_cut(rois):
     return torch.where(near, rois * scale, rois)
 
 
-def tampered_graph(ckpt, like, path, edit_meta=None, **defect):
-    """Trace ``Tampered(model of ckpt, **defect)`` and give it the metadata of graph ``like``."""
-    model = load_classifier(load_checkpoint(ckpt, kind="classifier")).eval()
-    proto = trace_to_onnx(model, graph=Tampered(model, **defect))
-    meta = {p.key: p.value for p in onnx.load(str(like)).metadata_props}
+def _defect_graph(fn, shape, prefix):
+    """``fn`` (a torch function of one tensor of ``shape``, batch symbolic) as an ONNX graph whose
+    node, tensor and initializer names all start with ``prefix``; input ``{prefix}x``, output ``{prefix}y``."""
+
+    class Defect(nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(Defect(), (torch.rand(2, *shape),), None, dynamo=True, opset_version=OPSET,
+                                    input_names=["x"], output_names=["y"], dynamic_shapes={"x": {0: "batch"}},
+                                    verbose=False)
+    return onnx.compose.add_prefix(program.model_proto, prefix).graph
+
+
+def _splice(graph, name, fn, to_output, to_consumers, prefix):
+    """Route tensor ``name`` through ``fn``: the graph output ``name`` shows the result if ``to_output``,
+    and the nodes that read ``name`` read it if ``to_consumers``; the others keep the real tensor."""
+    real = f"{name}__real"
+    shape = [d.dim_value for d in next(o for o in graph.output if o.name == name).type.tensor_type.shape.dim][1:]
+    for node in graph.node:
+        node.output[:] = [real if o == name else o for o in node.output]
+    defect = _defect_graph(fn, shape, prefix)
+    for node in defect.node:
+        node.input[:] = [real if i == f"{prefix}x" else i for i in node.input]
+    graph.initializer.extend(defect.initializer)
+    bad = f"{prefix}y"
+    for node in graph.node:
+        node.input[:] = [(bad if to_consumers else real) if i == name else i for i in node.input]
+    graph.node.extend(defect.node)
+    graph.node.append(onnx.helper.make_node("Identity", [bad if to_output else real], [name]))
+
+
+def tampered_graph(like, path, rows=None, show=True, feed_s=True, logits=None, boxes=None, edit_meta=None):
+    """The exported graph ``like`` with a defect spliced in: ``rows`` rewrites the ranked RoIs, shown in the
+    ``rois`` output (``show``) and / or fed to S (``feed_s``); ``logits`` rewrites S's output (and so the
+    probabilities); ``boxes`` rewrites the decoded boxes output. Each rewrite is a torch function exported by
+    torch.onnx (dynamo) on its own, so a defect reads as torch code, and the real model is traced only once."""
+    proto = onnx.load(str(like))
+    graph = proto.graph
+    if rows is not None:
+        _splice(graph, "rois", rows, show, feed_s, "tamper_rows_")
+    if logits is not None:
+        _splice(graph, "logits", logits, True, True, "tamper_logits_")
+    if boxes is not None:
+        _splice(graph, "boxes", boxes, True, False, "tamper_boxes_")
+    _toposort(graph)  # the spliced nodes read tensors made after them in the list
+    meta = {m.key: m.value for m in proto.metadata_props}
     meta.update(edit_meta or {})
+    del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
     return path
+
+
+def _toposort(graph):
+    """Order ``graph.node`` so that every node comes after the producers of its inputs."""
+    made = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(i in made for i in node.input):
+                made.update(node.output)
+                ordered.append(node)
+            else:
+                waiting.append(node)
+        assert len(waiting) < len(pending), "the spliced graph has a cycle"
+        pending = waiting
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def parity(ckpt, graph, images, **kwargs):
@@ -91,13 +135,14 @@ def parity(ckpt, graph, images, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def padded_ckpt(cls_ckpt, tmp_path_factory):
-    """The test classifier with a detector score threshold that leaves zero (padding) rows."""
+def padded(cls_ckpt, tmp_path_factory):
+    """The test classifier with a detector score threshold that leaves zero (padding) rows, and its graph."""
     ck = load_checkpoint(cls_ckpt, kind="classifier")
-    out = tmp_path_factory.mktemp("padded") / "cls.pt"
-    save_checkpoint(out, kind="classifier", preset=dataclasses.replace(ck.preset, cls_score_thresh=0.135),
+    folder = tmp_path_factory.mktemp("padded")
+    save_checkpoint(folder / "cls.pt", kind="classifier", preset=dataclasses.replace(ck.preset, cls_score_thresh=0.135),
                     model=ck.model)
-    return out
+    export_onnx(folder / "cls.pt", folder / "cls.onnx")
+    return folder / "cls.pt", folder / "cls.onnx"
 
 
 @pytest.mark.parametrize(
@@ -114,7 +159,7 @@ def padded_ckpt(cls_ckpt, tmp_path_factory):
          "boxes-of-two-rows-swapped", "boxes-decoded-2pc-wide"],
 )
 def test_wrong_graph_fails_on_the_right_line(cls_ckpt, small_onnx, synth_dir, tmp_path, defect, fails):
-    bad = tampered_graph(cls_ckpt, small_onnx, tmp_path / "bad.onnx", **defect)
+    bad = tampered_graph(small_onnx, tmp_path / "bad.onnx", **defect)
     report = parity(cls_ckpt, bad, synth_dir / "images")
     assert not report["passed"]
     assert fails <= set(report["failures"]), report["failures"]
@@ -134,20 +179,20 @@ def test_wrong_graph_fails_on_the_right_line(cls_ckpt, small_onnx, synth_dir, tm
         assert report["outputs"]["rois.score"]["passed"] and "rois.rows" not in report["failures"]
 
 
-def test_real_rows_reversed_with_padding_in_place_fails(padded_ckpt, small_onnx, synth_dir, tmp_path):
-    good = tampered_graph(padded_ckpt, small_onnx, tmp_path / "good.onnx")
+def test_real_rows_reversed_with_padding_in_place_fails(padded, synth_dir, tmp_path):
+    padded_ckpt, good = padded
     ok = parity(padded_ckpt, good, synth_dir / "images")
     assert ok["passed"], ok["failures"]
     real = ok["rois"]["rows"]
     assert 0 < real < ok["n_images"] * 64  # the threshold really left padding rows
     # Boxes are judged on every row, padding rows (against zeros) included.
     assert ok["outputs"]["boxes"]["shape"] == [ok["n_images"] * 64 * 4]
-    bad = tampered_graph(padded_ckpt, small_onnx, tmp_path / "bad.onnx", rows=reverse_real_rows)
+    bad = tampered_graph(good, tmp_path / "bad.onnx", rows=reverse_real_rows)
     report = parity(padded_ckpt, bad, synth_dir / "images")
     assert not report["passed"] and {"rois.order", "logits"} <= set(report["failures"])
     assert report["rois"]["bad_padding"] == 0 and report["outputs"]["rois.order"]["max_abs"] > 1e-2
     # All rows reversed, padding first: the padding rule breaks as well.
-    bad = tampered_graph(padded_ckpt, small_onnx, tmp_path / "bad2.onnx", rows=reverse_all)
+    bad = tampered_graph(good, tmp_path / "bad2.onnx", rows=reverse_all)
     report = parity(padded_ckpt, bad, synth_dir / "images")
     assert {"rois.rows", "rois.order", "logits"} <= set(report["failures"]) and report["rois"]["bad_padding"] > 0
 
@@ -155,7 +200,7 @@ def test_real_rows_reversed_with_padding_in_place_fails(padded_ckpt, small_onnx,
 def test_a_graph_cannot_loosen_its_own_tolerances(cls_ckpt, small_onnx, synth_dir, tmp_path):
     loose = '{"rois.score": {"atol": 1.0, "rtol": 0}, "rois.deltas": {"atol": 1.0, "rtol": 1.0}, ' \
             '"logits": {"atol": 10.0, "rtol": 0}, "probs": {"atol": 1.0, "rtol": 0}}'
-    bad = tampered_graph(cls_ckpt, small_onnx, tmp_path / "bad.onnx", edit_meta={"ctmask.tolerances": loose},
+    bad = tampered_graph(small_onnx, tmp_path / "bad.onnx", edit_meta={"ctmask.tolerances": loose},
                          logits=lambda x: x + torch.tensor([0.01, 0.0, 0.0]))
     report = parity(cls_ckpt, bad, synth_dir / "images")
     assert not report["passed"] and "logits" in report["failures"]
@@ -177,7 +222,7 @@ def test_metadata_the_runtime_acts_on_must_match_the_checkpoint(cls_ckpt, small_
 
 def test_unstable_excuse_needs_a_comparable_reference_movement(cls_ckpt, small_onnx, synth_dir, tmp_path):
     """A graph 4.0 off in one logit is not excused because PyTorch moves a little under noise."""
-    bad = tampered_graph(cls_ckpt, small_onnx, tmp_path / "bad.onnx",
+    bad = tampered_graph(small_onnx, tmp_path / "bad.onnx",
                          logits=lambda x: x + torch.tensor([4.0, 0.0, 0.0]))
     # (All slices fail, more than may ever be judged out: allow all, so every slice is probed.)
     report = parity(cls_ckpt, bad, synth_dir / "images", jitter=1e-3, max_unstable_fraction=1.0)

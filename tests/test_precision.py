@@ -94,10 +94,10 @@ def test_calibrate_writes_a_ranges_file_tied_to_its_graph(ranges_file, small_onn
 def test_histogram_calibrators(method, small_onnx, synth_dir, tmp_path):
     out = tmp_path / "r.json"
     res = invoke("calibrate", small_onnx, "--images", synth_dir / "train_COVIDx_CT.txt", "--size", 3,
-                 "--method", method, "--out", out, "-q")
+                 "--method", method, "--bins", 256, "--out", out, "-q")
     assert res.exit_code == 0, res.output
     d = json.loads(out.read_text())
-    assert d["method"] == method and d["ranges"]
+    assert d["method"] == method and d["ranges"] and d["options"]["num_bins"] == 256
 
 
 def test_calibrate_refuses_bad_sources_and_writes_nothing(small_onnx, tmp_path):

@@ -33,6 +33,10 @@ def calibrate(
     size: int = typer.Option(64, "--size", min=1, help="Slices, drawn class-balanced where labels exist."),
     method: str | None = MethodOpt,
     percentile: float = typer.Option(99.999, help="Kept percentile for --method percentile."),
+    bins: int = typer.Option(2048, "--bins", min=256,
+                             help="Histogram bins of --method entropy / percentile (onnxruntime's default 2048; "
+                                  "entropy's KL search over them takes most of its time, and needs more than the "
+                                  "128 bins of the int8 grid)."),
     seed: int = typer.Option(0, help="Seed of the class-balanced draw."),
     ops: str = typer.Option("conv", "--ops", help="Operators INT8 will quantize: conv (Conv, Gemm, MatMul) or "
                                                   "residual (also Add, Relu, MaxPool: faster on onnxruntime's "
@@ -65,7 +69,7 @@ def calibrate(
     for f in cal.skipped:
         typer.secho(f"skipped {f.file}: {f.reason}", fg=typer.colors.YELLOW, err=True)
     with progress(len(cal.images), f"calibrate ({method})", not quiet) as advance:
-        ranges = collect_ranges(model, spec, cal, method, batch_size, percentile, on_batch=advance,
+        ranges = collect_ranges(model, spec, cal, method, batch_size, percentile, num_bins=bins, on_batch=advance,
                                 op_types=OP_SETS[ops], proto=proto)
     try:
         ranges.save(out)

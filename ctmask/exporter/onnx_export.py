@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,39 @@ def onnxruntime_problem(proto: onnx.ModelProto) -> str | None:
     return None
 
 
+_TRACES: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+_TRACES_LOCK = threading.Lock()
+TRACE_CACHE_BYTES = 768 << 20
+"""Most bytes of serialized traces :func:`traced` keeps (the oldest go first)."""
+
+
+def cached_trace(checkpoint_sha256: str, opset: int) -> onnx.ModelProto | None:
+    """A fresh copy of this process's earlier verified trace of the same checkpoint bytes at ``opset``.
+
+    Tracing is deterministic (fixed example input) and costs seconds to minutes; exporting one
+    checkpoint at several precisions (``precision-report``, then ``export --precision fp16`` and
+    ``int8`` from Python) traces the FP32 graph once. The key is the checkpoint file's sha256, so a
+    changed checkpoint is traced anew; each caller gets its own copy to edit.
+    """
+    with _TRACES_LOCK:
+        data = _TRACES.get((checkpoint_sha256, opset))
+        if data is None:
+            return None
+        _TRACES.move_to_end((checkpoint_sha256, opset))
+    proto = onnx.ModelProto()
+    proto.ParseFromString(data)
+    return proto
+
+
+def remember_trace(checkpoint_sha256: str, opset: int, proto: onnx.ModelProto) -> None:
+    """Keep a trace that passed :func:`verify_graph` for :func:`cached_trace` (oldest dropped past the limit)."""
+    data = proto.SerializeToString()
+    with _TRACES_LOCK:
+        _TRACES[(checkpoint_sha256, opset)] = data
+        while sum(map(len, _TRACES.values())) > TRACE_CACHE_BYTES:
+            _TRACES.popitem(last=False)
+
+
 def trace_checked(checkpoint: str | Path, opset: int = OPSET) -> tuple[onnx.ModelProto, GraphSpec]:
     """The FP32 graph of a classifier checkpoint, with its metadata, checked as :func:`export_onnx` says.
 
@@ -144,8 +179,9 @@ def trace_checked(checkpoint: str | Path, opset: int = OPSET) -> tuple[onnx.Mode
         raise ExportError(f"opset {opset} does not exist yet: the installed onnx {onnx.__version__} knows opsets up "
                           f"to {MAX_OPSET}", hint=f"pass --opset between {OPSET} and {MAX_OPSET}")
     ck = load_checkpoint(checkpoint, kind="classifier")
-    model = load_classifier(ck)
-    proto = trace_to_onnx(model, opset)
+    checkpoint_sha256 = sha256_file(checkpoint)
+    cached = cached_trace(checkpoint_sha256, opset)
+    proto = cached if cached is not None else trace_to_onnx(load_classifier(ck), opset)
     real = default_opset(proto)
     if real != opset:
         # torch.onnx exports at its own opset and converts; when the conversion fails it
@@ -153,10 +189,12 @@ def trace_checked(checkpoint: str | Path, opset: int = OPSET) -> tuple[onnx.Mode
         raise ExportError(f"torch.onnx.export could not produce opset {opset} (the graph came out at opset {real}); "
                           "nothing was written", hint=f"export at opset {real}")
     spec = GraphSpec.for_preset(ck.preset, preprocessing=ck.preprocessing, opset=real,
-                                checkpoint_sha256=sha256_file(checkpoint),
+                                checkpoint_sha256=checkpoint_sha256,
                                 checkpoint_name=str(Path(checkpoint).resolve()), weights_sha256=ck.weights_sha256)
     set_metadata(proto, spec)
     verify_graph(proto, spec)
+    if cached is None:
+        remember_trace(checkpoint_sha256, opset, proto)
     return proto, spec
 
 
