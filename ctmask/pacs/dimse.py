@@ -117,7 +117,8 @@ class StorageSCP:
         # readers' limits (a sender then sends it uncompressed, or its compressed pixels)
         syntaxes = [ts for ts in ALL_TRANSFER_SYNTAXES if ts != DeflatedExplicitVRLittleEndian]
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, syntaxes)
         if self.allow:
             ae.require_calling_aet = list(self.allow)
         try:

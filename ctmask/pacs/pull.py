@@ -121,6 +121,7 @@ def _instance_url(url: str, study: str, root: Path) -> Callable[[Any, Any], Any]
 
 
 def _rename(result: StudyResult, name: Callable[[Any, Any], Any]) -> None:
+    """The records, the studies' driving slices and the failures named by :func:`_instance_url`."""
     summary = result.summary
     ids = {r.get("key"): r.get("id") for r in summary.records}
     for rec in summary.records:
@@ -128,7 +129,7 @@ def _rename(result: StudyResult, name: Callable[[Any, Any], Any]) -> None:
     for st in summary.studies:
         for d in st.get("driving", []):
             d["key"] = name(d.get("key"), ids.get(d.get("key")))
-    summary.failures = [Failure(name(f.file), f.reason, f.error) for f in summary.failures]
+    summary.failures = [Failure(name(f.file, None), f.reason, f.error) for f in summary.failures]
     summary.out = None
 
 

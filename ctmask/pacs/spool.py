@@ -11,6 +11,7 @@ again replaces its earlier copy in the PACS.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import threading
@@ -112,7 +113,7 @@ class Spool:
                 if not files:
                     continue
                 try:
-                    report.sent += with_retries(lambda s=study, f=files: send(s, f), backoff, on_retry)
+                    report.sent += with_retries(functools.partial(send, study, files), backoff, on_retry)
                 except TransientError as exc:
                     report.pending += len(files)
                     report.errors.append(exc.message)
