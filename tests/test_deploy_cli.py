@@ -149,7 +149,7 @@ def test_parity_catches_a_perturbed_graph(cls_ckpt, small_onnx, synth_dir, tmp_p
     # RoI deltas move. Tie-robust matching must not hide that.
     bad = perturbed_graph(small_onnx, tmp_path / "bad.onnx", "model.ranker.box_predictor.bbox_pred.weight", 0.01)
     out = tmp_path / "parity.json"
-    res = invoke("parity", cls_ckpt, bad, "--images", synth_dir / "images", "--json", out, "-q")
+    res = invoke("parity", cls_ckpt, bad, "--images", synth_dir / "images", "--json", out, "-q", "--no-noise")
     assert res.exit_code == 1, res.output
     report = json.loads(out.read_text())
     assert not report["passed"] and "rois.deltas" in report["failures"]
@@ -172,7 +172,7 @@ def test_parity_catches_a_perturbed_checkpoint(cls_ckpt, small_onnx, synth_dir, 
     save_checkpoint(bad, kind="classifier", preset=ck.preset, model=state)
     assert not torch.equal(state[key], ck.model[key])
     out = tmp_path / "parity.json"
-    res = invoke("parity", bad, small_onnx, "--images", synth_dir / "images", "--json", out, "-q")
+    res = invoke("parity", bad, small_onnx, "--images", synth_dir / "images", "--json", out, "-q", "--no-noise")
     assert res.exit_code == 1
     report = json.loads(out.read_text())
     # The detector's rows move: they are no longer the graph's candidates one to one.
@@ -185,7 +185,8 @@ def test_polygraphy_judges_onnxruntime_against_saved_torch_outputs(cls_ckpt, sma
     if not Path(polygraphy).exists():
         pytest.skip("polygraphy is not installed (pip install polygraphy)")
     saved = tmp_path / "poly"
-    res = invoke("parity", cls_ckpt, small_onnx, "--images", synth_dir / "images", "--polygraphy", saved, "-q")
+    res = invoke("parity", cls_ckpt, small_onnx, "--images", synth_dir / "images", "--polygraphy", saved, "-q",
+                 "--no-noise")
     assert res.exit_code == 0, res.output
     assert (saved / "inputs.json").exists() and (saved / "reference_outputs.json").exists()
 

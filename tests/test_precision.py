@@ -285,8 +285,9 @@ def test_parity_judges_a_reduced_graph_by_its_own_table(cls_ckpt, small_onnx, sy
     res = invoke("export", cls_ckpt, "--out", out, "--precision", "fp16", "--fp32-blocks",
                  "backbone.body,backbone.fpn,rpn_head,box_head,box_predictor", "-q")
     assert res.exit_code == 0, res.output
-    res = invoke("parity", cls_ckpt, out, "--images", synth_dir / "images", "--max-images", 8, "--fp32", small_onnx,
-                 "--labels", synth_dir / "test_COVIDx_CT.txt", "--json", tmp_path / "p.json", "-q")
+    res = invoke("parity", cls_ckpt, out, "--images", synth_dir / "images", "--no-noise", "--max-images", 8,
+                 "--fp32", small_onnx, "--labels", synth_dir / "test_COVIDx_CT.txt", "--json", tmp_path / "p.json",
+                 "-q")
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["precision"] == "fp16" and report["min_argmax_agreement"] == 0.995
     assert report["tolerances"]["logits"]["atol"] == 0.5
@@ -301,7 +302,7 @@ def test_parity_catches_s_quantized_to_int8(cls_ckpt, synth_dir, ranges_file, tm
     res = invoke("export", cls_ckpt, "--out", out, "--precision", "int8", "--calibration", ranges_file,
                  "--fp32-blocks", "backbone.body,backbone.fpn,rpn_head,box_head,box_predictor", "-q")
     assert res.exit_code == 0, res.output
-    res = invoke("parity", cls_ckpt, out, "--images", synth_dir / "images", "--max-images", 8,
+    res = invoke("parity", cls_ckpt, out, "--images", synth_dir / "images", "--no-noise", "--max-images", 8,
                  "--json", tmp_path / "p.json", "-q")
     report = json.loads((tmp_path / "p.json").read_text())
     assert res.exit_code == 1
@@ -424,7 +425,7 @@ def test_parity_refuses_a_graph_whose_contents_contradict_its_precision(cls_ckpt
     proto.metadata_props.add(key="ctmask.int8_target", value="tensorrt")
     fake = tmp_path / "fake-int8.onnx"
     onnx.save(proto, str(fake))
-    res = invoke("parity", cls_ckpt, fake, "--images", synth_dir / "images", "--max-images", 2)
+    res = invoke("parity", cls_ckpt, fake, "--images", synth_dir / "images", "--no-noise", "--max-images", 2)
     assert res.exit_code == 2 and "contradict" in res.output and "no QuantizeLinear" in res.output
 
 
