@@ -89,7 +89,8 @@ class Listener:
         """Open the runner, send what an earlier run left in the spool, listen."""
         runner = self._stack.enter_context(self._open_runner())
         self._runner = shared_runner(runner)
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.options.work.mkdir(parents=True, exist_ok=True, mode=0o700)  # patient data: this user's only
+        self.incoming.mkdir(exist_ok=True)
         self._scp.start()
         self._stack.callback(self._scp.stop)
         for target in (self._watch, self._send):

@@ -83,7 +83,8 @@ class Spool:
         from ctmask.core.fileio import atomic_path, write_text_atomic
 
         with self._lock:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # patient data: this user's only
+            self.folder.mkdir(exist_ok=True, mode=0o700)
             write_text_atomic(self.folder / "DESTINATION", self.destination + "\n")
             for f in files:
                 target = self.folder / _safe(_study_of(f)) / f.name
