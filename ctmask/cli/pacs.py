@@ -85,9 +85,10 @@ def listen(
                                                              "this many seconds."),
     work: Path = typer.Option(Path("ctmask-listen"), "--work", help="Folder for the instances received, the "
                                                                      "records of each study and the spool."),
-    exit_after: int | None = typer.Option(None, "--exit-after", min=1, help="Stop once this many studies have "
-                                                                            "their results stored (default: run "
-                                                                            "until interrupted)."),
+    exit_after: int | None = typer.Option(None, "--exit-after", min=1, help="Stop once this many studies are "
+                                                                            "done: results stored, or found "
+                                                                            "unpredictable (default: run until "
+                                                                            "interrupted)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference call."),
     backend: str = BACKEND.option(),
     device: str = DEVICE.option(),
@@ -103,7 +104,8 @@ def listen(
     series predicted), its records written to `<work>/results/<study UID>/`. Results wait in `<work>/spool`
     until the destination has them: a destination that is down is tried again with doubling waits, and what it
     has not taken at exit is sent first by the next `listen`. Calling AE titles outside --allow are refused.
-    Stops on Ctrl-C (or --exit-after); exit status 1 when results are still in the spool.
+    Stops on Ctrl-C (or --exit-after); exit status 1 when results are still in the spool, or a study or
+    some of its instances were refused.
     """
     from ctmask.pacs.dimse import Destination, exposure_warning
     from ctmask.pacs.listen import Listener, ListenOptions
@@ -130,7 +132,7 @@ def listen(
     report = listener.stop()
     echo(report.status())
     emit_json({"studies": [vars(s) for s in listener.done], "results": report.to_dict()}, json_out)
-    if not report.ok:
+    if not report.ok or any(s.error is not None or s.summary.get("skipped") for s in listener.done):
         raise typer.Exit(1)
 
 

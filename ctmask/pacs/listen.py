@@ -115,11 +115,12 @@ class Listener:
         return report
 
     def wait_for(self, studies: int, timeout: float) -> bool:
-        """Wait until ``studies`` studies have their results stored (or ``timeout`` seconds)."""
+        """Wait until ``studies`` studies are finished: their results stored, or found
+        unpredictable (``error``); False after ``timeout`` seconds."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             with self._lock:
-                if sum(1 for s in self.done if s.stored is not None) >= studies:
+                if sum(1 for s in self.done if s.stored is not None or s.error is not None) >= studies:
                     return True
             time.sleep(0.05)
         return False
