@@ -130,6 +130,9 @@ def model_info(
         echo(f"{name:<22}{n:>14,}")
     echo(f"{'mask_rcnn_total':<22}{report['mask_rcnn_total']:>14,}")
     echo(f"{'total (+S)':<22}{report['total']:>14,}")
+    echo(f"{'bn_statistics':<22}{report['bn_statistics']:>14,}  running mean / var, num_batches_tracked")
+    for what in ("segmentation_model", "classifier_model"):
+        echo(f"{what:<22}{report[what]:>14,}  with BN statistics {report[what + '_with_bn_statistics']:,}")
     for name, h in report["heads"].items():
         mark = " (this preset's)" if name == report["head"] else ""
         echo(f"{'head ' + name:<22}{h['parameters']:>14,}  {h['what']}{mark}")
@@ -289,7 +292,7 @@ def evaluate(
         from ctmask.data.cncb import list_segmentation
 
         report = evaluate_segmentation(ck, list_segmentation(seg_dir), batch_size, not quiet)
-        echo(format_segmentation_table(report["mask_ap"], report["dice"]))
+        echo(format_segmentation_table(report["mask_ap"], report["dice"], ck.preset.lesion_names))
     report = {"checkpoint": str(checkpoint), "kind": ck.kind, "preset": ck.preset.name, **report}
     emit_json(report, json_out)
 
