@@ -117,6 +117,27 @@ def paper_graph(tmp_path_factory):
     return model, folder / "paper.pt", folder / "paper.onnx"
 
 
+@pytest.fixture(scope="session")
+def light_graph(tmp_path_factory):
+    """Untrained ``resnet18-t1`` weights (seed 0: the reference's lightweight ResNet18 model, one FPN
+    level) as a classifier checkpoint and its exported 512 x 512 graph, ``(model, checkpoint, graph)``."""
+    from ctmask.core.presets import RESNET18_T1
+    from ctmask.exporter.onnx_export import export_onnx
+    from ctmask.training.checkpoint import save_checkpoint
+    from ctmask.training.model import CovidCTMaskNet
+
+    torch.manual_seed(0)
+    model = CovidCTMaskNet(RESNET18_T1).eval()
+
+    def make(folder: Path) -> None:
+        save_checkpoint(folder / "r18.pt", kind="classifier", preset=RESNET18_T1,
+                        model=model.state_dict_for_checkpoint())
+        export_onnx(folder / "r18.pt", folder / "r18.onnx")
+
+    folder = shared(tmp_path_factory, "resnet18-t1", make)
+    return model, folder / "r18.pt", folder / "r18.onnx"
+
+
 @pytest.fixture()
 def foreign_model(tmp_path):
     """A valid ONNX model without ctmask metadata."""

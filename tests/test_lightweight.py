@@ -94,3 +94,37 @@ def test_preset_dicts_without_the_new_fields_still_load():
         old = {k: v for k, v in p.to_dict().items()
                if k not in {"truncation", "fpn_levels", "mask_head_layers", "mask_type"}}
         assert preset_from_dict(old) == p
+
+
+def test_lightweight_graph_exports_passes_parity_check_trt_and_runs_everywhere(light_graph, synth_dir, tmp_path):
+    """resnet18-t1 at its own size: the graph, parity against PyTorch, the TensorRT check, and the
+    commands that take a graph (infer, bench, the Triton repository) unchanged."""
+    import json
+
+    import onnx
+    from tests_helpers import invoke
+
+    from ctmask.backends.parity import check_parity
+    from ctmask.core.graphs import read_spec
+    from ctmask.trt.check import check_graph as check_trt
+    from ctmask.trt.check import fatal, format_findings
+
+    _, ckpt, graph = light_graph
+    spec = read_spec(graph)
+    assert (spec.preset, spec.image_size, spec.n_rois) == ("resnet18-t1", 512, 128)
+    report = check_parity(ckpt, graph, [synth_dir / "images"], max_images=2, batch_size=2)
+    assert report["passed"], (report["failures"], report["failing_slices"])
+    findings = check_trt(onnx.load(str(graph)), 10)
+    assert fatal(findings) == [], format_findings(findings)
+    slices = sorted((synth_dir / "images").iterdir())[:2]
+    res = invoke("infer", graph, *slices, "--out", tmp_path / "calls.csv", "-q")
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "calls.csv").read_text().strip().splitlines()) == 3
+    res = invoke("bench", graph, "--backend", "onnxruntime-cpu", "-b", "1", "--iterations", "1", "--warmup", "0",
+                 "--images", synth_dir / "images", "--json", tmp_path / "bench.json")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["throughput"] > 0
+    res = invoke("export", graph, "--triton-repo", tmp_path / "models")
+    assert res.exit_code == 0, res.output
+    res = invoke("check-triton", tmp_path / "models")
+    assert res.exit_code == 0 and "no findings" in res.output, res.output
