@@ -97,8 +97,9 @@ def test_preset_dicts_without_the_new_fields_still_load():
 
 
 def test_lightweight_graph_exports_passes_parity_check_trt_and_runs_everywhere(light_graph, synth_dir, tmp_path):
-    """resnet18-t1 at its own size: the graph, parity against PyTorch, the TensorRT check, and the
-    commands that take a graph (infer, bench, the Triton repository) unchanged."""
+    """resnet18-t1 at its own size, from the authors' classifier format through import-reference: the
+    graph, parity against PyTorch, the TensorRT check, and the commands that take a graph (infer,
+    bench, the Triton repository) unchanged."""
     import json
 
     import onnx

@@ -1,89 +1,26 @@
 """`import-reference`: the authors' checkpoint files, built here in their format from ctmask models.
 
-The real files cannot be downloaded here. These are written as the reference's scripts write
-theirs: ``torch.save`` in the legacy (non-zip) format of a dict with ``model_weights`` in
-torchvision 0.3 names (renamed below by rules written from the reference code, independently of
-ctmask's own mapping), S as ``s2new``, and ``anchor_generator`` a pickled object of a class that
-lives in a module called ``models.mask_net.rpn`` (``rpn_segmentation`` for segmentation), like the
-reference's; that throwaway module is gone from ``sys.modules`` before the import reads the file.
+The real files cannot be downloaded here; :mod:`authors_format` writes them as the reference's
+scripts do (legacy format, torchvision 0.3 key names, S as ``s2new``, the anchor generator a
+pickled object of a class in a module named like the authors'). That throwaway module is gone from
+``sys.modules`` before the import reads the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
-import types
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from authors_format import write_authors_file
 
 from ctmask.core.errors import CheckpointError
 from ctmask.core.presets import PAPER, PAPER_MERGE, PRESETS, RESNET18_T1, Preset
 from ctmask.training.checkpoint import load_checkpoint
 from ctmask.training.model import CovidCTMaskNet, load_weights
 from ctmask.training.reference_import import ImportOptions, import_reference, read_reference
-
-_S = {"0": "fc_scores", "2": "fc_scores_2", "4": "fc_scores_img"}
-
-
-def authors_key(key: str) -> str:
-    """ctmask's key -> torchvision 0.3's / the reference's (``S2Predictor`` as ``s2new``)."""
-    key = re.sub(r"^detector\.", "", key)
-    key = re.sub(r"^classifier\.net\.(\d)\.", lambda m: f"s2new.{_S[m.group(1)]}.", key)
-    key = re.sub(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.", r"backbone.fpn.\1_blocks.\2.", key)
-    key = re.sub(r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv.", key)
-    return re.sub(r"^roi_heads\.mask_head\.(\d+)\.0\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.",
-                  key)
-
-
-def _anchor_module(name: str) -> type:
-    """A module registered as ``name`` holding an nn.Module ``AnchorGenerator`` shaped like the reference's."""
-
-    class AnchorGenerator(torch.nn.Module):
-        def __init__(self, sizes, aspect_ratios):
-            super().__init__()
-            self.sizes, self.aspect_ratios = sizes, aspect_ratios
-            self.cell_anchors = [torch.tensor([[-1.0, -1.0, 1.0, 1.0]])]  # set after a forward, as in use
-            self._cache = {(torch.Size([32, 32]), (16.0, 16.0)): [torch.zeros(3, 4)]}
-
-    mod = types.ModuleType(name)
-    AnchorGenerator.__module__ = name
-    AnchorGenerator.__qualname__ = "AnchorGenerator"
-    mod.AnchorGenerator = AnchorGenerator  # type: ignore[attr-defined]
-    return AnchorGenerator
-
-
-def write_authors_file(path: Path, model: CovidCTMaskNet, kind: str, extra: dict | None = None) -> None:
-    """``model`` as the reference's ``train_segmentation.py`` / ``train_classifier.py`` save it."""
-    state = model.state_dict_for_checkpoint()
-    if kind == "segmentation":
-        state = {k: v for k, v in state.items() if k.startswith("detector.")}
-    else:  # the reference's classifier is a Faster R-CNN: no mask branch
-        state = {k: v for k, v in state.items() if ".roi_heads.mask_" not in k}
-    weights = {authors_key(k): v.clone() for k, v in state.items()}
-    name = "models.mask_net." + ("rpn_segmentation" if kind == "segmentation" else "rpn")
-    cls = _anchor_module(name)
-    saved = {m: sys.modules.get(m) for m in ("models", "models.mask_net", name)}
-    sys.modules.update({"models": types.ModuleType("models"), "models.mask_net": types.ModuleType("models.mask_net"),
-                        name: sys.modules.get(name) or types.ModuleType(name)})
-    sys.modules[name].AnchorGenerator = cls  # type: ignore[attr-defined]
-    try:
-        anchors = cls(tuple([(2, 4, 8, 16, 32)] * 5), tuple([(0.1, 0.25, 0.5, 1, 1.5, 2)] * 5))
-        blob = {"epoch": "100", "model_name": None, "model_weights": weights, "lrate": 1e-5,
-                "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]},
-                "anchor_generator": anchors, **(extra or {})}
-        with warnings.catch_warnings():  # "Couldn't retrieve source code" of this throwaway class
-            warnings.simplefilter("ignore", UserWarning)
-            torch.save(blob, path, _use_new_zipfile_serialization=False)
-    finally:
-        for m, v in saved.items():  # the import must not find the authors' module
-            if v is None:
-                sys.modules.pop(m, None)
-            else:
-                sys.modules[m] = v
 
 
 def _model(preset: Preset, seed: int) -> CovidCTMaskNet:
@@ -210,6 +147,17 @@ def test_refusals_name_the_problem(tmp_path, r18_file):
     with pytest.raises(CheckpointError, match="--backbone resnet34 contradicts the file"):
         import_reference(src, tmp_path / "c.pt", ImportOptions(backbone="resnet34", mask_type="merge"))
     assert not list(tmp_path.glob("*.pt"))
+
+
+def test_a_zip_format_file_imports_the_same(tmp_path, r18_file):
+    """A file re-saved by a newer torch (zip format) is read by ``torch.load(weights_only=True)``."""
+    zipped = tmp_path / "zipped.pth"
+    write_authors_file(zipped, r18_file[1], "segmentation", legacy=False)
+    assert zipped.read_bytes()[:2] == b"PK"
+    a = import_reference(zipped, tmp_path / "a.pt", ImportOptions(mask_type="merge"))
+    b = import_reference(r18_file[0], tmp_path / "b.pt", ImportOptions(mask_type="merge"))
+    assert a["preset"] == b["preset"] and a["source_sha256"] != b["source_sha256"]
+    assert load_checkpoint(tmp_path / "a.pt").weights_sha256 == load_checkpoint(tmp_path / "b.pt").weights_sha256
 
 
 def test_cli_imports_a_segmentation_file_for_train_cls(tmp_path, r18_file):
