@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 from ctmask.data.covidx import read_split
 from ctmask.training.checkpoint import load_checkpoint
 from ctmask.training.datasets import ClassificationDataset, collate_classification
-from ctmask.training.detector import FPN_STRIDES, image_list, normalize
+from ctmask.training.detector import image_list, normalize
 from ctmask.training.evaluate import load_classifier
 from ctmask.training.ranked_rois import RankedRoIs
 
@@ -29,7 +29,7 @@ with torch.no_grad():
             rr = r(images)
             rows[ms].append(rr); logits[ms].append(model.classifier(rr))
         feats = model.detector.backbone(normalize(images))
-        prop, valid = rankers[0.0].proposals([feats[str(i)] for i in range(len(FPN_STRIDES))])
+        prop, valid = rankers[0.0].proposals([feats[str(i)] for i in range(len(rankers[0.0].strides))])
         zero_slots.append((((prop[..., 3] - prop[..., 1]) <= 0) | ((prop[..., 2] - prop[..., 0]) <= 0)) & valid)
         # torchvision's eager post-processing with the same min size picks the same candidates
         d = model.detector

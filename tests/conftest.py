@@ -117,6 +117,31 @@ def paper_graph(tmp_path_factory):
     return model, folder / "paper.pt", folder / "paper.onnx"
 
 
+@pytest.fixture(scope="session")
+def light_graph(tmp_path_factory):
+    """Untrained ``resnet18-t1`` weights (seed 0: the reference's lightweight ResNet18 model, one FPN
+    level) written as the authors' classifier file, imported by ``import-reference`` and exported
+    to its 512 x 512 graph, ``(model, checkpoint, graph)``."""
+    from authors_format import write_authors_file
+
+    from ctmask.core.presets import RESNET18_T1
+    from ctmask.exporter.onnx_export import export_onnx
+    from ctmask.training.model import CovidCTMaskNet
+    from ctmask.training.reference_import import ImportOptions, import_reference
+
+    torch.manual_seed(0)
+    model = CovidCTMaskNet(RESNET18_T1).eval()
+
+    def make(folder: Path) -> None:
+        write_authors_file(folder / "lightweight_classifier_resnet18_t1.pth", model, "classifier")
+        import_reference(folder / "lightweight_classifier_resnet18_t1.pth", folder / "r18.pt",
+                         ImportOptions(mask_type="merge"))
+        export_onnx(folder / "r18.pt", folder / "r18.onnx")
+
+    folder = shared(tmp_path_factory, "resnet18-t1", make)
+    return model, folder / "r18.pt", folder / "r18.onnx"
+
+
 @pytest.fixture()
 def foreign_model(tmp_path):
     """A valid ONNX model without ctmask metadata."""

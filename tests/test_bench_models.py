@@ -71,7 +71,7 @@ def test_plan_runs_the_torch_reference_once_and_checks_presets(tmp_path):
     paper = tiny_graph(tmp_path / "paper.onnx", GraphSpec(preset="paper", image_size=512, n_rois=256))
     res = invoke("bench", fp32, paper, "--backend", "onnxruntime-cpu", *FAST)
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert "share preset and input size" in res.output and "paper (512 x 512)" in res.output
+    assert "share the input size" in res.output and "paper (512 x 512)" in res.output
     res = invoke("bench", fp32, tmp_path / "." / "fp32.onnx", "--backend", "onnxruntime-cpu", *FAST)
     assert res.exit_code == 2 and "given twice" in res.output
 

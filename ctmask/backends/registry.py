@@ -213,8 +213,9 @@ def plan_models(models: Sequence[str | Path], wanted: list[str] | None,
         resolvers: model -> its resolvers per backend kind (as for :func:`plan_backends`).
 
     Raises:
-        ConfigError: no model, a model given twice, models of different presets or input
-            sizes, an unknown backend name, or an explicitly requested backend that cannot
+        ConfigError: no model, a model given twice, models of different input sizes (graphs
+            of different presets at one size run on the same inputs: e.g. a lightweight
+            model against the paper's), an unknown backend name, or an explicitly requested backend that cannot
             run here.
         ModelError: a model is missing or not a ctmask graph.
     """
@@ -230,9 +231,9 @@ def plan_models(models: Sequence[str | Path], wanted: list[str] | None,
     specs = [model_spec(p) for p in paths]
     first = specs[0]
     for path, spec in zip(paths[1:], specs[1:], strict=True):
-        if (spec.preset, spec.image_size) != (first.preset, first.image_size):
+        if spec.image_size != first.image_size:
             raise ConfigError(
-                f"all models must share preset and input size, to run on the same inputs: {paths[0]} is "
+                f"all models must share the input size, to run on the same inputs: {paths[0]} is "
                 f"{first.preset} ({first.image_size} x {first.image_size}), {path} is {spec.preset} "
                 f"({spec.image_size} x {spec.image_size})")
     for name in wanted or ():

@@ -187,7 +187,8 @@ def _read_as_slice(path: Path) -> bool:
     return bool(probe.slices or probe.dicom or probe.failure)
 
 
-PresetOpt = typer.Option("small", "--preset", "-p", help="Model preset: 'small' or 'paper'.")
+PresetOpt = typer.Option("small", "--preset", "-p",
+                         help="Model preset: small, paper, paper-merge, resnet18-t1 or resnet34-t1.")
 JsonOpt = typer.Option(None, "--json", help="Write results as JSON to this file ('-' for stdout).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 

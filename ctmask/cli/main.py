@@ -130,12 +130,44 @@ def model_info(
         echo(f"{name:<22}{n:>14,}")
     echo(f"{'mask_rcnn_total':<22}{report['mask_rcnn_total']:>14,}")
     echo(f"{'total (+S)':<22}{report['total']:>14,}")
+    echo(f"{'bn_statistics':<22}{report['bn_statistics']:>14,}  running mean / var, num_batches_tracked")
+    for what in ("segmentation_model", "classifier_model"):
+        echo(f"{what:<22}{report[what]:>14,}  with BN statistics {report[what + '_with_bn_statistics']:,}")
     for name, h in report["heads"].items():
         mark = " (this preset's)" if name == report["head"] else ""
         echo(f"{'head ' + name:<22}{h['parameters']:>14,}  {h['what']}{mark}")
     for v, n in report["trainable_by_variant"].items():
         echo(f"trainable[{v}]{'':<{11 - len(v)}}{n:>14,}")
     emit_json(report, json_out)
+
+
+@app.command("import-reference")
+@user_errors
+def import_reference_cmd(
+    source: Path = typer.Argument(..., help="One of the authors' .pth files (segmentation or classifier)."),
+    out: Path = typer.Option(..., "--out", "-o", help="ctmask checkpoint to write (.pt)."),
+    backbone: str | None = typer.Option(None, help="resnet18, resnet34 or resnet50 (inferred; checked if given)."),
+    truncation: int | None = typer.Option(None, help="0, 1 or 2 (inferred; checked if given)."),
+    mask_type: str | None = typer.Option(None, help="both, ggo or merge: required for a 2-class file (ggo / merge "
+                                                    "cannot be told apart); 3 classes are 'both'."),
+    n_rois: int | None = typer.Option(None, help="N: a segmentation file has no S (default: the family's preset, "
+                                                 "resnet18/34 128, resnet50 256); a classifier's is checked."),
+    s_width: int | None = typer.Option(None, help="S width F (as --n-rois: 512 / 1024 by default)."),
+    json_out: Path | None = JsonOpt,
+) -> None:
+    """Convert the authors' COVID-CT-Mask-Net checkpoint to a ctmask checkpoint, running nothing from it."""
+    from ctmask.training.reference_import import ImportOptions, import_reference
+
+    check_paths({"SOURCE": source}, {"--out": out, "--out's sidecar": out.with_name(out.name + ".json"),
+                                     "--json": json_out})
+    summary = import_reference(source, out, ImportOptions(backbone, truncation, mask_type, n_rois, s_width))
+    echo = human_echo(json_out)
+    echo(f"{summary['kind']} checkpoint, preset {summary['preset']['name']!r}: {summary['out']}")
+    echo("inferred from the file: " + ", ".join(f"{k} {v}" for k, v in summary["inferred"].items()))
+    if summary["given"]:
+        echo("given or defaulted: " + ", ".join(f"{k} {v}" for k, v in summary["given"].items()))
+    echo(f"mask branch: {summary['mask_branch']}; source sha256 {summary['source_sha256']}")
+    emit_json(summary, json_out)
 
 
 @app.command("train-seg")
@@ -289,7 +321,7 @@ def evaluate(
         from ctmask.data.cncb import list_segmentation
 
         report = evaluate_segmentation(ck, list_segmentation(seg_dir), batch_size, not quiet)
-        echo(format_segmentation_table(report["mask_ap"], report["dice"]))
+        echo(format_segmentation_table(report["mask_ap"], report["dice"], ck.preset.lesion_names))
     report = {"checkpoint": str(checkpoint), "kind": ck.kind, "preset": ck.preset.name, **report}
     emit_json(report, json_out)
 

@@ -202,7 +202,7 @@ class BenchPlan:
 
 @dataclass
 class MultiPlan:
-    """The plans of several graphs of one model (same preset and input size), benchmarked
+    """The plans of several graphs of one input size (one model's precisions, or several presets), benchmarked
     together; the checkpoint backends (``torch-*``) are in the first plan only."""
 
     plans: list[BenchPlan]
@@ -318,7 +318,8 @@ def run_plan(plan: BenchPlan | MultiPlan, batch_sizes: list[int], folder: Path |
     first_rows = [r for r in results if r["model"] == first or _kind(r["backend"]) in ONCE]
     return {
         "model": first,
-        "models": [{"model": str(p.model), "name": display[str(p.model)], "precision": p.spec.precision,
+        "models": [{"model": str(p.model), "name": display[str(p.model)], "preset": p.spec.preset,
+                    "precision": p.spec.precision,
                     "int8_target": p.spec.int8_target or None, "label": precision_label(p.spec.precision,
                                                                                       p.spec.int8_target)}
                    for p in multi.plans],

@@ -169,7 +169,7 @@ _PRESET_INT_BOUNDS: dict[str, tuple[int, int]] = {
     "num_slice_classes": (2, 1000), "seg_detections": (1, 100_000), "rpn_pre_nms_top_n_train": (1, 1_000_000),
     "rpn_post_nms_top_n_train": (1, 1_000_000), "rpn_pre_nms_top_n_test": (1, 1_000_000),
     "rpn_post_nms_top_n_test": (1, 1_000_000), "rpn_batch_size_per_image": (1, 1_000_000),
-    "box_batch_size_per_image": (1, 1_000_000),
+    "box_batch_size_per_image": (1, 1_000_000), "mask_head_layers": (1, 64),
 }
 """Accepted range of each integer size of a checkpoint's preset (the paper's are far inside)."""
 

@@ -86,6 +86,27 @@ def instance_targets(mask: np.ndarray, size: int) -> dict[str, torch.Tensor]:
     }
 
 
+def select_mask_type(target: dict[str, torch.Tensor], mask_type: str) -> dict[str, torch.Tensor]:
+    """Targets of :func:`instance_targets` (labels 1 GGO, 2 consolidation) for a preset's mask type.
+
+    ``both`` keeps them; ``merge`` relabels consolidation as 1 (one lesion class); ``ggo`` drops the
+    consolidation instances (the reference's ``mask_type`` choices).
+    """
+    if mask_type == "both":
+        return target
+    if mask_type == "merge":
+        return {**target, "labels": torch.ones_like(target["labels"])}
+    keep = target["labels"] == 1
+    return {k: v[keep] for k, v in target.items()}
+
+
+def select_mask_type_map(label_map: np.ndarray, mask_type: str) -> np.ndarray:
+    """A lesion label map (0 bg, 1 GGO, 2 consolidation) for a preset's mask type, as :func:`select_mask_type`."""
+    if mask_type == "both":
+        return label_map
+    return np.where(label_map == 2, 1 if mask_type == "merge" else 0, label_map).astype(label_map.dtype)
+
+
 def hflip_targets(target: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
     """Mirror targets left-right in a ``size``-wide image."""
     boxes = target["boxes"].clone()
@@ -103,10 +124,12 @@ class SegmentationDataset(Dataset):
         samples: from :func:`ctmask.data.cncb.list_segmentation`.
         size: model input side.
         hflip: mirror each item with probability 0.5 (torch's global RNG).
+        mask_type: the preset's mask type (:func:`select_mask_type`).
     """
 
-    def __init__(self, samples: list[SegSample], size: int, hflip: bool = False):
+    def __init__(self, samples: list[SegSample], size: int, hflip: bool = False, mask_type: str = "both"):
         self.samples = samples
+        self.mask_type = mask_type
         self.size = size
         self.hflip = hflip
         self._cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
@@ -122,13 +145,13 @@ class SegmentationDataset(Dataset):
             img = read_slice(s.image).pixels
             mask = read_mask(s.mask, expected_shape=img.shape)
             image = torch.from_numpy(resize(img, self.size))[None]
-            self._cache[i] = (image, instance_targets(mask, self.size))
+            self._cache[i] = (image, select_mask_type(instance_targets(mask, self.size), self.mask_type))
             # The full lesion map, small components included (instances drop those).
-            self._label_maps[i] = resize_mask(lesion_label_map(mask), self.size)
+            self._label_maps[i] = select_mask_type_map(resize_mask(lesion_label_map(mask), self.size), self.mask_type)
         return self._cache[i]
 
     def label_map(self, i: int) -> np.ndarray:
-        """Lesion label map uint8 [S, S] of sample ``i``: 0 bg, 1 GGO, 2 consolidation."""
+        """Lesion label map uint8 [S, S] of sample ``i``: 0 bg, 1 GGO, 2 consolidation (as the mask type selects)."""
         self.load(i)
         return self._label_maps[i]
 

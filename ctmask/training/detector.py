@@ -1,10 +1,17 @@
 """The lesion detector: a torchvision Mask R-CNN configured from a :class:`Preset`.
 
+The backbone is a ResNet body cut after ``preset.kept_stages`` stages with a one-level-per-stage
+FPN on its last ``preset.fpn_levels`` stages (never an extra max-pool level).
+
 Paper preset: ResNet50 with plain BatchNorm2d (no ImageNet weights), FPN on layer1..layer4
 with 256 channels and 4 levels (no extra max-pool level), 30 anchors per location on every
 level, RPN NMS 0.75 with min size 0 (zero-area proposals are kept, as in the reference),
 box head 12544 -> 128 -> 128, box coder weights (10, 10, 5, 5), 3 classes (background,
-GGO, consolidation), mask head.
+GGO, consolidation), mask head of four 256-channel convolutions.
+
+Lightweight presets (``resnet18-t1``, ``resnet34-t1``): ResNet18 / 34 ending at layer3, one FPN
+level on it (stride 16, 256 in and out channels), mask head of one 128-channel convolution,
+2 classes (background, lesion).
 """
 
 from __future__ import annotations
@@ -24,21 +31,27 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from ctmask.core.presets import IMAGENET_MEAN, IMAGENET_STD, Preset
 
 FPN_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
-"""Output strides of ResNet layer1..layer4, i.e. of the four FPN levels."""
+"""Output strides of ResNet layer1..layer4, i.e. of the paper preset's four FPN levels (a
+preset's own levels: :attr:`~ctmask.core.presets.Preset.feature_strides`)."""
 
 
 def build_backbone(preset: Preset) -> BackboneWithFPN:
-    """ResNet body (plain BatchNorm2d, random init) + 4-level FPN without extra levels."""
+    """ResNet body (plain BatchNorm2d, random init) + FPN without extra levels.
+
+    The body keeps ``preset.kept_stages`` stages (``IntermediateLayerGetter`` stops at the last
+    returned layer, so the truncated stages, pooling and fc are not part of the model); FPN
+    level ``i`` (output ``str(i)``) reads stage ``preset.fpn_stages[i]`` with that stage's width
+    as its in-channels.
+    """
     block = Bottleneck if preset.bottleneck else BasicBlock
     resnet = ResNet(block, list(preset.backbone_blocks), norm_layer=nn.BatchNorm2d)
-    widths = [64 * 2**i * block.expansion for i in range(4)]
     backbone = BackboneWithFPN(
         resnet,
-        return_layers={f"layer{i + 1}": str(i) for i in range(4)},
-        in_channels_list=widths,
+        return_layers={f"layer{s + 1}": str(i) for i, s in enumerate(preset.fpn_stages)},
+        in_channels_list=[64 * 2**s * block.expansion for s in preset.fpn_stages],
         out_channels=preset.fpn_channels,
     )
-    # BackboneWithFPN always appends a max-pool level; the paper's FPN has exactly 4.
+    # BackboneWithFPN always appends a max-pool level; the reference's FPN has none.
     backbone.fpn.extra_blocks = None
     assert isinstance(backbone.body, IntermediateLayerGetter)
     return backbone
@@ -48,7 +61,7 @@ def build_detector(preset: Preset) -> MaskRCNN:
     """Build the Mask R-CNN of ``preset`` (random weights, training mode)."""
     c = preset.fpn_channels
     n_anchors = preset.anchors_per_location
-    levels = len(FPN_STRIDES)
+    levels = preset.fpn_levels
     mc = preset.mask_head_channels
     detector = MaskRCNN(
         build_backbone(preset),
@@ -77,7 +90,7 @@ def build_detector(preset: Preset) -> MaskRCNN:
         box_detections_per_img=preset.seg_detections,
         box_batch_size_per_image=preset.box_batch_size_per_image,
         bbox_reg_weights=preset.box_coder_weights,
-        mask_head=MaskRCNNHeads(c, (mc,) * 4, 1),
+        mask_head=MaskRCNNHeads(c, (mc,) * preset.mask_head_layers, 1),
         mask_predictor=MaskRCNNPredictor(mc, mc, preset.num_lesion_classes),
     )
     # Not a MaskRCNN argument; torchvision's RPN defaults to 1e-3, the reference uses 0.
@@ -139,11 +152,12 @@ def segment(detector: MaskRCNN, images: torch.Tensor) -> list[dict[str, torch.Te
     return detector.transform.postprocess(detections, il.image_sizes, il.image_sizes)
 
 
-def fixed_anchors(detector: MaskRCNN, image_size: int) -> torch.Tensor:
+def fixed_anchors(detector: MaskRCNN, image_size: int, strides: tuple[int, ...] = FPN_STRIDES) -> torch.Tensor:
     """All anchors of a square ``image_size`` input, float32 [A, 4] (x1, y1, x2, y2).
 
-    Ordered as torchvision's RPN flattens predictions: level, then y, x, then anchor.
+    ``strides``: the FPN levels' output strides (the preset's ``feature_strides``). Ordered as
+    torchvision's RPN flattens predictions: level, then y, x, then anchor.
     """
     dummy = ImageList(torch.zeros(1, 3, image_size, image_size), [(image_size, image_size)])
-    grids = [torch.zeros(1, 1, image_size // s, image_size // s) for s in FPN_STRIDES]
+    grids = [torch.zeros(1, 1, image_size // s, image_size // s) for s in strides]
     return detector.rpn.anchor_generator(dummy, grids)[0]

@@ -106,7 +106,7 @@ def evaluate_segmentation(
     load_state(detector, ck.model, ck.path)
     detector.eval()
     size = ck.preset.image_size
-    data = SegmentationDataset(samples, size)
+    data = SegmentationDataset(samples, size, mask_type=ck.preset.mask_type)
     preds, gts, pred_maps = [], [], []
     with progress(len(data), "evaluate-seg", show_progress) as advance:
         for start in range(0, len(data), batch_size):
@@ -120,4 +120,6 @@ def evaluate_segmentation(
             advance(len(items))
     # Dice is measured against the full lesion masks, small components included.
     gt_maps = [data.label_map(i) for i in range(len(data))]
-    return {"mask_ap": mask_ap(preds, gts), "dice": dice_scores(pred_maps, gt_maps), "n": len(samples)}
+    lesion_classes = tuple(range(1, ck.preset.num_lesion_classes))
+    return {"mask_ap": mask_ap(preds, gts), "dice": dice_scores(pred_maps, gt_maps, classes=lesion_classes),
+            "n": len(samples)}

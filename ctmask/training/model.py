@@ -87,7 +87,15 @@ def set_variant(model: CovidCTMaskNet, variant: str) -> list[nn.Parameter]:
 
 
 def parameter_report(preset: Preset) -> dict:
-    """Parameter counts per part and trainable counts per classifier variant."""
+    """Parameter counts per part and trainable counts per classifier variant.
+
+    Counts are of ``nn.Parameter`` elements (weights, biases, BatchNorm affine); the ``*_with_bn_statistics``
+    figures add every BatchNorm buffer (running mean, running variance, ``num_batches_tracked``), i.e.
+    every element of the state dict. ``segmentation_model`` is the Mask R-CNN (what a segmentation
+    checkpoint holds); ``classifier_model`` is what the reference's classification checkpoint holds:
+    the detector without its mask branch (the reference builds the classifier as a Faster R-CNN) plus
+    the head. ``total`` is ctmask's classifier model, which keeps the (unused) mask branch.
+    """
     model = CovidCTMaskNet(preset)
     d = model.detector
     parts = {
@@ -100,11 +108,17 @@ def parameter_report(preset: Preset) -> dict:
         "classifier_s": count(model.classifier),
     }
     bn_stats = sum(b.numel() for m in batchnorm_layers(d) for b in m.buffers())
+    classifier_model = count(d) - parts["mask_branch"] + parts["classifier_s"]
     report = {
         "preset": preset.name,
         "parts": parts,
         "mask_rcnn_total": count(d),
         "mask_rcnn_total_with_bn_statistics": count(d) + bn_stats,
+        "segmentation_model": count(d),
+        "segmentation_model_with_bn_statistics": count(d) + bn_stats,
+        "classifier_model": classifier_model,
+        "classifier_model_with_bn_statistics": classifier_model + bn_stats,
+        "bn_statistics": bn_stats,
         "classifier_s": parts["classifier_s"],
         "total": count(model),
         "head": preset.head,

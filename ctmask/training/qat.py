@@ -348,7 +348,7 @@ def train_qat(
     enabled = wrap_detector(detector, amax)
     params = [p for p in detector.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    data = SegmentationDataset(samples, ck.preset.image_size, hflip=opts.hflip)
+    data = SegmentationDataset(samples, ck.preset.image_size, hflip=opts.hflip, mask_type=ck.preset.mask_type)
     gen = torch.Generator().manual_seed(opts.seed)
     loader = DataLoader(data, batch_size=opts.batch_size, shuffle=True, collate_fn=collate_detection, generator=gen)
     detector.train()

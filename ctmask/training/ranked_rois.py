@@ -74,11 +74,12 @@ class RankedRoIs(nn.Module):
         self.box_coder = detector.roi_heads.box_coder
         self.preset = preset
         self.image_size = preset.image_size
-        self.register_buffer("anchors", fixed_anchors(detector, preset.image_size), persistent=False)
+        self.strides = preset.feature_strides
+        self.register_buffer("anchors", fixed_anchors(detector, preset.image_size, self.strides), persistent=False)
         a = preset.anchors_per_location
-        self.level_sizes = [a * (preset.image_size // s) ** 2 for s in FPN_STRIDES]
-        self.k_min = int(math.log2(FPN_STRIDES[0]))
-        self.k_max = int(math.log2(FPN_STRIDES[-1]))
+        self.level_sizes = [a * (preset.image_size // s) ** 2 for s in self.strides]
+        self.k_min = int(math.log2(self.strides[0]))
+        self.k_max = int(math.log2(self.strides[-1]))
 
     def proposals(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         """RPN proposals [B, P, 4] and their validity [B, P] (P = post-NMS top-N)."""
@@ -128,19 +129,23 @@ class RankedRoIs(nn.Module):
         b, n = boxes.shape[:2]
         batch_idx = torch.arange(b, device=boxes.device, dtype=boxes.dtype).view(b, 1, 1).expand(b, n, 1)
         rois = torch.cat([batch_idx, boxes], -1).reshape(-1, 5)
+        if len(features) == 1:  # one FPN level (lightweight presets): every box pools from it
+            return roi_align(features[0], rois, (7, 7), spatial_scale=1.0 / self.strides[0], sampling_ratio=2,
+                             aligned=False)
         levels = level_mapper_levels(boxes.reshape(-1, 4), self.k_min, self.k_max)
         if torch.compiler.is_exporting():
-            return self._roi_features_static(features, rois, levels)
+            return self._roi_features_static(features, rois, levels, self.strides)
         # Eager: pool each box once, at its own level (data-dependent sizes).
         out = rois.new_zeros(rois.shape[0], features[0].shape[1], 7, 7)
-        for i, (feat, stride) in enumerate(zip(features, FPN_STRIDES)):
+        for i, (feat, stride) in enumerate(zip(features, self.strides)):
             idx = torch.nonzero(levels == i).squeeze(1)
             pooled = roi_align(feat, rois[idx], (7, 7), spatial_scale=1.0 / stride, sampling_ratio=2, aligned=False)
             out = out.index_copy(0, idx, pooled)
         return out
 
     @staticmethod
-    def _roi_features_static(features: list[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
+    def _roi_features_static(features: list[Tensor], rois: Tensor, levels: Tensor,
+                             strides: tuple[int, ...] = FPN_STRIDES) -> Tensor:
         """Export-only form of :meth:`roi_features`, with no data-dependent shape.
 
         The FPN levels are laid side by side on one canvas and every box is moved into
@@ -169,7 +174,7 @@ class RankedRoIs(nn.Module):
             offsets.append(float(x))
             x += region.shape[-1]
         canvas = torch.cat(regions, -1)
-        scale = rois.new_tensor([1.0 / s for s in FPN_STRIDES])[levels].unsqueeze(-1)
+        scale = rois.new_tensor([1.0 / s for s in strides])[levels].unsqueeze(-1)
         shift = rois.new_tensor(offsets)[levels]
         zero = torch.zeros_like(shift)
         boxes = rois[:, 1:] * scale + torch.stack([shift, zero, shift, zero], -1)
@@ -195,7 +200,7 @@ class RankedRoIs(nn.Module):
         p = self.preset
         n_rows = n_rows or p.n_rois
         feats = self.backbone(normalize(images))
-        features = [feats[str(i)] for i in range(len(FPN_STRIDES))]
+        features = [feats[str(i)] for i in range(len(self.strides))]
         proposals, prop_valid = self.proposals(features)
         b, n_prop = prop_valid.shape
         box_feats = self.box_head(self.roi_features(features, proposals))

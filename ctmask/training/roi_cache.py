@@ -33,7 +33,7 @@ FORMAT = "ctmask-roi-cache/1"
 
 # Preset fields the ranked RoIs do not depend on: the head and its width, training-only
 # sampling sizes and the segmentation-inference rule.
-_NOT_IN_KEY = {"name", "head", "classifier_width", "num_slice_classes", "mask_head_channels",
+_NOT_IN_KEY = {"name", "head", "classifier_width", "num_slice_classes", "mask_head_channels", "mask_head_layers",
                "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh",
                "rpn_batch_size_per_image", "box_batch_size_per_image", "seg_score_thresh", "seg_nms_thresh",
                "seg_detections"}

@@ -97,7 +97,7 @@ def _train(
             optimizer.load_state_dict(ck.optimizer)
             set_adam_hyperparameters(optimizer, opts.lr, opts.weight_decay)
         start_epoch_index, history = ck.epoch, list(ck.config.get("history", []))
-    data = SegmentationDataset(samples, preset.image_size, hflip=opts.hflip)
+    data = SegmentationDataset(samples, preset.image_size, hflip=opts.hflip, mask_type=preset.mask_type)
     gen = torch.Generator()
     loader = DataLoader(data, batch_size=opts.batch_size, shuffle=True, collate_fn=collate_detection, generator=gen)
     detector.train()

@@ -1,0 +1,391 @@
+"""The authors' released checkpoints (COVID-CT-Mask-Net, AlexTS1980) -> ctmask checkpoints.
+
+The reference saves ``torch.save({...})`` dicts (torch 1.1: the legacy non-zip format) holding
+``model_weights`` (a state dict in torchvision 0.3's Mask R-CNN naming, S as ``s2new``),
+``anchor_generator`` (a *pickled object* of the reference's own class, whose ``sizes`` and
+``aspect_ratios`` its scripts read), and ``epoch`` / ``model_name`` / ``optimizer_state`` /
+``lrate``. A segmentation model holds the mask branch and no S; a classifier holds S and no mask
+branch (the reference builds it as a Faster R-CNN).
+
+Nothing from the file runs. A zip-format file is read with ``torch.load(weights_only=True)``, whose
+unpickler builds tensors and plain containers only. The authors' files are of the legacy format,
+and there torch pickles an ``nn.Module`` with a record of its class's source (a ``'module'``
+persistent id), which ``weights_only=True`` refuses whatever the allow-list. Those are read by
+``torch.load``'s legacy reader with an unpickler whose ``find_class`` resolves nothing but the
+same short allow-list (:data:`ALLOWED`: the tensor rebuild function, ``OrderedDict``,
+``torch.Size``, ``set``; storage types are resolved by torch itself) -- the restriction the Python
+documentation describes under "Restricting Globals". In both paths the reference's two
+anchor-generator classes (:data:`ANCHOR_CLASSES`) resolve to :class:`RecordedAnchors`, which
+keeps ``sizes`` and ``aspect_ratios`` and drops the rest of the pickled module; any other Python
+object in the file is refused by name, before anything calls it.
+
+What the file tells (:func:`infer_preset`): backbone (block type and blocks per stage),
+truncation (the stages present), one-level or four-level FPN, FPN / box-head / mask-head widths,
+detector classes (3 = mask type ``both``), N and S width (a classifier's ``s2new`` shapes) and
+the anchors. What it cannot: ``ggo`` or ``merge`` for a 2-class file, and N and S width of a
+segmentation file (no S yet): options give those (:class:`ImportOptions`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import pickle
+import re
+import types
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctmask.core.errors import CheckpointError
+from ctmask.core.presets import MASK_TYPES, PAPER, PRESETS, RESNET18_T1, RESNET34_T1, Preset
+from ctmask.training.checkpoint import save_checkpoint
+
+ANCHOR_CLASSES: tuple[str, ...] = ("models.mask_net.rpn.AnchorGenerator",
+                                   "models.mask_net.rpn_segmentation.AnchorGenerator")
+"""The reference's anchor generators (``train_classifier.py`` / ``evaluate_classifier.py`` import the
+first, ``train_segmentation.py`` the second), as a pickle names them."""
+
+TOP_LEVEL = ("model_weights", "anchor_generator", "epoch", "model_name", "optimizer_state", "lrate")
+"""The entries the reference's scripts save (``train_segmentation.py``, ``train_classifier.py``)."""
+
+BACKBONES: dict[str, tuple[bool, tuple[int, int, int, int]]] = {
+    "resnet18": (False, (2, 2, 2, 2)), "resnet34": (False, (3, 4, 6, 3)), "resnet50": (True, (3, 4, 6, 3))}
+"""The reference's ``--backbone_name`` choices: (Bottleneck?, blocks per stage)."""
+
+FAMILY: dict[str, Preset] = {"resnet18": RESNET18_T1, "resnet34": RESNET34_T1, "resnet50": PAPER}
+"""Where the values the file cannot hold come from (N and S width of a segmentation file, the
+thresholds the reference takes from its command line)."""
+
+_KEY_RULES: tuple[tuple[str, str], ...] = (
+    # torchvision 0.3 plain convolutions became Conv2dNormActivation blocks (one more ``.0``).
+    (r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(weight|bias)$", r"backbone.fpn.\1_blocks.\2.0.\3"),
+    (r"^rpn\.head\.conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1"),
+    (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$", "MASK_FCN"),
+    (r"^(backbone\.body\.[\w.]+|rpn\.head\.(cls_logits|bbox_pred)\.(weight|bias)"
+     r"|roi_heads\.box_head\.fc[67]\.(weight|bias)|roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)"
+     r"|roi_heads\.mask_predictor\.(conv5_mask|mask_fcn_logits)\.(weight|bias))$", r"\1"),
+)
+_S_LAYERS = {"fc_scores": 0, "fc_scores_2": 2, "fc_scores_img": 4}
+"""``s2new`` (the reference's ``S2Predictor``) -> :class:`~ctmask.training.heads.RoIClassifier`'s ``net`` index."""
+
+
+class RecordedAnchors:
+    """Stand-in for the reference's ``AnchorGenerator``: keeps ``sizes`` and ``aspect_ratios`` only.
+
+    The weights-only unpickler creates it with ``__new__`` and hands it the pickled module's
+    ``__dict__`` (already built from plain containers and tensors) through :meth:`__setstate__`;
+    no method of the reference's class exists here, so none can run.
+    """
+
+    sizes: Any = None
+    aspect_ratios: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.sizes = state.get("sizes")
+            self.aspect_ratios = state.get("aspect_ratios")
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """Values the file may not tell; each given one must agree with what the file does tell.
+
+    Attributes:
+        backbone: ``resnet18`` / ``resnet34`` / ``resnet50``.
+        truncation: 0, 1 or 2.
+        mask_type: ``both``, ``ggo`` or ``merge`` (required for a 2-class file).
+        n_rois: N (a segmentation file has no S; default: the family's preset).
+        s_width: S width F (as ``n_rois``).
+    """
+
+    backbone: str | None = None
+    truncation: int | None = None
+    mask_type: str | None = None
+    n_rois: int | None = None
+    s_width: int | None = None
+
+
+ALLOWED: dict[str, Any] = {"torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+                           "collections.OrderedDict": collections.OrderedDict, "torch.Size": torch.Size,
+                           "builtins.set": set}
+"""What a legacy-format file's pickle may name, besides the anchor classes (a state dict, the
+anchor generator's ``__dict__`` with its cached anchors, an optimizer state)."""
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Resolves :data:`ALLOWED` and :data:`ANCHOR_CLASSES` only; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{'builtins' if module == '__builtin__' else module}.{name}"  # protocol 2 names Python 2's
+        if full in ANCHOR_CLASSES:
+            return RecordedAnchors
+        if full in ALLOWED:
+            return ALLOWED[full]
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {full}")
+
+
+_ALLOW_LIST_PICKLE = types.SimpleNamespace(
+    __name__="ctmask_allow_list_pickle", Unpickler=_AllowListUnpickler, UnpicklingError=pickle.UnpicklingError,
+    load=lambda f, **kw: _AllowListUnpickler(f, **kw).load())
+"""A ``pickle_module`` for ``torch.load``: its legacy reader subclasses ``Unpickler`` (resolving storage
+types itself and handing other names to :meth:`_AllowListUnpickler.find_class`) and calls ``load`` for
+the header."""
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` on the CPU, running nothing from the file (see the module docstring)."""
+    if zipfile.is_zipfile(path):
+        targets: list[Any] = [(RecordedAnchors, name) for name in ANCHOR_CLASSES]
+        with torch.serialization.safe_globals(targets):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        # The legacy record of the anchor class's source differs from the stand-in's, by design.
+        warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
+        return torch.load(path, map_location="cpu", pickle_module=_ALLOW_LIST_PICKLE,  # type: ignore[arg-type]
+                          weights_only=False)
+
+
+def read_reference(path: Path) -> dict:
+    """The file's top-level dict, read without running anything from it.
+
+    Raises:
+        CheckpointError: missing, unreadable (truncated, not a torch file), a Python object beyond
+            tensors, containers and the anchor generator (named), or not a dict with ``model_weights``.
+    """
+    if not path.is_file():
+        raise CheckpointError("file does not exist", path)
+    try:
+        blob = _torch_load(path)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand) ([\w.]+)", str(exc))
+        what = found.group(1) if found else (str(exc).strip().splitlines() or ["?"])[0][:200]
+        raise CheckpointError(f"refused: the file pickles {what}, which is neither a tensor nor the reference's "
+                              "anchor generator; unpickling it could run code, so it is not read", path,
+                              hint="the authors' files hold only weights, numbers and the anchor generator: "
+                                   "this one is not one of them, or was altered") from None
+    except Exception as exc:  # a truncated or foreign file fails in many ways inside torch.load
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read the file: damaged, truncated or not a torch checkpoint "
+                              f"({exc.__class__.__name__}: {first})", path,
+                              hint="download the authors' zip again and unpack it completely") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("model_weights"), dict):
+        raise CheckpointError("not one of the reference's checkpoints: no 'model_weights' state dict", path)
+    weights = blob["model_weights"]
+    bad = [str(k) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"'model_weights' holds entries that are not tensors: {bad[:3]}", path)
+    return blob
+
+
+def _stage_blocks(weights: dict[str, torch.Tensor]) -> dict[int, int]:
+    """Stage (1-4) -> residual blocks present, from ``backbone.body.layer{s}.{j}.conv1.weight``."""
+    blocks: dict[int, set[int]] = {}
+    for k in weights:
+        m = re.match(r"^backbone\.body\.layer(\d)\.(\d+)\.conv1\.weight$", k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return {s: len(js) for s, js in sorted(blocks.items())}
+
+
+def _agree(name: str, found: Any, given: Any, path: Path) -> Any:
+    """``found`` when ``given`` is None or equal; otherwise a refusal naming both."""
+    if given is not None and given != found:
+        raise CheckpointError(f"--{name} {given} contradicts the file, which holds a {name} of {found}", path)
+    return found
+
+
+def _backbone(weights: dict[str, torch.Tensor], opts: ImportOptions, path: Path) -> tuple[str, int]:
+    """(backbone name, truncation) from the body's stages."""
+    stages = _stage_blocks(weights)
+    kept = len(stages)
+    if not stages or list(stages) != list(range(1, kept + 1)) or kept < 2:
+        raise CheckpointError(f"the body's stages {list(stages)} are not a (truncated) ResNet's layer1..layer4", path)
+    bottleneck = "backbone.body.layer1.0.conv3.weight" in weights
+    found = [name for name, (bn, blocks) in BACKBONES.items()
+             if bn == bottleneck and blocks[:kept] == tuple(stages.values())]
+    if not found:
+        raise CheckpointError(f"the body ({'Bottleneck' if bottleneck else 'BasicBlock'}, blocks per stage "
+                              f"{list(stages.values())}) is none of the reference's backbones {list(BACKBONES)}", path)
+    return _agree("backbone", found[0], opts.backbone, path), _agree("truncation", 4 - kept, opts.truncation, path)
+
+
+def _anchors(blob: dict, levels: int, per_location: int, path: Path) -> tuple[tuple, tuple, str]:
+    """(anchor sizes, aspect ratios, where they came from), one set shared by the used FPN levels."""
+    anchors = blob.get("anchor_generator")
+    if not isinstance(anchors, RecordedAnchors):
+        sizes, ratios, source = PAPER.anchor_sizes, PAPER.aspect_ratios, "not in the file: the reference's defaults"
+    else:
+        try:
+            per_level = [(tuple(int(v) for v in s), tuple(float(v) for v in r))
+                         for s, r in zip(anchors.sizes, anchors.aspect_ratios)]
+        except (TypeError, ValueError):
+            raise CheckpointError(f"the anchor generator's sizes / aspect_ratios are not numbers: "
+                                  f"{anchors.sizes!r} / {anchors.aspect_ratios!r}"[:300], path) from None
+        used = per_level[:levels]
+        if len(used) < levels or len(set(used)) != 1:
+            raise CheckpointError(f"the anchor generator has {len(per_level)} level(s) for {levels} FPN level(s), or "
+                                  f"different anchors per level ({used[:4]}); ctmask uses one set on every level", path)
+        (sizes, ratios), source = used[0], "the file's anchor generator"
+    if len(sizes) * len(ratios) != per_location:
+        raise CheckpointError(f"{len(sizes)} anchor sizes x {len(ratios)} aspect ratios ({source}) do not fit the "
+                              f"RPN head's {per_location} anchors per location", path)
+    return sizes, ratios, source
+
+
+def infer_preset(blob: dict, opts: ImportOptions, path: Path) -> tuple[str, Preset, dict]:
+    """(kind, preset, what came from where) of a reference checkpoint.
+
+    Raises:
+        CheckpointError: a value the file contradicts, a shape that is none of the reference's, or
+            a value the file cannot tell and no option gives (the 2-class mask type).
+    """
+    w = blob["model_weights"]
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in w:
+            raise CheckpointError(f"missing key {key!r} (every reference checkpoint has it)", path)
+        return tuple(w[key].shape)
+
+    kind = "classifier" if any(k.startswith("s2new.") for k in w) else "segmentation"
+    backbone, truncation = _backbone(w, opts, path)
+    levels = len({k.split(".")[3] for k in w if k.startswith("backbone.fpn.inner_blocks.")})
+    n_classes = shape("roi_heads.box_predictor.cls_score.weight")[0]
+    if n_classes == 3:
+        mask_type = _agree("mask-type", "both", opts.mask_type, path)
+    elif n_classes == 2:
+        if opts.mask_type not in ("ggo", "merge"):
+            raise CheckpointError("the file has 2 detector classes (one lesion class): give --mask-type ggo or "
+                                  "--mask-type merge (the file cannot tell; the authors' released 2-class files are "
+                                  "merge)" + (f", not {opts.mask_type!r}" if opts.mask_type else ""), path)
+        mask_type = opts.mask_type
+    else:
+        raise CheckpointError(f"the box predictor has {n_classes} classes; the reference has 2 or 3", path)
+    family = FAMILY[backbone]
+    inferred: dict[str, Any] = {"kind": kind, "backbone": backbone, "truncation": truncation, "fpn_levels": levels,
+                                "detector_classes": n_classes}
+    given: dict[str, Any] = {"mask_type": opts.mask_type} if n_classes == 2 else {}
+    fields: dict[str, Any] = {
+        "fpn_channels": shape("backbone.fpn.layer_blocks.0.weight")[0],
+        "box_representation": shape("roi_heads.box_head.fc6.weight")[0],
+    }
+    if kind == "classifier":
+        f, n5 = shape("s2new.fc_scores.weight")
+        n_rois = _agree("n-rois", n5 // 5, opts.n_rois, path)
+        s_width = _agree("s-width", f, opts.s_width, path)
+        inferred.update(n_rois=n_rois, s_width=s_width)
+        mask_layers, mask_channels = family.mask_head_layers, family.mask_head_channels
+    else:
+        n_rois, s_width = opts.n_rois or family.n_rois, opts.s_width or family.classifier_width
+        given.update(n_rois=n_rois if opts.n_rois else f"{n_rois} (default of {family.name})",
+                     s_width=s_width if opts.s_width else f"{s_width} (default of {family.name})")
+        mask_layers = len([k for k in w if re.match(r"^roi_heads\.mask_head\.mask_fcn\d+\.weight$", k)])
+        mask_channels = shape("roi_heads.mask_predictor.conv5_mask.weight")[0]
+    sizes, ratios, anchor_source = _anchors(blob, levels, shape("rpn.head.cls_logits.weight")[0], path)
+    inferred.update(fields, anchors=anchor_source)
+    bottleneck, blocks = BACKBONES[backbone]
+    preset = dataclasses.replace(
+        family, backbone_blocks=blocks, bottleneck=bottleneck, truncation=truncation, fpn_levels=levels,
+        mask_head_layers=mask_layers, mask_head_channels=mask_channels, n_rois=n_rois, classifier_width=s_width,
+        mask_type=mask_type, num_lesion_classes=n_classes, anchor_sizes=sizes, aspect_ratios=ratios, head="paper",
+        **fields)
+    named = [p.name for p in PRESETS.values() if dataclasses.replace(preset, name=p.name) == p]
+    preset = dataclasses.replace(preset, name=named[0] if named else
+                                 f"{backbone}-t{truncation}-{mask_type}-n{n_rois}-s{s_width}")
+    return kind, preset, {"inferred": inferred, "given": given}
+
+
+def ctmask_key(key: str) -> str | None:
+    """ctmask's name of a reference state-dict key (``detector.*`` / ``classifier.*``), None if unknown."""
+    m = re.match(r"^s2new\.(\w+)\.(weight|bias)$", key)
+    if m:
+        return f"classifier.net.{_S_LAYERS[m.group(1)]}.{m.group(2)}" if m.group(1) in _S_LAYERS else None
+    for pattern, repl in _KEY_RULES:
+        m = re.match(pattern, key)
+        if m and repl == "MASK_FCN":
+            return f"detector.roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}"
+        if m:
+            return "detector." + m.expand(repl)
+    return None
+
+
+def map_weights(weights: dict[str, torch.Tensor], kind: str, preset: Preset, path: Path) -> tuple[dict, list[str]]:
+    """The reference state dict in ctmask's names and layout for ``kind`` of ``preset``.
+
+    A classifier file has no mask branch (unused by classification): it is filled with zeros and
+    listed in the second return value.
+
+    Raises:
+        CheckpointError: unknown keys, missing keys or shapes that differ, each named.
+    """
+    from ctmask.training.checkpoint import expected_shapes
+
+    expected = {("detector." + k if kind == "segmentation" else k): v
+                for k, v in expected_shapes("classifier" if kind == "classifier" else "segmentation", preset).items()}
+    mapped, unknown = {}, []
+    for k, v in weights.items():
+        new = ctmask_key(k)
+        if new is None:
+            unknown.append(k)
+        else:
+            mapped[new] = v
+    filled = [k for k in expected if k not in mapped and kind == "classifier" and ".roi_heads.mask_" in k]
+    missing = [k for k in expected if k not in mapped and k not in filled]
+    wrong = [f"{k} is {list(v.shape)}, the inferred model has {list(expected[k])}"
+             for k, v in mapped.items() if k in expected and tuple(v.shape) != expected[k]]
+    unknown += [k for k in mapped if k not in expected]
+    problems = [f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)})"
+                for what, names in (("unknown keys", unknown), ("missing keys", missing), ("shape mismatches", wrong))
+                if names]
+    if problems:
+        raise CheckpointError("the weights do not fit the model inferred from them: " + "; ".join(problems), path,
+                              hint="a file altered or of another model; the reference's keys are torchvision 0.3 "
+                                   "Mask R-CNN names with S as s2new")
+    for k in filled:
+        mapped[k] = torch.zeros(expected[k])
+    state = {k[len("detector."):] if kind == "segmentation" else k: v.float() if v.is_floating_point() else v
+             for k, v in mapped.items()}
+    return state, filled
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def import_reference(source: str | Path, out: str | Path, opts: ImportOptions | None = None) -> dict:
+    """Convert one of the authors' ``.pth`` files into a ctmask checkpoint at ``out``.
+
+    Returns:
+        A summary: ``kind``, ``preset`` (dict), ``inferred``, ``given``, ``source_sha256``,
+        ``mask_branch`` (what fills a classifier's mask branch), ``ignored`` (top-level entries not
+        imported: the optimizer state, learning rate, name) and ``out``.
+
+    Raises:
+        CheckpointError: see :func:`read_reference`, :func:`infer_preset` and :func:`map_weights`.
+    """
+    source, out = Path(source), Path(out)
+    blob = read_reference(source)
+    kind, preset, record = infer_preset(blob, opts or ImportOptions(), source)
+    state, filled = map_weights(blob["model_weights"], kind, preset, source)
+    summary = {
+        "source": str(source), "source_sha256": file_sha256(source), "kind": kind, "preset": preset.to_dict(),
+        **record,
+        "source_epoch": str(blob.get("epoch")) if blob.get("epoch") is not None else None,
+        "mask_branch": (f"not in the source (a classifier file); {len(filled)} tensors filled with zeros: "
+                        "classification never reads them, segmentation output from it is meaningless")
+                       if filled else "from the source",
+        "ignored": sorted(str(k) for k in blob if k not in ("model_weights", "anchor_generator")),
+        "unknown_entries": sorted(str(k) for k in blob if k not in TOP_LEVEL),
+    }
+    save_checkpoint(out, kind=kind, preset=preset, model=state, config={"import_reference": summary})
+    return {**summary, "out": str(out), "lesion_classes": list(MASK_TYPES[preset.mask_type])}

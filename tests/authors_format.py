@@ -1,0 +1,81 @@
+"""Checkpoint files in the authors' format (COVID-CT-Mask-Net's reference implementation), written
+from ctmask models, for the tests of ``import-reference``.
+
+The reference's scripts ``torch.save`` (torch 1.1: the legacy non-zip format) a dict with
+``model_weights`` in torchvision 0.3 names and ``anchor_generator``, a pickled ``nn.Module`` of a
+class in their module ``models.mask_net.rpn`` (``rpn_segmentation`` for segmentation). The key
+renaming below is written from the reference code, independently of ctmask's own mapping; the
+anchor class lives in a throwaway module registered under the authors' name only while saving.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import torch
+
+from ctmask.training.model import CovidCTMaskNet
+
+_S = {"0": "fc_scores", "2": "fc_scores_2", "4": "fc_scores_img"}
+
+
+def authors_key(key: str) -> str:
+    """ctmask's key -> torchvision 0.3's / the reference's (``S2Predictor`` as ``s2new``)."""
+    key = re.sub(r"^detector\.", "", key)
+    key = re.sub(r"^classifier\.net\.(\d)\.", lambda m: f"s2new.{_S[m.group(1)]}.", key)
+    key = re.sub(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.", r"backbone.fpn.\1_blocks.\2.", key)
+    key = re.sub(r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv.", key)
+    return re.sub(r"^roi_heads\.mask_head\.(\d+)\.0\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.",
+                  key)
+
+
+def _anchor_module(name: str) -> type:
+    """A module registered as ``name`` holding an nn.Module ``AnchorGenerator`` shaped like the reference's."""
+
+    class AnchorGenerator(torch.nn.Module):
+        def __init__(self, sizes, aspect_ratios):
+            super().__init__()
+            self.sizes, self.aspect_ratios = sizes, aspect_ratios
+            self.cell_anchors = [torch.tensor([[-1.0, -1.0, 1.0, 1.0]])]  # set after a forward, as in use
+            self._cache = {(torch.Size([32, 32]), (16.0, 16.0)): [torch.zeros(3, 4)]}
+
+    mod = types.ModuleType(name)
+    AnchorGenerator.__module__ = name
+    AnchorGenerator.__qualname__ = "AnchorGenerator"
+    mod.AnchorGenerator = AnchorGenerator  # type: ignore[attr-defined]
+    return AnchorGenerator
+
+
+def write_authors_file(path: Path, model: CovidCTMaskNet, kind: str, legacy: bool = True) -> None:
+    """``model`` as the reference's ``train_segmentation.py`` / ``train_classifier.py`` save it
+    (``legacy=False``: the same in torch's zip format, as a re-save with a newer torch writes it)."""
+    state = model.state_dict_for_checkpoint()
+    if kind == "segmentation":
+        state = {k: v for k, v in state.items() if k.startswith("detector.")}
+    else:  # the reference's classifier is a Faster R-CNN: no mask branch
+        state = {k: v for k, v in state.items() if ".roi_heads.mask_" not in k}
+    weights = {authors_key(k): v.clone() for k, v in state.items()}
+    name = "models.mask_net." + ("rpn_segmentation" if kind == "segmentation" else "rpn")
+    cls = _anchor_module(name)
+    saved = {m: sys.modules.get(m) for m in ("models", "models.mask_net", name)}
+    sys.modules.update({"models": types.ModuleType("models"), "models.mask_net": types.ModuleType("models.mask_net"),
+                        name: sys.modules.get(name) or types.ModuleType(name)})
+    sys.modules[name].AnchorGenerator = cls  # type: ignore[attr-defined]
+    try:
+        anchors = cls(tuple([(2, 4, 8, 16, 32)] * 5), tuple([(0.1, 0.25, 0.5, 1, 1.5, 2)] * 5))
+        blob = {"epoch": "100", "model_name": None, "model_weights": weights, "lrate": 1e-5,
+                "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]},
+                "anchor_generator": anchors}
+        with warnings.catch_warnings():  # "Couldn't retrieve source code" of this throwaway class
+            warnings.simplefilter("ignore", UserWarning)
+            torch.save(blob, path, _use_new_zipfile_serialization=not legacy)
+    finally:
+        for m, v in saved.items():  # the import must not find the authors' module
+            if v is None:
+                sys.modules.pop(m, None)
+            else:
+                sys.modules[m] = v

@@ -1,0 +1,177 @@
+"""`import-reference`: the authors' checkpoint files, built here in their format from ctmask models.
+
+The real files cannot be downloaded here; :mod:`authors_format` writes them as the reference's
+scripts do (legacy format, torchvision 0.3 key names, S as ``s2new``, the anchor generator a
+pickled object of a class in a module named like the authors'). That throwaway module is gone from
+``sys.modules`` before the import reads the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from authors_format import write_authors_file
+
+from ctmask.core.errors import CheckpointError
+from ctmask.core.presets import PAPER, PAPER_MERGE, PRESETS, RESNET18_T1, Preset
+from ctmask.training.checkpoint import load_checkpoint
+from ctmask.training.model import CovidCTMaskNet, load_weights
+from ctmask.training.reference_import import ImportOptions, import_reference, read_reference
+
+
+def _model(preset: Preset, seed: int) -> CovidCTMaskNet:
+    torch.manual_seed(seed)
+    model = CovidCTMaskNet(preset).eval()
+    # Random BN statistics, so a statistic lost or swapped in the import would show.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+CASES = [(PAPER, "segmentation", None), (PAPER_MERGE, "classifier", "merge"),
+         (RESNET18_T1, "segmentation", "merge"), (dataclasses.replace(RESNET18_T1, mask_type="both",
+                                                                      num_lesion_classes=3), "classifier", None)]
+
+
+@pytest.mark.parametrize(("preset", "kind", "mask_type"), CASES, ids=["paper-seg-both", "paper-cls-merge",
+                                                                      "r18t1-seg-merge", "r18t1-cls-both"])
+def test_imported_model_equals_source(tmp_path, preset, kind, mask_type):
+    source = _model(preset, seed=len(preset.name))
+    src = tmp_path / "authors.pth"
+    write_authors_file(src, source, kind)
+    assert src.read_bytes()[:2] != b"PK"  # the legacy format, as torch 1.1 wrote it
+    assert "models.mask_net.rpn" not in sys.modules
+    summary = import_reference(src, tmp_path / "ctmask.pt", ImportOptions(mask_type=mask_type))
+    ck = load_checkpoint(tmp_path / "ctmask.pt", kind=kind)
+    assert ck.verified and summary["kind"] == kind
+    assert ck.config["import_reference"]["source_sha256"] == summary["source_sha256"]
+    expected = dataclasses.replace(preset, name=ck.preset.name)
+    assert ck.preset == expected
+    # A preset of the named ones is recognised by name; any other gets a name spelling it out.
+    assert ck.preset.name == (preset.name if preset in PRESETS.values() else "resnet18-t1-both-n128-s512")
+    imported = CovidCTMaskNet(ck.preset).eval()
+    if kind == "segmentation":
+        imported.detector.load_state_dict(ck.model)
+        imported.classifier = source.classifier  # the classifier is trained later
+    else:
+        load_weights(imported, ck.model, ck.path)
+    for (k, a), b in zip(source.detector.state_dict().items(), imported.detector.state_dict().values()):
+        if kind == "segmentation" or ".mask_" not in k:
+            assert torch.equal(a, b), k
+        else:  # not in a classifier file: zeros, as the import records
+            assert not b.any(), k
+    # Same outputs, exactly: at the model's 512 x 512 for the lightweight classifier, on a small
+    # input otherwise (the same weights and architecture; the paper model costs seconds at 512).
+    size = 512 if preset.name == "resnet18-t1" and kind == "classifier" else 96
+    small = dataclasses.replace(ck.preset, image_size=size)
+    a_model, b_model = CovidCTMaskNet(small, source.detector).eval(), CovidCTMaskNet(small, imported.detector).eval()
+    a_model.classifier, b_model.classifier = source.classifier, imported.classifier
+    x = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        (ra, la), (rb, lb) = a_model(x), b_model(x)
+    assert (ra[..., 0] > 0).any()
+    assert torch.equal(ra, rb) and torch.equal(la, lb)
+
+
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory):
+    """A resnet18-t1 segmentation file in the authors' format, and its source model."""
+    folder = tmp_path_factory.mktemp("authors")
+    model = _model(RESNET18_T1, seed=1)
+    write_authors_file(folder / "lightweight_segmentation_model_resnet18_t1.pth", model, "segmentation")
+    return folder / "lightweight_segmentation_model_resnet18_t1.pth", model
+
+
+def _altered(r18_file, tmp_path, change) -> Path:
+    blob = read_reference(r18_file[0])
+    change(blob["model_weights"])
+    blob["anchor_generator"] = None
+    path = tmp_path / "altered.pth"
+    torch.save(blob, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+class _Payload:
+    """Unpickling it calls ``exec``, which would write the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_a_code_running_pickle_is_refused_and_runs_nothing(tmp_path, legacy):
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "evil.pth"
+    torch.save({"model_weights": {}, "anchor_generator": _Payload(marker)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match=r"refused: the file pickles (builtins\.)?exec,") as exc:
+        import_reference(path, tmp_path / "out.pt")
+    assert str(path) in str(exc.value)
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()
+    torch.load(path, weights_only=False)  # what the payload does when unpickled by a plain load
+    assert marker.read_text() == "ran"
+
+
+def test_refusals_name_the_problem(tmp_path, r18_file):
+    src = r18_file[0]
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot read the file: damaged, truncated"):
+        import_reference(truncated, tmp_path / "a.pt", ImportOptions(mask_type="merge"))
+
+    def drop(w):
+        del w["rpn.head.bbox_pred.bias"]
+
+    def widen(w):
+        w["roi_heads.box_head.fc7.weight"] = torch.zeros(128, 129)
+
+    def extra(w):
+        w["roi_heads.box_head.fc8.weight"] = torch.zeros(1)
+
+    for change, message in ((drop, r"missing keys: detector\.rpn\.head\.bbox_pred\.bias"),
+                            (widen, r"shape mismatches: detector\.roi_heads\.box_head\.fc7\.weight is \[128, 129\]"),
+                            (extra, r"unknown keys: roi_heads\.box_head\.fc8\.weight")):
+        with pytest.raises(CheckpointError, match=message):
+            import_reference(_altered(r18_file, tmp_path, change), tmp_path / "b.pt", ImportOptions(mask_type="merge"))
+    with pytest.raises(CheckpointError, match="give --mask-type ggo or --mask-type merge"):
+        import_reference(src, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="--backbone resnet34 contradicts the file"):
+        import_reference(src, tmp_path / "c.pt", ImportOptions(backbone="resnet34", mask_type="merge"))
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_a_zip_format_file_imports_the_same(tmp_path, r18_file):
+    """A file re-saved by a newer torch (zip format) is read by ``torch.load(weights_only=True)``."""
+    zipped = tmp_path / "zipped.pth"
+    write_authors_file(zipped, r18_file[1], "segmentation", legacy=False)
+    assert zipped.read_bytes()[:2] == b"PK"
+    a = import_reference(zipped, tmp_path / "a.pt", ImportOptions(mask_type="merge"))
+    b = import_reference(r18_file[0], tmp_path / "b.pt", ImportOptions(mask_type="merge"))
+    assert a["preset"] == b["preset"] and a["source_sha256"] != b["source_sha256"]
+    assert load_checkpoint(tmp_path / "a.pt").weights_sha256 == load_checkpoint(tmp_path / "b.pt").weights_sha256
+
+
+def test_cli_imports_a_segmentation_file_for_train_cls(tmp_path, r18_file):
+    from typer.testing import CliRunner
+
+    from ctmask.cli.main import app
+    from ctmask.training.train_cls import init_model
+
+    out = tmp_path / "seg.pt"
+    res = CliRunner().invoke(app, ["import-reference", str(r18_file[0]), "--out", str(out), "--mask-type", "merge"])
+    assert res.exit_code == 0, res.output
+    assert "preset 'resnet18-t1'" in res.output and "n_rois 128 (default of resnet18-t1)" in res.output
+    start = init_model(RESNET18_T1, out, "heads+bn")  # what `train-cls --preset resnet18-t1` starts from
+    assert torch.equal(start.model.detector.roi_heads.mask_head[0][0].weight,
+                       r18_file[1].detector.roi_heads.mask_head[0][0].weight)
+    res = CliRunner().invoke(app, ["import-reference", str(r18_file[0]), "--out", str(out)])
+    assert res.exit_code != 0 and "--mask-type" in res.output and "Traceback" not in res.output
