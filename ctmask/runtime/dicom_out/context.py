@@ -4,6 +4,7 @@ the contributing equipment, and the source instances read back from their files.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,11 +68,15 @@ class Algorithm:
             contribution_description=NOT_FOR_CLINICAL_USE)
 
     def uid(self, *parts: str) -> str:
-        """A UID (``2.25.<int>``) derived from the model and ``parts`` only: a rerun on the same
-        sources makes the same UIDs, so a PACS replaces rather than duplicates."""
-        from pydicom.uid import generate_uid
+        """A UID derived from the model and ``parts`` only: ``2.25.<UUID>`` (PS3.5 B.2) with a
+        name-based (version 5) UUID of them, so a rerun on the same sources makes the same UIDs
+        and a PACS replaces rather than duplicates."""
+        name = "\x1f".join(["ctmask", self.model_sha256, *parts])
+        return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
 
-        return str(generate_uid(prefix=None, entropy_srcs=["ctmask", self.model_sha256, *parts]))
+
+_NAMESPACE = uuid.UUID("6f1c3e52-8a0d-5b7e-9c41-2d7a0e5f3b19")
+"""The UUID namespace of ctmask's result UIDs (a fixed, arbitrary UUID)."""
 
 
 @dataclass

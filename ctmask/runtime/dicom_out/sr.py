@@ -2,7 +2,7 @@
 
 Content, in the order of the report's imaging measurements:
 
-1. the study-level call: a TID 1501 measurement group whose *finding* is the called class,
+1. the study-level call: a TID 1501 measurement group whose *finding* (DCM 121071) is the called class,
    with its probability and the algorithm (TID 4019) whose parameters name the rule that made
    the call (``rule topk-mean/1 k=5``), tracking identifier ``study call``;
 2. for each slice that drove the call (most decisive first): a TID 1501 group referencing
@@ -50,8 +50,7 @@ def study_group(study: dict, algorithm: Algorithm, study_uid: str):
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(algorithm, "study call", study_uid),
         finding_type=code(call), algorithm_id=algo, finding_sites=[hd.sr.FindingSite(code("finding site"))],
-        measurements=[_probability(study["probs"][call], algo)],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("finding"), code(call))])
+        measurements=[_probability(study["probs"][call], algo)])
 
 
 def slice_group(source: SourceSlice, n: int, algorithm: Algorithm):
@@ -64,7 +63,6 @@ def slice_group(source: SourceSlice, n: int, algorithm: Algorithm):
         tracking_identifier=_tracking(algorithm, f"slice call {n}", source.uid),
         finding_type=code(call), algorithm_id=algo,
         measurements=[_probability(source.record["probs"][call], algo)],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("finding"), code(call))],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source.dataset)])
 
 
