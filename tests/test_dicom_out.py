@@ -15,8 +15,8 @@ import pytest
 from ctmask.runtime.detections import MAX_DETECTIONS, detect, nms
 
 DCIODVFY = shutil.which("dciodvfy")
-needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (Debian dicom3tools) not installed: "
-                                                             "`make dicom3tools` installs it where apt-get and root are")
+needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (Debian dicom3tools) not installed: `make "
+                                                             "dicom3tools` installs it where apt-get and root are")
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +140,9 @@ def test_gsps_draws_the_sr_regions_on_the_source_images(dicom_run):
 
 
 def test_rewriting_makes_the_same_files_and_uids(dicom_run, tmp_path):
+    from ctmask.core.graphs import read_spec
     from ctmask.core.spec import GraphSpec
     from ctmask.runtime.dicom_out import DicomOptions, write_dicom_results
-    from ctmask.core.graphs import read_spec
 
     summary = dicom_run["summary"]
     spec: GraphSpec = read_spec(dicom_run["model"])
@@ -175,3 +175,20 @@ def test_records_and_overlays_use_the_detections(dicom_run):
             (d["score"] for d in dets), reverse=True)
         h, w = rec["size"]
         assert all(0 <= d["box"][0] <= d["box"][2] <= w and 0 <= d["box"][1] <= d["box"][3] <= h for d in dets)
+
+
+def test_codes_table_matches_the_docs_and_ps316():
+    from pydicom.sr.codedict import codes
+
+    from ctmask.runtime.dicom_out.codes import CODES
+
+    docs = (Path(__file__).parents[1] / "docs" / "dicom.md").read_text()
+    for name, concept in CODES.items():
+        c = concept.code
+        assert f"| {name} | {c.value} | {c.scheme_designator} | {c.meaning} | {concept.source} |" in docs, name
+        assert len(c.meaning) <= 64
+        if concept.source.startswith("DICOM PS3.16"):
+            known = {(k.value, k.scheme_designator) for k in
+                     (getattr(getattr(codes, c.scheme_designator), kw) for kw in
+                      getattr(codes, c.scheme_designator).dir(c.meaning.split()[0]))}
+            assert (c.value, c.scheme_designator) in known, name

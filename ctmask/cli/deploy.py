@@ -58,7 +58,7 @@ def infer(
                                                               "(default: stdout)."),
     studies: Path | None = typer.Option(None, "--studies", help="Per-study predictions: .jsonl, .csv or .parquet."),
     overlays: Path | None = typer.Option(None, "--overlays", help="Folder for PNG overlays: each slice with its top "
-                                                                  "RoIs' boxes and scores drawn."),
+                                                                  "lesion detections (box, class, score) drawn."),
     report: Path | None = typer.Option(None, "--report", help="Self-contained HTML report of the run (.html)."),
     dicom_out: Path | None = typer.Option(None, "--dicom-out", help="Folder for DICOM result objects, per study read "
                                                                     "from DICOM: a TID 1500 SR and a presentation "

@@ -223,6 +223,10 @@ def run_infer(request: InferRequest, engine: Engine, events: InferEvents = Infer
             ctmask's (``resume``), a model that cannot run; nothing predicted.
     """
     t0 = time.perf_counter()
+    if request.dicom_out is not None:
+        from ctmask.runtime.dicom_out import require_highdicom
+
+        require_highdicom()
     boxes = CropBoxes.from_split(request.boxes) if request.boxes is not None else None
     run = _Run(request, events, dataclasses.replace(request.predict, boxes=boxes,
                                                     keep_pixels=request.overlays is not None))
