@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from tests_helpers import invoke
 
 from ctmask.runtime.detections import MAX_DETECTIONS, detect, nms
 
@@ -192,3 +193,12 @@ def test_codes_table_matches_the_docs_and_ps316():
                      (getattr(getattr(codes, c.scheme_designator), kw) for kw in
                       getattr(codes, c.scheme_designator).dir(c.meaning.split()[0]))}
             assert (c.value, c.scheme_designator) in known, name
+
+
+def test_cli_png_input_warns_and_writes_nothing_dicom_sc_alone_is_refused(small_onnx, synth_dir, tmp_path):
+    png = sorted((synth_dir / "images").glob("test_*.png"))[0]
+    done = invoke("infer", small_onnx, png, "--out", tmp_path / "p.jsonl", "--dicom-out", tmp_path / "dcm", "-q")
+    assert done.exit_code == 0, done.output
+    assert "only DICOM inputs get DICOM outputs" in done.output and not list(tmp_path.glob("dcm/**/*.dcm"))
+    refused = invoke("infer", small_onnx, png, "--out", tmp_path / "q.jsonl", "--dicom-sc", "-q")
+    assert refused.exit_code == 2 and "--dicom-sc" in refused.output and not (tmp_path / "q.jsonl").exists()
