@@ -202,3 +202,16 @@ def test_cli_png_input_warns_and_writes_nothing_dicom_sc_alone_is_refused(small_
     assert "only DICOM inputs get DICOM outputs" in done.output and not list(tmp_path.glob("dcm/**/*.dcm"))
     refused = invoke("infer", small_onnx, png, "--out", tmp_path / "q.jsonl", "--dicom-sc", "-q")
     assert refused.exit_code == 2 and "--dicom-sc" in refused.output and not (tmp_path / "q.jsonl").exists()
+
+
+def test_read_back_fails_an_sr_without_its_study_call(dicom_run, tmp_path):
+    from ctmask.runtime.dicom_out.readback import read_report
+
+    sr = pydicom.dcmread(dicom_run["summary"].dicom[0]["sr"])
+    measurements = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"][0]
+    first = measurements.ContentSequence[0]
+    assert first.ContentSequence[0].TextValue == "study call"
+    del measurements.ContentSequence[0]  # the study-level measurement group, a whole content item
+    sr.save_as(tmp_path / "no-call.dcm")
+    with pytest.raises(ValueError, match="0 study-level groups"):
+        read_report(tmp_path / "no-call.dcm")
