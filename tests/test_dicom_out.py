@@ -215,3 +215,28 @@ def test_read_back_fails_an_sr_without_its_study_call(dicom_run, tmp_path):
     sr.save_as(tmp_path / "no-call.dcm")
     with pytest.raises(ValueError, match="0 study-level groups"):
         read_report(tmp_path / "no-call.dcm")
+
+
+def test_a_graph_without_labels_still_runs_with_unlabelled_detections(small_onnx, dicom_run, tmp_path):
+    """A graph of the format before ``labels`` (ctmask-onnx/2): the same rows, detections named ``lesion``."""
+    import onnx
+
+    from ctmask.backends.registry import make_runner
+    from ctmask.core.spec import UNLABELLED_FORMAT
+
+    proto = onnx.load(str(small_onnx))
+    del proto.graph.output[-1]
+    assert [o.name for o in proto.graph.output] == ["rois", "logits", "probs", "boxes"]
+    for prop in proto.metadata_props:
+        if prop.key == "ctmask.format":
+            prop.value = UNLABELLED_FORMAT
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    x = np.random.default_rng(1).random((2, 1, *make_runner(small_onnx).activate().spec.input_shape(1)[2:]),
+                                        dtype=np.float32)
+    with make_runner(tmp_path / "old.onnx") as old, make_runner(small_onnx) as new:
+        assert not old.spec.labels and new.spec.labels
+        a, b = old.infer({"images": x}), new.infer({"images": x})
+    assert set(b) - set(a) == {"labels"} and np.array_equal(a["rois"], b["rois"])
+    labelled = detect(b["rois"][0][:, 0], b["boxes"][0], b["labels"][0])
+    assert {d.lesion for d in labelled} <= {"GGO", "consolidation"}
+    assert {d.lesion for d in detect(a["rois"][0][:, 0], a["boxes"][0])} <= {"lesion"}

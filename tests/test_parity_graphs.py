@@ -31,14 +31,14 @@ class Tampered(nn.Module):
         self.boxes = boxes
 
     def forward(self, images):
-        rois, boxes = self.model.ranker(images, with_boxes=True)
+        rois, boxes, labels = self.model.ranker(images, with_boxes=True, with_labels=True)
         bad = self.rows(rois) if self.rows is not None else rois
         logits = self.model.classifier(bad if self.feed_s else rois)
         if self.logits is not None:
             logits = self.logits(logits)
         if self.boxes is not None:
             boxes = self.boxes(boxes)
-        return (bad if self.show else rois), logits, torch.softmax(logits, -1), boxes
+        return (bad if self.show else rois), logits, torch.softmax(logits, -1), boxes, labels
 
 
 def reverse_all(rois):
