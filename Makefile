@@ -57,6 +57,16 @@ orthanc:
 	  echo "warning: orthanc not installed (needs apt-get and root): tests/test_pacs*.py will skip"
 test: orthanc
 
+# Debian's dicom3tools (dciodvfy, the DICOM validator tests/test_dicom_out.py runs on every object
+# infer --dicom-out writes) when none is on PATH, where apt-get is available and we are root.
+.PHONY: dicom3tools
+dicom3tools:
+	@command -v dciodvfy >/dev/null || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null) || \
+	  echo "warning: dicom3tools not installed (needs apt-get and root): the dciodvfy tests of tests/test_dicom_out.py will skip"
+test: dicom3tools
+
 # pytest-xdist workers: one per core (at most 4: each test module's fixtures are made per worker).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 

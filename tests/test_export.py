@@ -31,8 +31,9 @@ def output_dims(path):
 def test_small_graph_contract_and_metadata(small_onnx, cls_ckpt):
     dims = output_dims(small_onnx)
     s, n = SMALL.image_size, SMALL.n_rois
-    assert list(dims) == ["images", "rois", "logits", "probs", "boxes"] == ["images", *OUTPUTS]
-    for name, tail in {"images": [1, s, s], "rois": [n, 5], "logits": [3], "probs": [3], "boxes": [n, 4]}.items():
+    assert list(dims) == ["images", "rois", "logits", "probs", "boxes", "labels"] == ["images", *OUTPUTS]
+    for name, tail in {"images": [1, s, s], "rois": [n, 5], "logits": [3], "probs": [3], "boxes": [n, 4],
+                       "labels": [n]}.items():
         assert isinstance(dims[name][0], str) and dims[name][0], f"{name}: batch must be symbolic"
         assert dims[name][1:] == tail, f"{name}: only the batch may be symbolic, got {dims[name]}"
     model = onnx.load(str(small_onnx))
@@ -41,7 +42,7 @@ def test_small_graph_contract_and_metadata(small_onnx, cls_ckpt):
     assert "NonZero" not in ops and {"NonMaxSuppression", "RoiAlign", "TopK"} <= ops
     assert max(i.version for i in model.opset_import if i.domain in ("", "ai.onnx")) >= 18
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["ctmask.format"] == FORMAT == "ctmask-onnx/2"
+    assert meta["ctmask.format"] == FORMAT == "ctmask-onnx/3"
     spec = GraphSpec.from_metadata(meta, small_onnx)
     assert (spec.preset, spec.image_size, spec.n_rois) == ("small", s, n)
     assert spec.checkpoint_sha256 == sha256_file(cls_ckpt)
@@ -79,7 +80,14 @@ def test_normalisation_is_inside_the_graph(small_onnx, cls_ckpt):
     with torch.no_grad():
         rois, logits = model(torch.from_numpy(x))  # training's forward: rois and logits only
         rois_b, logits_b, boxes = model(torch.from_numpy(x), with_boxes=True)
+        rois_c, _, boxes_c, labels = model(torch.from_numpy(x), with_boxes=True, with_labels=True)
     assert torch.equal(rois, rois_b) and torch.equal(logits, logits_b)
+    assert torch.equal(rois, rois_c) and torch.equal(boxes, boxes_c)
+    real = rois[..., 0] > 0
+    assert set(labels[real].unique().tolist()) <= {1.0, 2.0} and not labels[~real].any()
+    # The graph's labels: torch's on the rows that match exactly (ties aside, the same rows).
+    same = np.isclose(got["rois"], rois.numpy(), atol=1e-4).all(-1)
+    assert same.mean() > 0.9 and (got["labels"][same] == labels.numpy()[same]).all()
     np.testing.assert_allclose(got["logits"], logits.numpy(), atol=1e-3)
     np.testing.assert_allclose(got["probs"], torch.softmax(logits, -1).numpy(), atol=1e-4)
     assert_rois_match(got["rois"], rois.numpy())

@@ -94,7 +94,7 @@ def test_graph_config_parses_with_tritons_schema_and_matches_the_graph(graph_rep
             assert elem == onnx.TensorProto.FLOAT and e.data_type == mc.TYPE_FP32
             assert dims[0] == -1  # the batch: symbolic in the graph, left out of dims (max_batch_size > 0)
             assert list(e.dims) == dims[1:] == list(shapes[e.name][1:])
-    assert [o.label_filename for o in config.output] == ["", "", "labels.txt", ""]
+    assert [o.label_filename for o in config.output] == ["", "", "labels.txt", "", ""]
     assert (folder / "labels.txt").read_text().splitlines() == list(spec.class_names)
     model = folder / "1" / "model.onnx"
     assert model.read_bytes() == small_onnx.read_bytes()
@@ -478,7 +478,7 @@ def test_tensorrt_plan_layout_and_config_from_a_sidecar(sidecar_engine, small_on
     assert list(config.dynamic_batching.preferred_batch_size) == [8]  # the profile's OPT
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     assert (repo / "small_trt" / "1" / "model.plan").read_bytes() == plan
-    assert [e.name for e in config.output] == ["rois", "logits", "probs", "boxes"]
+    assert [e.name for e in config.output] == ["rois", "logits", "probs", "boxes", "labels"]
     assert [list(e.dims) for e in config.input] == [[1, 192, 192]]
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["ctmask.v1.profile"] == "1,8,16" and params["ctmask.v1.tensorrt_version"] == "10.13.0.35"

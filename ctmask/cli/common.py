@@ -214,7 +214,8 @@ BACKEND = SharedOption("auto", "--backend", "auto | onnxruntime | openvino | ten
                                             "openvino: CPU only, pip install 'ctmask[openvino]').")
 DEVICE = SharedOption("cpu", "--device", "cpu | cuda.")
 THREADS = SharedOption(None, "--threads", "CPU threads (default: the backend's own choice).")
-TOP_ROIS = SharedOption(5, "--top-rois", "RoI rows kept per slice in the output (and drawn on overlays).", min=1)
+TOP_ROIS = SharedOption(5, "--top-rois", "RoI rows kept per slice in the output; also the lesion detections drawn "
+                        "on overlays and written to DICOM.", min=1)
 FORCE_MODALITY = SharedOption(False, "--force-modality", "Predict DICOM of a modality other than CT (off the "
                                                          "model's training distribution).")
 HU_OFFSET = SharedOption(1024.0, "--hu-offset", "16-bit PNG / TIFF slices hold HU + this offset.")

@@ -59,8 +59,13 @@ def infer(
                                                               "(default: stdout)."),
     studies: Path | None = typer.Option(None, "--studies", help="Per-study predictions: .jsonl, .csv or .parquet."),
     overlays: Path | None = typer.Option(None, "--overlays", help="Folder for PNG overlays: each slice with its top "
-                                                                  "RoIs' boxes and scores drawn."),
+                                                                  "lesion detections (box, class, score) drawn."),
     report: Path | None = typer.Option(None, "--report", help="Self-contained HTML report of the run (.html)."),
+    dicom_out: Path | None = typer.Option(None, "--dicom-out", help="Folder for DICOM result objects, per study read "
+                                                                    "from DICOM: a TID 1500 SR and a presentation "
+                                                                    "state with the lesion boxes (docs/dicom.md)."),
+    dicom_sc: bool = typer.Option(False, "--dicom-sc", help="With --dicom-out: also a Secondary Capture of each "
+                                                            "driving slice's overlay."),
     resume: bool = ResumeOpt,
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Slices per inference call."),
     backend: str = BACKEND.option(),
@@ -115,15 +120,19 @@ def infer(
     if dicomweb is not None or study is not None or series is not None:
         _check_dicomweb(dicomweb, study, inputs, {"--out": out, "--studies": studies, "--overlays": overlays,
                                                   "--report": report, "--resume": resume, "--boxes": boxes,
-                                                  "--ray": use_ray})
+                                                  "--ray": use_ray, "--dicom-out": dicom_out})
         check_paths({"MODEL": model}, {"--json": json_out})
         return infer_dicomweb(model, str(dicomweb), str(study), series, credentials, ca_bundle, spool, retry_for,
-                              predict, study_top_k, backend, device, threads, events, json_out)
+                              predict, study_top_k, dicom_sc, backend, device, threads, events, json_out)
     if not inputs:
         raise ConfigError("no INPUTS: give slices, series folders or volumes (or --dicomweb URL --study UID)")
-    guard = _check_outputs(out, studies, report, overlays, resume, model, inputs, boxes, json_out)
+    guard = _check_outputs(out, studies, report, {"--overlays": overlays, "--dicom-out": dicom_out}, resume, model,
+                           inputs, boxes, json_out)
+    if dicom_sc and dicom_out is None:
+        raise ConfigError("--dicom-sc adds Secondary Captures to --dicom-out: pass --dicom-out DIR")
     engine = _engine(model, backend, device, threads, use_ray, address, actors, gpus_per_actor, cpus_per_actor)
-    request = InferRequest(model, inputs, out, studies, overlays, report, resume, boxes, study_top_k, predict, guard)
+    request = InferRequest(model, inputs, out, studies, overlays, report, resume, boxes, study_top_k, predict, guard,
+                           dicom_out, dicom_sc)
     summary = run_infer(request, engine, events)
     _echo_summary(summary, request)
     emit_json(summary.to_dict(), json_out)
@@ -192,10 +201,12 @@ def _echo_summary(summary, request) -> None:
                f"{summary.seconds:.2f} s on {described.get('provider', described['backend'])}"
                + (f" in {actors} Ray actor(s)" if actors else "")
                + "".join(f"; wrote {p}" for p in (request.out, request.studies, request.report) if p is not None)
-               + (f"; overlays in {request.overlays}" if request.overlays is not None else ""), err=True)
+               + (f"; overlays in {request.overlays}" if request.overlays is not None else "")
+               + (f"; DICOM objects of {len(summary.dicom or [])} stud{'y' if len(summary.dicom or []) == 1 else 'ies'}"
+                  f" in {request.dicom_out}" if request.dicom_out is not None else ""), err=True)
 
 
-def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, overlays: Path | None,
+def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, folders: dict[str, Path | None],
                    resume: bool, model: Path, inputs: list[Path], boxes: Path | None, json_out: Path | None):
     """Refuse bad output options before anything runs (exit 2, nothing written): the formats, and
     every output against every input and each other (:func:`ctmask.cli.common.check_paths`).
@@ -208,7 +219,7 @@ def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, 
         sidecars["--out's journal"] = journal_path(out)
     checked = check_paths({"MODEL": model, "INPUTS": inputs, "--boxes": boxes},
                           {"--out": out, "--studies": studies, "--report": report, "--json": json_out, **sidecars},
-                          {"--overlays": overlays})
+                          folders)
     tables = (".jsonl", ".csv", ".parquet")
     for opt, path, suffixes in (("--out", out, tables), ("--studies", studies, tables),
                                 ("--report", report, (".html", ".htm"))):

@@ -119,7 +119,7 @@ def export(
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Export detector + S to one ONNX graph: images [B,1,S,S] -> rois [B,N,5], logits, probs, boxes [B,N,4].
+    """Export detector + S to one ONNX graph: images [B,1,S,S] -> rois [B,N,5], logits, probs, boxes, labels.
 
     `--precision fp16` keeps FP32 islands where a per-block measurement shows class calls move; `--precision
     int8` adds Q/DQ from calibrated ranges (saved beside the graph as `<name>.ranges.json`; pass that file to
@@ -321,7 +321,8 @@ def _echo_graph(result, summary: dict | None, echo) -> None:
     echo(f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, {result.n_nodes} nodes, opset {spec.opset}, "
          f"{spec.precision}) in {result.seconds:.1f} s")
     echo(f"  preset {spec.preset}: images [B, 1, {spec.image_size}, {spec.image_size}] -> rois [B, "
-         f"{spec.n_rois}, 5], logits [B, 3], probs [B, 3], boxes [B, {spec.n_rois}, 4]; checker (full_check) passed"
+         f"{spec.n_rois}, 5], logits [B, 3], probs [B, 3], boxes [B, {spec.n_rois}, 4], labels [B, {spec.n_rois}]; "
+         "checker (full_check) passed"
          + ("; slices body-cropped (crop boxes needed at inference)" if spec.crop else ""))
     if summary is not None:
         echo(format_summary(summary))

@@ -42,7 +42,8 @@ def default_spool() -> Path:
 
 def infer_dicomweb(model: Path, url: str, study: str, series: str | None, credentials: Path | None,
                    ca_bundle: Path | None, spool: Path | None, retry_for: float, predict, study_top_k: int,
-                   backend: str, device: str, threads: int | None, events, json_out: Path | None) -> None:
+                   dicom_sc: bool, backend: str, device: str, threads: int | None, events,
+                   json_out: Path | None) -> None:
     """``ctmask infer --dicomweb``: the study pulled, predicted, its results stored back (exit 1
     when a series or slice was refused or a result is still in the spool)."""
     from ctmask.pacs.auth import http_session, read_credentials
@@ -56,7 +57,7 @@ def infer_dicomweb(model: Path, url: str, study: str, series: str | None, creden
     session = http_session(read_credentials(os.environ, credentials), ca_bundle)
     backoff = Backoff(first=1.0, longest=30.0, total=retry_for)
     web = DicomWeb(url, session, backoff, on_retry=lambda why, wait: events.warn(f"{why}: trying again in {wait:g} s"))
-    result = run(web, study, series, StudySettings(model, predict, study_top_k), spool or default_spool(),
+    result = run(web, study, series, StudySettings(model, predict, study_top_k, dicom_sc), spool or default_spool(),
                  lambda: make_runner(model, backend, device, threads), backoff, events)
     for f in result.failures:
         typer.secho(f"skipped {f.file}: {f.reason}", fg=typer.colors.YELLOW, err=True)
@@ -95,6 +96,8 @@ def listen(
     threads: int | None = THREADS.option(),
     top_rois: int = TOP_ROIS.option(),
     force_modality: bool = FORCE_MODALITY.option(),
+    dicom_sc: bool = typer.Option(False, "--dicom-sc", help="Also send a Secondary Capture of each driving slice's "
+                                                           "overlay (for viewers without presentation states)."),
     json_out: Path | None = JsonOpt,
 ) -> None:
     """Receive studies by DICOM C-STORE, predict each once complete, and C-STORE its results to --dest.
@@ -119,7 +122,8 @@ def listen(
     exposed = exposure_warning(host, options.allow)
     if exposed:
         typer.secho(f"warning: {exposed}", fg=typer.colors.YELLOW, err=True)
-    settings = StudySettings(model, PredictOptions(batch_size, top_rois, read=ReadOptions(force_modality)))
+    settings = StudySettings(model, PredictOptions(batch_size, top_rois, read=ReadOptions(force_modality)),
+                             dicom_sc=dicom_sc)
     events = InferEvents(note=echo, warn=lambda m: typer.secho(f"warning: {m}", fg=typer.colors.YELLOW, err=True))
     listener = Listener(options, settings, lambda: make_runner(model, backend, device, threads), events)
     listener.start()

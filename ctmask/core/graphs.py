@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from ctmask.core.errors import ModelError
-from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
+from ctmask.core.spec import INPUT, GraphSpec
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -105,7 +105,7 @@ def read_spec(path: str | Path) -> GraphSpec:
 
 def io_problems(proto: onnx.ModelProto, spec: GraphSpec) -> list[str]:
     """How the graph's inputs / outputs differ from ``images [B,1,S,S] -> rois, logits, probs, boxes``
-    (:data:`OUTPUTS`, in that order, shapes from ``spec``) float32."""
+    (``spec.outputs``, in that order, shapes from ``spec``) float32."""
     problems = []
     inputs = {i.name: i for i in proto.graph.input}
     inits = {t.name for t in proto.graph.initializer}
@@ -113,8 +113,8 @@ def io_problems(proto: onnx.ModelProto, spec: GraphSpec) -> list[str]:
     outputs = {o.name: o for o in proto.graph.output}
     if real_inputs != [INPUT]:
         problems.append(f"graph inputs are {real_inputs}, expected [{INPUT!r}]")
-    if list(outputs) != list(OUTPUTS):
-        problems.append(f"graph outputs are {list(outputs)}, expected {list(OUTPUTS)}")
+    if list(outputs) != list(spec.outputs):
+        problems.append(f"graph outputs are {list(outputs)}, expected {list(spec.outputs)}")
     wanted = {INPUT: spec.input_shape(), **spec.output_shapes()}
     for name, shape in wanted.items():
         info = inputs.get(name) or outputs.get(name)

@@ -3,7 +3,7 @@
 The exporter writes it into the ONNX file (``metadata_props``), the runtime reads it back
 from there to drive pre-processing, and the parity checks take their per-output
 tolerances from it. ``images [B, 1, S, S] -> rois [B, N, 5], logits [B, 3], probs [B, 3],
-boxes [B, N, 4]``; only ``B`` is symbolic.
+boxes [B, N, 4], labels [B, N]``; only ``B`` is symbolic.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from ctmask.core.errors import ModelError
 from ctmask.core.preprocess import LUNG_WINDOW, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, Preprocessing
 from ctmask.core.presets import CLASS_NAMES, HEAD_NAMES, Preset
 
-FORMAT = "ctmask-onnx/2"
+FORMAT = "ctmask-onnx/3"
 """Value of the ``ctmask.format`` metadata key; bumped when the graph contract changes."""
+
+UNLABELLED_FORMAT = "ctmask-onnx/2"
+"""The format before ``labels``: read and run as it is (its lesion detections are unlabelled)."""
 
 OLD_FORMATS: dict[str, str] = {"ctmask-onnx/1": "its outputs are rois, logits, probs: it has no RoI boxes"}
 """Graph formats of earlier ctmask versions, with what they lack (refused: re-export)."""
@@ -28,9 +31,11 @@ OLD_FORMATS: dict[str, str] = {"ctmask-onnx/1": "its outputs are rois, logits, p
 OPSET = 18
 BATCH = "batch"
 INPUT = "images"
-OUTPUTS: tuple[str, ...] = ("rois", "logits", "probs", "boxes")
+OUTPUTS: tuple[str, ...] = ("rois", "logits", "probs", "boxes", "labels")
 """Graph outputs, in order: ranked RoI rows [B, N, 5], S's logits [B, 3], their softmax
-[B, 3], and each ranked row's decoded box (x1, y1, x2, y2) in input pixels [B, N, 4]."""
+[B, 3], each ranked row's decoded box (x1, y1, x2, y2) in input pixels [B, N, 4], and each
+row's lesion class id [B, N] (float32: 1 GGO, 2 consolidation, 0 padding). A graph of
+:data:`UNLABELLED_FORMAT` has the first four (:attr:`GraphSpec.outputs`)."""
 
 
 MAX_N_ROIS = 100_000
@@ -228,6 +233,8 @@ class GraphSpec:
         source_sha256: sha256 of the FP32 graph a reduced-precision graph was made from.
         head: the classifier head inside (``ctmask.core.presets.HEAD_NAMES``): ``paper`` or
             ``pooled``; graphs written before the key existed hold the paper's S.
+        labels: the graph outputs each row's lesion class (``labels``); False for a graph of
+            :data:`UNLABELLED_FORMAT`, which runs without it.
         declared_tolerances: the tolerances written in the graph file, if read from one
             (informational: parity uses :attr:`tolerances`, ctmask's table for the precision).
     """
@@ -249,6 +256,7 @@ class GraphSpec:
     int8_target: str = ""
     source_sha256: str = ""
     head: str = "paper"
+    labels: bool = True
     declared_tolerances: dict[str, Tolerance] | None = field(default=None, compare=False)
 
     @property
@@ -275,15 +283,23 @@ class GraphSpec:
     def input_shape(self, batch: int | str = BATCH) -> tuple[int | str, ...]:
         return (batch, 1, self.image_size, self.image_size)
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The graph's output names, in order: :data:`OUTPUTS` (less ``labels`` for an
+        unlabelled graph)."""
+        return OUTPUTS if self.labels else OUTPUTS[:4]
+
     def output_shapes(self, batch: int | str = BATCH) -> dict[str, tuple[int | str, ...]]:
         n_cls = len(self.class_names)
-        return {"rois": (batch, self.n_rois, 5), "logits": (batch, n_cls), "probs": (batch, n_cls),
-                "boxes": (batch, self.n_rois, 4)}
+        shapes: dict[str, tuple[int | str, ...]] = {
+            "rois": (batch, self.n_rois, 5), "logits": (batch, n_cls), "probs": (batch, n_cls),
+            "boxes": (batch, self.n_rois, 4), "labels": (batch, self.n_rois)}
+        return {k: shapes[k] for k in self.outputs}
 
     def metadata(self) -> dict[str, str]:
         """``metadata_props`` entries (all strings) of the exported ONNX file."""
         return {
-            "ctmask.format": FORMAT,
+            "ctmask.format": FORMAT if self.labels else UNLABELLED_FORMAT,
             "ctmask.version": self.version,
             "ctmask.preset": self.preset,
             "ctmask.input_size": str(self.image_size),
@@ -322,11 +338,12 @@ class GraphSpec:
             )
         if fmt in OLD_FORMATS:
             raise ModelError(f"graph format {fmt!r} was written by an older ctmask ({OLD_FORMATS[fmt]}); this "
-                             f"ctmask reads {FORMAT!r} only", path,
+                             f"ctmask reads {FORMAT!r} and {UNLABELLED_FORMAT!r}", path,
                              hint="re-export it from its checkpoint: `ctmask export CKPT --out model.onnx` (and "
                                   "remake its FP16 / INT8 graphs and engines from the new file)")
-        if fmt != FORMAT:
-            raise ModelError(f"unsupported graph format {fmt!r}; this ctmask reads {FORMAT!r}", path)
+        if fmt not in (FORMAT, UNLABELLED_FORMAT):
+            raise ModelError(f"unsupported graph format {fmt!r}; this ctmask reads {FORMAT!r} and "
+                             f"{UNLABELLED_FORMAT!r}", path)
         try:
             names = _json_field(meta, "ctmask.class_names", path)
             if not isinstance(names, list):
@@ -352,6 +369,7 @@ class GraphSpec:
                 int8_target=meta.get("ctmask.int8_target", ""),
                 source_sha256=meta.get("ctmask.source_sha256", ""),
                 head=_head(meta.get("ctmask.head", "paper")),
+                labels=fmt == FORMAT,
                 declared_tolerances=_declared_tolerances(meta.get("ctmask.tolerances")),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -372,7 +390,7 @@ class GraphSpec:
         """
         wanted = {INPUT: self.input_shape(), **self.output_shapes()}
         keys = {INPUT: {2: "ctmask.input_size", 3: "ctmask.input_size"},
-                "rois": {1: "ctmask.n_rois"}, "boxes": {1: "ctmask.n_rois"},
+                "rois": {1: "ctmask.n_rois"}, "boxes": {1: "ctmask.n_rois"}, "labels": {1: "ctmask.n_rois"},
                 "logits": {1: "ctmask.class_names"}, "probs": {1: "ctmask.class_names"}}
         problems = []
         for name, want in wanted.items():

@@ -1,7 +1,7 @@
 """Classifier checkpoint -> one ONNX graph (detector + ranked RoIs + S), checked and
 written atomically.
 
-``images [B, 1, S, S] -> rois [B, N, 5], logits [B, 3], probs [B, 3], boxes [B, N, 4]`` with
+``images [B, 1, S, S] -> rois [B, N, 5], logits [B, 3], probs [B, 3], boxes [B, N, 4], labels [B, N]`` with
 only ``B`` symbolic, exported with ``torch.onnx.export(..., dynamo=True)``. The graph spec
 (:class:`ctmask.core.spec.GraphSpec`) goes into ``metadata_props``; the runtime reads its
 pre-processing from there.
@@ -41,19 +41,20 @@ def default_opset(proto: onnx.ModelProto) -> int:
 
 
 class GraphModule(nn.Module):
-    """The exported contract: ``images -> (rois, logits, probs, boxes)`` (:data:`OUTPUTS` order).
+    """The exported contract: ``images -> (rois, logits, probs, boxes, labels)`` (:data:`OUTPUTS` order).
 
     ``boxes`` are the ranked rows' decoded boxes ``(x1, y1, x2, y2)`` in input pixels, zeros
-    on padding rows; computed inside ``model.ranker`` (the FP32 ``ranking`` block).
+    on padding rows, ``labels`` each row's lesion class id (1 GGO, 2 consolidation, 0 padding);
+    both computed inside ``model.ranker`` (the FP32 ``ranking`` block).
     """
 
     def __init__(self, model: CovidCTMaskNet):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        rois, logits, boxes = self.model(images, with_boxes=True)
-        return rois, logits, torch.softmax(logits, -1), boxes
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        rois, logits, boxes, labels = self.model(images, with_boxes=True, with_labels=True)
+        return rois, logits, torch.softmax(logits, -1), boxes, labels
 
 
 @dataclass

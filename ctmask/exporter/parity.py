@@ -53,18 +53,22 @@ by at least this fraction of the graph's error on every line the graph failed th
 CANDIDATES = 64
 """K: the reference ranks N + K candidates, so rows entering at the N cut are matched."""
 
-NUMERIC_LINES = ("rois.score", "rois.deltas", "rois.order", "boxes", "logits", "probs", "s.logits",
+NUMERIC_LINES = ("rois.score", "rois.deltas", "rois.order", "boxes", "labels", "logits", "probs", "s.logits",
                  "probs.softmax")
 """Judged numeric lines: ``s.logits`` is the graph's logits against PyTorch's S applied to
 the graph's own RoIs (S checked on its own, to full precision); ``probs.softmax`` the
 graph's probs against the softmax of its own logits (never excusable: PyTorch's own
-movement on it is zero)."""
+movement on it is zero); ``labels`` each matched row's lesion class against its partner's,
+exactly (:data:`EXACT_LINES`; empty for a graph without ``labels``)."""
+
+EXACT_LINES = {"labels": Tolerance(0.0)}
+"""Lines judged exactly whatever the precision: a class id is right or wrong."""
 
 TOLERANCE_OF = {"s.logits": "logits", "probs.softmax": "probs"}
 """Lines judged with another line's tolerance, unless the precision's table names them."""
 
-EXCUSABLE_REDUCED = frozenset({"rois.score", "rois.deltas", "rois.order", "rois.rows", "boxes", "logits", "probs",
-                               "class"})
+EXCUSABLE_REDUCED = frozenset({"rois.score", "rois.deltas", "rois.order", "rois.rows", "boxes", "labels", "logits",
+                               "probs", "class"})
 """Lines an FP16 / INT8 graph may fail on a few slices (up to the precision's
 ``PARITY_OFF_TOLERANCE``): reduced precision legitimately moves near-tied rows and
 proposals. Its class agreement still counts every slice; ``s.logits`` (S on the graph's
@@ -73,6 +77,8 @@ own RoIs), ``probs.softmax`` and the metadata are never excused."""
 
 def line_tolerance(tol: dict[str, Tolerance], name: str) -> Tolerance:
     """The tolerance judging line ``name``: its own entry, else the one it borrows."""
+    if name in EXACT_LINES:
+        return EXACT_LINES[name]
     return tol[name] if name in tol else tol[TOLERANCE_OF.get(name, name)]
 
 
@@ -169,10 +175,11 @@ def judge_slices(actual: dict[str, np.ndarray], reference: dict[str, np.ndarray]
     """Judge every slice of ``actual`` (the graph) against ``reference`` (PyTorch).
 
     Args:
-        actual: ``rois`` [B, N, 5], ``logits`` / ``probs`` [B, 3], ``boxes`` [B, N, 4] of the graph.
+        actual: ``rois`` [B, N, 5], ``logits`` / ``probs`` [B, 3], ``boxes`` [B, N, 4] (and
+            ``labels`` [B, N] where the graph has them) of the graph.
         reference: the same from PyTorch plus ``candidates`` [B, N + K, 5], the reference's
-            ranking of more candidates than it keeps (its first N rows are ``rois``), and
-            their decoded boxes ``candidate_boxes`` [B, N + K, 4].
+            ranking of more candidates than it keeps (its first N rows are ``rois``), their
+            decoded boxes ``candidate_boxes`` [B, N + K, 4] and ``candidate_labels`` [B, N + K].
         tol: parity tolerances (ctmask's table for the graph's precision).
         classify: PyTorch's S, rois [b, N, 5] -> {"logits", "probs"} [b, 3].
 
@@ -206,11 +213,16 @@ def judge_slices(actual: dict[str, np.ndarray], reference: dict[str, np.ndarray]
         shown = al.ranks != UNMATCHED
         ranks = box_partners(al.ranks, a, e, actual["boxes"][i], reference["candidate_boxes"][i], tol)
         partner = np.where(m[:, None], reference["candidate_boxes"][i][np.maximum(ranks, 0)], 0.0)
+        labelled = "labels" in actual and "candidate_labels" in reference
+        paired = m & (ranks >= 0)
         pairs = {
             "rois.score": (a[m, 0], e[al.ranks[m], 0]),
             "rois.deltas": (a[m, 1:], e[al.ranks[m], 1:]),
             "rois.order": (np.array([max(al.order_gap, al.rise)]), np.zeros(1)),
             "boxes": (actual["boxes"][i][shown].astype(np.float64), partner[shown].astype(np.float64)),
+            "labels": ((actual["labels"][i][paired].astype(np.float64),
+                        reference["candidate_labels"][i][ranks[paired]].astype(np.float64))
+                       if labelled else (np.zeros(0), np.zeros(0))),
             "logits": (actual["logits"][i], judged["logits"][i]),
             "probs": (actual["probs"][i], judged["probs"][i]),
             "s.logits": (actual["logits"][i], s_on_graph[i]),

@@ -60,11 +60,13 @@ class TorchRunner(Runner):
         if not self.candidates:
             return {name: v.float().cpu().numpy() for name, v in zip(OUTPUTS, self.module(images))}
         model = self.module.model
-        ranked, located = model.ranker(images, model.preset.n_rois + self.candidates, with_boxes=True)
+        ranked, located, labels = model.ranker(images, model.preset.n_rois + self.candidates, with_boxes=True,
+                                               with_labels=True)
         rois = ranked[:, : model.preset.n_rois]
         logits = model.classifier(rois)
         values = {"rois": rois, "logits": logits, "probs": torch.softmax(logits, -1),
-                  "boxes": located[:, : model.preset.n_rois], "candidates": ranked, "candidate_boxes": located}
+                  "boxes": located[:, : model.preset.n_rois], "labels": labels[:, : model.preset.n_rois],
+                  "candidates": ranked, "candidate_boxes": located, "candidate_labels": labels}
         return {name: v.float().cpu().numpy() for name, v in values.items()}
 
     @torch.inference_mode()

@@ -62,6 +62,7 @@ class PredictOptions:
 def slice_predictions(loaded: Loaded, outputs: dict[str, np.ndarray], spec: GraphSpec,
                       top_rois: int) -> list[Prediction]:
     """Per-slice records of one batch, RoI boxes in each slice's own pixel frame."""
+    from ctmask.runtime.detections import detect
     from ctmask.runtime.overlays import boxes_to_source, top_boxes
 
     preds = []
@@ -71,10 +72,14 @@ def slice_predictions(loaded: Loaded, outputs: dict[str, np.ndarray], spec: Grap
         real = rois[rois[:, 0] > 0]  # zero rows are padding
         k = int(probs.argmax())
         boxes: list[list[float]] | None = None
+        found: list[dict] | None = None
         if "boxes" in outputs:
             b, _ = top_boxes(outputs, i, top_rois)
             src = boxes_to_source(b, spec.image_size, loaded.shapes[i], loaded.crops[i])
             boxes = [[round(float(v), 2) for v in row] for row in src]
+            every = boxes_to_source(outputs["boxes"][i], spec.image_size, loaded.shapes[i], loaded.crops[i])
+            labels = outputs["labels"][i] if "labels" in outputs else None
+            found = [d.to_dict() for d in detect(rois[:, 0], every, labels)]
         preds.append(Prediction(
             file=ref.path,
             class_name=spec.class_names[k],
@@ -90,6 +95,7 @@ def slice_predictions(loaded: Loaded, outputs: dict[str, np.ndarray], spec: Grap
             position=ref.position,
             frame=ref.frame,
             boxes=boxes,
+            detections=found,
             kind=loaded.kinds[i],
             size=list(loaded.shapes[i]),
         ))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ctmask.core.errors import ConfigError, ModelError
-from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
+from ctmask.core.spec import INPUT, GraphSpec
 from ctmask.runtime.runner import Runner
 
 HINTS = ("f32", "bf16")
@@ -88,9 +88,9 @@ class OpenVinoRunner(Runner):
             raise ModelError(f"OpenVINO cannot read the model ({_first_line(exc)})", self.path) from None
         inputs = [i.get_any_name() for i in model.inputs]
         outputs = [o.get_any_name() for o in model.outputs]
-        if inputs != [INPUT] or outputs != list(OUTPUTS):
+        if inputs != [INPUT] or outputs != list(spec.outputs):
             raise ModelError(f"graph inputs/outputs are {inputs} -> {outputs}, expected [{INPUT!r}] -> "
-                             f"{list(OUTPUTS)}", self.path)
+                             f"{list(spec.outputs)}", self.path)
         shape = model.inputs[0].get_partial_shape()
         want = spec.input_shape(1)[1:]
         if (shape.rank.is_dynamic or len(shape) != 4 or shape[0].is_static
@@ -107,7 +107,7 @@ class OpenVinoRunner(Runner):
             raise ModelError(f"OpenVINO cannot compile the model for the CPU ({_first_line(exc)})",
                              self.path) from None
         self._request = self.compiled.create_infer_request()
-        self._outputs = {name: self.compiled.output(name) for name in OUTPUTS}
+        self._outputs = {name: self.compiled.output(name) for name in spec.outputs}
         self._device = self._device_info(core, props)
         self._compiled_info = self._inspect_compiled(props, hints)
         return spec

@@ -1,5 +1,8 @@
 """RoI boxes on the slice: back to its own pixel frame, and drawn as a PNG overlay (torch-free).
 
+The overlays show the slice's lesion detections (:mod:`ctmask.runtime.detections`), not S's
+raw ranked rows.
+
 The graph's ``boxes`` output holds each ranked row's decoded box ``(x1, y1, x2, y2)`` in
 model-input pixels, ``[0, S]``. The model input is the slice, optionally cropped to its body
 box, resized bilinearly to S x S (:func:`ctmask.scans.batch.load_batch`); that resize maps
@@ -113,19 +116,21 @@ def _pixel_rect(box: np.ndarray, w: int, h: int) -> tuple[int, int, int, int]:
 
 
 def draw_overlay(pixels: np.ndarray, boxes_src: np.ndarray, scores: np.ndarray, class_name: str,
-                 probs: dict[str, float], out: str | Path) -> None:
-    """Write the slice with its top RoIs as an RGB PNG of the slice's own size, atomically.
+                 probs: dict[str, float], out: str | Path, names: list[str] | None = None) -> None:
+    """Write the slice with its boxes (lesion detections, or RoI rows) as an RGB PNG of the
+    slice's own size, atomically.
 
-    The slice is drawn in gray; each RoI as a rectangle in its rank's colour
-    (:func:`rank_colour`) with ``#rank score`` above it (inside it at the top edge), rank 1
-    drawn last (on top); a
+    The slice is drawn in gray; each box as a rectangle in its rank's colour
+    (:func:`rank_colour`) with ``name score`` (``#rank score`` without ``names``) above it
+    (inside it at the top edge), rank 1 drawn last (on top); a
     header line at the top left names the slice's class and its probability. Every mark
     lies inside the image. The PNG carries the :data:`OVERLAY_TAG` text chunk.
 
     Args:
         pixels: float32 [H, W] in [0, 1], the decoded slice (before any crop).
         boxes_src: [k, 4] boxes in the slice's pixel frame (:func:`boxes_to_source`), rank order.
-        scores: [k] their RoI scores.
+        scores: [k] their scores.
+        names: [k] their lesion classes (GGO, consolidation), or None.
         class_name: the slice's predicted class.
         probs: class name -> probability.
         out: PNG file to write.
@@ -134,14 +139,30 @@ def draw_overlay(pixels: np.ndarray, boxes_src: np.ndarray, scores: np.ndarray, 
         ValueError: malformed pixels, boxes or scores.
         OSError: the file cannot be written (nothing is left behind).
     """
+    img = render_overlay(pixels, boxes_src, scores, class_name, probs, names)
+    from PIL.PngImagePlugin import PngInfo
+
+    tag = PngInfo()
+    tag.add_text(OVERLAY_TAG, "drawn by ctmask infer --overlays: not a CT slice")
+    with atomic_path(out) as tmp:  # compress_level 1: 3-4x faster than the default 6 for ~20% more bytes
+        img.save(tmp, format="PNG", compress_level=1, pnginfo=tag)
+
+
+def render_overlay(pixels: np.ndarray, boxes_src: np.ndarray, scores: np.ndarray, class_name: str,
+                   probs: dict[str, float], names: list[str] | None = None):
+    """The picture :func:`draw_overlay` writes, as an RGB Pillow image (same arguments, no file).
+
+    Raises:
+        ValueError: malformed pixels, boxes or scores.
+    """
     from PIL import ImageDraw, ImageFont
 
     img = _to_rgb(pixels)
     w, h = img.size
     b = np.asarray(boxes_src, np.float64).reshape(-1, 4) if np.size(boxes_src) else np.zeros((0, 4))
     s = np.asarray(scores, np.float64).reshape(-1)
-    if len(s) != len(b):
-        raise ValueError(f"{len(b)} boxes but {len(s)} scores")
+    if len(s) != len(b) or (names is not None and len(names) != len(b)):
+        raise ValueError(f"{len(b)} boxes but {len(s)} scores" + ("" if names is None else f", {len(names)} names"))
     if not (np.isfinite(b).all() and np.isfinite(s).all()):
         raise ValueError("boxes or scores hold values that are not finite numbers")
     draw = ImageDraw.Draw(img)
@@ -150,7 +171,7 @@ def draw_overlay(pixels: np.ndarray, boxes_src: np.ndarray, scores: np.ndarray, 
         colour = rank_colour(rank)
         x0, y0, x1, y1 = _pixel_rect(b[rank - 1], w, h)
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=1)
-        label = f"#{rank} {s[rank - 1]:.2f}"
+        label = f"{names[rank - 1] if names is not None else f'#{rank}'} {s[rank - 1]:.2f}"
         tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), label, font=font)
         tw, th = tx1 - tx0, ty1 - ty0
         tx = min(max(x0, 0), max(w - tw - 2, 0))
@@ -162,12 +183,7 @@ def draw_overlay(pixels: np.ndarray, boxes_src: np.ndarray, scores: np.ndarray, 
     hx0, hy0, hx1, hy1 = draw.textbbox((0, 0), header, font=font)
     draw.rectangle((0, 0, min(hx1 - hx0 + 3, w - 1), min(hy1 - hy0 + 3, h - 1)), fill=(0, 0, 0))
     draw.text((2 - hx0, 2 - hy0), header, fill=(255, 255, 255), font=font)
-    from PIL.PngImagePlugin import PngInfo
-
-    tag = PngInfo()
-    tag.add_text(OVERLAY_TAG, "drawn by ctmask infer --overlays: not a CT slice")
-    with atomic_path(out) as tmp:  # compress_level 1: 3-4x faster than the default 6 for ~20% more bytes
-        img.save(tmp, format="PNG", compress_level=1, pnginfo=tag)
+    return img
 
 
 def is_overlay(path: str | Path) -> bool:
@@ -206,9 +222,16 @@ def without_overlays(refs: list) -> tuple[list, list]:
     return kept, overlays
 
 
-def write_overlay(folder: str | Path, pred, decoded) -> tuple[str | None, str | None]:
+def shown_detections(pred, top: int) -> list[dict]:
+    """The lesion detections a reader is shown for a slice: its ``top`` highest-scored
+    (:mod:`ctmask.runtime.detections`; none for a record without them)."""
+    return list(pred.detections or [])[: max(top, 0)]
+
+
+def write_overlay(folder: str | Path, pred, decoded, top: int = 5) -> tuple[str | None, str | None]:
     """Draw one predicted slice's overlay PNG into ``folder`` (named after its label, plus a hash
-    of its key so two slices never share a name).
+    of its key so two slices never share a name): its ``top`` lesion detections
+    (:func:`shown_detections`), or its top RoI rows for a prediction without detections.
 
     Returns:
         ``(path, None)``, or ``(None, reason)`` when it could not be written: a failure to draw
@@ -221,9 +244,15 @@ def write_overlay(folder: str | Path, pred, decoded) -> tuple[str | None, str | 
     key = (pred.key or pred.file).encode("utf-8", errors="surrogateescape")
     out = Path(folder) / f"{stem}.{hashlib.sha1(key).hexdigest()[:8]}.png"
     try:
-        scores = [row[0] for row in pred.rois]
-        draw_overlay(decoded.pixels, np.asarray(pred.boxes or [], np.float32).reshape(-1, 4),
-                     np.asarray(scores[: len(pred.boxes or [])], np.float32), pred.class_name, pred.probs, out)
+        if pred.detections is not None:
+            shown = shown_detections(pred, top)
+            draw_overlay(decoded.pixels, np.asarray([d["box"] for d in shown], np.float32).reshape(-1, 4),
+                         np.asarray([d["score"] for d in shown], np.float32), pred.class_name, pred.probs, out,
+                         names=[d["lesion"] for d in shown])
+        else:
+            scores = [row[0] for row in pred.rois]
+            draw_overlay(decoded.pixels, np.asarray(pred.boxes or [], np.float32).reshape(-1, 4),
+                         np.asarray(scores[: len(pred.boxes or [])], np.float32), pred.class_name, pred.probs, out)
     except (OSError, ValueError) as exc:
         return None, (f"overlay not written ({exc.__class__.__name__}: {exc}); the prediction is in the output")
     return str(out), None

@@ -127,6 +127,9 @@ class InferRequest:
             ``keep_pixels`` are set from ``boxes`` and ``overlays``).
         exclude: this run's checked outputs (:func:`ctmask.core.outputs.check_outputs`): what
             an input listing leaves out.
+        dicom_out: folder for the DICOM result objects, per study (SR TID 1500, GSPS;
+            :mod:`ctmask.runtime.dicom_out`), or None; only studies read from DICOM get them.
+        dicom_sc: with ``dicom_out``, also a Secondary Capture of each driving slice's overlay.
     """
 
     model: Path
@@ -140,6 +143,8 @@ class InferRequest:
     study_top_k: int = 5
     predict: PredictOptions = PredictOptions()
     exclude: OutputPaths | None = None
+    dicom_out: Path | None = None
+    dicom_sc: bool = False
 
     @property
     def command(self) -> str:
@@ -156,6 +161,7 @@ class InferSummary:
             run's first, with ``resume``); ``studies``: the study records.
         failures: the inputs and slices skipped, and why.
         resumed: records taken over from the earlier run; ``ray``: Ray's stats, or None.
+        dicom: the DICOM files written per study (``dicom_out``: ``{"study", "sr", "gsps", "sc"}``).
     """
 
     model: Path
@@ -169,6 +175,7 @@ class InferSummary:
     crop: bool
     resumed: int
     ray: dict | None = None
+    dicom: list[dict] | None = None
 
     @property
     def predicted(self) -> int:
@@ -182,6 +189,8 @@ class InferSummary:
                    "crop": self.crop, "resumed": self.resumed}
         if self.ray is not None:
             summary["ray"] = self.ray
+        if self.dicom is not None:
+            summary["dicom"] = self.dicom
         if self.out is None:
             summary["predictions"] = self.records
         return summary
@@ -214,6 +223,10 @@ def run_infer(request: InferRequest, engine: Engine, events: InferEvents = Infer
             ctmask's (``resume``), a model that cannot run; nothing predicted.
     """
     t0 = time.perf_counter()
+    if request.dicom_out is not None:
+        from ctmask.runtime.dicom_out import require_highdicom
+
+        require_highdicom()
     boxes = CropBoxes.from_split(request.boxes) if request.boxes is not None else None
     run = _Run(request, events, dataclasses.replace(request.predict, boxes=boxes,
                                                     keep_pixels=request.overlays is not None))
@@ -226,12 +239,13 @@ def run_infer(request: InferRequest, engine: Engine, events: InferEvents = Infer
         _predict(run, engine, spec, refs)
         described = engine.describe()
     studies = _write_studies(run.records, spec, request.studies, request.study_top_k)
+    dicom = _write_dicom(run, spec, studies) if request.dicom_out is not None else None
     seconds = time.perf_counter() - t0
     if request.report is not None:
         _write_report(run, spec, described, studies, seconds)
     return InferSummary(request.model, described, run.counts, run.records, studies, run.failures, seconds,
                         request.out, bool(spec.crop and not request.predict.uncropped),
-                        0 if run.earlier is None else len(run.earlier.records), engine.stats())
+                        0 if run.earlier is None else len(run.earlier.records), engine.stats(), dicom)
 
 
 def _lock_output(stack: ExitStack, request: InferRequest) -> Resume | None:
@@ -312,7 +326,7 @@ def _take(run: _Run, pred: Prediction, decoded: DecodedSlice | None, writer: Pre
     if overlays is not None and decoded is not None:
         from ctmask.runtime.overlays import write_overlay
 
-        pred.overlay, reason = write_overlay(overlays, pred, decoded)
+        pred.overlay, reason = write_overlay(overlays, pred, decoded, run.options.top_rois)
         if reason is not None:
             run.failures.append(Failure(pred.key or pred.file, reason))
     run.counts[pred.class_name] = run.counts.get(pred.class_name, 0) + 1
@@ -333,6 +347,19 @@ def _write_studies(records: list[dict], spec: GraphSpec, studies: Path | None, t
             for s in aggregated:
                 w.write(s)
     return [s.to_dict() for s in aggregated]
+
+
+def _write_dicom(run: _Run, spec: GraphSpec, studies: list[dict]) -> list[dict]:
+    """The DICOM result objects of every study read from DICOM (a study that cannot get them is a failure)."""
+    from ctmask.runtime.dicom_out import DicomOptions, write_dicom_results
+
+    request = run.request
+    assert request.dicom_out is not None
+    written, failures = write_dicom_results(run.records, studies, spec, request.model,
+                                            DicomOptions(request.dicom_out, request.dicom_sc,
+                                                         run.options.top_rois), run.events.warn)
+    run.failures.extend(failures)
+    return [w.to_dict() for w in written]
 
 
 def _write_report(run: _Run, spec: GraphSpec, described: dict, studies: list[dict], seconds: float) -> None:

@@ -35,7 +35,9 @@ class Prediction:
     ``study`` and ``series``, its ``position`` along the slice normal, how it was rendered
     (``kind``), its pixel ``size`` [H, W], and ``boxes``: the top RoIs' boxes (x1, y1, x2, y2)
     in that slice's own pixel frame, row for row with ``rois``; ``identity`` (written as ``id``)
-    names the slice whatever its path (:func:`ctmask.scans.types.with_identities`).
+    names the slice whatever its path (:func:`ctmask.scans.types.with_identities`);
+    ``detections``: the lesion detections for readers (:mod:`ctmask.runtime.detections`),
+    ``{"box", "score", "lesion"}`` each, boxes in the slice's own pixel frame, highest score first.
     """
 
     file: str
@@ -55,13 +57,14 @@ class Prediction:
     size: list[int] | None = None
     overlay: str | None = None
     identity: str | None = None
+    detections: list[dict] | None = None
 
     def to_dict(self) -> dict:
         d = {"file": self.file, "class": self.class_name, "class_index": self.class_index,
              "probs": self.probs, "n_rois": self.n_rois, "top_rois": self.rois}
         renamed = {"boxes": "top_boxes", "identity": "id"}
         for name in ("key", "identity", "label", "study", "series", "position", "frame", "boxes", "kind", "size",
-                     "overlay"):
+                     "overlay", "detections"):
             value = getattr(self, name)
             if value is not None:
                 d[renamed.get(name, name)] = value

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ctmask.core.errors import ConfigError, ModelError
-from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
+from ctmask.core.spec import INPUT, GraphSpec
 
 
 class Runner(abc.ABC):
@@ -51,7 +51,7 @@ class Runner(abc.ABC):
 
         Returns:
             ``{"rois": [B, N, 5], "logits": [B, 3], "probs": [B, 3], "boxes": [B, N, 4]}``
-            (:data:`ctmask.core.spec.OUTPUTS`), float32.
+            (:data:`ctmask.core.spec.OUTPUTS`; ``labels`` [B, N] too where the graph has it), float32.
         """
         if not self.is_active:
             raise RuntimeError(f"{self.name}: call activate() before infer()")
@@ -144,9 +144,9 @@ class OnnxRuntimeRunner(Runner):
             raise ModelError(f"not a loadable ONNX model ({first})", self.path) from None
         spec = GraphSpec.from_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         names = [o.name for o in self.session.get_outputs()]
-        if [i.name for i in self.session.get_inputs()] != [INPUT] or names != list(OUTPUTS):
+        if [i.name for i in self.session.get_inputs()] != [INPUT] or names != list(spec.outputs):
             raise ModelError(f"graph inputs/outputs are {[i.name for i in self.session.get_inputs()]} -> {names}, "
-                             f"expected [{INPUT!r}] -> {list(OUTPUTS)}", self.path)
+                             f"expected [{INPUT!r}] -> {list(spec.outputs)}", self.path)
         types = {t.name: t.type for t in (*self.session.get_inputs(), *self.session.get_outputs())}
         wrong = {k: v for k, v in types.items() if v != "tensor(float)"}
         if wrong:
@@ -156,8 +156,8 @@ class OnnxRuntimeRunner(Runner):
         return spec
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(list(OUTPUTS), {INPUT: feed[INPUT]})
-        return dict(zip(OUTPUTS, values))
+        values = self.session.run(list(self.spec.outputs), {INPUT: feed[INPUT]})
+        return dict(zip(self.spec.outputs, values))
 
     def deactivate_impl(self) -> None:
         self.session = None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ctmask.core.errors import CtmaskWarning, EngineError
-from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
+from ctmask.core.spec import INPUT, GraphSpec
 from ctmask.runtime.runner import Runner
 from ctmask.trt.build import check_io
 from ctmask.trt.engine import EngineInfo, check_compatible, check_plan, read_sidecar
@@ -106,7 +106,7 @@ class TensorRTRunner(Runner):
         if context is None or info is None:
             raise RuntimeError(f"{self.name}: not active")
         images = feed[INPUT]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUTS}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in self.spec.outputs}
         per_in = int(np.prod(images.shape[1:])) * 4
         for start, stop, run in info.profile.chunks(images.shape[0]):
             host_in = self._buffers[INPUT].host
@@ -118,11 +118,11 @@ class TensorRTRunner(Runner):
             self._cuda.upload(self._buffers[INPUT], run * per_in)
             if not context.execute_async_v3(self._cuda.stream_handle):
                 raise EngineError("TensorRT execution failed (execute_async_v3 returned False)", self.path)
-            for name in OUTPUTS:
+            for name in self.spec.outputs:
                 buf = self._buffers[name]
                 self._cuda.download(buf, run * int(np.prod(buf.host.shape[1:])) * 4)
             self._cuda.synchronize()
-            for name in OUTPUTS:
+            for name in self.spec.outputs:
                 parts[name].append(np.array(self._buffers[name].host[: stop - start], copy=True))
         return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
 

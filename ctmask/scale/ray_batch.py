@@ -434,7 +434,7 @@ class ChunkPredictor:
                     folder, given = self.overlays
                     for pred, decoded in zip(preds, loaded.decoded):
                         if decoded is not None:
-                            written, reason = write_overlay(folder, pred, decoded)
+                            written, reason = write_overlay(folder, pred, decoded, self.top_rois)
                             pred.overlay = None if written is None else str(Path(given) / Path(written).name)
                             if reason is not None:
                                 failures.append(Failure(pred.key or pred.file, reason))

@@ -14,7 +14,7 @@ from ctmask.core.errors import CtmaskError, DataError, Finding
 from ctmask.core.fileio import sha256_file
 from ctmask.core.graphs import spec_of
 from ctmask.core.spec import FORMAT as GRAPH_FORMAT
-from ctmask.core.spec import GraphSpec
+from ctmask.core.spec import UNLABELLED_FORMAT, GraphSpec
 from ctmask.scale.triton_schema import (
     CONFIG,
     LABELS,
@@ -565,11 +565,13 @@ def _check_plan_config(config: mc.ModelConfig, label_lines: list[str] | None, re
     """A plan cannot be read here: its config is checked against the ctmask contract its
     parameters record (input size, N; the classes of its labels) and each version's batch profile."""
     params = {k: v.string_value for k, v in config.parameters.items()}
-    if params.get("ctmask.format") != GRAPH_FORMAT:
-        add(f"parameter ctmask.format is {params.get('ctmask.format')!r}, this ctmask writes {GRAPH_FORMAT!r}")
+    fmt = params.get("ctmask.format")
+    if fmt not in (GRAPH_FORMAT, UNLABELLED_FORMAT):  # an engine of an unlabelled graph: no labels output
+        add(f"parameter ctmask.format is {fmt!r}, this ctmask writes {GRAPH_FORMAT!r} (and reads "
+            f"{UNLABELLED_FORMAT!r})")
     try:
         spec = GraphSpec(preset=params["ctmask.preset"], image_size=int(params["ctmask.input_size"]),
-                         n_rois=int(params["ctmask.n_rois"]),
+                         n_rois=int(params["ctmask.n_rois"]), labels=fmt != UNLABELLED_FORMAT,
                          **({"class_names": tuple(label_lines)} if label_lines else {}))
     except (KeyError, ValueError) as exc:
         add(f"tensorrt_plan config without a readable ctmask contract in its parameters ({exc.__class__.__name__}: "

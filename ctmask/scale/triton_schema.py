@@ -37,7 +37,7 @@ import onnx
 
 from ctmask.core.errors import ConfigError
 from ctmask.core.spec import FORMAT as GRAPH_FORMAT
-from ctmask.core.spec import INPUT, GraphSpec
+from ctmask.core.spec import INPUT, UNLABELLED_FORMAT, GraphSpec
 
 try:
     from google.protobuf import text_format
@@ -131,7 +131,8 @@ def join_dims(dims) -> str:
 
 
 def contract_params(spec: GraphSpec) -> dict[str, str]:
-    return {"ctmask.format": GRAPH_FORMAT, "ctmask.preset": spec.preset, "ctmask.input_size": str(spec.image_size),
+    return {"ctmask.format": GRAPH_FORMAT if spec.labels else UNLABELLED_FORMAT, "ctmask.preset": spec.preset,
+            "ctmask.input_size": str(spec.image_size),
             "ctmask.n_rois": str(spec.n_rois), "ctmask.preprocess": json.dumps(spec.preprocessing.to_dict())}
 
 

@@ -21,7 +21,7 @@ import onnx
 from ctmask.core.errors import ConfigError, DataError, ModelError
 from ctmask.core.fileio import fsync_dir, fsync_file, sha256_file, write_text_atomic
 from ctmask.core.graphs import spec_of
-from ctmask.core.spec import INPUT, OUTPUTS
+from ctmask.core.spec import INPUT
 from ctmask.scale.triton_schema import (
     CONFIG,
     CONTRACT_KEYS,
@@ -97,7 +97,7 @@ def _graph_model(name: str, graph: Path) -> _Model:
         raise ModelError("graph's declared shapes disagree with its ctmask spec; not packaged:\n  - "
                          + "\n  - ".join(problems), graph)
     inputs, outputs = onnx_io(proto)
-    order = [INPUT, *OUTPUTS]
+    order = [INPUT, *spec.outputs]
     to_triton = {n: [-1 if is_batch(d) else int(d) for d in dims[1:]]  # type: ignore[index]
                  for n, (_, dims) in {**inputs, **outputs}.items()}
     return _Model(
@@ -125,7 +125,7 @@ def _engine_model(name: str, engine: Path) -> _Model:
     p = info.profile
     return _Model(
         name=name, platform=PLAN_PLATFORM, source=engine, sha256=info.plan_sha256, inputs=inputs,
-        outputs={n: outputs[n] for n in OUTPUTS}, class_names=spec.class_names, contract=contract_params(spec),
+        outputs={n: outputs[n] for n in spec.outputs}, class_names=spec.class_names, contract=contract_params(spec),
         version_meta={"precision": spec.precision, "ctmask_version": info.ctmask_version,
                       "weights_sha256": spec.weights_sha256, "source": engine.name,
                       "tensorrt_version": info.tensorrt_version, "gpu": info.gpu_name,

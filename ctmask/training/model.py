@@ -25,7 +25,8 @@ class CovidCTMaskNet(nn.Module):
     """Detector (always in inference mode) + ranked RoI module + classifier head (``preset.head``).
 
     ``forward(images [B, 1, S, S] in [0, 1]) -> (rois [B, N, 5], logits [B, 3])``; with
-    ``with_boxes=True`` (the exported graph) also the rows' decoded boxes [B, N, 4].
+    ``with_boxes=True`` also the rows' decoded boxes [B, N, 4], and with ``with_labels=True`` (the
+    exported graph) their lesion class ids [B, N].
     """
 
     def __init__(self, preset: Preset, detector: MaskRCNN | None = None):
@@ -41,10 +42,13 @@ class CovidCTMaskNet(nn.Module):
         self.detector.eval()
         return self
 
-    def forward(self, images: Tensor, with_boxes: bool = False) -> tuple[Tensor, ...]:
+    def forward(self, images: Tensor, with_boxes: bool = False, with_labels: bool = False) -> tuple[Tensor, ...]:
         if not with_boxes:
             rois = self.ranker(images)
             return rois, self.classifier(rois)
+        if with_labels:
+            rois, boxes, labels = self.ranker(images, with_boxes=True, with_labels=True)
+            return rois, self.classifier(rois), boxes, labels
         rois, boxes = self.ranker(images, with_boxes=True)
         return rois, self.classifier(rois), boxes
 

@@ -181,8 +181,8 @@ class RankedRoIs(nn.Module):
         moved = torch.cat([rois[:, :1], boxes], -1)
         return roi_align(canvas, moved, (7, 7), spatial_scale=1.0, sampling_ratio=2, aligned=False)
 
-    def forward(self, images: Tensor, n_rows: int | None = None,
-                with_boxes: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, n_rows: int | None = None, with_boxes: bool = False,
+                with_labels: bool = False) -> Tensor | tuple[Tensor, ...]:
         """Ranked RoIs of a batch.
 
         Args:
@@ -191,11 +191,14 @@ class RankedRoIs(nn.Module):
                 more than N, so a candidate that another backend ranks into the last
                 rows can be matched to the reference candidate it really is.
             with_boxes: also return the decoded box of every row.
+            with_labels: (with ``with_boxes``) also return every row's lesion class id.
 
         Returns:
             float32 [B, n_rows, 5] rows ``(score, dx, dy, dw, dh)``, highest score first,
             zero rows as padding; with ``with_boxes``, also float32 [B, n_rows, 4] ``(x1, y1, x2,
-            y2)`` in input pixels, clipped to [0, S], same rows, zeros for padding.
+            y2)`` in input pixels, clipped to [0, S], same rows, zeros for padding; with
+            ``with_labels``, also float32 [B, n_rows] each row's detector class id (1 GGO, 2
+            consolidation; 0 for padding).
         """
         p = self.preset
         n_rows = n_rows or p.n_rois
@@ -237,4 +240,13 @@ class RankedRoIs(nn.Module):
         if m < n_rows:
             decoded = torch.cat([decoded, decoded.new_zeros(b, n_rows - m, 4)], 1)
         located = gather_rows(decoded, top.indices)
-        return rows, torch.where(real, located, torch.zeros_like(located))
+        located = torch.where(real, located, torch.zeros_like(located))
+        if not with_labels:
+            return rows, located
+        # Candidate c is (proposal c // n_fg, class c % n_fg + 1): its class id read from a
+        # constant by the rows' indices (a Gather, no integer arithmetic in the graph).
+        ids = torch.arange(1, n_fg + 1, device=images.device, dtype=rows.dtype).repeat(n_prop)
+        if m < n_rows:
+            ids = torch.cat([ids, ids.new_zeros(n_rows - m)])
+        labels = gather_rows(ids.view(1, -1, 1).expand(b, -1, 1), top.indices).squeeze(-1)
+        return rows, located, torch.where(real.squeeze(-1), labels, torch.zeros_like(labels))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from ctmask.core.errors import ConfigError, EngineError
 from ctmask.core.fileio import sha256_file, write_bytes_atomic
-from ctmask.core.spec import INPUT, OUTPUTS, GraphSpec
+from ctmask.core.spec import INPUT, GraphSpec
 from ctmask.trt.api import ApiPlan, init_plugins, make_logger, require_tensorrt
 from ctmask.trt.engine import BatchProfile, EngineInfo, plan_sha256, write_engine
 
@@ -107,9 +107,9 @@ def check_io(engine: trt.ICudaEngine, spec: GraphSpec, path: Path) -> None:
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    if inputs != [INPUT] or sorted(outputs) != sorted(OUTPUTS):
+    if inputs != [INPUT] or sorted(outputs) != sorted(spec.outputs):
         raise EngineError(f"engine has inputs {inputs} and outputs {outputs}; expected [{INPUT!r}] and "
-                          f"{list(OUTPUTS)}", path)
+                          f"{list(spec.outputs)}", path)
     wrong = {n: str(engine.get_tensor_dtype(n)) for n in names if engine.get_tensor_dtype(n) != trt.DataType.FLOAT}
     if wrong:
         raise EngineError(f"engine inputs/outputs must be float32; found {wrong}", path)
