@@ -2,8 +2,9 @@
 
 A synthetic study of N slices (default 300) is written to disk; then
 
-1. ``ctmask infer MODEL SERIES --out ...`` on the files, timed as a command (wall clock: start,
-   model load, reading, inference, outputs);
+1. ``ctmask infer MODEL SERIES --out ... --dicom-out ...`` on the files (the same result objects
+   the listener sends), timed as a command (wall clock: start, model load, reading, inference,
+   outputs);
 2. a listener (the ``ctmask listen`` machinery, model loaded at start as the command does) with
    a real Orthanc as its destination (tests/orthanc_server.py, started here); the study is sent
    to it by C-STORE (pynetdicom, over loopback) and timed from the first instance received to the
@@ -44,8 +45,11 @@ def main() -> None:
     files = sorted(series.iterdir())
 
     t0 = time.perf_counter()
+    from ctmask.pacs.study import dicom_results_supported
+
+    same_outputs = ["--dicom-out", str(work / "files-dicom")] if dicom_results_supported() else []
     done = subprocess.run([sys.executable, "-m", "ctmask", "infer", str(args.model), str(series), "--out",
-                           str(work / "files.jsonl"), "-q", "--json", str(work / "files.json")],
+                           str(work / "files.jsonl"), "-q", "--json", str(work / "files.json"), *same_outputs],
                           capture_output=True, text=True)
     file_wall = time.perf_counter() - t0
     if done.returncode != 0:

@@ -191,8 +191,9 @@ def test_infer_dicomweb_predicts_the_ct_series_as_files_and_refuses_the_others(p
     assert any("localizer" in v for v in skipped.values()), skipped
     _same_calls(run["predictions"], _file_records(small_onnx, root / p["series_folder"]))
     assert run["results"]["pending"] == 0 and "stored in " + pacs.dicomweb in r.output
-    if dicom_results_supported():  # the result objects are in the study, once each after a second run
+    if dicom_results_supported():  # the result objects (SR, GSPS) are in the study, once each after a second run
         assert run["results"]["sent"] > 0
+        assert {"SR", "PR"} <= {s.modality for s in _web(pacs).series(p["StudyInstanceUID"])}  # found by QIDO
         before = len(_web(pacs).instances(p["StudyInstanceUID"]))
         assert _cli(*args, env=ENV).exit_code == 1
         assert len(_web(pacs).instances(p["StudyInstanceUID"])) == before
@@ -264,6 +265,7 @@ def test_listen_predicts_a_study_orthanc_sends_as_files_and_refuses_other_aes(pa
     _same_calls(records, _file_records(small_onnx, root / p["series_folder"]))
     if dicom_results_supported():
         assert log.results > 0 and not list((tmp_path / "work" / "spool").rglob("*.dcm"))
+        assert {"SR", "PR"} <= {s.modality for s in _web(pacs).series(p["StudyInstanceUID"])}  # found by QIDO
 
 
 @pytest.mark.skipif(not dicom_results_supported(), reason="needs the DICOM result objects (infer --dicom-out, "
