@@ -134,7 +134,7 @@ def test_parity_passes_on_the_exported_graph(cls_ckpt, small_onnx, synth_dir, tm
     report = json.loads(out.read_text())
     assert report["passed"] and report["n_images"] == 24 and report["argmax_agreement"] == 1.0
     outs = report["outputs"]
-    assert set(outs) == {"rois.score", "rois.deltas", "rois.order", "boxes", "logits", "probs", "s.logits",
+    assert set(outs) == {"rois.score", "rois.deltas", "rois.order", "boxes", "labels", "logits", "probs", "s.logits",
                          "probs.softmax"}
     assert outs["logits"]["max_abs"] <= 1e-3 and outs["rois.score"]["max_abs"] <= 1e-4
     for r in outs.values():
