@@ -35,37 +35,25 @@ SEED ?= 0
 accuracy: install
 	scripts/train_eval.sh runs/accuracy 2500 6 100 $(SEED)
 
-# tests/test_report.py opens the HTML report in headless Chromium (it skips without one): install
-# Debian's chromium when none is on PATH, where apt-get is available and we are root.
-.PHONY: chromium
-chromium:
-	@command -v chromium >/dev/null || \
+# Debian packages that some tests use; each of those tests skips, saying why, where its package is
+# missing. chromium: tests/test_report.py opens the HTML report in headless Chromium. orthanc and
+# orthanc-dicomweb: tests/test_pacs.py runs a real PACS (started by the tests on free loopback ports;
+# the package's own service is not used). dicom3tools: dciodvfy, the DICOM validator
+# tests/test_dicom_out.py runs on every object `infer --dicom-out` writes. `make test` installs the
+# missing ones in one apt-get run, where apt-get is available and we are root.
+ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+.PHONY: test-packages chromium orthanc dicom3tools
+test-packages:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	{ command -v Orthanc >/dev/null && [ -e $(ORTHANC_DICOMWEB) ]; } || missing="$$missing orthanc orthanc-dicomweb"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	[ -z "$$missing" ] || \
 	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-	  echo "warning: chromium not installed (needs apt-get and root): tests/test_report.py will skip"
-test: chromium
-
-# tests/test_pacs*.py run a real PACS (Orthanc and its DICOMweb plugin; they skip without one):
-# install Debian's packages when Orthanc is not on PATH, where apt-get is available and we are root.
-# The Debian package's own service is not used: the tests start Orthanc on free loopback ports.
-.PHONY: orthanc
-orthanc:
-	@command -v Orthanc >/dev/null && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
-	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb \
-	   >/dev/null) || \
-	  echo "warning: orthanc not installed (needs apt-get and root): tests/test_pacs*.py will skip"
-test: orthanc
-
-# Debian's dicom3tools (dciodvfy, the DICOM validator tests/test_dicom_out.py runs on every object
-# infer --dicom-out writes) when none is on PATH, where apt-get is available and we are root.
-.PHONY: dicom3tools
-dicom3tools:
-	@command -v dciodvfy >/dev/null || \
-	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null) || \
-	  echo "warning: dicom3tools not installed (needs apt-get and root): the dciodvfy tests of tests/test_dicom_out.py will skip"
-test: dicom3tools
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || \
+	  echo "warning: could not install$$missing (needs apt-get and root): the tests that use them will skip"
+chromium orthanc dicom3tools: test-packages
+test: test-packages
 
 # pytest-xdist workers: one per core (at most 4: each test module's fixtures are made per worker).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
