@@ -138,7 +138,8 @@ def test_spec_metadata_round_trip():
             "ctmask.window", "ctmask.checkpoint_sha256"} <= set(meta)
     back = GraphSpec.from_metadata(meta, "m.onnx")
     assert back == spec
-    assert back.output_shapes(4) == {"rois": (4, 256, 5), "logits": (4, 3), "probs": (4, 3), "boxes": (4, 256, 4)}
+    assert back.output_shapes(4) == {"rois": (4, 256, 5), "logits": (4, 3), "probs": (4, 3), "boxes": (4, 256, 4),
+                                     "labels": (4, 256)}
     assert GraphSpec.for_preset(SMALL).input_shape() == ("batch", 1, 192, 192)
 
 

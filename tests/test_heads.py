@@ -146,7 +146,7 @@ def test_pooled_head_is_recorded_in_checkpoint_and_graph(pooled_run, pooled_grap
     with OnnxRuntimeRunner(pooled_graph) as r:
         out = r.infer({"images": np.zeros((2, 1, 192, 192), np.float32)})
     assert {k: v.shape for k, v in out.items()} == {"rois": (2, 64, 5), "logits": (2, 3), "probs": (2, 3),
-                                                      "boxes": (2, 64, 4)}
+                                                      "boxes": (2, 64, 4), "labels": (2, 64)}
 
 
 def test_pooled_graph_passes_parity_and_reports_its_noise_floor(pooled_run, pooled_graph, synth_dir):
