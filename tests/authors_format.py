@@ -79,3 +79,38 @@ def write_authors_file(path: Path, model: CovidCTMaskNet, kind: str, legacy: boo
                 sys.modules.pop(m, None)
             else:
                 sys.modules[m] = v
+
+
+def write_crafted_legacy(path: Path, obj: object, numel: dict[int, int] | None = None,
+                         unlisted: tuple[int, ...] = (), module_record: object = None) -> None:
+    """``obj`` in torch's legacy format, written here record by record so that a test can lie in it:
+    ``numel`` maps a storage's ``data_ptr()`` to the element count its record declares, ``unlisted``
+    storages are left out of the storage list (and their bytes out of the file), and
+    ``module_record`` (when given) is what every ``nn.Module`` class's record names instead."""
+    import io
+    import pickle
+    import struct
+
+    numel, storages = numel or {}, {}
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o: object) -> tuple | None:
+            if isinstance(o, type) and issubclass(o, torch.nn.Module):
+                return ("module", o if module_record is None else module_record, None, None)
+            if isinstance(o, torch.storage.TypedStorage):
+                key = str(o._untyped_storage._cdata)
+                storages.setdefault(key, o)
+                return ("storage", getattr(torch, o._pickle_storage_type()), key, "cpu",
+                        numel.get(o._untyped_storage.data_ptr(), o._size()), None)
+            return None
+
+    out = io.BytesIO()
+    for header in (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION,
+                   {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(header, out, protocol=2)
+    Pickler(out, protocol=2).dump(obj)
+    listed = [k for k, s in storages.items() if s._untyped_storage.data_ptr() not in unlisted]
+    pickle.dump(listed, out, protocol=2)
+    for k in listed:
+        out.write(struct.pack("<q", storages[k]._size()) + bytes(storages[k]._untyped_storage))
+    path.write_bytes(out.getvalue())

@@ -8,6 +8,7 @@ pickled object of a class in a module named like the authors'). That throwaway m
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 from pathlib import Path
@@ -175,3 +176,42 @@ def test_cli_imports_a_segmentation_file_for_train_cls(tmp_path, r18_file):
                        r18_file[1].detector.roi_heads.mask_head[0][0].weight)
     res = CliRunner().invoke(app, ["import-reference", str(r18_file[0]), "--out", str(out)])
     assert res.exit_code != 0 and "--mask-type" in res.output and "Traceback" not in res.output
+
+
+def test_declared_storage_sizes_are_checked_before_torch_allocates(tmp_path):
+    """torch's legacy reader allocates each storage at its declared size before reading it, and fills
+    only the listed ones: a small file declaring terabytes, or a storage it never fills (uninitialised
+    memory imported as weights, a gigabyte checkpoint from a kilobyte file), is refused first."""
+    from authors_format import write_crafted_legacy
+
+    t = torch.arange(6.0)
+    ptr = t.untyped_storage().data_ptr()
+    ok = tmp_path / "ok.pth"
+    write_crafted_legacy(ok, {"model_weights": {"a": t}})
+    assert torch.equal(read_reference(ok)["model_weights"]["a"], t)  # the writer is torch's format
+    for name, kw, message in (
+            ("huge.pth", {"numel": {ptr: 10**12}}, r"storages of 4,000,000,000,000 bytes"),
+            ("bomb.pth", {"numel": {ptr: 10**12}, "unlisted": (ptr,)}, "nothing allocated"),
+            ("unfilled.pth", {"unlisted": (ptr,)}, "declared but not in the file's storage list"),
+            ("module.pth", {"module_record": collections.OrderedDict}, "nn.Module record of a class other than")):
+        path = tmp_path / name
+        write_crafted_legacy(path, {"model_weights": {"a": t}, "anchor_generator": torch.nn.Identity()}
+                             if name == "module.pth" else {"model_weights": {"a": t}}, **kw)
+        with pytest.raises(CheckpointError, match=message) as exc:
+            read_reference(path)
+        assert str(exc.value).startswith(f"{path}: refused: the file declares")
+
+
+def test_a_compressed_zip_is_refused_before_it_is_unpacked(tmp_path):
+    """torch reads deflated records too: a 200 kB archive can unpack to 200 MB (or 16 GB from 16 MB)."""
+    import zipfile
+
+    plain, packed = tmp_path / "plain.pth", tmp_path / "packed.pth"
+    torch.save({"model_weights": {"a": torch.zeros(1_000_000)}}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert torch.load(packed, weights_only=True)["model_weights"]["a"].numel() == 1_000_000  # torch unpacks it
+    assert read_reference(plain)["model_weights"]["a"].numel() == 1_000_000
+    with pytest.raises(CheckpointError, match=r"unpacks to 4,000,\d+ bytes from [\d,]+ .*nothing unpacked"):
+        read_reference(packed)

@@ -17,7 +17,10 @@ same short allow-list (:data:`ALLOWED`: the tensor rebuild function, ``OrderedDi
 documentation describes under "Restricting Globals". In both paths the reference's two
 anchor-generator classes (:data:`ANCHOR_CLASSES`) resolve to :class:`RecordedAnchors`, which
 keeps ``sizes`` and ``aspect_ratios`` and drops the rest of the pickled module; any other Python
-object in the file is refused by name, before anything calls it.
+object in the file is refused by name, before anything calls it. Nor does a file allocate more than
+its size: a legacy file's storage records are checked before torch's reader allocates them
+(:class:`_LegacyGuard`), and a zip whose records unpack to more than the file (torch stores them
+uncompressed) is refused before it is opened by torch.
 
 What the file tells (:func:`infer_preset`): backbone (block type and blocks per stage),
 truncation (the stages present), one-level or four-level FPN, FPN / box-head / mask-head widths,
@@ -130,25 +133,98 @@ class _AllowListUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {full}")
 
 
-_ALLOW_LIST_PICKLE = types.SimpleNamespace(
-    __name__="ctmask_allow_list_pickle", Unpickler=_AllowListUnpickler, UnpicklingError=pickle.UnpicklingError,
-    load=lambda f, **kw: _AllowListUnpickler(f, **kw).load())
-"""A ``pickle_module`` for ``torch.load``: its legacy reader subclasses ``Unpickler`` (resolving storage
-types itself and handing other names to :meth:`_AllowListUnpickler.find_class`) and calls ``load`` for
-the header."""
+class _Refused(Exception):
+    """The file declares something a reference checkpoint never holds (raised before torch acts on it)."""
+
+
+class _LegacyGuard:
+    """Checks a legacy-format file's storage records before torch's legacy reader acts on them.
+
+    That reader allocates each storage at the size its persistent id declares, before reading the
+    storage's bytes, and fills only the storages the file's key list names: a few bytes could
+    declare terabytes, or a storage the file never fills (uninitialised memory imported as
+    weights). A legacy file holds every storage's bytes, so the declared storages may not add up
+    to more than the file's size, and each must be in the key list (checked after the load).
+    """
+
+    def __init__(self, size: int):
+        self.size, self.declared, self.loads = size, {}, []
+
+    def check(self, saved_id: Any) -> None:
+        if not isinstance(saved_id, tuple) or not saved_id:
+            raise _Refused(f"a persistent id {str(saved_id)[:80]!r} that is none of torch's")
+        typename = saved_id[0].decode("ascii", "replace") if isinstance(saved_id[0], bytes) else saved_id[0]
+        if typename == "module":
+            if len(saved_id) < 2 or saved_id[1] is not RecordedAnchors:
+                raise _Refused("an nn.Module record of a class other than the reference's anchor generator")
+            return
+        if typename != "storage" or len(saved_id) != 6:
+            raise _Refused(f"a persistent id {str(saved_id)[:80]!r} that is none of torch's")
+        storage_type, key, numel = saved_id[1], saved_id[2], saved_id[4]
+        dtype = getattr(storage_type, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or type(numel) is not int or numel < 0:
+            raise _Refused(f"a storage record {str(saved_id[1:])[:120]} that is none of torch's")
+        if key not in self.declared:
+            self.declared[key] = numel * torch._utils._element_size(dtype)
+            total = sum(self.declared.values())
+            if total > self.size:
+                raise _Refused(f"storages of {total:,} bytes or more in a file of {self.size:,} bytes (a legacy "
+                               "file holds every storage's bytes): a damaged or crafted file; nothing allocated")
+
+    def after(self) -> None:
+        """Every declared storage was read from the file (its key list is the last header pickle)."""
+        listed = self.loads[-1] if self.loads and isinstance(self.loads[-1], list) else []
+        unfilled = sorted(str(k) for k in self.declared if k not in listed)
+        if unfilled:
+            raise _Refused(f"storage(s) {unfilled[:3]} declared but not in the file's storage list: their contents "
+                           "would be uninitialised memory")
+
+
+def _legacy_pickle_module(guard: _LegacyGuard) -> types.SimpleNamespace:
+    """A ``pickle_module`` for ``torch.load``'s legacy reader: it subclasses ``Unpickler`` (resolving storage
+    types itself, handing other names to :meth:`_AllowListUnpickler.find_class`, setting ``persistent_load``
+    before ``load``) and calls ``load`` for the header and the storage key list. ``guard`` sees every
+    persistent id before torch's ``persistent_load`` does."""
+
+    class Unpickler(_AllowListUnpickler):
+        def load(self) -> Any:
+            torch_persistent_load = getattr(self, "persistent_load", None)
+            if torch_persistent_load is not None:
+                def checked(saved_id: Any) -> Any:
+                    guard.check(saved_id)
+                    return torch_persistent_load(saved_id)
+                self.persistent_load = checked
+            return super().load()
+
+    def load(f: Any, **kw: Any) -> Any:
+        guard.loads.append(Unpickler(f, **kw).load())
+        return guard.loads[-1]
+
+    return types.SimpleNamespace(__name__="ctmask_allow_list_pickle", Unpickler=Unpickler,
+                                 UnpicklingError=pickle.UnpicklingError, load=load)
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load`` on the CPU, running nothing from the file (see the module docstring)."""
+    """``torch.load`` on the CPU, running nothing from the file (see the module docstring) and allocating
+    no more than the file's size for its tensors."""
+    size = path.stat().st_size
     if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(i.file_size for i in z.infolist())
+        if unpacked > size:  # torch stores its records uncompressed; a compressed one can be a zip bomb
+            raise _Refused(f"a zip archive that unpacks to {unpacked:,} bytes from {size:,} (torch stores its "
+                           "records uncompressed): not written by torch.save; nothing unpacked")
         targets: list[Any] = [(RecordedAnchors, name) for name in ANCHOR_CLASSES]
         with torch.serialization.safe_globals(targets):
             return torch.load(path, map_location="cpu", weights_only=True)
+    guard = _LegacyGuard(size)
     with warnings.catch_warnings():
         # The legacy record of the anchor class's source differs from the stand-in's, by design.
         warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
-        return torch.load(path, map_location="cpu", pickle_module=_ALLOW_LIST_PICKLE,  # type: ignore[arg-type]
+        blob = torch.load(path, map_location="cpu", pickle_module=_legacy_pickle_module(guard),  # type: ignore[arg-type]
                           weights_only=False)
+    guard.after()
+    return blob
 
 
 def read_reference(path: Path) -> dict:
@@ -162,6 +238,10 @@ def read_reference(path: Path) -> dict:
         raise CheckpointError("file does not exist", path)
     try:
         blob = _torch_load(path)
+    except _Refused as exc:
+        raise CheckpointError(f"refused: the file declares {exc}", path,
+                              hint="the authors' files hold only weights, numbers and the anchor generator: "
+                                   "this one is not one of them, or was altered") from None
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand) ([\w.]+)", str(exc))
         what = found.group(1) if found else (str(exc).strip().splitlines() or ["?"])[0][:200]
