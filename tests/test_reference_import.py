@@ -215,3 +215,30 @@ def test_a_compressed_zip_is_refused_before_it_is_unpacked(tmp_path):
     assert read_reference(plain)["model_weights"]["a"].numel() == 1_000_000
     with pytest.raises(CheckpointError, match=r"unpacks to 4,000,\d+ bytes from [\d,]+ .*nothing unpacked"):
         read_reference(packed)
+
+
+def test_weights_of_another_dtype_or_not_finite_are_refused_by_name(tmp_path, r18_file):
+    """The shapes fit, the values cannot be a model's: int / bool / complex weights, NaN and inf
+    (float64 ones past float32's range too) are refused, each named; float16 imports as float32."""
+
+    def put(key, value):
+        return lambda w: w.__setitem__(key, value(w[key]))
+
+    conv = "backbone.body.conv1.weight"
+    for change, message in (
+            (put(conv, lambda t: t.to(torch.int32)), r"never saves: detector\.backbone\.body\.conv1\.weight \(int32\)"),
+            (put(conv, lambda t: t > 0), r"never saves: detector\.backbone\.body\.conv1\.weight \(bool\)"),
+            (put(conv, lambda t: t.to(torch.complex64)), r"\(complex64\)"),
+            (put("backbone.body.bn1.num_batches_tracked", lambda t: t.float()), r"num_batches_tracked \(float32\)"),
+            (put("rpn.head.cls_logits.bias", lambda t: torch.full_like(t, float("nan"))),
+             r"NaN or infinite \(in float32\): detector\.rpn\.head\.cls_logits\.bias \(30 of 30\)"),
+            (put("rpn.head.cls_logits.bias", lambda t: t.double().index_fill(0, torch.tensor([3]), 1e300)),
+             r"NaN or infinite \(in float32\): detector\.rpn\.head\.cls_logits\.bias \(1 of 30\)")):
+        with pytest.raises(CheckpointError, match=message):
+            import_reference(_altered(r18_file, tmp_path, change), tmp_path / "b.pt", ImportOptions(mask_type="merge"))
+    assert not list(tmp_path.glob("*.pt"))
+    half = _altered(r18_file, tmp_path, put(conv, lambda t: t.half()))
+    import_reference(half, tmp_path / "half.pt", ImportOptions(mask_type="merge"))
+    weight = load_checkpoint(tmp_path / "half.pt").model["backbone.body.conv1.weight"]
+    source = r18_file[1].detector.backbone.body.conv1.weight
+    assert weight.dtype == torch.float32 and torch.equal(weight, source.half().float())

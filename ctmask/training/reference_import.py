@@ -74,6 +74,9 @@ _KEY_RULES: tuple[tuple[str, str], ...] = (
      r"|roi_heads\.box_head\.fc[67]\.(weight|bias)|roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)"
      r"|roi_heads\.mask_predictor\.(conv5_mask|mask_fcn_logits)\.(weight|bias))$", r"\1"),
 )
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+"""The weights' dtypes imported (as float32); any other (integer, bool, complex) is refused by name
+(but ``num_batches_tracked``, int64)."""
 _S_LAYERS = {"fc_scores": 0, "fc_scores_2": 2, "fc_scores_img": 4}
 """``s2new`` (the reference's ``S2Predictor``) -> :class:`~ctmask.training.heads.RoIClassifier`'s ``net`` index."""
 
@@ -401,7 +404,8 @@ def map_weights(weights: dict[str, torch.Tensor], kind: str, preset: Preset, pat
     listed in the second return value.
 
     Raises:
-        CheckpointError: unknown keys, missing keys or shapes that differ, each named.
+        CheckpointError: unknown keys, missing keys or shapes that differ, weights that are not
+            floating point or not finite, each named.
     """
     from ctmask.training.checkpoint import expected_shapes
 
@@ -426,10 +430,25 @@ def map_weights(weights: dict[str, torch.Tensor], kind: str, preset: Preset, pat
         raise CheckpointError("the weights do not fit the model inferred from them: " + "; ".join(problems), path,
                               hint="a file altered or of another model; the reference's keys are torchvision 0.3 "
                                    "Mask R-CNN names with S as s2new")
+    counters = {k for k in mapped if k.endswith(".num_batches_tracked")}  # BatchNorm's step count, int64
+    wrong_type = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in mapped.items()
+                  if v.dtype not in ((torch.int64,) if k in counters else FLOAT_DTYPES)]
+    if wrong_type:
+        raise CheckpointError(f"weights of a type the reference never saves: {', '.join(wrong_type[:5])}"
+                              f"{' ...' if len(wrong_type) > 5 else ''} ({len(wrong_type)})", path,
+                              hint="the reference's weights and BatchNorm statistics are float32, its "
+                                   "num_batches_tracked int64")
+    # float16 / bfloat16 convert exactly, float64 rounded
+    converted = {k: v if k in counters else v.float() for k, v in mapped.items()}
+    non_finite = [f"{k} ({int((~v.isfinite()).sum())} of {v.numel()})" for k, v in converted.items()
+                  if k not in counters and not bool(v.isfinite().all())]
+    if non_finite:
+        raise CheckpointError(f"weights that are NaN or infinite (in float32): {', '.join(non_finite[:5])}"
+                              f"{' ...' if len(non_finite) > 5 else ''} ({len(non_finite)})", path,
+                              hint="a diverged training run or a damaged file: the model's output would be NaN")
     for k in filled:
-        mapped[k] = torch.zeros(expected[k])
-    state = {k[len("detector."):] if kind == "segmentation" else k: v.float() if v.is_floating_point() else v
-             for k, v in mapped.items()}
+        converted[k] = torch.zeros(expected[k])
+    state = {k[len("detector."):] if kind == "segmentation" else k: v for k, v in converted.items()}
     return state, filled
 
 
