@@ -59,6 +59,16 @@ def write_authors_file(path: Path, model: CovidCTMaskNet, kind: str, legacy: boo
     else:  # the reference's classifier is a Faster R-CNN: no mask branch
         state = {k: v for k, v in state.items() if ".roi_heads.mask_" not in k}
     weights = {authors_key(k): v.clone() for k, v in state.items()}
+    blob = {"epoch": "100", "model_name": None, "model_weights": weights, "lrate": 1e-5,
+            "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]}}
+    save_authors_blob(path, blob, kind, tuple([(2, 4, 8, 16, 32)] * 5), tuple([(0.1, 0.25, 0.5, 1, 1.5, 2)] * 5),
+                      legacy)
+
+
+def save_authors_blob(path: Path, blob: dict, kind: str, sizes: object, aspect_ratios: object,
+                      legacy: bool = True) -> None:
+    """``blob`` with ``anchor_generator`` an object of the authors' class holding ``sizes`` and
+    ``aspect_ratios`` (whatever they are), saved as the reference does."""
     name = "models.mask_net." + ("rpn_segmentation" if kind == "segmentation" else "rpn")
     cls = _anchor_module(name)
     saved = {m: sys.modules.get(m) for m in ("models", "models.mask_net", name)}
@@ -66,10 +76,7 @@ def write_authors_file(path: Path, model: CovidCTMaskNet, kind: str, legacy: boo
                         name: sys.modules.get(name) or types.ModuleType(name)})
     sys.modules[name].AnchorGenerator = cls  # type: ignore[attr-defined]
     try:
-        anchors = cls(tuple([(2, 4, 8, 16, 32)] * 5), tuple([(0.1, 0.25, 0.5, 1, 1.5, 2)] * 5))
-        blob = {"epoch": "100", "model_name": None, "model_weights": weights, "lrate": 1e-5,
-                "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]},
-                "anchor_generator": anchors}
+        blob = {**blob, "anchor_generator": cls(sizes, aspect_ratios)}
         with warnings.catch_warnings():  # "Couldn't retrieve source code" of this throwaway class
             warnings.simplefilter("ignore", UserWarning)
             torch.save(blob, path, _use_new_zipfile_serialization=not legacy)

@@ -242,3 +242,34 @@ def test_weights_of_another_dtype_or_not_finite_are_refused_by_name(tmp_path, r1
     weight = load_checkpoint(tmp_path / "half.pt").model["backbone.body.conv1.weight"]
     source = r18_file[1].detector.backbone.body.conv1.weight
     assert weight.dtype == torch.float32 and torch.equal(weight, source.half().float())
+
+
+def test_anchors_that_are_not_the_references_kind_of_number_are_refused(tmp_path, r18_file):
+    """Sizes are positive ints, ratios positive finite numbers: 2.7 was truncated to 2 (and the
+    file imported as the named preset), "2" and True read as numbers, 0, -2 and NaN accepted."""
+    from authors_format import save_authors_blob
+
+    blob = read_reference(r18_file[0])
+    del blob["anchor_generator"]
+    ratios = (0.1, 0.25, 0.5, 1, 1.5, 2)
+    for sizes, aspect in (((2.7, 4, 8, 16, 32), ratios), (("2", 4, 8, 16, 32), ratios), ((True, 4, 8, 16, 32), ratios),
+                          ((0, 4, 8, 16, 32), ratios), ((-2, 4, 8, 16, 32), ratios),
+                          ((2, 4, 8, 16, 32), (float("nan"), 0.25, 0.5, 1, 1.5, 2)),
+                          ((2, 4, 8, 16, 32), (0.1, 0.25, 0.5, 1, 1.5, float("inf")))):
+        path = tmp_path / "anchors.pth"
+        save_authors_blob(path, blob, "segmentation", (sizes,), (aspect,))
+        with pytest.raises(CheckpointError, match="sizes / aspect_ratios are not positive whole numbers"):
+            import_reference(path, tmp_path / "a.pt", ImportOptions(mask_type="merge"))
+    save_authors_blob(path, blob, "segmentation", ((2.0, 4, 8, 16, 32),), (ratios,))  # a whole float is a size
+    summary = import_reference(path, tmp_path / "a.pt", ImportOptions(mask_type="merge"))
+    assert summary["preset"]["name"] == "resnet18-t1"
+
+
+def test_n_rois_and_s_width_below_one_are_refused(tmp_path, r18_file):
+    """--n-rois 0 fell back to the default silently (``or``), -5 made a preset 'resnet18-t1-merge-n-5-s512'."""
+    for opts, message in ((ImportOptions(mask_type="merge", n_rois=0), "--n-rois 0: expected a whole number"),
+                          (ImportOptions(mask_type="merge", n_rois=-5), "--n-rois -5"),
+                          (ImportOptions(mask_type="merge", s_width=0), "--s-width 0")):
+        with pytest.raises(CheckpointError, match=message):
+            import_reference(r18_file[0], tmp_path / "a.pt", opts)
+    assert not (tmp_path / "a.pt").exists()

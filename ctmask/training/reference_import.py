@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import math
 import pickle
 import re
 import types
@@ -298,6 +299,20 @@ def _backbone(weights: dict[str, torch.Tensor], opts: ImportOptions, path: Path)
     return _agree("backbone", found[0], opts.backbone, path), _agree("truncation", 4 - kept, opts.truncation, path)
 
 
+def _anchor_size(v: Any) -> int:
+    """An anchor size as the reference writes it (a positive int); anything else (2.7, "2", True, 0) a ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v <= 0:
+        raise ValueError(v)
+    return int(v)
+
+
+def _aspect_ratio(v: Any) -> float:
+    """An aspect ratio (a positive finite number); anything else (nan, inf, 0, "1", True) a ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(v)
+    return float(v)
+
+
 def _anchors(blob: dict, levels: int, per_location: int, path: Path) -> tuple[tuple, tuple, str]:
     """(anchor sizes, aspect ratios, where they came from), one set shared by the used FPN levels."""
     anchors = blob.get("anchor_generator")
@@ -305,11 +320,12 @@ def _anchors(blob: dict, levels: int, per_location: int, path: Path) -> tuple[tu
         sizes, ratios, source = PAPER.anchor_sizes, PAPER.aspect_ratios, "not in the file: the reference's defaults"
     else:
         try:
-            per_level = [(tuple(int(v) for v in s), tuple(float(v) for v in r))
+            per_level = [(tuple(_anchor_size(v) for v in s), tuple(_aspect_ratio(v) for v in r))
                          for s, r in zip(anchors.sizes, anchors.aspect_ratios)]
         except (TypeError, ValueError):
-            raise CheckpointError(f"the anchor generator's sizes / aspect_ratios are not numbers: "
-                                  f"{anchors.sizes!r} / {anchors.aspect_ratios!r}"[:300], path) from None
+            raise CheckpointError(f"the anchor generator's sizes / aspect_ratios are not positive whole numbers / "
+                                  f"positive finite numbers: {anchors.sizes!r} / {anchors.aspect_ratios!r}"[:300],
+                                  path) from None
         used = per_level[:levels]
         if len(used) < levels or len(set(used)) != 1:
             raise CheckpointError(f"the anchor generator has {len(per_level)} level(s) for {levels} FPN level(s), or "
@@ -329,6 +345,9 @@ def infer_preset(blob: dict, opts: ImportOptions, path: Path) -> tuple[str, Pres
             a value the file cannot tell and no option gives (the 2-class mask type).
     """
     w = blob["model_weights"]
+    for name, value in (("n-rois", opts.n_rois), ("s-width", opts.s_width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"--{name} {value}: expected a whole number of at least 1", path)
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in w:
@@ -364,9 +383,10 @@ def infer_preset(blob: dict, opts: ImportOptions, path: Path) -> tuple[str, Pres
         inferred.update(n_rois=n_rois, s_width=s_width)
         mask_layers, mask_channels = family.mask_head_layers, family.mask_head_channels
     else:
-        n_rois, s_width = opts.n_rois or family.n_rois, opts.s_width or family.classifier_width
-        given.update(n_rois=n_rois if opts.n_rois else f"{n_rois} (default of {family.name})",
-                     s_width=s_width if opts.s_width else f"{s_width} (default of {family.name})")
+        n_rois = family.n_rois if opts.n_rois is None else opts.n_rois
+        s_width = family.classifier_width if opts.s_width is None else opts.s_width
+        given.update(n_rois=n_rois if opts.n_rois is not None else f"{n_rois} (default of {family.name})",
+                     s_width=s_width if opts.s_width is not None else f"{s_width} (default of {family.name})")
         mask_layers = len([k for k in w if re.match(r"^roi_heads\.mask_head\.mask_fcn\d+\.weight$", k)])
         mask_channels = shape("roi_heads.mask_predictor.conv5_mask.weight")[0]
     sizes, ratios, anchor_source = _anchors(blob, levels, shape("rpn.head.cls_logits.weight")[0], path)
