@@ -199,7 +199,8 @@ def test_declared_storage_sizes_are_checked_before_torch_allocates(tmp_path):
                              if name == "module.pth" else {"model_weights": {"a": t}}, **kw)
         with pytest.raises(CheckpointError, match=message) as exc:
             read_reference(path)
-        assert str(exc.value).startswith(f"{path}: refused: the file declares")
+        assert str(exc.value).startswith(f"{path}: " + ("cannot read the file: damaged, truncated" if "numel" in kw
+                                                        else "refused: the file declares"))
 
 
 def test_a_compressed_zip_is_refused_before_it_is_unpacked(tmp_path):
@@ -273,3 +274,18 @@ def test_n_rois_and_s_width_below_one_are_refused(tmp_path, r18_file):
         with pytest.raises(CheckpointError, match=message):
             import_reference(r18_file[0], tmp_path / "a.pt", opts)
     assert not (tmp_path / "a.pt").exists()
+
+
+def test_bytes_that_are_no_pickle_are_damaged_not_refused_as_code(tmp_path, r18_file):
+    """Random bytes, a text file or a pickle cut short were reported as "refused: the file pickles
+    invalid load key, ..., unpickling it could run code"; a folder as "file does not exist"."""
+    data = r18_file[0].read_bytes()
+    cases = {"random.pth": bytes(range(256)) * 20, "notes.pth": b"model weights: see the README\n" * 40,
+             "cut.pth": data[:900]}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match="cannot read the file: damaged, truncated") as exc:
+            read_reference(tmp_path / name)
+        assert "could run code" not in str(exc.value)
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        read_reference(tmp_path)

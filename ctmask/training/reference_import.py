@@ -141,6 +141,10 @@ class _Refused(Exception):
     """The file declares something a reference checkpoint never holds (raised before torch acts on it)."""
 
 
+class _TooShort(Exception):
+    """The file declares more bytes than it has: truncated (or crafted); raised before torch allocates."""
+
+
 class _LegacyGuard:
     """Checks a legacy-format file's storage records before torch's legacy reader acts on them.
 
@@ -172,8 +176,8 @@ class _LegacyGuard:
             self.declared[key] = numel * torch._utils._element_size(dtype)
             total = sum(self.declared.values())
             if total > self.size:
-                raise _Refused(f"storages of {total:,} bytes or more in a file of {self.size:,} bytes (a legacy "
-                               "file holds every storage's bytes): a damaged or crafted file; nothing allocated")
+                raise _TooShort(f"it declares storages of {total:,} bytes or more in a file of {self.size:,} bytes, "
+                                "which a legacy file holds in full; nothing allocated")
 
     def after(self) -> None:
         """Every declared storage was read from the file (its key list is the last header pickle)."""
@@ -231,6 +235,28 @@ def _torch_load(path: Path) -> Any:
     return blob
 
 
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or ["?"])[0][:200]
+
+
+def _refused_by_unpickler(text: str) -> str | None:
+    """What an allow-list refused, from an ``UnpicklingError``'s text; None for a malformed pickle.
+
+    The legacy path's :meth:`_AllowListUnpickler.find_class` says ``Unsupported global: GLOBAL x``;
+    torch's weights-only unpickler (zip path) says that, ``Unsupported operand x`` or, wrapped in its
+    "Weights only load failed" advice, why else it stopped. Any other ``UnpicklingError`` is Python's
+    unpickler on bytes that are no pickle (random bytes, a text file, a truncated pickle).
+    """
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand (\S+)", text)
+    if found:
+        return found.group(1) or found.group(2)
+    if "Weights only load failed" in text:
+        inner = text.split("WeightsUnpickler error: ", 1)[1] if "WeightsUnpickler error: " in text else \
+            text.split("\n\n", 1)[-1]
+        return f"something torch's weights-only reader refuses ({_first_line(inner)})"
+    return None
+
+
 def read_reference(path: Path) -> dict:
     """The file's top-level dict, read without running anything from it.
 
@@ -238,17 +264,26 @@ def read_reference(path: Path) -> dict:
         CheckpointError: missing, unreadable (truncated, not a torch file), a Python object beyond
             tensors, containers and the anchor generator (named), or not a dict with ``model_weights``.
     """
+    if path.is_dir():
+        raise CheckpointError("is a folder, not a checkpoint file", path,
+                              hint="give one of the .pth files the authors' zip unpacks to")
     if not path.is_file():
         raise CheckpointError("file does not exist", path)
     try:
         blob = _torch_load(path)
+    except _TooShort as exc:
+        raise CheckpointError(f"cannot read the file: damaged, truncated or not a torch checkpoint ({exc})", path,
+                              hint="download the authors' zip again and unpack it completely") from None
     except _Refused as exc:
         raise CheckpointError(f"refused: the file declares {exc}", path,
                               hint="the authors' files hold only weights, numbers and the anchor generator: "
                                    "this one is not one of them, or was altered") from None
     except pickle.UnpicklingError as exc:
-        found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand) ([\w.]+)", str(exc))
-        what = found.group(1) if found else (str(exc).strip().splitlines() or ["?"])[0][:200]
+        what = _refused_by_unpickler(str(exc))
+        if what is None:  # Python's unpickler on bytes that are no (whole) pickle: damaged, not refused
+            raise CheckpointError(f"cannot read the file: damaged, truncated or not a torch checkpoint "
+                                  f"(the pickle is malformed: {_first_line(str(exc))})", path,
+                                  hint="download the authors' zip again and unpack it completely") from None
         raise CheckpointError(f"refused: the file pickles {what}, which is neither a tensor nor the reference's "
                               "anchor generator; unpickling it could run code, so it is not read", path,
                               hint="the authors' files hold only weights, numbers and the anchor generator: "
