@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +30,11 @@ def authors_key(key: str) -> str:
     key = re.sub(r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv.", key)
     return re.sub(r"^roi_heads\.mask_head\.(\d+)\.0\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.",
                   key)
+
+
+REFERENCE_SOURCE = ["class AnchorGenerator(nn.Module):\n", '    """\n',
+                    "    Module that generates anchors for a set of feature maps and\n", "    image sizes.\n"]
+"""The start of the reference's ``AnchorGenerator`` source, as the legacy format records it."""
 
 
 def _anchor_module(name: str) -> type:
@@ -75,12 +79,17 @@ def save_authors_blob(path: Path, blob: dict, kind: str, sizes: object, aspect_r
     sys.modules.update({"models": types.ModuleType("models"), "models.mask_net": types.ModuleType("models.mask_net"),
                         name: sys.modules.get(name) or types.ModuleType(name)})
     sys.modules[name].AnchorGenerator = cls  # type: ignore[attr-defined]
+    source = torch.serialization.get_source_lines_and_file
+    # torch 1.1 recorded the class's source with the file (the reference's rpn.py), as torch does for a
+    # class whose source it finds; this throwaway class's source is the reference's first lines.
+    torch.serialization.get_source_lines_and_file = (  # type: ignore[assignment]
+        lambda obj, *a: (REFERENCE_SOURCE, 11, f"/home/authors/COVID-CT-Mask-Net/{name.replace('.', '/')}.py")
+        if obj is cls else source(obj, *a))
     try:
         blob = {**blob, "anchor_generator": cls(sizes, aspect_ratios)}
-        with warnings.catch_warnings():  # "Couldn't retrieve source code" of this throwaway class
-            warnings.simplefilter("ignore", UserWarning)
-            torch.save(blob, path, _use_new_zipfile_serialization=not legacy)
+        torch.save(blob, path, _use_new_zipfile_serialization=not legacy)
     finally:
+        torch.serialization.get_source_lines_and_file = source
         for m, v in saved.items():  # the import must not find the authors' module
             if v is None:
                 sys.modules.pop(m, None)

@@ -289,3 +289,16 @@ def test_bytes_that_are_no_pickle_are_damaged_not_refused_as_code(tmp_path, r18_
         assert "could run code" not in str(exc.value)
     with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
         read_reference(tmp_path)
+
+
+def test_a_file_recording_the_anchor_class_source_imports(tmp_path, r18_file, monkeypatch):
+    """torch 1.1 recorded the anchor class's source (the reference's rpn.py) in every file; torch's
+    legacy reader compares it with the stand-in's and then reads ``dump_patches``, which the stand-in
+    lacked: every real file stopped with "AttributeError: ... 'dump_patches'". No patch file either."""
+    from authors_format import REFERENCE_SOURCE
+
+    monkeypatch.chdir(tmp_path)
+    assert REFERENCE_SOURCE[2].encode() in r18_file[0].read_bytes()  # the source is in the file, as in theirs
+    blob = read_reference(r18_file[0])
+    assert blob["anchor_generator"].sizes[0] == (2, 4, 8, 16, 32)
+    assert not list(tmp_path.iterdir())  # no RecordedAnchors.patch

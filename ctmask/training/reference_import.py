@@ -92,6 +92,11 @@ class RecordedAnchors:
 
     sizes: Any = None
     aspect_ratios: Any = None
+    dump_patches = False
+    """Read by torch's legacy reader when the file's record of the class's source (torch 1.1 saved the
+    reference's ``rpn.py`` source with every file) differs from this class's, as it always does:
+    without it that reader stops with an AttributeError; True would make it write a patch file into
+    the working directory."""
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, dict):
