@@ -302,3 +302,14 @@ def test_a_file_recording_the_anchor_class_source_imports(tmp_path, r18_file, mo
     blob = read_reference(r18_file[0])
     assert blob["anchor_generator"].sizes[0] == (2, 4, 8, 16, 32)
     assert not list(tmp_path.iterdir())  # no RecordedAnchors.patch
+
+
+def test_meta_sparse_and_quantized_tensors_are_refused_by_name(tmp_path):
+    """torch's weights-only reader rebuilds them from a zip-format file; a meta or sparse weight of the
+    right shape stopped the import with a RuntimeError / NotImplementedError traceback."""
+    for name, tensor in (("meta", torch.empty(4, 4, device="meta")), ("sparse_coo", torch.eye(4).to_sparse()),
+                         ("qint8", torch.quantize_per_tensor(torch.eye(4), 0.1, 0, torch.qint8))):
+        path = tmp_path / f"{name}.pth"
+        torch.save({"model_weights": {"rpn.head.conv.weight": tensor}}, path)
+        with pytest.raises(CheckpointError, match=rf"not dense ones with data: \['rpn\.head\.conv\.weight \(.*{name}"):
+            read_reference(path)

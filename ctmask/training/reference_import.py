@@ -304,6 +304,11 @@ def read_reference(path: Path) -> dict:
     bad = [str(k) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"'model_weights' holds entries that are not tensors: {bad[:3]}", path)
+    # torch's weights-only reader (a zip-format file) also rebuilds meta, sparse and quantized tensors
+    odd = [f"{k} ({v.layout}, {v.device}, {v.dtype})".replace("torch.", "") for k, v in weights.items()
+           if v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized]
+    if odd:
+        raise CheckpointError(f"'model_weights' holds tensors that are not dense ones with data: {odd[:3]}", path)
     return blob
 
 
