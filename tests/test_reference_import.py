@@ -192,7 +192,7 @@ def test_declared_storage_sizes_are_checked_before_torch_allocates(tmp_path):
     for name, kw, message in (
             ("huge.pth", {"numel": {ptr: 10**12}}, r"storages of 4,000,000,000,000 bytes"),
             ("bomb.pth", {"numel": {ptr: 10**12}, "unlisted": (ptr,)}, "nothing allocated"),
-            ("unfilled.pth", {"unlisted": (ptr,)}, "declared but not in the file's storage list"),
+            ("unfilled.pth", {"unlisted": (ptr,)}, "that are not in the file's storage list"),
             ("module.pth", {"module_record": collections.OrderedDict}, "nn.Module record of a class other than")):
         path = tmp_path / name
         write_crafted_legacy(path, {"model_weights": {"a": t}, "anchor_generator": torch.nn.Identity()}
@@ -313,3 +313,17 @@ def test_meta_sparse_and_quantized_tensors_are_refused_by_name(tmp_path):
         torch.save({"model_weights": {"rpn.head.conv.weight": tensor}}, path)
         with pytest.raises(CheckpointError, match=rf"not dense ones with data: \['rpn\.head\.conv\.weight \(.*{name}"):
             read_reference(path)
+
+
+def test_an_instruction_the_weights_only_reader_refuses_is_named(tmp_path):
+    """A zip whose pickle uses INST (protocol 0's call-a-class) was refused as "the file pickles 105"."""
+    import zipfile
+
+    plain, crafted = tmp_path / "plain.pth", tmp_path / "inst.pth"
+    torch.save({"a": 1}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, b"(ios\nsystem\n." if info.filename.endswith("data.pkl")
+                         else src.read(info.filename))
+    with pytest.raises(CheckpointError, match=r"pickles the pickle instruction INST \(opcode 105, not run by torch's"):
+        read_reference(crafted)

@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import math
 import pickle
+import pickletools
 import re
 import types
 import warnings
@@ -189,7 +190,7 @@ class _LegacyGuard:
         listed = self.loads[-1] if self.loads and isinstance(self.loads[-1], list) else []
         unfilled = sorted(str(k) for k in self.declared if k not in listed)
         if unfilled:
-            raise _Refused(f"storage(s) {unfilled[:3]} declared but not in the file's storage list: their contents "
+            raise _Refused(f"storage(s) {unfilled[:3]} that are not in the file's storage list: their contents "
                            "would be uninitialised memory")
 
 
@@ -252,9 +253,15 @@ def _refused_by_unpickler(text: str) -> str | None:
     "Weights only load failed" advice, why else it stopped. Any other ``UnpicklingError`` is Python's
     unpickler on bytes that are no pickle (random bytes, a text file, a truncated pickle).
     """
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand (\S+)", text)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if found:
-        return found.group(1) or found.group(2)
+        return found.group(1)
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:  # the opcode's byte value: name it
+        code = int(found.group(1))
+        names = [op.name for op in pickletools.opcodes if code < 256 and op.code == chr(code)]
+        name = names[0] if names else "?"
+        return f"the pickle instruction {name} (opcode {code}, not run by torch's weights-only reader)"
     if "Weights only load failed" in text:
         inner = text.split("WeightsUnpickler error: ", 1)[1] if "WeightsUnpickler error: " in text else \
             text.split("\n\n", 1)[-1]
