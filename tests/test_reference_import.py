@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -327,3 +328,20 @@ def test_an_instruction_the_weights_only_reader_refuses_is_named(tmp_path):
                          else src.read(info.filename))
     with pytest.raises(CheckpointError, match=r"pickles the pickle instruction INST \(opcode 105, not run by torch's"):
         read_reference(crafted)
+
+
+def test_a_shape_of_another_rank_in_a_key_the_model_is_read_from_is_refused(tmp_path, r18_file):
+    """The shapes the model is inferred from were unpacked unchecked: a 1-D s2new.fc_scores.weight
+    stopped with ValueError, a 0-d cls_score.weight with IndexError (tracebacks), and an empty
+    [512, 0] one inferred N = 0 and imported."""
+    blob = read_reference(r18_file[0])
+    weights = {k: v for k, v in blob["model_weights"].items()}
+    for key, value, shown in (("s2new.fc_scores.weight", torch.zeros(512), r"\[512\]"),
+                              ("s2new.fc_scores.weight", torch.zeros(512, 0), r"\[512, 0\]"),
+                              ("roi_heads.box_predictor.cls_score.weight", torch.tensor(1.0), r"\[\]"),
+                              ("rpn.head.cls_logits.weight", torch.zeros(30, 256, 1), r"\[30, 256, 1\]")):
+        path = tmp_path / "rank.pth"
+        torch.save({"model_weights": {**weights, key: value}}, path, _use_new_zipfile_serialization=False)
+        with pytest.raises(CheckpointError, match=rf"{re.escape(key)} is {shown}: the reference's is a \d-dim"):
+            import_reference(path, tmp_path / "a.pt", ImportOptions(mask_type="merge"))
+    assert not (tmp_path / "a.pt").exists()

@@ -401,15 +401,18 @@ def infer_preset(blob: dict, opts: ImportOptions, path: Path) -> tuple[str, Pres
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise CheckpointError(f"--{name} {value}: expected a whole number of at least 1", path)
 
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, ndim: int) -> tuple[int, ...]:
         if key not in w:
             raise CheckpointError(f"missing key {key!r} (every reference checkpoint has it)", path)
+        if w[key].dim() != ndim or 0 in w[key].shape:
+            raise CheckpointError(f"{key} is {list(w[key].shape)}: the reference's is a {ndim}-dimensional tensor "
+                                  "with no empty dimension", path)
         return tuple(w[key].shape)
 
     kind = "classifier" if any(k.startswith("s2new.") for k in w) else "segmentation"
     backbone, truncation = _backbone(w, opts, path)
     levels = len({k.split(".")[3] for k in w if k.startswith("backbone.fpn.inner_blocks.")})
-    n_classes = shape("roi_heads.box_predictor.cls_score.weight")[0]
+    n_classes = shape("roi_heads.box_predictor.cls_score.weight", 2)[0]
     if n_classes == 3:
         mask_type = _agree("mask-type", "both", opts.mask_type, path)
     elif n_classes == 2:
@@ -425,11 +428,11 @@ def infer_preset(blob: dict, opts: ImportOptions, path: Path) -> tuple[str, Pres
                                 "detector_classes": n_classes}
     given: dict[str, Any] = {"mask_type": opts.mask_type} if n_classes == 2 else {}
     fields: dict[str, Any] = {
-        "fpn_channels": shape("backbone.fpn.layer_blocks.0.weight")[0],
-        "box_representation": shape("roi_heads.box_head.fc6.weight")[0],
+        "fpn_channels": shape("backbone.fpn.layer_blocks.0.weight", 4)[0],
+        "box_representation": shape("roi_heads.box_head.fc6.weight", 2)[0],
     }
     if kind == "classifier":
-        f, n5 = shape("s2new.fc_scores.weight")
+        f, n5 = shape("s2new.fc_scores.weight", 2)
         n_rois = _agree("n-rois", n5 // 5, opts.n_rois, path)
         s_width = _agree("s-width", f, opts.s_width, path)
         inferred.update(n_rois=n_rois, s_width=s_width)
@@ -440,8 +443,8 @@ def infer_preset(blob: dict, opts: ImportOptions, path: Path) -> tuple[str, Pres
         given.update(n_rois=n_rois if opts.n_rois is not None else f"{n_rois} (default of {family.name})",
                      s_width=s_width if opts.s_width is not None else f"{s_width} (default of {family.name})")
         mask_layers = len([k for k in w if re.match(r"^roi_heads\.mask_head\.mask_fcn\d+\.weight$", k)])
-        mask_channels = shape("roi_heads.mask_predictor.conv5_mask.weight")[0]
-    sizes, ratios, anchor_source = _anchors(blob, levels, shape("rpn.head.cls_logits.weight")[0], path)
+        mask_channels = shape("roi_heads.mask_predictor.conv5_mask.weight", 4)[0]
+    sizes, ratios, anchor_source = _anchors(blob, levels, shape("rpn.head.cls_logits.weight", 4)[0], path)
     inferred.update(fields, anchors=anchor_source)
     bottleneck, blocks = BACKBONES[backbone]
     preset = dataclasses.replace(
