@@ -345,3 +345,19 @@ def test_a_shape_of_another_rank_in_a_key_the_model_is_read_from_is_refused(tmp_
         with pytest.raises(CheckpointError, match=rf"{re.escape(key)} is {shown}: the reference's is a \d-dim"):
             import_reference(path, tmp_path / "a.pt", ImportOptions(mask_type="merge"))
     assert not (tmp_path / "a.pt").exists()
+
+
+def test_train_cls_takes_the_spelled_out_preset_the_import_printed(tmp_path, r18_file):
+    """docs/authors-models.md: `train-cls seg.pt --preset <the preset the import printed>`; for a model
+    no named preset equals (here --n-rois 64) that name was refused as an unknown preset."""
+    from ctmask.core.errors import ConfigError
+    from ctmask.training.train_cls import init_model, preset_for_init
+
+    out = tmp_path / "seg.pt"
+    name = import_reference(r18_file[0], out, ImportOptions(mask_type="merge", n_rois=64))["preset"]["name"]
+    assert name == "resnet18-t1-merge-n64-s512"
+    preset = preset_for_init(name, out)
+    assert preset.n_rois == 64 and preset_for_init("resnet18-t1", out) == RESNET18_T1
+    assert init_model(preset, out, "heads+bn").model.classifier.net[0].in_features == 64 * 5
+    with pytest.raises(ConfigError, match=r"unknown preset 'resnet18-t1-merge-n65-s512'; .* the init checkpoint's"):
+        preset_for_init("resnet18-t1-merge-n65-s512", out)
