@@ -37,12 +37,22 @@ REFERENCE_SOURCE = ["class AnchorGenerator(nn.Module):\n", '    """\n',
 """The start of the reference's ``AnchorGenerator`` source, as the legacy format records it."""
 
 
+class _Torch11Backend:
+    """torch 1.1's ``nn.Module._backend`` (``THNNFunctionBackend``), pickled as torch 1.1 pickles it."""
+
+    def __reduce__(self):
+        from torch.nn.backends.thnn import _get_thnn_function_backend
+
+        return _get_thnn_function_backend, ()
+
+
 def _anchor_module(name: str) -> type:
     """A module registered as ``name`` holding an nn.Module ``AnchorGenerator`` shaped like the reference's."""
 
     class AnchorGenerator(torch.nn.Module):
         def __init__(self, sizes, aspect_ratios):
             super().__init__()
+            self._backend = _Torch11Backend()  # every torch 1.1 nn.Module held it
             self.sizes, self.aspect_ratios = sizes, aspect_ratios
             self.cell_anchors = [torch.tensor([[-1.0, -1.0, 1.0, 1.0]])]  # set after a forward, as in use
             self._cache = {(torch.Size([32, 32]), (16.0, 16.0)): [torch.zeros(3, 4)]}

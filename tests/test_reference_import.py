@@ -361,3 +361,18 @@ def test_train_cls_takes_the_spelled_out_preset_the_import_printed(tmp_path, r18
     assert init_model(preset, out, "heads+bn").model.classifier.net[0].in_features == 64 * 5
     with pytest.raises(ConfigError, match=r"unknown preset 'resnet18-t1-merge-n65-s512'; .* the init checkpoint's"):
         preset_for_init("resnet18-t1-merge-n65-s512", out)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_torch_1_1_module_backend_in_the_anchor_generator_is_read(tmp_path, r18_file, legacy):
+    """torch 1.1's nn.Module held ``_backend``, pickled as a call of
+    ``torch.nn.backends.thnn._get_thnn_function_backend``: the allow-list refused every real file
+    ("refused: the file pickles torch.nn.backends.thnn._get_thnn_function_backend")."""
+    from authors_format import save_authors_blob
+
+    path = tmp_path / "torch11.pth"
+    blob = read_reference(r18_file[0])
+    save_authors_blob(path, blob, "segmentation", ((2, 4, 8, 16, 32),), ((0.1, 0.25, 0.5, 1, 1.5, 2),), legacy)
+    assert b"_get_thnn_function_backend" in (path.read_bytes() if legacy else
+                                             __import__("zipfile").ZipFile(path).read("torch11/data.pkl"))
+    assert read_reference(path)["anchor_generator"].sizes == ((2, 4, 8, 16, 32),)

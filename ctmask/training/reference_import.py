@@ -13,7 +13,8 @@ and there torch pickles an ``nn.Module`` with a record of its class's source (a 
 persistent id), which ``weights_only=True`` refuses whatever the allow-list. Those are read by
 ``torch.load``'s legacy reader with an unpickler whose ``find_class`` resolves nothing but the
 same short allow-list (:data:`ALLOWED`: the tensor rebuild function, ``OrderedDict``,
-``torch.Size``, ``set``; storage types are resolved by torch itself) -- the restriction the Python
+``torch.Size``, ``set``, a stub for torch 1.1's module backend; storage types are resolved by
+torch itself) -- the restriction the Python
 documentation describes under "Restricting Globals". In both paths the reference's two
 anchor-generator classes (:data:`ANCHOR_CLASSES`) resolve to :class:`RecordedAnchors`, which
 keeps ``sizes`` and ``aspect_ratios`` and drops the rest of the pickled module; any other Python
@@ -124,11 +125,21 @@ class ImportOptions:
     s_width: int | None = None
 
 
+def _no_backend() -> None:
+    """Stands for torch < 1.4's ``torch.nn.backends.thnn._get_thnn_function_backend``: every
+    ``nn.Module`` of torch 1.1 held ``_backend``, which pickles as a call of that function with no
+    arguments (torch keeps a stub returning None for such pickles; so does this)."""
+    return None
+
+
+THNN_BACKEND = "torch.nn.backends.thnn._get_thnn_function_backend"
+
 ALLOWED: dict[str, Any] = {"torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
                            "collections.OrderedDict": collections.OrderedDict, "torch.Size": torch.Size,
-                           "builtins.set": set}
+                           "builtins.set": set, THNN_BACKEND: _no_backend}
 """What a legacy-format file's pickle may name, besides the anchor classes (a state dict, the
-anchor generator's ``__dict__`` with its cached anchors, an optimizer state)."""
+anchor generator's ``__dict__`` with its cached anchors and torch 1.1's ``_backend``, an optimizer
+state)."""
 
 
 class _AllowListUnpickler(pickle.Unpickler):
@@ -228,7 +239,7 @@ def _torch_load(path: Path) -> Any:
         if unpacked > size:  # torch stores its records uncompressed; a compressed one can be a zip bomb
             raise _Refused(f"a zip archive that unpacks to {unpacked:,} bytes from {size:,} (torch stores its "
                            "records uncompressed): not written by torch.save; nothing unpacked")
-        targets: list[Any] = [(RecordedAnchors, name) for name in ANCHOR_CLASSES]
+        targets: list[Any] = [(RecordedAnchors, name) for name in ANCHOR_CLASSES] + [(_no_backend, THNN_BACKEND)]
         with torch.serialization.safe_globals(targets):
             return torch.load(path, map_location="cpu", weights_only=True)
     guard = _LegacyGuard(size)
