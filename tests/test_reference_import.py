@@ -376,3 +376,19 @@ def test_torch_1_1_module_backend_in_the_anchor_generator_is_read(tmp_path, r18_
     assert b"_get_thnn_function_backend" in (path.read_bytes() if legacy else
                                              __import__("zipfile").ZipFile(path).read("torch11/data.pkl"))
     assert read_reference(path)["anchor_generator"].sizes == ((2, 4, 8, 16, 32),)
+
+
+def test_an_epoch_that_is_no_number_is_not_recorded(tmp_path, r18_file):
+    """The epoch was recorded as str(blob["epoch"]): lists nested 5000 deep (10 kB of pickle) stopped
+    the import with a RecursionError traceback."""
+    import struct
+
+    blob = read_reference(r18_file[0])
+    path = tmp_path / "deep.pth"
+    torch.save({**blob, "anchor_generator": None, "epoch": "EPOCHMARK"}, path, _use_new_zipfile_serialization=False)
+    mark = b"X" + struct.pack("<I", 9) + b"EPOCHMARK"
+    assert path.read_bytes().count(mark) == 1
+    path.write_bytes(path.read_bytes().replace(mark, b"(" * 5000 + b"l" * 5000))
+    summary = import_reference(path, tmp_path / "a.pt", ImportOptions(mask_type="merge"))
+    assert summary["source_epoch"] is None
+    assert import_reference(r18_file[0], tmp_path / "b.pt", ImportOptions(mask_type="merge"))["source_epoch"] == "100"

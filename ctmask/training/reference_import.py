@@ -562,10 +562,12 @@ def import_reference(source: str | Path, out: str | Path, opts: ImportOptions | 
     blob = read_reference(source)
     kind, preset, record = infer_preset(blob, opts or ImportOptions(), source)
     state, filled = map_weights(blob["model_weights"], kind, preset, source)
+    epoch = blob.get("epoch")
     summary = {
         "source": str(source), "source_sha256": file_sha256(source), "kind": kind, "preset": preset.to_dict(),
         **record,
-        "source_epoch": str(blob.get("epoch")) if blob.get("epoch") is not None else None,
+        # the reference saves an int; anything else (a nested list that str() recurses into) is not an epoch
+        "source_epoch": str(epoch)[:40] if isinstance(epoch, (int, float, str)) else None,
         "mask_branch": (f"not in the source (a classifier file); {len(filled)} tensors filled with zeros: "
                         "classification never reads them, segmentation output from it is meaningless")
                        if filled else "from the source",
