@@ -392,3 +392,16 @@ def test_an_epoch_that_is_no_number_is_not_recorded(tmp_path, r18_file):
     summary = import_reference(path, tmp_path / "a.pt", ImportOptions(mask_type="merge"))
     assert summary["source_epoch"] is None
     assert import_reference(r18_file[0], tmp_path / "b.pt", ImportOptions(mask_type="merge"))["source_epoch"] == "100"
+
+
+def test_deeply_nested_entries_are_named_without_recursion(tmp_path):
+    """Keys and anchors were put into messages with str() / repr(): a model_weights key of tuples nested
+    5000 deep stopped the import with a RecursionError traceback."""
+    import struct
+
+    path = tmp_path / "deep.pth"
+    torch.save({"model_weights": {"KEYMARK00": torch.zeros(1)}}, path, _use_new_zipfile_serialization=False)
+    mark = b"X" + struct.pack("<I", 9) + b"KEYMARK00"
+    path.write_bytes(path.read_bytes().replace(mark, b"(" * 5000 + b"t" * 5000))
+    with pytest.raises(CheckpointError, match=r"entries that are not tensors: \['\(\(\(\(\(\.\.\.\),\),\),\),\)'\]"):
+        read_reference(path)

@@ -39,6 +39,7 @@ import math
 import pickle
 import pickletools
 import re
+import reprlib
 import types
 import warnings
 import zipfile
@@ -154,6 +155,16 @@ class _AllowListUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {full}")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 4, 80, 80
+
+
+def _short(value: Any) -> str:
+    """A string as is; anything else as a bounded repr (a file's nested containers are no reason for a
+    RecursionError, nor for a message of megabytes)."""
+    return value if isinstance(value, str) and len(value) <= 200 else _REPR.repr(value)
+
+
 class _Refused(Exception):
     """The file declares something a reference checkpoint never holds (raised before torch acts on it)."""
 
@@ -177,18 +188,18 @@ class _LegacyGuard:
 
     def check(self, saved_id: Any) -> None:
         if not isinstance(saved_id, tuple) or not saved_id:
-            raise _Refused(f"a persistent id {str(saved_id)[:80]!r} that is none of torch's")
+            raise _Refused(f"a persistent id {_short(saved_id)} that is none of torch's")
         typename = saved_id[0].decode("ascii", "replace") if isinstance(saved_id[0], bytes) else saved_id[0]
         if typename == "module":
             if len(saved_id) < 2 or saved_id[1] is not RecordedAnchors:
                 raise _Refused("an nn.Module record of a class other than the reference's anchor generator")
             return
         if typename != "storage" or len(saved_id) != 6:
-            raise _Refused(f"a persistent id {str(saved_id)[:80]!r} that is none of torch's")
+            raise _Refused(f"a persistent id {_short(saved_id)} that is none of torch's")
         storage_type, key, numel = saved_id[1], saved_id[2], saved_id[4]
         dtype = getattr(storage_type, "dtype", None)
         if not isinstance(dtype, torch.dtype) or type(numel) is not int or numel < 0:
-            raise _Refused(f"a storage record {str(saved_id[1:])[:120]} that is none of torch's")
+            raise _Refused(f"a storage record {_short(saved_id[1:])} that is none of torch's")
         if key not in self.declared:
             self.declared[key] = numel * torch._utils._element_size(dtype)
             total = sum(self.declared.values())
@@ -199,7 +210,7 @@ class _LegacyGuard:
     def after(self) -> None:
         """Every declared storage was read from the file (its key list is the last header pickle)."""
         listed = self.loads[-1] if self.loads and isinstance(self.loads[-1], list) else []
-        unfilled = sorted(str(k) for k in self.declared if k not in listed)
+        unfilled = sorted(_short(k) for k in self.declared if k not in listed)
         if unfilled:
             raise _Refused(f"storage(s) {unfilled[:3]} that are not in the file's storage list: their contents "
                            "would be uninitialised memory")
@@ -319,7 +330,7 @@ def read_reference(path: Path) -> dict:
     if not isinstance(blob, dict) or not isinstance(blob.get("model_weights"), dict):
         raise CheckpointError("not one of the reference's checkpoints: no 'model_weights' state dict", path)
     weights = blob["model_weights"]
-    bad = [str(k) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    bad = [_short(k) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"'model_weights' holds entries that are not tensors: {bad[:3]}", path)
     # torch's weights-only reader (a zip-format file) also rebuilds meta, sparse and quantized tensors
@@ -387,7 +398,7 @@ def _anchors(blob: dict, levels: int, per_location: int, path: Path) -> tuple[tu
                          for s, r in zip(anchors.sizes, anchors.aspect_ratios)]
         except (TypeError, ValueError):
             raise CheckpointError(f"the anchor generator's sizes / aspect_ratios are not positive whole numbers / "
-                                  f"positive finite numbers: {anchors.sizes!r} / {anchors.aspect_ratios!r}"[:300],
+                                  f"positive finite numbers: {_short(anchors.sizes)} / {_short(anchors.aspect_ratios)}",
                                   path) from None
         used = per_level[:levels]
         if len(used) < levels or len(set(used)) != 1:
@@ -571,8 +582,8 @@ def import_reference(source: str | Path, out: str | Path, opts: ImportOptions | 
         "mask_branch": (f"not in the source (a classifier file); {len(filled)} tensors filled with zeros: "
                         "classification never reads them, segmentation output from it is meaningless")
                        if filled else "from the source",
-        "ignored": sorted(str(k) for k in blob if k not in ("model_weights", "anchor_generator")),
-        "unknown_entries": sorted(str(k) for k in blob if k not in TOP_LEVEL),
+        "ignored": sorted(_short(k) for k in blob if k not in ("model_weights", "anchor_generator")),
+        "unknown_entries": sorted(_short(k) for k in blob if k not in TOP_LEVEL),
     }
     save_checkpoint(out, kind=kind, preset=preset, model=state, config={"import_reference": summary})
     return {**summary, "out": str(out), "lesion_classes": list(MASK_TYPES[preset.mask_type])}
