@@ -236,9 +236,8 @@ def train_cls(
 ) -> None:
     """Train the classifier S on the detector's ranked RoIs."""
     from ctmask.core.errors import ConfigError
-    from ctmask.core.presets import get_preset
     from ctmask.data.covidx import read_split
-    from ctmask.training.train_cls import ClsTrainOptions, train_classifier
+    from ctmask.training.train_cls import ClsTrainOptions, preset_for_init, train_classifier
 
     try:
         scales = tuple(float(v) for v in perturb.split(",") if v.strip())
@@ -251,7 +250,7 @@ def train_cls(
     opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed, scales, consistency, head)
     train = read_split(train_split)
     val = read_split(val_split) if val_split else None
-    summary = train_classifier(get_preset(preset), init, train, val, out, opts, not quiet, roi_cache)
+    summary = train_classifier(preset_for_init(preset, init), init, train, val, out, opts, not quiet, roi_cache)
     last = summary["history"][-1] if summary["history"] else {}
     human_echo(json_out)(f"trained on {summary['n_train']} slices in {summary['seconds']:.0f} s; last epoch: {last}")
     emit_json(summary, json_out)

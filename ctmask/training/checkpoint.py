@@ -445,14 +445,15 @@ def _check_wanted(found: str, ckpt_preset: Preset, kind: str | None, preset: str
     """Refuse a checkpoint of another kind or preset than the caller requires."""
     if kind is not None and found != kind:
         raise CheckpointError(f"expected a {kind} checkpoint, found a {found} checkpoint", path)
-    if preset is not None:
+    if preset is not None and ckpt_preset.name != preset:
+        # An unknown name is refused naming the choices; the checkpoint's own name is accepted even
+        # when no named preset has it (import-reference spells out an authors' model's).
         get_preset(preset)
-        if ckpt_preset.name != preset:
-            raise CheckpointError(
-                f"checkpoint was trained with preset {ckpt_preset.name!r}, but preset {preset!r} was requested",
-                path,
-                hint=f"use --preset {ckpt_preset.name} or a checkpoint of preset {preset!r}",
-            )
+        raise CheckpointError(
+            f"checkpoint was trained with preset {ckpt_preset.name!r}, but preset {preset!r} was requested",
+            path,
+            hint=f"use --preset {ckpt_preset.name} or a checkpoint of preset {preset!r}",
+        )
 
 
 def _verify(blob: dict, key: str, digest: str, path: Path, what: str) -> bool:

@@ -13,11 +13,15 @@ and there torch pickles an ``nn.Module`` with a record of its class's source (a 
 persistent id), which ``weights_only=True`` refuses whatever the allow-list. Those are read by
 ``torch.load``'s legacy reader with an unpickler whose ``find_class`` resolves nothing but the
 same short allow-list (:data:`ALLOWED`: the tensor rebuild function, ``OrderedDict``,
-``torch.Size``, ``set``; storage types are resolved by torch itself) -- the restriction the Python
+``torch.Size``, ``set``, a stub for torch 1.1's module backend; storage types are resolved by
+torch itself) -- the restriction the Python
 documentation describes under "Restricting Globals". In both paths the reference's two
 anchor-generator classes (:data:`ANCHOR_CLASSES`) resolve to :class:`RecordedAnchors`, which
 keeps ``sizes`` and ``aspect_ratios`` and drops the rest of the pickled module; any other Python
-object in the file is refused by name, before anything calls it.
+object in the file is refused by name, before anything calls it. Nor does a file allocate more than
+its size: a legacy file's storage records are checked before torch's reader allocates them
+(:class:`_LegacyGuard`), and a zip whose records unpack to more than the file (torch stores them
+uncompressed) is refused before it is opened by torch.
 
 What the file tells (:func:`infer_preset`): backbone (block type and blocks per stage),
 truncation (the stages present), one-level or four-level FPN, FPN / box-head / mask-head widths,
@@ -31,8 +35,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import math
 import pickle
+import pickletools
 import re
+import reprlib
 import types
 import warnings
 import zipfile
@@ -71,6 +78,9 @@ _KEY_RULES: tuple[tuple[str, str], ...] = (
      r"|roi_heads\.box_head\.fc[67]\.(weight|bias)|roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)"
      r"|roi_heads\.mask_predictor\.(conv5_mask|mask_fcn_logits)\.(weight|bias))$", r"\1"),
 )
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+"""The weights' dtypes imported (as float32); any other (integer, bool, complex) is refused by name
+(but ``num_batches_tracked``, int64)."""
 _S_LAYERS = {"fc_scores": 0, "fc_scores_2": 2, "fc_scores_img": 4}
 """``s2new`` (the reference's ``S2Predictor``) -> :class:`~ctmask.training.heads.RoIClassifier`'s ``net`` index."""
 
@@ -85,6 +95,11 @@ class RecordedAnchors:
 
     sizes: Any = None
     aspect_ratios: Any = None
+    dump_patches = False
+    """Read by torch's legacy reader when the file's record of the class's source (torch 1.1 saved the
+    reference's ``rpn.py`` source with every file) differs from this class's, as it always does:
+    without it that reader stops with an AttributeError; True would make it write a patch file into
+    the working directory."""
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, dict):
@@ -111,11 +126,21 @@ class ImportOptions:
     s_width: int | None = None
 
 
+def _no_backend() -> None:
+    """Stands for torch < 1.4's ``torch.nn.backends.thnn._get_thnn_function_backend``: every
+    ``nn.Module`` of torch 1.1 held ``_backend``, which pickles as a call of that function with no
+    arguments (torch keeps a stub returning None for such pickles; so does this)."""
+    return None
+
+
+THNN_BACKEND = "torch.nn.backends.thnn._get_thnn_function_backend"
+
 ALLOWED: dict[str, Any] = {"torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
                            "collections.OrderedDict": collections.OrderedDict, "torch.Size": torch.Size,
-                           "builtins.set": set}
+                           "builtins.set": set, THNN_BACKEND: _no_backend}
 """What a legacy-format file's pickle may name, besides the anchor classes (a state dict, the
-anchor generator's ``__dict__`` with its cached anchors, an optimizer state)."""
+anchor generator's ``__dict__`` with its cached anchors and torch 1.1's ``_backend``, an optimizer
+state)."""
 
 
 class _AllowListUnpickler(pickle.Unpickler):
@@ -130,25 +155,140 @@ class _AllowListUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {full}")
 
 
-_ALLOW_LIST_PICKLE = types.SimpleNamespace(
-    __name__="ctmask_allow_list_pickle", Unpickler=_AllowListUnpickler, UnpicklingError=pickle.UnpicklingError,
-    load=lambda f, **kw: _AllowListUnpickler(f, **kw).load())
-"""A ``pickle_module`` for ``torch.load``: its legacy reader subclasses ``Unpickler`` (resolving storage
-types itself and handing other names to :meth:`_AllowListUnpickler.find_class`) and calls ``load`` for
-the header."""
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 4, 80, 80
+
+
+def _short(value: Any) -> str:
+    """A string as is; anything else as a bounded repr (a file's nested containers are no reason for a
+    RecursionError, nor for a message of megabytes)."""
+    return value if isinstance(value, str) and len(value) <= 200 else _REPR.repr(value)
+
+
+class _Refused(Exception):
+    """The file declares something a reference checkpoint never holds (raised before torch acts on it)."""
+
+
+class _TooShort(Exception):
+    """The file declares more bytes than it has: truncated (or crafted); raised before torch allocates."""
+
+
+class _LegacyGuard:
+    """Checks a legacy-format file's storage records before torch's legacy reader acts on them.
+
+    That reader allocates each storage at the size its persistent id declares, before reading the
+    storage's bytes, and fills only the storages the file's key list names: a few bytes could
+    declare terabytes, or a storage the file never fills (uninitialised memory imported as
+    weights). A legacy file holds every storage's bytes, so the declared storages may not add up
+    to more than the file's size, and each must be in the key list (checked after the load).
+    """
+
+    def __init__(self, size: int):
+        self.size, self.declared, self.loads = size, {}, []
+
+    def check(self, saved_id: Any) -> None:
+        if not isinstance(saved_id, tuple) or not saved_id:
+            raise _Refused(f"a persistent id {_short(saved_id)} that is none of torch's")
+        typename = saved_id[0].decode("ascii", "replace") if isinstance(saved_id[0], bytes) else saved_id[0]
+        if typename == "module":
+            if len(saved_id) < 2 or saved_id[1] is not RecordedAnchors:
+                raise _Refused("an nn.Module record of a class other than the reference's anchor generator")
+            return
+        if typename != "storage" or len(saved_id) != 6:
+            raise _Refused(f"a persistent id {_short(saved_id)} that is none of torch's")
+        storage_type, key, numel = saved_id[1], saved_id[2], saved_id[4]
+        dtype = getattr(storage_type, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or type(numel) is not int or numel < 0:
+            raise _Refused(f"a storage record {_short(saved_id[1:])} that is none of torch's")
+        if key not in self.declared:
+            self.declared[key] = numel * torch._utils._element_size(dtype)
+            total = sum(self.declared.values())
+            if total > self.size:
+                raise _TooShort(f"it declares storages of {total:,} bytes or more in a file of {self.size:,} bytes, "
+                                "which a legacy file holds in full; nothing allocated")
+
+    def after(self) -> None:
+        """Every declared storage was read from the file (its key list is the last header pickle)."""
+        listed = self.loads[-1] if self.loads and isinstance(self.loads[-1], list) else []
+        unfilled = sorted(_short(k) for k in self.declared if k not in listed)
+        if unfilled:
+            raise _Refused(f"storage(s) {unfilled[:3]} that are not in the file's storage list: their contents "
+                           "would be uninitialised memory")
+
+
+def _legacy_pickle_module(guard: _LegacyGuard) -> types.SimpleNamespace:
+    """A ``pickle_module`` for ``torch.load``'s legacy reader: it subclasses ``Unpickler`` (resolving storage
+    types itself, handing other names to :meth:`_AllowListUnpickler.find_class`, setting ``persistent_load``
+    before ``load``) and calls ``load`` for the header and the storage key list. ``guard`` sees every
+    persistent id before torch's ``persistent_load`` does."""
+
+    class Unpickler(_AllowListUnpickler):
+        def load(self) -> Any:
+            torch_persistent_load = getattr(self, "persistent_load", None)
+            if torch_persistent_load is not None:
+                def checked(saved_id: Any) -> Any:
+                    guard.check(saved_id)
+                    return torch_persistent_load(saved_id)
+                self.persistent_load = checked
+            return super().load()
+
+    def load(f: Any, **kw: Any) -> Any:
+        guard.loads.append(Unpickler(f, **kw).load())
+        return guard.loads[-1]
+
+    return types.SimpleNamespace(__name__="ctmask_allow_list_pickle", Unpickler=Unpickler,
+                                 UnpicklingError=pickle.UnpicklingError, load=load)
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load`` on the CPU, running nothing from the file (see the module docstring)."""
+    """``torch.load`` on the CPU, running nothing from the file (see the module docstring) and allocating
+    no more than the file's size for its tensors."""
+    size = path.stat().st_size
     if zipfile.is_zipfile(path):
-        targets: list[Any] = [(RecordedAnchors, name) for name in ANCHOR_CLASSES]
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(i.file_size for i in z.infolist())
+        if unpacked > size:  # torch stores its records uncompressed; a compressed one can be a zip bomb
+            raise _Refused(f"a zip archive that unpacks to {unpacked:,} bytes from {size:,} (torch stores its "
+                           "records uncompressed): not written by torch.save; nothing unpacked")
+        targets: list[Any] = [(RecordedAnchors, name) for name in ANCHOR_CLASSES] + [(_no_backend, THNN_BACKEND)]
         with torch.serialization.safe_globals(targets):
             return torch.load(path, map_location="cpu", weights_only=True)
+    guard = _LegacyGuard(size)
     with warnings.catch_warnings():
         # The legacy record of the anchor class's source differs from the stand-in's, by design.
         warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
-        return torch.load(path, map_location="cpu", pickle_module=_ALLOW_LIST_PICKLE,  # type: ignore[arg-type]
+        blob = torch.load(path, map_location="cpu", pickle_module=_legacy_pickle_module(guard),  # type: ignore[arg-type]
                           weights_only=False)
+    guard.after()
+    return blob
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or ["?"])[0][:200]
+
+
+def _refused_by_unpickler(text: str) -> str | None:
+    """What an allow-list refused, from an ``UnpicklingError``'s text; None for a malformed pickle.
+
+    The legacy path's :meth:`_AllowListUnpickler.find_class` says ``Unsupported global: GLOBAL x``;
+    torch's weights-only unpickler (zip path) says that, ``Unsupported operand x`` or, wrapped in its
+    "Weights only load failed" advice, why else it stopped. Any other ``UnpicklingError`` is Python's
+    unpickler on bytes that are no pickle (random bytes, a text file, a truncated pickle).
+    """
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return found.group(1)
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:  # the opcode's byte value: name it
+        code = int(found.group(1))
+        names = [op.name for op in pickletools.opcodes if code < 256 and op.code == chr(code)]
+        name = names[0] if names else "?"
+        return f"the pickle instruction {name} (opcode {code}, not run by torch's weights-only reader)"
+    if "Weights only load failed" in text:
+        inner = text.split("WeightsUnpickler error: ", 1)[1] if "WeightsUnpickler error: " in text else \
+            text.split("\n\n", 1)[-1]
+        return f"something torch's weights-only reader refuses ({_first_line(inner)})"
+    return None
 
 
 def read_reference(path: Path) -> dict:
@@ -158,13 +298,26 @@ def read_reference(path: Path) -> dict:
         CheckpointError: missing, unreadable (truncated, not a torch file), a Python object beyond
             tensors, containers and the anchor generator (named), or not a dict with ``model_weights``.
     """
+    if path.is_dir():
+        raise CheckpointError("is a folder, not a checkpoint file", path,
+                              hint="give one of the .pth files the authors' zip unpacks to")
     if not path.is_file():
         raise CheckpointError("file does not exist", path)
     try:
         blob = _torch_load(path)
+    except _TooShort as exc:
+        raise CheckpointError(f"cannot read the file: damaged, truncated or not a torch checkpoint ({exc})", path,
+                              hint="download the authors' zip again and unpack it completely") from None
+    except _Refused as exc:
+        raise CheckpointError(f"refused: the file declares {exc}", path,
+                              hint="the authors' files hold only weights, numbers and the anchor generator: "
+                                   "this one is not one of them, or was altered") from None
     except pickle.UnpicklingError as exc:
-        found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand) ([\w.]+)", str(exc))
-        what = found.group(1) if found else (str(exc).strip().splitlines() or ["?"])[0][:200]
+        what = _refused_by_unpickler(str(exc))
+        if what is None:  # Python's unpickler on bytes that are no (whole) pickle: damaged, not refused
+            raise CheckpointError(f"cannot read the file: damaged, truncated or not a torch checkpoint "
+                                  f"(the pickle is malformed: {_first_line(str(exc))})", path,
+                                  hint="download the authors' zip again and unpack it completely") from None
         raise CheckpointError(f"refused: the file pickles {what}, which is neither a tensor nor the reference's "
                               "anchor generator; unpickling it could run code, so it is not read", path,
                               hint="the authors' files hold only weights, numbers and the anchor generator: "
@@ -177,9 +330,14 @@ def read_reference(path: Path) -> dict:
     if not isinstance(blob, dict) or not isinstance(blob.get("model_weights"), dict):
         raise CheckpointError("not one of the reference's checkpoints: no 'model_weights' state dict", path)
     weights = blob["model_weights"]
-    bad = [str(k) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    bad = [_short(k) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"'model_weights' holds entries that are not tensors: {bad[:3]}", path)
+    # torch's weights-only reader (a zip-format file) also rebuilds meta, sparse and quantized tensors
+    odd = [f"{k} ({v.layout}, {v.device}, {v.dtype})".replace("torch.", "") for k, v in weights.items()
+           if v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized]
+    if odd:
+        raise CheckpointError(f"'model_weights' holds tensors that are not dense ones with data: {odd[:3]}", path)
     return blob
 
 
@@ -215,6 +373,20 @@ def _backbone(weights: dict[str, torch.Tensor], opts: ImportOptions, path: Path)
     return _agree("backbone", found[0], opts.backbone, path), _agree("truncation", 4 - kept, opts.truncation, path)
 
 
+def _anchor_size(v: Any) -> int:
+    """An anchor size as the reference writes it (a positive int); anything else (2.7, "2", True, 0) a ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v <= 0:
+        raise ValueError(v)
+    return int(v)
+
+
+def _aspect_ratio(v: Any) -> float:
+    """An aspect ratio (a positive finite number); anything else (nan, inf, 0, "1", True) a ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(v)
+    return float(v)
+
+
 def _anchors(blob: dict, levels: int, per_location: int, path: Path) -> tuple[tuple, tuple, str]:
     """(anchor sizes, aspect ratios, where they came from), one set shared by the used FPN levels."""
     anchors = blob.get("anchor_generator")
@@ -222,11 +394,12 @@ def _anchors(blob: dict, levels: int, per_location: int, path: Path) -> tuple[tu
         sizes, ratios, source = PAPER.anchor_sizes, PAPER.aspect_ratios, "not in the file: the reference's defaults"
     else:
         try:
-            per_level = [(tuple(int(v) for v in s), tuple(float(v) for v in r))
+            per_level = [(tuple(_anchor_size(v) for v in s), tuple(_aspect_ratio(v) for v in r))
                          for s, r in zip(anchors.sizes, anchors.aspect_ratios)]
         except (TypeError, ValueError):
-            raise CheckpointError(f"the anchor generator's sizes / aspect_ratios are not numbers: "
-                                  f"{anchors.sizes!r} / {anchors.aspect_ratios!r}"[:300], path) from None
+            raise CheckpointError(f"the anchor generator's sizes / aspect_ratios are not positive whole numbers / "
+                                  f"positive finite numbers: {_short(anchors.sizes)} / {_short(anchors.aspect_ratios)}",
+                                  path) from None
         used = per_level[:levels]
         if len(used) < levels or len(set(used)) != 1:
             raise CheckpointError(f"the anchor generator has {len(per_level)} level(s) for {levels} FPN level(s), or "
@@ -246,16 +419,22 @@ def infer_preset(blob: dict, opts: ImportOptions, path: Path) -> tuple[str, Pres
             a value the file cannot tell and no option gives (the 2-class mask type).
     """
     w = blob["model_weights"]
+    for name, value in (("n-rois", opts.n_rois), ("s-width", opts.s_width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"--{name} {value}: expected a whole number of at least 1", path)
 
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, ndim: int) -> tuple[int, ...]:
         if key not in w:
             raise CheckpointError(f"missing key {key!r} (every reference checkpoint has it)", path)
+        if w[key].dim() != ndim or 0 in w[key].shape:
+            raise CheckpointError(f"{key} is {list(w[key].shape)}: the reference's is a {ndim}-dimensional tensor "
+                                  "with no empty dimension", path)
         return tuple(w[key].shape)
 
     kind = "classifier" if any(k.startswith("s2new.") for k in w) else "segmentation"
     backbone, truncation = _backbone(w, opts, path)
     levels = len({k.split(".")[3] for k in w if k.startswith("backbone.fpn.inner_blocks.")})
-    n_classes = shape("roi_heads.box_predictor.cls_score.weight")[0]
+    n_classes = shape("roi_heads.box_predictor.cls_score.weight", 2)[0]
     if n_classes == 3:
         mask_type = _agree("mask-type", "both", opts.mask_type, path)
     elif n_classes == 2:
@@ -271,22 +450,23 @@ def infer_preset(blob: dict, opts: ImportOptions, path: Path) -> tuple[str, Pres
                                 "detector_classes": n_classes}
     given: dict[str, Any] = {"mask_type": opts.mask_type} if n_classes == 2 else {}
     fields: dict[str, Any] = {
-        "fpn_channels": shape("backbone.fpn.layer_blocks.0.weight")[0],
-        "box_representation": shape("roi_heads.box_head.fc6.weight")[0],
+        "fpn_channels": shape("backbone.fpn.layer_blocks.0.weight", 4)[0],
+        "box_representation": shape("roi_heads.box_head.fc6.weight", 2)[0],
     }
     if kind == "classifier":
-        f, n5 = shape("s2new.fc_scores.weight")
+        f, n5 = shape("s2new.fc_scores.weight", 2)
         n_rois = _agree("n-rois", n5 // 5, opts.n_rois, path)
         s_width = _agree("s-width", f, opts.s_width, path)
         inferred.update(n_rois=n_rois, s_width=s_width)
         mask_layers, mask_channels = family.mask_head_layers, family.mask_head_channels
     else:
-        n_rois, s_width = opts.n_rois or family.n_rois, opts.s_width or family.classifier_width
-        given.update(n_rois=n_rois if opts.n_rois else f"{n_rois} (default of {family.name})",
-                     s_width=s_width if opts.s_width else f"{s_width} (default of {family.name})")
+        n_rois = family.n_rois if opts.n_rois is None else opts.n_rois
+        s_width = family.classifier_width if opts.s_width is None else opts.s_width
+        given.update(n_rois=n_rois if opts.n_rois is not None else f"{n_rois} (default of {family.name})",
+                     s_width=s_width if opts.s_width is not None else f"{s_width} (default of {family.name})")
         mask_layers = len([k for k in w if re.match(r"^roi_heads\.mask_head\.mask_fcn\d+\.weight$", k)])
-        mask_channels = shape("roi_heads.mask_predictor.conv5_mask.weight")[0]
-    sizes, ratios, anchor_source = _anchors(blob, levels, shape("rpn.head.cls_logits.weight")[0], path)
+        mask_channels = shape("roi_heads.mask_predictor.conv5_mask.weight", 4)[0]
+    sizes, ratios, anchor_source = _anchors(blob, levels, shape("rpn.head.cls_logits.weight", 4)[0], path)
     inferred.update(fields, anchors=anchor_source)
     bottleneck, blocks = BACKBONES[backbone]
     preset = dataclasses.replace(
@@ -321,7 +501,8 @@ def map_weights(weights: dict[str, torch.Tensor], kind: str, preset: Preset, pat
     listed in the second return value.
 
     Raises:
-        CheckpointError: unknown keys, missing keys or shapes that differ, each named.
+        CheckpointError: unknown keys, missing keys or shapes that differ, weights that are not
+            floating point or not finite, each named.
     """
     from ctmask.training.checkpoint import expected_shapes
 
@@ -346,10 +527,25 @@ def map_weights(weights: dict[str, torch.Tensor], kind: str, preset: Preset, pat
         raise CheckpointError("the weights do not fit the model inferred from them: " + "; ".join(problems), path,
                               hint="a file altered or of another model; the reference's keys are torchvision 0.3 "
                                    "Mask R-CNN names with S as s2new")
+    counters = {k for k in mapped if k.endswith(".num_batches_tracked")}  # BatchNorm's step count, int64
+    wrong_type = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in mapped.items()
+                  if v.dtype not in ((torch.int64,) if k in counters else FLOAT_DTYPES)]
+    if wrong_type:
+        raise CheckpointError(f"weights of a type the reference never saves: {', '.join(wrong_type[:5])}"
+                              f"{' ...' if len(wrong_type) > 5 else ''} ({len(wrong_type)})", path,
+                              hint="the reference's weights and BatchNorm statistics are float32, its "
+                                   "num_batches_tracked int64")
+    # float16 / bfloat16 convert exactly, float64 rounded
+    converted = {k: v if k in counters else v.float() for k, v in mapped.items()}
+    non_finite = [f"{k} ({int((~v.isfinite()).sum())} of {v.numel()})" for k, v in converted.items()
+                  if k not in counters and not bool(v.isfinite().all())]
+    if non_finite:
+        raise CheckpointError(f"weights that are NaN or infinite (in float32): {', '.join(non_finite[:5])}"
+                              f"{' ...' if len(non_finite) > 5 else ''} ({len(non_finite)})", path,
+                              hint="a diverged training run or a damaged file: the model's output would be NaN")
     for k in filled:
-        mapped[k] = torch.zeros(expected[k])
-    state = {k[len("detector."):] if kind == "segmentation" else k: v.float() if v.is_floating_point() else v
-             for k, v in mapped.items()}
+        converted[k] = torch.zeros(expected[k])
+    state = {k[len("detector."):] if kind == "segmentation" else k: v for k, v in converted.items()}
     return state, filled
 
 
@@ -377,15 +573,17 @@ def import_reference(source: str | Path, out: str | Path, opts: ImportOptions | 
     blob = read_reference(source)
     kind, preset, record = infer_preset(blob, opts or ImportOptions(), source)
     state, filled = map_weights(blob["model_weights"], kind, preset, source)
+    epoch = blob.get("epoch")
     summary = {
         "source": str(source), "source_sha256": file_sha256(source), "kind": kind, "preset": preset.to_dict(),
         **record,
-        "source_epoch": str(blob.get("epoch")) if blob.get("epoch") is not None else None,
+        # the reference saves an int; anything else (a nested list that str() recurses into) is not an epoch
+        "source_epoch": str(epoch)[:40] if isinstance(epoch, (int, float, str)) else None,
         "mask_branch": (f"not in the source (a classifier file); {len(filled)} tensors filled with zeros: "
                         "classification never reads them, segmentation output from it is meaningless")
                        if filled else "from the source",
-        "ignored": sorted(str(k) for k in blob if k not in ("model_weights", "anchor_generator")),
-        "unknown_entries": sorted(str(k) for k in blob if k not in TOP_LEVEL),
+        "ignored": sorted(_short(k) for k in blob if k not in ("model_weights", "anchor_generator")),
+        "unknown_entries": sorted(_short(k) for k in blob if k not in TOP_LEVEL),
     }
     save_checkpoint(out, kind=kind, preset=preset, model=state, config={"import_reference": summary})
     return {**summary, "out": str(out), "lesion_classes": list(MASK_TYPES[preset.mask_type])}

@@ -163,6 +163,25 @@ class StartPoint:
     resumed: Path | None = None
 
 
+def preset_for_init(name: str, init: str | Path) -> Preset:
+    """The preset called ``name``: a named one, or else the init checkpoint's own when it carries that
+    name (``import-reference`` names an authors' model no named preset equals, e.g.
+    ``resnet18-t1-ggo-n128-s512``, and prints that name for ``train-cls --preset``).
+
+    Raises:
+        ConfigError: neither a named preset nor the init checkpoint's.
+    """
+    from ctmask.core.presets import PRESETS, get_preset
+
+    if name in PRESETS:
+        return get_preset(name)
+    own = load_checkpoint(init).preset
+    if own.name != name:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)} or the init checkpoint's "
+                          f"{own.name!r}")
+    return own
+
+
 def init_model(preset: Preset, init: str | Path, variant: str, head: str | None = None) -> StartPoint:
     """Build the model from ``init``.
 
