@@ -1,0 +1,87 @@
+"""DICOM result objects from odd but legal sources, without a model run: hand-made CT instances
+and the records an ``infer`` run would give them (cheap; tests/test_dicom_out.py runs a model)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+def make_ct(path: Path, study: str, series: str, rows: int = 48, cols: int = 64, **attrs) -> Path:
+    """A single-frame CT Image instance (attributes: ``attrs``; ``None`` leaves one out)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    values = dict(SpecificCharacterSet="ISO_IR 100", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"], Modality="CT",
+                  PatientName="EDGE^CASE", PatientID="EDGE-1", PatientBirthDate="", PatientSex="O",
+                  StudyDate="20200101", StudyTime="120000", ReferringPhysicianName="", StudyID="1",
+                  AccessionNumber="A1", StudyInstanceUID=study, SeriesInstanceUID=series, SeriesNumber=3,
+                  InstanceNumber=1, FrameOfReferenceUID=generate_uid(), PositionReferenceIndicator="",
+                  ImagePositionPatient=[0, 0, 0], ImageOrientationPatient=[1, 0, 0, 0, 1, 0], SliceThickness=5,
+                  PixelSpacing=[0.7, 0.7], SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", Rows=rows,
+                  Columns=cols, BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=1,
+                  RescaleIntercept=0, RescaleSlope=1, KVP=120, AcquisitionNumber=1, BodyPartExamined="CHEST")
+    values.update(attrs)
+    for keyword, value in values.items():
+        if value is not None:
+            setattr(ds, keyword, value)
+    ds.PixelData = np.full((rows, cols), -700, np.int16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def record(path: Path, study: str, boxes: list[list[float]], cls: str = "pneumonia") -> dict:
+    """The JSONL record ``infer`` writes for the slice ``path`` (its detections at ``boxes``)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    probs = {"normal": 0.2, "pneumonia": 0.5, "covid19": 0.3}
+    return {"file": str(path), "key": str(path), "kind": "dicom-hu", "study": study, "class": cls, "probs": probs,
+            "id": f"dicom:{ds.SOPInstanceUID}", "size": [int(ds.Rows), int(ds.Columns)],
+            "detections": [{"box": b, "score": 0.9 - 0.1 * n, "lesion": "GGO"} for n, b in enumerate(boxes)]}
+
+
+def study_record(study: str, records: list[dict]) -> dict:
+    return {"study": study, "class": "pneumonia", "probs": {"normal": 0.2, "pneumonia": 0.5, "covid19": 0.3},
+            "rule": "topk-mean/1 k=5", "driving": [{"key": r["key"]} for r in records]}
+
+
+SPEC = SimpleNamespace(precision="fp32", head="heads", window=(-600.0, 1500.0))
+
+
+def write(tmp_path: Path, records: list[dict], studies: list[dict], sc: bool = False, model: bytes = b"model"):
+    from ctmask.runtime.dicom_out import DicomOptions, write_dicom_results
+
+    (tmp_path / "m.onnx").write_bytes(model)
+    return write_dicom_results(records, studies, SPEC, tmp_path / "m.onnx",  # type: ignore[arg-type]
+                               DicomOptions(tmp_path / "dcm", sc=sc), lambda _: None)
+
+
+def dciodvfy_errors(path: str | Path) -> list[str]:
+    done = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_a_source_without_patient_and_study_identifiers_still_gets_its_objects(tmp_path):
+    """Exports often strip Type 2 identifiers; highdicom reads each of them (PatientID was an AttributeError)."""
+    study = generate_uid()
+    gone = {k: None for k in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                              "ReferringPhysicianName", "StudyID", "AccessionNumber")}
+    src = make_ct(tmp_path / "IM1", study, generate_uid(), **gone)
+    recs = [record(src, study, [[4, 4, 20, 20]])]
+    written, failures = write(tmp_path, recs, [study_record(study, recs)], sc=True)
+    assert not failures and len(written) == 1
+    for path in written[0].files:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientID == "" and ds.StudyInstanceUID == study
+        if DCIODVFY:
+            assert dciodvfy_errors(path) == [], path
