@@ -85,3 +85,25 @@ def test_a_source_without_patient_and_study_identifiers_still_gets_its_objects(t
         assert ds.PatientID == "" and ds.StudyInstanceUID == study
         if DCIODVFY:
             assert dciodvfy_errors(path) == [], path
+
+
+def test_a_study_export_holding_ctmask_results_lists_only_its_ct_slices(tmp_path):
+    """A PACS export of a study after a run holds the SR, GSPS and captures: a rerun on it must not
+    fail on the captures (modality OT) nor, with --force-modality, predict them as slices."""
+    import warnings
+
+    from ctmask.scans.listing import collect_sources
+
+    study = generate_uid()
+    (tmp_path / "export").mkdir()
+    src = make_ct(tmp_path / "export" / "IM1", study, generate_uid())
+    recs = [record(src, study, [[4, 4, 20, 20]])]
+    written, failures = write(tmp_path, recs, [study_record(study, recs)], sc=True)
+    assert not failures and written[0].sc
+    shutil.copytree(tmp_path / "dcm", tmp_path / "export" / "results")
+    for force in (False, True):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            refs, failed = collect_sources([tmp_path / "export"], force_modality=force)
+        assert [r.path for r in refs] == [str(src)] and not failed
+        assert any("ctmask capture 1" in str(w.message) for w in seen)
