@@ -107,3 +107,33 @@ def test_a_study_export_holding_ctmask_results_lists_only_its_ct_slices(tmp_path
             refs, failed = collect_sources([tmp_path / "export"], force_modality=force)
         assert [r.path for r in refs] == [str(src)] and not failed
         assert any("ctmask capture 1" in str(w.message) for w in seen)
+
+
+def test_captures_of_a_forced_modality_decode_as_the_run_read_them(tmp_path):
+    """``--force-modality --dicom-sc`` on a PT study: the capture re-read refused the modality and
+    the DataError ended the run after the predictions."""
+    study = generate_uid()
+    src = make_ct(tmp_path / "IM1", study, generate_uid(), Modality="PT")
+    recs = [record(src, study, [[4, 4, 20, 20]])]
+    from ctmask.runtime.dicom_out import DicomOptions, write_dicom_results
+
+    (tmp_path / "m.onnx").write_bytes(b"model")
+    written, failures = write_dicom_results(recs, [study_record(study, recs)], SPEC,  # type: ignore[arg-type]
+                                            tmp_path / "m.onnx", DicomOptions(tmp_path / "dcm", sc=True,
+                                                                              force_modality=True), lambda _: None)
+    assert not failures and len(written[0].sc) == 1
+
+
+def test_a_study_whose_capture_cannot_be_made_gets_no_file_and_the_others_are_written(tmp_path):
+    """A source that no longer decodes when its capture is drawn: that study is a failure with no
+    file written (the SR and GSPS were written, then a DataError ended the run), the next study is written."""
+    bad, good = generate_uid(), generate_uid()
+    a = make_ct(tmp_path / "a", bad, generate_uid())
+    b = make_ct(tmp_path / "b", good, generate_uid())
+    ra, rb = [record(a, bad, [[4, 4, 20, 20]])], [record(b, good, [[4, 4, 20, 20]])]
+    ds = pydicom.dcmread(a)
+    ds.PixelData = ds.PixelData[:100]  # truncated after the prediction
+    ds.save_as(a)
+    written, failures = write(tmp_path, ra + rb, [study_record(bad, ra), study_record(good, rb)], sc=True)
+    assert [w.study for w in written] == [good] and [f.file for f in failures] == [bad]
+    assert "cannot decode" in failures[0].reason and not (tmp_path / "dcm" / bad).exists()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctmask.core.errors import CtmaskError
 from ctmask.core.fileio import atomic_path, output_error
 from ctmask.core.spec import GraphSpec
 from ctmask.runtime.dicom_out.context import NOT_FOR_CLINICAL_USE, Algorithm, SourceSlice, file_sha256, read_source
@@ -46,11 +47,13 @@ class StudyObjects:
 @dataclass(frozen=True)
 class DicomOptions:
     """Where and what: ``folder`` (``--dicom-out``), ``sc`` (``--dicom-sc``), ``top`` (detections
-    shown per slice, ``--top-rois``)."""
+    shown per slice, ``--top-rois``), ``force_modality`` (``--force-modality``: the captures decode
+    their slices again as the run read them)."""
 
     folder: Path
     sc: bool = False
     top: int = 5
+    force_modality: bool = False
 
 
 def write_dicom_results(records: list[dict], studies: list[dict], spec: GraphSpec, model: Path,
@@ -66,7 +69,9 @@ def write_dicom_results(records: list[dict], studies: list[dict], spec: GraphSpe
 
     Returns:
         the objects written per study, and one failure per DICOM study whose objects could
-        not be made (its sources unreadable, a multi-frame source): the other studies are written.
+        not be made (its sources unreadable or not decodable again, a multi-frame source): the
+        other studies are written. A study's objects are all made before any is written, so
+        a failed study gets no file.
 
     Raises:
         OutputPathError: a file could not be written (nothing half-written is left).
@@ -83,7 +88,8 @@ def write_dicom_results(records: list[dict], studies: list[dict], spec: GraphSpe
             continue
         try:
             written.append(_write_study(study, members, spec, algorithm, options))
-        except (_Refused, ValueError, AttributeError, KeyError, TypeError) as exc:  # highdicom refuses the data
+        except (_Refused, CtmaskError, ValueError, AttributeError, KeyError, TypeError) as exc:
+            # highdicom refuses the data, or a capture's slice cannot be decoded again (DataError)
             failures.append(Failure(str(study["study"]), f"no DICOM result objects written: {exc}"))
     if not_dicom:
         warn(f"--dicom-out: no DICOM objects written for {len(not_dicom)} stud{'y' if len(not_dicom) == 1 else 'ies'} "
@@ -136,13 +142,14 @@ def _write_study(study: dict, members: list[dict], spec: GraphSpec, algorithm: A
                   algorithm.uid("sr", study_uid, *seed), describe.format("SR")[:64])
     gsps = build_gsps(boxed or driving, algorithm, spec.window, algorithm.uid("series", "gsps", study_uid),
                       algorithm.uid("gsps", study_uid, *seed), describe.format("GSPS")[:64])
+    captures = [build_sc(s, n, algorithm, spec.window, algorithm.uid("series", "sc", study_uid),
+                         algorithm.uid("sc", study_uid, s.uid), describe.format("SC")[:64], options.force_modality)
+                for n, s in enumerate(driving, 1)] if options.sc else []
+    # every object made before the first is written: a study that fails gets no file
     objects = StudyObjects(study_uid, str(_save(sr, folder / f"ctmask-sr-{tag}.dcm")),
                            str(_save(gsps, folder / f"ctmask-gsps-{tag}.dcm")))
-    if options.sc:
-        for n, s in enumerate(driving, 1):
-            sc = build_sc(s, n, algorithm, spec.window, algorithm.uid("series", "sc", study_uid),
-                          algorithm.uid("sc", study_uid, s.uid), describe.format("SC")[:64])
-            objects.sc.append(str(_save(sc, folder / f"ctmask-sc-{tag}-{n}.dcm")))
+    for n, sc in enumerate(captures, 1):
+        objects.sc.append(str(_save(sc, folder / f"ctmask-sc-{tag}-{n}.dcm")))
     keep = {Path(p).name for p in objects.files}
     for stale in folder.glob(f"ctmask-sc-{tag}-*.dcm"):  # an earlier run's captures of slices no longer driving
         if stale.name not in keep:
