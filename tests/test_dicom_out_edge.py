@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -137,3 +138,14 @@ def test_a_study_whose_capture_cannot_be_made_gets_no_file_and_the_others_are_wr
     written, failures = write(tmp_path, ra + rb, [study_record(bad, ra), study_record(good, rb)], sc=True)
     assert [w.study for w in written] == [good] and [f.file for f in failures] == [bad]
     assert "cannot decode" in failures[0].reason and not (tmp_path / "dcm" / bad).exists()
+
+
+def test_an_unwritable_dicom_out_is_the_runs_error_not_a_study_failure(tmp_path):
+    from ctmask.core.errors import DataError
+
+    study = generate_uid()
+    src = make_ct(tmp_path / "IM1", study, generate_uid())
+    recs = [record(src, study, [[4, 4, 20, 20]])]
+    (tmp_path / "dcm").write_text("a file where the study folder's parent should be")
+    with pytest.raises(DataError, match="cannot write"):
+        write(tmp_path, recs, [study_record(study, recs)])

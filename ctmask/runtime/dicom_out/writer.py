@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctmask.core.errors import CtmaskError
+from ctmask.core.errors import DataError
 from ctmask.core.fileio import atomic_path, output_error
 from ctmask.core.spec import GraphSpec
 from ctmask.runtime.dicom_out.context import NOT_FOR_CLINICAL_USE, Algorithm, SourceSlice, file_sha256, read_source
@@ -88,8 +88,7 @@ def write_dicom_results(records: list[dict], studies: list[dict], spec: GraphSpe
             continue
         try:
             written.append(_write_study(study, members, spec, algorithm, options))
-        except (_Refused, CtmaskError, ValueError, AttributeError, KeyError, TypeError) as exc:
-            # highdicom refuses the data, or a capture's slice cannot be decoded again (DataError)
+        except (_Refused, ValueError, AttributeError, KeyError, TypeError) as exc:  # highdicom refuses the data
             failures.append(Failure(str(study["study"]), f"no DICOM result objects written: {exc}"))
     if not_dicom:
         warn(f"--dicom-out: no DICOM objects written for {len(not_dicom)} stud{'y' if len(not_dicom) == 1 else 'ies'} "
@@ -142,9 +141,12 @@ def _write_study(study: dict, members: list[dict], spec: GraphSpec, algorithm: A
                   algorithm.uid("sr", study_uid, *seed), describe.format("SR")[:64])
     gsps = build_gsps(boxed or driving, algorithm, spec.window, algorithm.uid("series", "gsps", study_uid),
                       algorithm.uid("gsps", study_uid, *seed), describe.format("GSPS")[:64])
-    captures = [build_sc(s, n, algorithm, spec.window, algorithm.uid("series", "sc", study_uid),
-                         algorithm.uid("sc", study_uid, s.uid), describe.format("SC")[:64], options.force_modality)
-                for n, s in enumerate(driving, 1)] if options.sc else []
+    try:
+        captures = [build_sc(s, n, algorithm, spec.window, algorithm.uid("series", "sc", study_uid),
+                             algorithm.uid("sc", study_uid, s.uid), describe.format("SC")[:64], options.force_modality)
+                    for n, s in enumerate(driving, 1)] if options.sc else []
+    except DataError as exc:  # a slice that no longer decodes: this study's failure (an output error is the run's)
+        raise _Refused(f"a capture cannot be made ({exc})") from None
     # every object made before the first is written: a study that fails gets no file
     objects = StudyObjects(study_uid, str(_save(sr, folder / f"ctmask-sr-{tag}.dcm")),
                            str(_save(gsps, folder / f"ctmask-gsps-{tag}.dcm")))
