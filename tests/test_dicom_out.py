@@ -208,7 +208,7 @@ def test_read_back_fails_an_sr_without_its_study_call(dicom_run, tmp_path):
     from ctmask.runtime.dicom_out.readback import read_report
 
     sr = pydicom.dcmread(dicom_run["summary"].dicom[0]["sr"])
-    measurements = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"][0]
+    measurements = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
     first = measurements.ContentSequence[0]
     assert first.ContentSequence[0].TextValue == "study call"
     del measurements.ContentSequence[0]  # the study-level measurement group, a whole content item

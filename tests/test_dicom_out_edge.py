@@ -149,3 +149,27 @@ def test_an_unwritable_dicom_out_is_the_runs_error_not_a_study_failure(tmp_path)
     (tmp_path / "dcm").write_text("a file where the study folder's parent should be")
     with pytest.raises(DataError, match="cannot write"):
         write(tmp_path, recs, [study_record(study, recs)])
+
+
+def test_the_sr_has_an_image_library_of_its_evidence_and_without_pixel_spacing_still_a_report(tmp_path):
+    """TID 1500 row 5: the Image Library (DCM 111028) lists the referenced images; a source without
+    Pixel Spacing (highdicom's descriptors need it) still gets its report."""
+    import highdicom as hd
+
+    for n, spacing in enumerate(([0.7, 0.7], None)):
+        study = generate_uid()
+        src = make_ct(tmp_path / f"IM{n}", study, generate_uid(), PixelSpacing=spacing)
+        recs = [record(src, study, [[4, 4, 20, 20]])]
+        written, failures = write(tmp_path, recs, [study_record(study, recs)])
+        assert not failures
+        sr = pydicom.dcmread(written[0].sr)
+        library = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+        if spacing is None:
+            assert library == []
+            continue
+        assert len(library) == 1
+        entries = [e for g in library[0].ContentSequence for e in g.ContentSequence if e.ValueType == "IMAGE"]
+        assert [e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for e in entries] == [recs[0]["id"][6:]]
+        assert hd.sr.srread(written[0].sr).content.get_image_measurement_groups()
+        if DCIODVFY:
+            assert dciodvfy_errors(written[0].sr) == []
