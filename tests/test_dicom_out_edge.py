@@ -173,3 +173,19 @@ def test_the_sr_has_an_image_library_of_its_evidence_and_without_pixel_spacing_s
         assert hd.sr.srread(written[0].sr).content.get_image_measurement_groups()
         if DCIODVFY:
             assert dciodvfy_errors(written[0].sr) == []
+
+
+def test_highdicoms_advice_on_source_values_is_not_printed(tmp_path):
+    """A one-component PatientName made highdicom warn (a Python warning with its source line) once
+    per object written: noise on infer's console that the user cannot act on."""
+    import warnings
+
+    study = generate_uid()
+    src = make_ct(tmp_path / "IM1", study, generate_uid(), PatientName="Nunez")
+    recs = [record(src, study, [[4, 4, 20, 20]])]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        written, failures = write(tmp_path, recs, [study_record(study, recs)], sc=True)
+    assert written and not failures
+    assert not [w for w in seen if "person name" in str(w.message)]
+    assert str(pydicom.dcmread(written[0].sr).PatientName) == "Nunez"

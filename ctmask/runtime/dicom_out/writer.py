@@ -14,6 +14,7 @@ DICOM get objects; the others are named in one warning.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,10 @@ def write_dicom_results(records: list[dict], studies: list[dict], spec: GraphSpe
             not_dicom.append(str(study["study"]))
             continue
         try:
-            written.append(_write_study(study, members, spec, algorithm, options))
+            with warnings.catch_warnings():  # highdicom's advice on the source's own values (a one-part
+                # PatientName), repeated per object, is nothing the user of infer can act on
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\.|$)")
+                written.append(_write_study(study, members, spec, algorithm, options))
         except (_Refused, ValueError, AttributeError, KeyError, TypeError) as exc:  # highdicom refuses the data
             failures.append(Failure(str(study["study"]), f"no DICOM result objects written: {exc}"))
     if not_dicom:
