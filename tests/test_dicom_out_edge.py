@@ -189,3 +189,23 @@ def test_highdicoms_advice_on_source_values_is_not_printed(tmp_path):
     assert written and not failures
     assert not [w for w in seen if "person name" in str(w.message)]
     assert str(pydicom.dcmread(written[0].sr).PatientName) == "Nunez"
+
+
+def test_same_content_same_uids_other_content_other_uids(tmp_path):
+    """The SOP Instance UIDs named only (model, sources): another --top-rois (other regions drawn)
+    reused them for other content, which a PACS keeping the first instance of a UID never shows."""
+    from ctmask.runtime.dicom_out import DicomOptions, write_dicom_results
+
+    study = generate_uid()
+    src = make_ct(tmp_path / "IM1", study, generate_uid())
+    recs = [record(src, study, [[4, 4, 20, 20], [30, 30, 40, 40]])]
+    (tmp_path / "m.onnx").write_bytes(b"model")
+
+    def uids(top: int, out: str) -> list[str]:
+        written, _ = write_dicom_results(recs, [study_record(study, recs)], SPEC, tmp_path / "m.onnx",  # type: ignore[arg-type]
+                                         DicomOptions(tmp_path / out, sc=True, top=top), lambda _: None)
+        return [str(pydicom.dcmread(p).SOPInstanceUID) for p in written[0].files]
+
+    first, again, fewer = uids(5, "a"), uids(5, "b"), uids(1, "c")
+    assert first == again and len(first) == 3
+    assert not set(first) & set(fewer)
