@@ -68,7 +68,8 @@ def write(tmp_path: Path, records: list[dict], studies: list[dict], sc: bool = F
 
 
 def dciodvfy_errors(path: str | Path) -> list[str]:
-    done = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
+    done = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, errors="replace",  # type: ignore[list-item]
+                          timeout=60)
     return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
 
 
