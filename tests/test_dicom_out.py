@@ -208,7 +208,7 @@ def test_read_back_fails_an_sr_without_its_study_call(dicom_run, tmp_path):
     from ctmask.runtime.dicom_out.readback import read_report
 
     sr = pydicom.dcmread(dicom_run["summary"].dicom[0]["sr"])
-    measurements = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"][0]
+    measurements = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
     first = measurements.ContentSequence[0]
     assert first.ContentSequence[0].TextValue == "study call"
     del measurements.ContentSequence[0]  # the study-level measurement group, a whole content item
@@ -240,3 +240,23 @@ def test_a_graph_without_labels_still_runs_with_unlabelled_detections(small_onnx
     labelled = detect(b["rois"][0][:, 0], b["boxes"][0], b["labels"][0])
     assert {d.lesion for d in labelled} <= {"GGO", "consolidation"}
     assert {d.lesion for d in detect(a["rois"][0][:, 0], a["boxes"][0])} <= {"lesion"}
+
+
+def test_detections_match_torchvisions_postprocess_on_random_boxes():
+    """torchvision's rule: score > 0.05 (strict), remove_small_boxes(1e-2), batched NMS 0.5, top 100;
+    ties, degenerate boxes (a clipped line at the border, inverted boxes) and exact-threshold scores."""
+    torch = pytest.importorskip("torch")
+    ops = pytest.importorskip("torchvision.ops")
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(0, 40))
+        xy = rng.integers(0, 20, (n, 2)).astype(np.float32)
+        b = np.concatenate([xy, xy + rng.integers(-2, 12, (n, 2)).astype(np.float32)], 1)
+        s = rng.choice(np.float32([0.05, 0.1, 0.3, 0.5]), n) if trial % 2 else rng.random(n).astype(np.float32)
+        lab = rng.integers(1, 3, n)
+        t, ts = torch.tensor(b), torch.tensor(s)
+        k = torch.where(ts > 0.05)[0]
+        k = k[ops.remove_small_boxes(t[k], 1e-2)]
+        k = k[ops.batched_nms(t[k], ts[k], torch.tensor(lab)[k], 0.5)][:MAX_DETECTIONS].numpy()
+        want = sorted((tuple(map(float, b[i])), float(s[i])) for i in k)
+        assert sorted((d.box, d.score) for d in detect(s, b, lab)) == want, trial

@@ -5,9 +5,10 @@ pair that survived the classifier-side rule (score > ``cls_score_thresh``, NMS a
 ``cls_nms_thresh`` = 0.75 per class, top N), so neighbouring rows overlap heavily. What a
 reader sees (overlays, the HTML report, the DICOM SR and presentation state) is the rule the
 paper's Mask R-CNN uses when it segments lesions (torchvision's ``box_score_thresh``,
-``box_nms_thresh``, ``box_detections_per_img``): rows scoring at least :data:`SCORE_THRESHOLD`,
-greedy NMS at IoU :data:`NMS_IOU` within each lesion class, at most :data:`MAX_DETECTIONS`,
-highest score first. Since the rows are the top N after NMS 0.75, the detections are the
+``box_nms_thresh``, ``box_detections_per_img``): rows scoring above :data:`SCORE_THRESHOLD`
+whose box is at least :data:`MIN_SIZE` wide and high (``remove_small_boxes``), greedy NMS at
+IoU :data:`NMS_IOU` within each lesion class, at most :data:`MAX_DETECTIONS`, highest score first.
+Since the rows are the top N after NMS 0.75, the detections are the
 segmentation rule applied to those N rows (a candidate the 0.75 NMS or the top-N cut dropped
 cannot come back; one the 0.5 NMS drops was a row).
 
@@ -24,7 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 SCORE_THRESHOLD = 0.05
-"""Lowest detection score kept (torchvision's ``box_score_thresh`` default, the paper's)."""
+"""Detection scores must exceed it (torchvision's ``box_score_thresh`` default, the paper's;
+torchvision keeps ``score > box_score_thresh``)."""
+MIN_SIZE = 1e-2
+"""Smallest box width and height kept, in the boxes' pixels (torchvision's ``remove_small_boxes``
+in ``postprocess_detections``): a box clipped to a line at the image border is no detection."""
 NMS_IOU = 0.5
 """IoU above which the lower-scored of two same-class boxes is dropped (``box_nms_thresh``)."""
 MAX_DETECTIONS = 100
@@ -94,13 +99,18 @@ def detect(scores: np.ndarray, boxes: np.ndarray, labels: np.ndarray | None = No
     Raises:
         ValueError: arrays that do not line up.
     """
-    s = np.asarray(scores, np.float64).reshape(-1)
+    given = np.asarray(scores)
+    s = given.astype(np.float64).reshape(-1)
+    # the threshold in the scores' own precision, as torchvision compares (float32 0.05 is not above 0.05)
+    threshold = float(np.asarray(score_threshold, given.dtype if given.dtype.kind == "f" else np.float64))
     b = np.asarray(boxes, np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
     if len(b) != len(s) or (labels is not None and np.size(labels) != len(s)):
         raise ValueError(f"{len(s)} scores, {len(b)} boxes and {'no' if labels is None else np.size(labels)} labels "
                          "do not line up")
     lab = None if labels is None else np.rint(np.asarray(labels, np.float64).reshape(-1)).astype(np.int64)
-    ok = (s >= score_threshold) & np.isfinite(s) & np.isfinite(b).all(1)
+    with np.errstate(invalid="ignore"):
+        ok = (s > threshold) & np.isfinite(s) & np.isfinite(b).all(1)
+        ok &= (b[:, 2] - b[:, 0] >= MIN_SIZE) & (b[:, 3] - b[:, 1] >= MIN_SIZE)
     groups = np.zeros(len(s), np.int64) if lab is None else lab
     kept: list[int] = []
     for g in np.unique(groups[ok]):

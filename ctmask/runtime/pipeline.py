@@ -356,8 +356,8 @@ def _write_dicom(run: _Run, spec: GraphSpec, studies: list[dict]) -> list[dict]:
     request = run.request
     assert request.dicom_out is not None
     written, failures = write_dicom_results(run.records, studies, spec, request.model,
-                                            DicomOptions(request.dicom_out, request.dicom_sc,
-                                                         run.options.top_rois), run.events.warn)
+                                            DicomOptions(request.dicom_out, request.dicom_sc, run.options.top_rois,
+                                                         run.options.read.force_modality), run.events.warn)
     run.failures.extend(failures)
     return [w.to_dict() for w in written]
 

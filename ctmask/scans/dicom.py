@@ -41,7 +41,12 @@ CT = "CT"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID",
                 "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber", "NumberOfFrames", "Rows",
-                "Columns", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "SpecificCharacterSet"]
+                "Columns", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "SpecificCharacterSet",
+                "Manufacturer"]
+SECONDARY_CAPTURE_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+RESULT_MANUFACTURER = "ctmask"
+"""The Manufacturer of the objects ``infer --dicom-out`` writes (its Secondary Captures are
+images of the study, but results, not slices: an export of the study holds them)."""
 
 _LOCAL = threading.local()  # .dataset: the multi-frame data set the thread read last (its next frames)
 
@@ -207,6 +212,12 @@ def _dicom_entries(probe: FileProbe, ds: Any, path: Path, label: str, sure: bool
             return True
         raise DataError("cannot decode DICOM: it holds no image (no Rows / Columns)"
                         + (f"; SOP class {kind}" if kind else ""), path)
+    if (str(ds.get("SOPClassUID", "") or "") == SECONDARY_CAPTURE_CLASS
+            and str(ds.get("Manufacturer", "") or "").strip() == RESULT_MANUFACTURER):
+        if explicit:
+            raise DataError("a Secondary Capture ctmask wrote (infer --dicom-sc): a result, not a CT slice", path)
+        probe.non_image = "ctmask capture"  # skipped in folders (and counted), as its SR and GSPS are
+        return True
     check_image_size(cols, rows, path)
     image_type = ds.get("ImageType", None) or []
     if isinstance(image_type, (str, bytes)):  # one value (the standard wants two or more; files differ)

@@ -9,7 +9,8 @@ Folders are walked recursively in sorted order, hidden files and folders (``.nam
 DICOMDIR skipped. Files with a raster or NIfTI suffix are taken as such; DICOM is a DICOM
 suffix, the ``DICM`` marker, or (PACS exports: ``IM0001``, ``1.2.840...``) a file without suffix
 or with a numeric one that pydicom reads (``force=True``, headers only) and that has Rows and
-Columns. DICOM objects without an image (reports, presentation states, RT plans) and other files
+Columns. DICOM objects without an image (reports, presentation states, RT plans), the Secondary
+Captures ``infer --dicom-sc`` writes (results, not slices: Manufacturer ``ctmask``) and other files
 are skipped in folders, the DICOM ones counted by modality (else SOP class) in one
 :class:`~ctmask.core.errors.CtmaskWarning` ("ignored 3 non-image DICOM objects: RTPLAN 3"); a
 folder without any slice is a failure. DICOM slices sharing one SOPInstanceUID (and frame) are

@@ -96,15 +96,27 @@ class SourceSlice:
         return str(self.record.get("key") or self.record["file"])
 
 
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+"""The Type 2 attributes of the Patient and General Study modules the result objects copy from
+their source: a source that leaves one out (many exports strip them) gets it empty, Type 2's
+"unknown", so the objects are still made (highdicom reads each of them)."""
+
+
 def read_source(path: str | Path):
-    """The headers of a source DICOM file (no pixel data), as pydicom reads them.
+    """The headers of a source DICOM file (no pixel data), as pydicom reads them, with the
+    :data:`TYPE2_PATIENT_STUDY` attributes it lacks present and empty.
 
     Raises:
         OSError / pydicom's InvalidDicomError: the file cannot be read back.
     """
     import pydicom
 
-    return pydicom.dcmread(str(path), stop_before_pixels=True)
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
 
 
 def body_part(dataset) -> str:

@@ -13,8 +13,9 @@ import numpy as np
 from ctmask.runtime.dicom_out.context import NOT_FOR_CLINICAL_USE, Algorithm, SourceSlice, body_part
 
 
-def capture_pixels(source: SourceSlice, window: tuple[float, float]) -> np.ndarray:
-    """The overlay of ``source`` as uint8 RGB [H, W, 3] (the slice decoded again from its file).
+def capture_pixels(source: SourceSlice, window: tuple[float, float], force_modality: bool = False) -> np.ndarray:
+    """The overlay of ``source`` as uint8 RGB [H, W, 3] (the slice decoded again from its file,
+    ``force_modality`` as the run read it).
 
     Raises:
         DataError: the source cannot be decoded again.
@@ -26,7 +27,7 @@ def capture_pixels(source: SourceSlice, window: tuple[float, float]) -> np.ndarr
     from ctmask.scans.types import SliceRef
 
     rec = source.record
-    decoded = read_slice(SliceRef(str(rec["file"]), rec.get("frame")), window)
+    decoded = read_slice(SliceRef(str(rec["file"]), rec.get("frame")), window, force_modality=force_modality)
     shown = source.detections
     img = render_overlay(decoded.pixels, np.asarray([d["box"] for d in shown], np.float32).reshape(-1, 4),
                          np.asarray([d["score"] for d in shown], np.float32), str(rec["class"]), rec["probs"],
@@ -57,14 +58,18 @@ def patient_orientation(ds) -> tuple[str, str] | None:
 
 
 def build_sc(source: SourceSlice, n: int, algorithm: Algorithm, window: tuple[float, float], series_uid: str,
-             sop_uid: str, series_description: str):
-    """The Secondary Capture of driving slice ``n`` (instance number ``n``)."""
+             sop_uid: str, series_description: str, force_modality: bool = False):
+    """The Secondary Capture of driving slice ``n`` (instance number ``n``).
+
+    Raises:
+        DataError: the slice cannot be decoded again (:func:`capture_pixels`).
+    """
     import highdicom as hd
 
     ds = source.dataset
     spacing = getattr(ds, "PixelSpacing", None)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=ds, pixel_array=capture_pixels(source, window), photometric_interpretation="RGB",
+        ref_dataset=ds, pixel_array=capture_pixels(source, window, force_modality), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=9903,
         sop_instance_uid=sop_uid, instance_number=n, manufacturer="ctmask",
         pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),

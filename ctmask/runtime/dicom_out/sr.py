@@ -1,6 +1,8 @@
 """The Comprehensive 3D SR, TID 1500 measurement report of one study (highdicom).
 
-Content, in the order of the report's imaging measurements:
+The report's observation context is the device ``ctmask``, its procedure reported CT chest,
+its Image Library (TID 1600) the source images it references (where they carry their pixel
+spacing, orientation and position). Content, in the order of the report's imaging measurements:
 
 1. the study-level call: a TID 1501 measurement group whose *finding* (DCM 121071) is the called class,
    with its probability and the algorithm (TID 4019) whose parameters name the rule that made
@@ -84,6 +86,19 @@ def region_groups(source: SourceSlice, n: int, algorithm: Algorithm) -> list:
     return groups
 
 
+LIBRARY_GEOMETRY = ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient")
+"""What highdicom's TID 1604 descriptors read from each cross-sectional image of the library."""
+
+
+def library(evidence: list) -> list | None:
+    """The images of the TID 1600 Image Library (TID 1500 row 5, mandatory): the evidence, or
+    None where an image lacks the geometry its TID 1604 descriptors need (no Pixel Spacing: the
+    report is still made, without the library)."""
+    if all(all(k in ds for k in LIBRARY_GEOMETRY) for ds in evidence):
+        return evidence
+    return None
+
+
 def build_sr(study: dict, driving: list[SourceSlice], boxed: list[SourceSlice], algorithm: Algorithm,
              series_uid: str, sop_uid: str, series_description: str):
     """The study's Comprehensive 3D SR (TID 1500).
@@ -105,9 +120,10 @@ def build_sr(study: dict, driving: list[SourceSlice], boxed: list[SourceSlice], 
     groups += [slice_group(s, n, algorithm) for n, s in enumerate(driving, 1)]
     for n, s in enumerate(boxed, 1):
         groups += region_groups(s, n, algorithm)
-    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
-                                     procedure_reported=code("procedure"), imaging_measurements=groups)
     evidence = list({s.uid: s.dataset for s in [*driving, *boxed]}.values())
+    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
+                                     procedure_reported=code("procedure"), imaging_measurements=groups,
+                                     referenced_images=library(evidence))
     return hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=series_uid, series_number=9901,
         sop_instance_uid=sop_uid, instance_number=1, manufacturer="ctmask", is_complete=True,

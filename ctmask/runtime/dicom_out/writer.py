@@ -1,7 +1,8 @@
 """Per study, the DICOM result objects of one run written as files (what ``--dicom-out`` does).
 
-Layout (file names and UIDs depend only on the model's sha256 and the source instances, so a
-rerun replaces the files, and a PACS the instances, rather than adding copies)::
+Layout (file names depend only on the model's sha256 and the study, so a rerun replaces the
+files; SOP Instance UIDs on the model, the source instances and what the object shows, so a
+rerun of the same run makes the same UIDs and an object that says something else another)::
 
     DIR/<StudyInstanceUID>/ctmask-sr-<model12>.dcm        Comprehensive 3D SR, TID 1500
     DIR/<StudyInstanceUID>/ctmask-gsps-<model12>.dcm      Grayscale Softcopy Presentation State
@@ -14,10 +15,12 @@ DICOM get objects; the others are named in one warning.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctmask.core.errors import DataError
 from ctmask.core.fileio import atomic_path, output_error
 from ctmask.core.spec import GraphSpec
 from ctmask.runtime.dicom_out.context import NOT_FOR_CLINICAL_USE, Algorithm, SourceSlice, file_sha256, read_source
@@ -46,11 +49,13 @@ class StudyObjects:
 @dataclass(frozen=True)
 class DicomOptions:
     """Where and what: ``folder`` (``--dicom-out``), ``sc`` (``--dicom-sc``), ``top`` (detections
-    shown per slice, ``--top-rois``)."""
+    shown per slice, ``--top-rois``), ``force_modality`` (``--force-modality``: the captures decode
+    their slices again as the run read them)."""
 
     folder: Path
     sc: bool = False
     top: int = 5
+    force_modality: bool = False
 
 
 def write_dicom_results(records: list[dict], studies: list[dict], spec: GraphSpec, model: Path,
@@ -66,7 +71,9 @@ def write_dicom_results(records: list[dict], studies: list[dict], spec: GraphSpe
 
     Returns:
         the objects written per study, and one failure per DICOM study whose objects could
-        not be made (its sources unreadable, a multi-frame source): the other studies are written.
+        not be made (its sources unreadable or not decodable again, a multi-frame source): the
+        other studies are written. A study's objects are all made before any is written, so
+        a failed study gets no file.
 
     Raises:
         OutputPathError: a file could not be written (nothing half-written is left).
@@ -82,7 +89,10 @@ def write_dicom_results(records: list[dict], studies: list[dict], spec: GraphSpe
             not_dicom.append(str(study["study"]))
             continue
         try:
-            written.append(_write_study(study, members, spec, algorithm, options))
+            with warnings.catch_warnings():  # highdicom's advice on the source's own values (a one-part
+                # PatientName), repeated per object, is nothing the user of infer can act on
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\.|$)")
+                written.append(_write_study(study, members, spec, algorithm, options))
         except (_Refused, ValueError, AttributeError, KeyError, TypeError) as exc:  # highdicom refuses the data
             failures.append(Failure(str(study["study"]), f"no DICOM result objects written: {exc}"))
     if not_dicom:
@@ -129,25 +139,47 @@ def _write_study(study: dict, members: list[dict], spec: GraphSpec, algorithm: A
     driving = [sources[d["key"]] for d in study["driving"] if d["key"] in sources]
     boxed = [s for s in sources.values() if s.detections]
     seed = sorted(s.uid for s in sources.values())
+    shown = _digest(study, driving, list(sources.values()), algorithm)  # what the SR and GSPS say
     folder = options.folder / study_uid
     tag = algorithm.tag
     describe = f"ctmask {{}} ({NOT_FOR_CLINICAL_USE})"
     sr = build_sr(study, driving, boxed, algorithm, algorithm.uid("series", "sr", study_uid),
-                  algorithm.uid("sr", study_uid, *seed), describe.format("SR")[:64])
+                  algorithm.uid("sr", study_uid, shown, *seed), describe.format("SR")[:64])
     gsps = build_gsps(boxed or driving, algorithm, spec.window, algorithm.uid("series", "gsps", study_uid),
-                      algorithm.uid("gsps", study_uid, *seed), describe.format("GSPS")[:64])
+                      algorithm.uid("gsps", study_uid, shown, *seed), describe.format("GSPS")[:64])
+    try:
+        captures = [build_sc(s, n, algorithm, spec.window, algorithm.uid("series", "sc", study_uid),
+                             algorithm.uid("sc", study_uid, s.uid, _digest(None, [], [s], algorithm)),
+                             describe.format("SC")[:64], options.force_modality)
+                    for n, s in enumerate(driving, 1)] if options.sc else []
+    except DataError as exc:  # a slice that no longer decodes: this study's failure (an output error is the run's)
+        raise _Refused(f"a capture cannot be made ({exc})") from None
+    # every object made before the first is written: a study that fails gets no file
     objects = StudyObjects(study_uid, str(_save(sr, folder / f"ctmask-sr-{tag}.dcm")),
                            str(_save(gsps, folder / f"ctmask-gsps-{tag}.dcm")))
-    if options.sc:
-        for n, s in enumerate(driving, 1):
-            sc = build_sc(s, n, algorithm, spec.window, algorithm.uid("series", "sc", study_uid),
-                          algorithm.uid("sc", study_uid, s.uid), describe.format("SC")[:64])
-            objects.sc.append(str(_save(sc, folder / f"ctmask-sc-{tag}-{n}.dcm")))
+    for n, sc in enumerate(captures, 1):
+        objects.sc.append(str(_save(sc, folder / f"ctmask-sc-{tag}-{n}.dcm")))
     keep = {Path(p).name for p in objects.files}
     for stale in folder.glob(f"ctmask-sc-{tag}-*.dcm"):  # an earlier run's captures of slices no longer driving
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
     return objects
+
+
+def _digest(study: dict | None, driving: list[SourceSlice], sources: list[SourceSlice], algorithm: Algorithm) -> str:
+    """sha256 of what an object shows: the study call, the driving instances, each source's call,
+    probabilities and shown detections, the ctmask version (no paths). Part of the SOP Instance
+    UID's name, so an object whose content differs (another --top-rois or --study-top-k, another
+    ctmask's rule) is another instance: DICOM gives one content one UID, and a PACS keeping the
+    first of two instances with one UID would keep the stale one."""
+    import hashlib
+    import json
+
+    content = {"version": algorithm.version,
+               "study": None if study is None else {k: study.get(k) for k in ("class", "probs", "rule")},
+               "driving": [s.uid for s in driving],
+               "slices": sorted([s.uid, s.record.get("class"), s.record.get("probs"), s.detections] for s in sources)}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class _Rec:
