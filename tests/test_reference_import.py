@@ -405,3 +405,18 @@ def test_deeply_nested_entries_are_named_without_recursion(tmp_path):
     path.write_bytes(path.read_bytes().replace(mark, b"(" * 5000 + b"t" * 5000))
     with pytest.raises(CheckpointError, match=r"entries that are not tensors: \['\(\(\(\(\(\.\.\.\),\),\),\),\)'\]"):
         read_reference(path)
+
+
+def test_import_from_python_never_writes_over_its_source(tmp_path, r18_file):
+    import shutil
+
+    from ctmask.core.errors import CtmaskError
+    from ctmask.training.reference_import import import_reference
+
+    src = tmp_path / "authors.pth"
+    shutil.copy(r18_file[0], src)
+    before = src.read_bytes()
+    for out in (src, tmp_path / "." / "authors.pth", tmp_path / "authors.pth.json" / ".." / "authors.pth"):
+        with pytest.raises(CtmaskError, match="input"):
+            import_reference(src, out)
+    assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["authors.pth"]

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from ctmask.core.errors import CheckpointError
+from ctmask.core.outputs import check_outputs
 from ctmask.core.presets import MASK_TYPES, PAPER, PRESETS, RESNET18_T1, RESNET34_T1, Preset
 from ctmask.training.checkpoint import save_checkpoint
 
@@ -570,6 +571,8 @@ def import_reference(source: str | Path, out: str | Path, opts: ImportOptions | 
         CheckpointError: see :func:`read_reference`, :func:`infer_preset` and :func:`map_weights`.
     """
     source, out = Path(source), Path(out)
+    # The CLI checks its outputs before any work; a caller from Python gets the same refusal.
+    check_outputs({"FILE": source}, {"--out": out, "--out's sidecar": out.with_name(out.name + ".json")})
     blob = read_reference(source)
     kind, preset, record = infer_preset(blob, opts or ImportOptions(), source)
     state, filled = map_weights(blob["model_weights"], kind, preset, source)
