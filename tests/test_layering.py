@@ -188,3 +188,34 @@ def test_no_torch_import_statement_in_torch_free_layers():
     files += sorted((ROOT / "trt").rglob("check*.py")) + [ROOT / "trt" / "support.py"]
     offenders = [f"{p.relative_to(ROOT)}:{m.group(0).strip()}" for p in files for m in pattern.finditer(p.read_text())]
     assert offenders == []
+
+
+MAX_FILE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def oversized(root: Path) -> list[str]:
+    """Files of more than MAX_FILE_LINES lines and functions (signature and docstring included) of
+    more than MAX_FUNCTION_LINES under ``root``: each usually holds two jobs."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > MAX_FILE_LINES:
+            found.append(f"{path.relative_to(root.parent)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}: {n} lines")
+    return found
+
+
+def test_no_file_or_function_outgrows_one_job():
+    assert oversized(ROOT) == []
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    pkg = tmp_path / "ctmask"
+    pkg.mkdir()
+    (pkg / "long.py").write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert oversized(pkg) == ["ctmask/long.py:1 f: 81 lines"]

@@ -120,24 +120,15 @@ def infer(
     if dicomweb is not None or study is not None or series is not None:
         _check_dicomweb(dicomweb, study, inputs, {"--out": out, "--studies": studies, "--overlays": overlays,
                                                   "--report": report, "--resume": resume, "--boxes": boxes,
-                                                  "--ray": use_ray, "--dicom-out": dicom_out})
-        check_paths({"MODEL": model}, {"--json": json_out})
+                                                  "--ray": use_ray, "--dicom-out": dicom_out}, model, json_out)
         return infer_dicomweb(model, str(dicomweb), str(study), series, credentials, ca_bundle, spool, retry_for,
                               predict, study_top_k, dicom_sc, backend, device, threads, events, json_out)
-    if not inputs:
-        raise ConfigError("no INPUTS: give slices, series folders or volumes (or --dicomweb URL --study UID)")
     guard = _check_outputs(out, studies, report, {"--overlays": overlays, "--dicom-out": dicom_out}, resume, model,
-                           inputs, boxes, json_out)
-    if dicom_sc and dicom_out is None:
-        raise ConfigError("--dicom-sc adds Secondary Captures to --dicom-out: pass --dicom-out DIR")
+                           inputs, boxes, json_out, dicom_sc)
     engine = _engine(model, backend, device, threads, use_ray, address, actors, gpus_per_actor, cpus_per_actor)
     request = InferRequest(model, inputs, out, studies, overlays, report, resume, boxes, study_top_k, predict, guard,
                            dicom_out, dicom_sc)
-    summary = run_infer(request, engine, events)
-    _echo_summary(summary, request)
-    emit_json(summary.to_dict(), json_out)
-    if summary.failures:
-        raise typer.Exit(1)
+    _finish(run_infer(request, engine, events), request, json_out)
 
 
 def _engine(model: Path, backend: str, device: str, threads: int | None, use_ray: bool, address: str | None,
@@ -161,8 +152,10 @@ def _engine(model: Path, backend: str, device: str, threads: int | None, use_ray
     return LocalEngine(open_runner)
 
 
-def _check_dicomweb(url: str | None, study: str | None, inputs: list[Path] | None, others: dict) -> None:
+def _check_dicomweb(url: str | None, study: str | None, inputs: list[Path] | None, others: dict, model: Path,
+                    json_out: Path | None) -> None:
     """--dicomweb needs --study, takes no INPUTS, and none of the file-run options."""
+    check_paths({"MODEL": model}, {"--json": json_out})
     if url is None or study is None:
         raise ConfigError("--dicomweb URL and --study UID go together (--series UID: one series of the study)")
     if inputs:
@@ -189,6 +182,14 @@ def _slice_line(echo):
     return show
 
 
+def _finish(summary, request, json_out: Path | None) -> None:
+    """The summary on stderr and in --json; exit 1 when some inputs were skipped."""
+    _echo_summary(summary, request)
+    emit_json(summary.to_dict(), json_out)
+    if summary.failures:
+        raise typer.Exit(1)
+
+
 def _echo_summary(summary, request) -> None:
     """The skipped inputs, and the run in one line (stderr)."""
     for f in summary.failures:
@@ -207,10 +208,15 @@ def _echo_summary(summary, request) -> None:
 
 
 def _check_outputs(out: Path | None, studies: Path | None, report: Path | None, folders: dict[str, Path | None],
-                   resume: bool, model: Path, inputs: list[Path], boxes: Path | None, json_out: Path | None):
-    """Refuse bad output options before anything runs (exit 2, nothing written): the formats, and
-    every output against every input and each other (:func:`ctmask.cli.common.check_paths`).
+                   resume: bool, model: Path, inputs: list[Path] | None, boxes: Path | None, json_out: Path | None,
+                   dicom_sc: bool):
+    """Refuse bad output options before anything runs (exit 2, nothing written): no INPUTS, the formats,
+    and every output against every input and each other (:func:`ctmask.cli.common.check_paths`).
     Returns the checked outputs (what an input listing leaves out)."""
+    if not inputs:
+        raise ConfigError("no INPUTS: give slices, series folders or volumes (or --dicomweb URL --study UID)")
+    if dicom_sc and folders.get("--dicom-out") is None:
+        raise ConfigError("--dicom-sc adds Secondary Captures to --dicom-out: pass --dicom-out DIR")
     from ctmask.core.outputs import lock_path
     from ctmask.runtime.predict import journal_path
 

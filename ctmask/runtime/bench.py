@@ -254,6 +254,13 @@ def _display_names(paths: list[Path]) -> dict[str, str]:
     return {str(p): (p.name if names.count(p.name) == 1 else str(p)) for p in paths}
 
 
+def _model_entry(plan: BenchPlan, name: str) -> dict:
+    """One benchmarked model in the report's ``models``."""
+    spec = plan.spec
+    return {"model": str(plan.model), "name": name, "preset": spec.preset, "precision": spec.precision,
+            "int8_target": spec.int8_target or None, "label": precision_label(spec.precision, spec.int8_target)}
+
+
 def run_plan(plan: BenchPlan | MultiPlan, batch_sizes: list[int], folder: Path | None, warmup: int,
              iterations: int, show_progress: bool = True) -> dict:
     """Benchmark every planned model on every planned backend at every batch size, on the same
@@ -318,11 +325,7 @@ def run_plan(plan: BenchPlan | MultiPlan, batch_sizes: list[int], folder: Path |
     first_rows = [r for r in results if r["model"] == first or _kind(r["backend"]) in ONCE]
     return {
         "model": first,
-        "models": [{"model": str(p.model), "name": display[str(p.model)], "preset": p.spec.preset,
-                    "precision": p.spec.precision,
-                    "int8_target": p.spec.int8_target or None, "label": precision_label(p.spec.precision,
-                                                                                      p.spec.int8_target)}
-                   for p in multi.plans],
+        "models": [_model_entry(p, display[str(p.model)]) for p in multi.plans],
         "preset": multi.spec.preset,
         "input": "synthetic slices" if folder is None else str(folder),
         "cpu_count": os.cpu_count(),

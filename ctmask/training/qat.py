@@ -297,6 +297,35 @@ def distill_loss(teacher: nn.Module, x: torch.Tensor, cap: _Capture) -> torch.Te
     return sum(terms) / len(obj_q) + nn.functional.mse_loss(cls_q, cls_f) + nn.functional.mse_loss(reg_q, reg_f)
 
 
+def _fine_tune(detector: nn.Module, teacher: nn.Module | None, loader, optimizer: torch.optim.Optimizer,
+               opts: QatOptions, show_progress: bool) -> list[dict]:
+    """``opts.steps`` optimizer steps of the detection losses (plus ``opts.distill`` times the
+    distillation loss against ``teacher``), BatchNorm frozen; the losses of every step."""
+    from ctmask.core.progress import progress
+    from ctmask.training.detector import detector_losses, normalize
+
+    detector.train()
+    freeze_batchnorm(detector)
+    cap = _Capture(detector)
+    history: list[dict] = []
+    with progress(opts.steps, "qat", show_progress) as advance:
+        while len(history) < opts.steps:
+            for images, targets in loader:
+                losses = detector_losses(detector, images, targets)
+                if teacher is not None and opts.distill > 0:
+                    losses["loss_distill"] = opts.distill * distill_loss(teacher, normalize(images), cap)
+                total = sum(losses.values())
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                history.append({k: float(v.detach()) for k, v in losses.items()})
+                advance(status=f"loss {float(total.detach()):.3f}")
+                if len(history) >= opts.steps:
+                    break
+    cap.close()
+    return history
+
+
 def train_qat(
     checkpoint: str | Path,
     samples: list,
@@ -324,10 +353,10 @@ def train_qat(
 
     from ctmask.calibration.ranges import load_ranges
     from ctmask.core.graphs import content_sha256, load_proto
-    from ctmask.core.progress import console, progress
+    from ctmask.core.progress import console
     from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
     from ctmask.training.datasets import SegmentationDataset, collate_detection
-    from ctmask.training.detector import build_detector, detector_losses, normalize
+    from ctmask.training.detector import build_detector
     from ctmask.training.model import load_state
     from ctmask.training.reproducibility import environment, seed_everything
 
@@ -351,28 +380,8 @@ def train_qat(
     data = SegmentationDataset(samples, ck.preset.image_size, hflip=opts.hflip, mask_type=ck.preset.mask_type)
     gen = torch.Generator().manual_seed(opts.seed)
     loader = DataLoader(data, batch_size=opts.batch_size, shuffle=True, collate_fn=collate_detection, generator=gen)
-    detector.train()
-    freeze_batchnorm(detector)
-    cap = _Capture(detector)
-    history: list[dict] = []
     t0 = time.perf_counter()
-    step = 0
-    with progress(opts.steps, "qat", show_progress) as advance:
-        while step < opts.steps:
-            for images, targets in loader:
-                losses = detector_losses(detector, images, targets)
-                if opts.distill > 0:
-                    losses["loss_distill"] = opts.distill * distill_loss(teacher, normalize(images), cap)
-                total = sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                history.append({k: float(v.detach()) for k, v in losses.items()})
-                step += 1
-                advance(status=f"loss {float(total.detach()):.3f}")
-                if step >= opts.steps:
-                    break
-    cap.close()
+    history = _fine_tune(detector, teacher, loader, optimizer, opts, show_progress)
     seconds = time.perf_counter() - t0
 
     def mean(rows: list[dict]) -> dict:
@@ -394,7 +403,7 @@ def train_qat(
                         "seconds": seconds},
                 "environment": environment()},
     )
-    return {"steps": step, "quantizers": len(enabled), "weight_quantizers": sum(n.endswith("weight_quantizer")
+    return {"steps": len(history), "quantizers": len(enabled), "weight_quantizers": sum(n.endswith("weight_quantizer")
                                                                                for n in enabled),
             "first": first, "last": last, "seconds": seconds, "n_train": len(samples), "history": history}
 
