@@ -469,3 +469,80 @@ def test_wado_multipart_is_split_to_files_whatever_the_chunking_with_a_size_cap(
         split_parts([body[:300]], b"b0und", lambda n: (tmp_path / "cut.dcm", open(tmp_path / "cut.dcm", "wb")))
     with pytest.raises(PacsError, match="not multipart/related"):
         boundary_of("application/json")
+
+
+# --- hostile peers (review of issue 21 part 2) ---------------------------------------------------
+
+def _tiny_instance(path: Path, study: str, sop: str) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, "1.2.3.4", "OT"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_qido_series_uid_that_is_a_path_is_refused_before_any_folder_is_touched(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    web = DicomWeb("http://127.0.0.1:9/dicom-web", http_session(Credentials()), Backoff(total=0))
+    evil = "../../victim"
+    monkeypatch.setattr(web.client, "search_for_series", lambda *a, **k: [
+        {"0020000E": {"vr": "UI", "Value": [evil]}, "00080060": {"vr": "CS", "Value": ["CT"]}}])
+    with pytest.raises(PacsError, match="no UID"):
+        web.series("1.2.3")
+    with pytest.raises(PacsError, match="not a DICOM UID"):  # the folder it would have emptied first
+        web.fetch_series("1.2.3", evil, tmp_path / "tmp" / "series" / evil)
+    assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_dicomweb_refuses_credentials_and_uids_that_are_no_uids_on_the_command_line(tmp_path):
+    r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", "http://alice:s3cret@127.0.0.1:9/dicom-web",
+             "--study", "1.2", env={})
+    assert r.exit_code == 2 and "holds credentials" in r.output and "s3cret" not in r.output
+    for flag, uid in (("--study", "../../etc"), ("--series", "1.2/../3")):
+        args = ["--study", "1.2", flag, uid] if flag == "--series" else ["--study", uid]
+        r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", "http://127.0.0.1:9/dicom-web", *args, env={})
+        assert r.exit_code == 2 and "not a DICOM UID" in r.output, r.output
+    from ctmask.cli.pacs import plain_http_warning
+
+    assert "plain HTTP" in (plain_http_warning("http://pacs.example.org/dicom-web", True) or "")
+    assert plain_http_warning("https://pacs.example.org/dicom-web", True) is None
+    assert plain_http_warning("http://127.0.0.1:8042/dicom-web", True) is None
+    assert plain_http_warning("http://pacs.example.org/dicom-web", False) is None
+
+
+def test_a_corrupt_spool_file_is_held_and_named_not_a_crash(tmp_path):
+    study = "1.2.826.0.1.3680043.8.498.1"
+    spool = Spool(tmp_path / "spool", "http://127.0.0.1:9/dicom-web")
+    spool.add([_tiny_instance(tmp_path / "r.dcm", study, study + ".1")])
+    [f] = spool.studies()[study]
+    f.write_bytes(b"\x00" * 10)  # a disk fault, a half-written copy by hand
+    web = DicomWeb("http://127.0.0.1:9/dicom-web", http_session(Credentials()), Backoff(total=0))
+    report = spool.flush(lambda s, files: web.store(files, s), Backoff(total=0))
+    assert report.pending == 1 and "not a DICOM file" in report.errors[0]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_the_scp_refuses_instances_whose_uids_are_paths(tmp_path):
+    from ctmask.pacs.dimse import StorageSCP
+
+    got = []
+    port = free_port()
+    scp = StorageSCP("CTMASK", "127.0.0.1", port, (), lambda *a: got.append(a[:2]))
+    scp.start()
+    try:
+        dest = Destination("127.0.0.1", port, "CTMASK")
+        for i, (study, sop) in enumerate((("..", "1.2.3.1"), (".", "1.2.3.2"), ("1.2.3", "../../x"))):
+            with pytest.raises(PacsError, match="refused"):
+                c_store([_tiny_instance(tmp_path / f"{i}.dcm", study, sop)], dest)
+        assert c_store([_tiny_instance(tmp_path / "ok.dcm", "1.2.3", "1.2.3.9")], dest) == 1
+    finally:
+        scp.stop()
+    assert got == [("1.2.3", "1.2.3.9")]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ctmask.core.errors import ConfigError, PacsError
+from ctmask.pacs import is_uid
 from ctmask.pacs.retry import TransientError
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 characters of the default repertoire, no backslash
@@ -131,7 +132,7 @@ class StorageSCP:
     def _on_store(self, event: Any) -> int:
         ds = event.dataset  # the elements are parsed on access: two UIDs here, the pixels never
         study, sop = str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
-        if not study or not sop:
+        if not is_uid(study) or not is_uid(sop):  # missing, or no UID ("..", a slash): they name files
             return 0xA900  # dataset does not match SOP class
         try:
             self._store(study, sop, event.encoded_dataset())
