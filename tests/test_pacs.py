@@ -546,3 +546,20 @@ def test_the_scp_refuses_instances_whose_uids_are_paths(tmp_path):
     finally:
         scp.stop()
     assert got == [("1.2.3", "1.2.3.9")]
+
+
+def test_wado_answers_without_end_are_abandoned_not_read_for_ever(tmp_path):
+    import itertools
+
+    from ctmask.pacs.multipart import split_parts
+
+    def open_part(n):
+        return tmp_path / f"{n}.dcm", open(tmp_path / f"{n}.dcm", "wb")
+
+    endless = itertools.repeat(b"x" * 4096)  # a server streaming without the boundary it announced
+    with pytest.raises(PacsError, match="no boundary"):
+        split_parts(endless, b"b0und", open_part)
+    part = itertools.chain([b"--b0und\r\n\r\n"], itertools.repeat(b"y" * 4096))  # one part without end
+    with pytest.raises(PacsError, match="still coming"):
+        split_parts(part, b"b0und", open_part, limit=1 << 16)
+    assert not list(tmp_path.iterdir())

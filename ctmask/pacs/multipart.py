@@ -46,7 +46,7 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
     file is removed)."""
     delim = b"\r\n--" + boundary
     buf = bytearray(b"\r\n")  # the body starts with "--boundary": match it as a delimiter
-    state, n, size = "preamble", 0, 0
+    state, n, size, preamble = "preamble", 0, 0, 0
     out: BinaryIO | None = None
     path: Path | None = None
     written: list[Path] = []
@@ -66,6 +66,8 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
         nonlocal size, out
         size += len(data)
         if out is None:
+            if size > 2 * limit:  # refused, and still coming: an endless part would be read for ever
+                raise PacsError(f"WADO-RS part {n}: over {2 * limit} bytes and still coming: the answer abandoned")
             return
         if size > limit:
             refused.append((n, f"over {limit} bytes: refused"))
@@ -83,6 +85,11 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
                         keep = len(delim) - 1
                         if state == "body" and len(buf) > keep:
                             write(buf[:-keep])
+                        elif state == "preamble":
+                            preamble += max(len(buf) - keep, 0)
+                            if preamble > MAX_PART_HEADER_BYTES:  # an endless answer with no boundary
+                                raise PacsError(f"WADO-RS answer: no boundary in its first {MAX_PART_HEADER_BYTES} "
+                                                "bytes (not the boundary its Content-Type names)")
                         del buf[:-keep]
                         break
                     if state == "body":
