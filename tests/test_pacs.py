@@ -563,3 +563,30 @@ def test_wado_answers_without_end_are_abandoned_not_read_for_ever(tmp_path):
     with pytest.raises(PacsError, match="still coming"):
         split_parts(part, b"b0und", open_part, limit=1 << 16)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_scp_aborts_an_association_whose_instance_passes_the_size_cap(tmp_path):
+    import numpy as np
+
+    from ctmask.pacs.dimse import StorageSCP
+
+    got = []
+    port = free_port()
+    scp = StorageSCP("CTMASK", "127.0.0.1", port, (), lambda *a: got.append(a[:2]), max_instance_bytes=256 << 10)
+    scp.start()
+    try:
+        dest = Destination("127.0.0.1", port, "CTMASK")
+        big = _tiny_instance(tmp_path / "big.dcm", "1.2.3", "1.2.3.1")
+        ds = pydicom.dcmread(big)
+        ds.Rows = ds.Columns = 512
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = np.zeros((512, 512), np.uint16).tobytes()  # 512 KiB, over the 256 KiB cap
+        ds["PixelData"].VR = "OW"
+        ds.save_as(big)
+        with pytest.raises((TransientError, PacsError)):
+            c_store([big], dest, timeout=5)
+        assert c_store([_tiny_instance(tmp_path / "ok.dcm", "1.2.3", "1.2.3.9")], dest) == 1  # still listening
+    finally:
+        scp.stop()
+    assert got == [("1.2.3", "1.2.3.9")]
