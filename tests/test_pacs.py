@@ -590,3 +590,17 @@ def test_the_scp_aborts_an_association_whose_instance_passes_the_size_cap(tmp_pa
     finally:
         scp.stop()
     assert got == [("1.2.3", "1.2.3.9")]
+
+
+def test_an_instance_sent_twice_is_counted_once_and_a_backoff_without_waits_is_refused(tmp_path):
+    from ctmask.pacs.listen import Listener, ListenOptions
+    from ctmask.pacs.study import StudySettings
+
+    options = ListenOptions(Destination("127.0.0.1", 9, "PACS"), tmp_path / "work")
+    listener = Listener(options, StudySettings(tmp_path / "m.onnx"), lambda: None)  # type: ignore[arg-type,return-value]
+    for _ in range(2):
+        listener._store("1.2.3", "1.2.3.1", b"x")
+    listener._store("1.2.3", "1.2.3.2", b"y")
+    assert listener.log["1.2.3"].instances == 2
+    with pytest.raises(ValueError):
+        Backoff(first=0, total=10)  # its waits would be 0, 0, 0, ... for ever

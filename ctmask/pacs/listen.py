@@ -132,8 +132,10 @@ class Listener:
         with self._lock:
             now = time.time()
             log = self.log.setdefault(study, StudyLog(study, first_received=now))
-            write_bytes_atomic(self.incoming / _safe(study) / f"{_safe(sop)}.dcm", encoded)
-            log.instances += 1
+            path = self.incoming / _safe(study) / f"{_safe(sop)}.dcm"
+            again = path.exists()  # the same instance sent twice: replaced, counted once
+            write_bytes_atomic(path, encoded)
+            log.instances += 0 if again else 1
             log.last_received = now
 
     def _watch(self) -> None:
