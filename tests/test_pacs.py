@@ -604,3 +604,20 @@ def test_an_instance_sent_twice_is_counted_once_and_a_backoff_without_waits_is_r
     assert listener.log["1.2.3"].instances == 2
     with pytest.raises(ValueError):
         Backoff(first=0, total=10)  # its waits would be 0, 0, 0, ... for ever
+
+
+def test_a_study_that_fails_for_an_unexpected_reason_is_done_with_its_error_not_lost(tmp_path, monkeypatch):
+    import ctmask.pacs.listen as listen
+    from ctmask.pacs.study import StudySettings
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(listen, "infer_folder", broken)
+    options = listen.ListenOptions(Destination("127.0.0.1", 9, "PACS"), tmp_path / "work")
+    listener = listen.Listener(options, StudySettings(tmp_path / "m.onnx"), lambda: None)  # type: ignore[arg-type,return-value]
+    listener._runner = None  # type: ignore[assignment]
+    listener._store("1.2.3", "1.2.3.1", b"x")
+    listener._process("1.2.3")
+    [log] = listener.done  # --exit-after counts it (it waited for ever), the exit status is 1
+    assert "No space left" in (log.error or "") and listener.wait_for(1, 0.1)

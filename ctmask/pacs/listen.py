@@ -172,6 +172,9 @@ class Listener:
         except CtmaskError as exc:  # nothing in the study could be predicted: say so, keep listening
             log.error = str(exc)
             self.events.warn(f"study {study}: {exc} (its instances are kept in {folder})")
+        except Exception as exc:  # a bug or the machine (disk full): the study failed, not lost from the count
+            log.error = f"not predicted ({type(exc).__name__}: {exc})"
+            self.events.warn(f"study {study}: {log.error} (its instances are kept in {folder})")
         with self._lock:
             self.done.append(log)
         if log.error is None:
