@@ -621,3 +621,12 @@ def test_a_study_that_fails_for_an_unexpected_reason_is_done_with_its_error_not_
     listener._process("1.2.3")
     [log] = listener.done  # --exit-after counts it (it waited for ever), the exit status is 1
     assert "No space left" in (log.error or "") and listener.wait_for(1, 0.1)
+
+
+def test_a_spool_that_is_a_file_is_refused_before_anything_is_pulled(tmp_path):
+    (tmp_path / "spool").write_text("not a folder")
+    with pytest.raises(ConfigError, match="spool is not a folder"):
+        Spool(tmp_path / "spool", "http://x")
+    r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", f"http://127.0.0.1:{free_port()}/dicom-web", "--study",
+             "1.2", "--spool", tmp_path / "spool", "--retry-for", "0", env={})
+    assert r.exit_code == 2 and "spool is not a folder" in r.output, r.output
