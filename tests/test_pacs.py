@@ -630,3 +630,11 @@ def test_a_spool_that_is_a_file_is_refused_before_anything_is_pulled(tmp_path):
     r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", f"http://127.0.0.1:{free_port()}/dicom-web", "--study",
              "1.2", "--spool", tmp_path / "spool", "--retry-for", "0", env={})
     assert r.exit_code == 2 and "spool is not a folder" in r.output, r.output
+
+
+def test_a_credentials_file_that_is_a_device_or_a_fifo_is_refused_unread(tmp_path):
+    fifo = tmp_path / "creds.fifo"
+    os.mkfifo(fifo, 0o600)  # reading it would block for ever; /dev/zero would fill the memory
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ConfigError, match="regular file"):
+            read_credentials({}, path)
