@@ -638,3 +638,16 @@ def test_a_credentials_file_that_is_a_device_or_a_fifo_is_refused_unread(tmp_pat
     for path in (fifo, Path("/dev/zero")):
         with pytest.raises(ConfigError, match="regular file"):
             read_credentials({}, path)
+
+
+def test_a_redirect_loop_or_a_broken_encoding_is_a_pacs_error_not_a_traceback():
+    import requests
+
+    from ctmask.pacs.dicomweb import call
+
+    for exc in (requests.TooManyRedirects("30 redirects"), requests.exceptions.ContentDecodingError("bad gzip")):
+        def fail(exc=exc):
+            raise exc
+
+        with pytest.raises(PacsError, match=type(exc).__name__):
+            call("QIDO-RS series", "http://x/dicom-web", fail)

@@ -72,6 +72,8 @@ def call(what: str, url: str, fn: Callable[[], T]) -> T:
                         hint="give the PACS's CA with --ca-bundle FILE") from None
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
         raise TransientError(f"{what}: {url} unreachable ({type(exc).__name__})") from None
+    except requests.RequestException as exc:  # a redirect loop, a bad Content-Encoding, a bad URL: the server's
+        raise PacsError(f"{what}: {url}: {type(exc).__name__} (the server's answer is unusable)") from None
 
 
 class DicomWeb:
