@@ -563,6 +563,9 @@ def test_wado_answers_without_end_are_abandoned_not_read_for_ever(tmp_path):
     with pytest.raises(PacsError, match="still coming"):
         split_parts(part, b"b0und", open_part, limit=1 << 16)
     assert not list(tmp_path.iterdir())
+    tiny = itertools.repeat(b"--b0und\r\n\r\nz\r\n")  # parts without end: the disk filled with files
+    with pytest.raises(PacsError, match="over 50 instances"):
+        split_parts(tiny, b"b0und", open_part, max_parts=50)
 
 
 def test_the_scp_aborts_an_association_whose_instance_passes_the_size_cap(tmp_path):

@@ -22,6 +22,10 @@ MAX_INSTANCE_BYTES = 4 << 30
 
 MAX_PART_HEADER_BYTES = 64 << 10
 
+MAX_PARTS = 100_000
+"""Most instances one WADO-RS answer (a series) may hold; an endless stream of small parts
+would otherwise fill the disk."""
+
 
 def boundary_of(content_type: str) -> bytes:
     """The boundary of a ``multipart/related`` Content-Type.
@@ -40,7 +44,8 @@ def boundary_of(content_type: str) -> bytes:
 
 
 def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[int], tuple[Path, BinaryIO]],
-                limit: int = MAX_INSTANCE_BYTES) -> tuple[list[Path], list[tuple[int, str]]]:
+                limit: int = MAX_INSTANCE_BYTES, max_parts: int = MAX_PARTS
+                ) -> tuple[list[Path], list[tuple[int, str]]]:
     """Write each part of the multipart body ``chunks`` to the file ``open_part(n)`` opens (n from
     1); the paths written, and the parts refused ((n, why): over ``limit`` bytes; their partial
     file is removed)."""
@@ -110,6 +115,8 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
                             raise PacsError(f"WADO-RS part {n + 1}: headers over {MAX_PART_HEADER_BYTES} bytes")
                         break
                     del buf[:i + 4]
+                    if n >= max_parts:
+                        raise PacsError(f"WADO-RS answer: over {max_parts} instances: abandoned")
                     n, size = n + 1, 0
                     path, out = open_part(n)
                     state = "body"
