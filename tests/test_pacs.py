@@ -562,6 +562,10 @@ def test_wado_answers_without_end_are_abandoned_not_read_for_ever(tmp_path):
     part = itertools.chain([b"--b0und\r\n\r\n"], itertools.repeat(b"y" * 4096))  # one part without end
     with pytest.raises(PacsError, match="still coming"):
         split_parts(part, b"b0und", open_part, limit=1 << 16)
+    now = iter(range(0, 10**6, 30))  # a byte every 30 s: under any per-read timeout
+    trickle = itertools.chain([b"--b0und\r\n\r\n"], itertools.repeat(b"t"))
+    with pytest.raises(PacsError, match="bytes/s: abandoned"):
+        split_parts(trickle, b"b0und", open_part, clock=lambda: float(next(now)))
     assert not list(tmp_path.iterdir())
     tiny = itertools.repeat(b"--b0und\r\n\r\nz\r\n")  # parts without end: the disk filled with files
     with pytest.raises(PacsError, match="over 50 instances"):

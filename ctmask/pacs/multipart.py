@@ -10,6 +10,7 @@ with their size limits and refusals.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +22,12 @@ MAX_INSTANCE_BYTES = 4 << 30
 512 x 512 x 16 bits); a larger part is refused (not written past this) and named."""
 
 MAX_PART_HEADER_BYTES = 64 << 10
+
+MIN_RATE = 16 << 10
+"""Bytes per second an answer must average once it has run :data:`GRACE_S` seconds: a server
+trickling a byte per minute stays under the per-read timeout and would hold the run for ever."""
+
+GRACE_S = 60.0
 
 MAX_PARTS = 100_000
 """Most instances one WADO-RS answer (a series) may hold; an endless stream of small parts
@@ -44,8 +51,8 @@ def boundary_of(content_type: str) -> bytes:
 
 
 def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[int], tuple[Path, BinaryIO]],
-                limit: int = MAX_INSTANCE_BYTES, max_parts: int = MAX_PARTS
-                ) -> tuple[list[Path], list[tuple[int, str]]]:
+                limit: int = MAX_INSTANCE_BYTES, max_parts: int = MAX_PARTS,
+                clock: Callable[[], float] = time.monotonic) -> tuple[list[Path], list[tuple[int, str]]]:
     """Write each part of the multipart body ``chunks`` to the file ``open_part(n)`` opens (n from
     1); the paths written, and the parts refused ((n, why): over ``limit`` bytes; their partial
     file is removed)."""
@@ -81,8 +88,13 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
         out.write(data)
 
     try:
+        start, total = clock(), 0
         for chunk in chunks:
             buf += chunk
+            total += len(chunk)
+            spent = clock() - start
+            if spent > GRACE_S and total < MIN_RATE * spent:
+                raise PacsError(f"WADO-RS answer: {total} bytes in {spent:.0f} s, under {MIN_RATE} bytes/s: abandoned")
             while True:
                 if state in ("preamble", "body"):
                     i = buf.find(delim)
