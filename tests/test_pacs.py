@@ -469,3 +469,192 @@ def test_wado_multipart_is_split_to_files_whatever_the_chunking_with_a_size_cap(
         split_parts([body[:300]], b"b0und", lambda n: (tmp_path / "cut.dcm", open(tmp_path / "cut.dcm", "wb")))
     with pytest.raises(PacsError, match="not multipart/related"):
         boundary_of("application/json")
+
+
+# --- hostile peers (review of issue 21 part 2) ---------------------------------------------------
+
+def _tiny_instance(path: Path, study: str, sop: str) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, "1.2.3.4", "OT"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_qido_series_uid_that_is_a_path_is_refused_before_any_folder_is_touched(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    web = DicomWeb("http://127.0.0.1:9/dicom-web", http_session(Credentials()), Backoff(total=0))
+    evil = "../../victim"
+    monkeypatch.setattr(web.client, "search_for_series", lambda *a, **k: [
+        {"0020000E": {"vr": "UI", "Value": [evil]}, "00080060": {"vr": "CS", "Value": ["CT"]}}])
+    with pytest.raises(PacsError, match="no UID"):
+        web.series("1.2.3")
+    with pytest.raises(PacsError, match="not a DICOM UID"):  # the folder it would have emptied first
+        web.fetch_series("1.2.3", evil, tmp_path / "tmp" / "series" / evil)
+    assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_dicomweb_refuses_credentials_and_uids_that_are_no_uids_on_the_command_line(tmp_path):
+    r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", "http://alice:s3cret@127.0.0.1:9/dicom-web",
+             "--study", "1.2", env={})
+    assert r.exit_code == 2 and "holds credentials" in r.output and "s3cret" not in r.output
+    for flag, uid in (("--study", "../../etc"), ("--series", "1.2/../3")):
+        args = ["--study", "1.2", flag, uid] if flag == "--series" else ["--study", uid]
+        r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", "http://127.0.0.1:9/dicom-web", *args, env={})
+        assert r.exit_code == 2 and "not a DICOM UID" in r.output, r.output
+    from ctmask.cli.pacs import plain_http_warning
+
+    assert "plain HTTP" in (plain_http_warning("http://pacs.example.org/dicom-web", True) or "")
+    assert plain_http_warning("https://pacs.example.org/dicom-web", True) is None
+    assert plain_http_warning("http://127.0.0.1:8042/dicom-web", True) is None
+    assert plain_http_warning("http://pacs.example.org/dicom-web", False) is None
+
+
+def test_a_corrupt_spool_file_is_held_and_named_not_a_crash(tmp_path):
+    study = "1.2.826.0.1.3680043.8.498.1"
+    spool = Spool(tmp_path / "spool", "http://127.0.0.1:9/dicom-web")
+    spool.add([_tiny_instance(tmp_path / "r.dcm", study, study + ".1")])
+    [f] = spool.studies()[study]
+    f.write_bytes(b"\x00" * 10)  # a disk fault, a half-written copy by hand
+    web = DicomWeb("http://127.0.0.1:9/dicom-web", http_session(Credentials()), Backoff(total=0))
+    report = spool.flush(lambda s, files: web.store(files, s), Backoff(total=0))
+    assert report.pending == 1 and "not a DICOM file" in report.errors[0]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_the_scp_refuses_instances_whose_uids_are_paths(tmp_path):
+    from ctmask.pacs.dimse import StorageSCP
+
+    got = []
+    port = free_port()
+    scp = StorageSCP("CTMASK", "127.0.0.1", port, (), lambda *a: got.append(a[:2]))
+    scp.start()
+    try:
+        dest = Destination("127.0.0.1", port, "CTMASK")
+        for i, (study, sop) in enumerate((("..", "1.2.3.1"), (".", "1.2.3.2"), ("1.2.3", "../../x"))):
+            with pytest.raises(PacsError, match="refused"):
+                c_store([_tiny_instance(tmp_path / f"{i}.dcm", study, sop)], dest)
+        assert c_store([_tiny_instance(tmp_path / "ok.dcm", "1.2.3", "1.2.3.9")], dest) == 1
+    finally:
+        scp.stop()
+    assert got == [("1.2.3", "1.2.3.9")]
+
+
+def test_wado_answers_without_end_are_abandoned_not_read_for_ever(tmp_path):
+    import itertools
+
+    from ctmask.pacs.multipart import split_parts
+
+    def open_part(n):
+        return tmp_path / f"{n}.dcm", open(tmp_path / f"{n}.dcm", "wb")
+
+    endless = itertools.repeat(b"x" * 4096)  # a server streaming without the boundary it announced
+    with pytest.raises(PacsError, match="no boundary"):
+        split_parts(endless, b"b0und", open_part)
+    part = itertools.chain([b"--b0und\r\n\r\n"], itertools.repeat(b"y" * 4096))  # one part without end
+    with pytest.raises(PacsError, match="still coming"):
+        split_parts(part, b"b0und", open_part, limit=1 << 16)
+    now = iter(range(0, 10**6, 30))  # a byte every 30 s: under any per-read timeout
+    trickle = itertools.chain([b"--b0und\r\n\r\n"], itertools.repeat(b"t"))
+    with pytest.raises(PacsError, match="bytes/s: abandoned"):
+        split_parts(trickle, b"b0und", open_part, clock=lambda: float(next(now)))
+    assert not list(tmp_path.iterdir())
+    tiny = itertools.repeat(b"--b0und\r\n\r\nz\r\n")  # parts without end: the disk filled with files
+    with pytest.raises(PacsError, match="over 50 instances"):
+        split_parts(tiny, b"b0und", open_part, max_parts=50)
+
+
+def test_the_scp_aborts_an_association_whose_instance_passes_the_size_cap(tmp_path):
+    import numpy as np
+
+    from ctmask.pacs.dimse import StorageSCP
+
+    got = []
+    port = free_port()
+    scp = StorageSCP("CTMASK", "127.0.0.1", port, (), lambda *a: got.append(a[:2]), max_instance_bytes=256 << 10)
+    scp.start()
+    try:
+        dest = Destination("127.0.0.1", port, "CTMASK")
+        big = _tiny_instance(tmp_path / "big.dcm", "1.2.3", "1.2.3.1")
+        ds = pydicom.dcmread(big)
+        ds.Rows = ds.Columns = 512
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = np.zeros((512, 512), np.uint16).tobytes()  # 512 KiB, over the 256 KiB cap
+        ds["PixelData"].VR = "OW"
+        ds.save_as(big)
+        with pytest.raises((TransientError, PacsError)):
+            c_store([big], dest, timeout=5)
+        assert c_store([_tiny_instance(tmp_path / "ok.dcm", "1.2.3", "1.2.3.9")], dest) == 1  # still listening
+    finally:
+        scp.stop()
+    assert got == [("1.2.3", "1.2.3.9")]
+
+
+def test_an_instance_sent_twice_is_counted_once_and_a_backoff_without_waits_is_refused(tmp_path):
+    from ctmask.pacs.listen import Listener, ListenOptions
+    from ctmask.pacs.study import StudySettings
+
+    options = ListenOptions(Destination("127.0.0.1", 9, "PACS"), tmp_path / "work")
+    listener = Listener(options, StudySettings(tmp_path / "m.onnx"), lambda: None)  # type: ignore[arg-type,return-value]
+    for _ in range(2):
+        listener._store("1.2.3", "1.2.3.1", b"x")
+    listener._store("1.2.3", "1.2.3.2", b"y")
+    assert listener.log["1.2.3"].instances == 2
+    with pytest.raises(ValueError):
+        Backoff(first=0, total=10)  # its waits would be 0, 0, 0, ... for ever
+
+
+def test_a_study_that_fails_for_an_unexpected_reason_is_done_with_its_error_not_lost(tmp_path, monkeypatch):
+    import ctmask.pacs.listen as listen
+    from ctmask.pacs.study import StudySettings
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(listen, "infer_folder", broken)
+    options = listen.ListenOptions(Destination("127.0.0.1", 9, "PACS"), tmp_path / "work")
+    listener = listen.Listener(options, StudySettings(tmp_path / "m.onnx"), lambda: None)  # type: ignore[arg-type,return-value]
+    listener._runner = None  # type: ignore[assignment]
+    listener._store("1.2.3", "1.2.3.1", b"x")
+    listener._process("1.2.3")
+    [log] = listener.done  # --exit-after counts it (it waited for ever), the exit status is 1
+    assert "No space left" in (log.error or "") and listener.wait_for(1, 0.1)
+
+
+def test_a_spool_that_is_a_file_is_refused_before_anything_is_pulled(tmp_path):
+    (tmp_path / "spool").write_text("not a folder")
+    with pytest.raises(ConfigError, match="spool is not a folder"):
+        Spool(tmp_path / "spool", "http://x")
+    r = _cli("infer", tmp_path / "m.onnx", "--dicomweb", f"http://127.0.0.1:{free_port()}/dicom-web", "--study",
+             "1.2", "--spool", tmp_path / "spool", "--retry-for", "0", env={})
+    assert r.exit_code == 2 and "spool is not a folder" in r.output, r.output
+
+
+def test_a_credentials_file_that_is_a_device_or_a_fifo_is_refused_unread(tmp_path):
+    fifo = tmp_path / "creds.fifo"
+    os.mkfifo(fifo, 0o600)  # reading it would block for ever; /dev/zero would fill the memory
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ConfigError, match="regular file"):
+            read_credentials({}, path)
+
+
+def test_a_redirect_loop_or_a_broken_encoding_is_a_pacs_error_not_a_traceback():
+    import requests
+
+    from ctmask.pacs.dicomweb import call
+
+    for exc in (requests.TooManyRedirects("30 redirects"), requests.exceptions.ContentDecodingError("bad gzip")):
+        def fail(exc=exc):
+            raise exc
+
+        with pytest.raises(PacsError, match=type(exc).__name__):
+            call("QIDO-RS series", "http://x/dicom-web", fail)

@@ -40,6 +40,18 @@ def default_spool() -> Path:
     return Path(base) / "ctmask" / "spool"
 
 
+def plain_http_warning(url: str, credentials: bool) -> str | None:
+    """The warning for credentials sent over plain HTTP beyond this machine, else None."""
+    from urllib.parse import urlsplit
+
+    from ctmask.pacs.dimse import is_loopback
+
+    parts = urlsplit(url)
+    if not credentials or parts.scheme.lower() != "http" or is_loopback(parts.hostname or ""):
+        return None
+    return f"--dicomweb {url}: the PACS credentials go over plain HTTP, readable on the network: use https://"
+
+
 def infer_dicomweb(model: Path, url: str, study: str, series: str | None, credentials: Path | None,
                    ca_bundle: Path | None, spool: Path | None, retry_for: float, predict, study_top_k: int,
                    dicom_sc: bool, backend: str, device: str, threads: int | None, events,
@@ -54,7 +66,23 @@ def infer_dicomweb(model: Path, url: str, study: str, series: str | None, creden
 
     if not url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"--dicomweb {url!r}: want the DICOMweb root URL, e.g. http://127.0.0.1:8042/dicom-web")
-    session = http_session(read_credentials(os.environ, credentials), ca_bundle)
+    from urllib.parse import urlsplit
+
+    from ctmask.pacs import is_uid
+
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        # a user / password in the URL is on the command line (ps, shell history) and in every message
+        raise ConfigError("--dicomweb: the URL holds credentials (user:password@): never on the command line",
+                          hint="set CTMASK_PACS_USER / CTMASK_PACS_PASSWORD, CTMASK_PACS_TOKEN or --credentials FILE")
+    for flag, uid in (("--study", study), ("--series", series)):
+        if uid is not None and not is_uid(uid):
+            raise ConfigError(f"{flag} {uid[:80]!r}: not a DICOM UID (digits and dots, at most 64 characters)")
+    creds = read_credentials(os.environ, credentials)
+    plain = plain_http_warning(url, creds.kind != "none")
+    if plain:
+        events.warn(plain)
+    session = http_session(creds, ca_bundle)
     backoff = Backoff(first=1.0, longest=30.0, total=retry_for)
     web = DicomWeb(url, session, backoff, on_retry=lambda why, wait: events.warn(f"{why}: trying again in {wait:g} s"))
     result = run(web, study, series, StudySettings(model, predict, study_top_k, dicom_sc), spool or default_spool(),

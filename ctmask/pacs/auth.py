@@ -63,12 +63,14 @@ def read_credentials(env: Mapping[str, str], path: str | Path | None) -> Credent
                           f"{path}: set one of them")
     path = Path(path)
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 64 << 10:  # /dev/zero, a FIFO: never read whole
+            raise ConfigError("not a credentials file: want a regular file of at most 64 KiB", path)
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):  # before reading it
+            raise ConfigError("the credentials file is readable by other users", path, hint=f"chmod 600 {path}")
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read the credentials file: {exc.strerror or exc}", path) from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError("the credentials file is readable by other users", path, hint=f"chmod 600 {path}")
     try:
         obj = json.loads(text)
     except ValueError:

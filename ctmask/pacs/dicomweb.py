@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from ctmask.core.errors import PacsError
+from ctmask.pacs import is_uid
 from ctmask.pacs.retry import RETRIED_HTTP, Backoff, TransientError, with_retries
 from ctmask.scans.types import Failure
 
@@ -71,6 +72,8 @@ def call(what: str, url: str, fn: Callable[[], T]) -> T:
                         hint="give the PACS's CA with --ca-bundle FILE") from None
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
         raise TransientError(f"{what}: {url} unreachable ({type(exc).__name__})") from None
+    except requests.RequestException as exc:  # a redirect loop, a bad Content-Encoding, a bad URL: the server's
+        raise PacsError(f"{what}: {url}: {type(exc).__name__} (the server's answer is unusable)") from None
 
 
 class DicomWeb:
@@ -103,6 +106,9 @@ class DicomWeb:
             study, fields=fields, search_filters=filters, get_remaining=True))
         out = [SeriesInfo(_value(s, _SERIES_UID), _value(s, _MODALITY).upper(), _value(s, _DESCRIPTION),
                           _value(s, _NUMBER), _count(s)) for s in found]
+        for s in out:  # the UID names a folder and a URL: "../.." from a hostile server must not
+            if not is_uid(s.uid):
+                raise PacsError(f"{self.url}: QIDO-RS answered a SeriesInstanceUID that is no UID: {s.uid[:80]!r}")
         if not out:
             what = f"series {series} of study {study}" if series else f"study {study}"
             raise PacsError(f"{self.url}: no {what} (QIDO-RS found none)")
@@ -116,6 +122,9 @@ class DicomWeb:
         from ctmask.core.errors import TooLargeError
         from ctmask.pacs.multipart import boundary_of, split_parts
 
+        for uid in (study, series):
+            if not is_uid(uid):
+                raise PacsError(f"not a DICOM UID: {uid[:80]!r}")
         url = f"{self.url}/studies/{study}/series/{series}"
         accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -143,7 +152,12 @@ class DicomWeb:
         """
         import pydicom
 
-        datasets = [pydicom.dcmread(p) for p in files]
+        datasets = []
+        for p in files:
+            try:
+                datasets.append(pydicom.dcmread(p))
+            except Exception as exc:  # pydicom raises many kinds on a bad file (a corrupt spool file)
+                raise PacsError(f"not a DICOM file ({type(exc).__name__}: {exc})", p) from None
         for p, ds in zip(files, datasets, strict=True):
             if str(ds.get("StudyInstanceUID", "")) != study:
                 raise PacsError(f"{p}: belongs to study {ds.get('StudyInstanceUID')}, not {study}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ctmask.core.errors import ConfigError, PacsError
+from ctmask.pacs import is_uid
 from ctmask.pacs.retry import TransientError
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 characters of the default repertoire, no backslash
@@ -101,11 +102,27 @@ class StorageSCP:
     """
 
     def __init__(self, ae: str, host: str, port: int, allow: Sequence[str],
-                 store: Callable[[str, str, bytes], None]):
+                 store: Callable[[str, str, bytes], None], max_instance_bytes: int | None = None):
+        from ctmask.pacs.multipart import MAX_INSTANCE_BYTES
+
         self.ae_title, self.host, self.port = check_ae(ae, "--ae"), host, port
         self.allow = [check_ae(a, "--allow") for a in allow]
         self._store = store
         self._server: Any = None
+        self.max_instance_bytes = MAX_INSTANCE_BYTES if max_instance_bytes is None else max_instance_bytes
+        self._received: dict[int, int] = {}  # bytes received by association since its last instance
+
+    def _on_data(self, event: Any) -> None:
+        """pynetdicom holds an instance whole in memory as it comes: an association whose instance
+        passes ``max_instance_bytes`` is aborted before it is held whole."""
+        key = id(event.assoc)
+        self._received[key] = self._received.get(key, 0) + len(event.data)
+        if self._received[key] > self.max_instance_bytes:
+            self._received.pop(key, None)
+            event.assoc.abort()
+
+    def _on_close(self, event: Any) -> None:
+        self._received.pop(id(event.assoc), None)
 
     def start(self) -> None:
         """Listen (in background threads) until :meth:`stop`."""
@@ -123,15 +140,20 @@ class StorageSCP:
             ae.require_calling_aet = list(self.allow)
         try:
             self._server = ae.start_server((self.host, self.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                                                         (evt.EVT_DATA_RECV, self._on_data),
+                                                         (evt.EVT_ABORTED, self._on_close),
+                                                         (evt.EVT_RELEASED, self._on_close),
+                                                         (evt.EVT_CONN_CLOSE, self._on_close)])
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc})",
                               hint="choose another --port / --host") from None
 
     def _on_store(self, event: Any) -> int:
+        self._received[id(event.assoc)] = 0  # the next instance counts from here
         ds = event.dataset  # the elements are parsed on access: two UIDs here, the pixels never
         study, sop = str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
-        if not study or not sop:
+        if not is_uid(study) or not is_uid(sop):  # missing, or no UID ("..", a slash): they name files
             return 0xA900  # dataset does not match SOP class
         try:
             self._store(study, sop, event.encoded_dataset())

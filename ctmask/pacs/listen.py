@@ -132,8 +132,10 @@ class Listener:
         with self._lock:
             now = time.time()
             log = self.log.setdefault(study, StudyLog(study, first_received=now))
-            write_bytes_atomic(self.incoming / _safe(study) / f"{_safe(sop)}.dcm", encoded)
-            log.instances += 1
+            path = self.incoming / _safe(study) / f"{_safe(sop)}.dcm"
+            again = path.exists()  # the same instance sent twice: replaced, counted once
+            write_bytes_atomic(path, encoded)
+            log.instances += 0 if again else 1
             log.last_received = now
 
     def _watch(self) -> None:
@@ -170,6 +172,9 @@ class Listener:
         except CtmaskError as exc:  # nothing in the study could be predicted: say so, keep listening
             log.error = str(exc)
             self.events.warn(f"study {study}: {exc} (its instances are kept in {folder})")
+        except Exception as exc:  # a bug or the machine (disk full): the study failed, not lost from the count
+            log.error = f"not predicted ({type(exc).__name__}: {exc})"
+            self.events.warn(f"study {study}: {log.error} (its instances are kept in {folder})")
         with self._lock:
             self.done.append(log)
         if log.error is None:

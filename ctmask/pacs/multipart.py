@@ -10,6 +10,7 @@ with their size limits and refusals.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +22,16 @@ MAX_INSTANCE_BYTES = 4 << 30
 512 x 512 x 16 bits); a larger part is refused (not written past this) and named."""
 
 MAX_PART_HEADER_BYTES = 64 << 10
+
+MIN_RATE = 16 << 10
+"""Bytes per second an answer must average once it has run :data:`GRACE_S` seconds: a server
+trickling a byte per minute stays under the per-read timeout and would hold the run for ever."""
+
+GRACE_S = 60.0
+
+MAX_PARTS = 100_000
+"""Most instances one WADO-RS answer (a series) may hold; an endless stream of small parts
+would otherwise fill the disk."""
 
 
 def boundary_of(content_type: str) -> bytes:
@@ -40,13 +51,14 @@ def boundary_of(content_type: str) -> bytes:
 
 
 def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[int], tuple[Path, BinaryIO]],
-                limit: int = MAX_INSTANCE_BYTES) -> tuple[list[Path], list[tuple[int, str]]]:
+                limit: int = MAX_INSTANCE_BYTES, max_parts: int = MAX_PARTS,
+                clock: Callable[[], float] = time.monotonic) -> tuple[list[Path], list[tuple[int, str]]]:
     """Write each part of the multipart body ``chunks`` to the file ``open_part(n)`` opens (n from
     1); the paths written, and the parts refused ((n, why): over ``limit`` bytes; their partial
     file is removed)."""
     delim = b"\r\n--" + boundary
     buf = bytearray(b"\r\n")  # the body starts with "--boundary": match it as a delimiter
-    state, n, size = "preamble", 0, 0
+    state, n, size, preamble = "preamble", 0, 0, 0
     out: BinaryIO | None = None
     path: Path | None = None
     written: list[Path] = []
@@ -66,6 +78,8 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
         nonlocal size, out
         size += len(data)
         if out is None:
+            if size > 2 * limit:  # refused, and still coming: an endless part would be read for ever
+                raise PacsError(f"WADO-RS part {n}: over {2 * limit} bytes and still coming: the answer abandoned")
             return
         if size > limit:
             refused.append((n, f"over {limit} bytes: refused"))
@@ -74,8 +88,13 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
         out.write(data)
 
     try:
+        start, total = clock(), 0
         for chunk in chunks:
             buf += chunk
+            total += len(chunk)
+            spent = clock() - start
+            if spent > GRACE_S and total < MIN_RATE * spent:
+                raise PacsError(f"WADO-RS answer: {total} bytes in {spent:.0f} s, under {MIN_RATE} bytes/s: abandoned")
             while True:
                 if state in ("preamble", "body"):
                     i = buf.find(delim)
@@ -83,6 +102,11 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
                         keep = len(delim) - 1
                         if state == "body" and len(buf) > keep:
                             write(buf[:-keep])
+                        elif state == "preamble":
+                            preamble += max(len(buf) - keep, 0)
+                            if preamble > MAX_PART_HEADER_BYTES:  # an endless answer with no boundary
+                                raise PacsError(f"WADO-RS answer: no boundary in its first {MAX_PART_HEADER_BYTES} "
+                                                "bytes (not the boundary its Content-Type names)")
                         del buf[:-keep]
                         break
                     if state == "body":
@@ -103,6 +127,8 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
                             raise PacsError(f"WADO-RS part {n + 1}: headers over {MAX_PART_HEADER_BYTES} bytes")
                         break
                     del buf[:i + 4]
+                    if n >= max_parts:
+                        raise PacsError(f"WADO-RS answer: over {max_parts} instances: abandoned")
                     n, size = n + 1, 0
                     path, out = open_part(n)
                     state = "body"

@@ -34,6 +34,10 @@ class Backoff:
     longest: float = 30.0
     total: float = 300.0
 
+    def __post_init__(self) -> None:
+        if not (self.first > 0 and self.longest >= self.first and self.total >= 0):  # waits() would never end
+            raise ValueError(f"Backoff: want 0 < first <= longest and total >= 0, not {self}")
+
     def waits(self) -> list[float]:
         """The waits between tries, in order (their sum at most ``total``)."""
         out: list[float] = []

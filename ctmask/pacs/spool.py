@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctmask.core.errors import PacsError
+from ctmask.core.errors import ConfigError, PacsError
 from ctmask.pacs.retry import Backoff, TransientError, with_retries
 
 Sender = Callable[[str, list[Path]], int]
@@ -74,6 +74,9 @@ class Spool:
     def __init__(self, root: Path, destination: str):
         self.destination = destination
         key = hashlib.sha256(destination.encode()).hexdigest()[:16]
+        for d in (Path(root), Path(root) / key):  # found now, not once the study is predicted and its results made
+            if d.exists() and not d.is_dir():
+                raise ConfigError("the spool is not a folder", d, hint="give --spool a folder (or remove that file)")
         self.folder = Path(root) / key
         self._lock = threading.Lock()
 
