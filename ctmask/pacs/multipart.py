@@ -11,7 +11,7 @@ with their size limits and refusals.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +50,18 @@ def boundary_of(content_type: str) -> bytes:
     raise PacsError("WADO-RS answered multipart/related without a boundary")
 
 
+def _paced(chunks: Iterable[bytes], clock: Callable[[], float]) -> Iterator[bytes]:
+    """``chunks``, abandoned (:class:`PacsError`) once they arrive at under ``MIN_RATE`` bytes/s after
+    ``GRACE_S`` seconds: a server trickling bytes just under the read timeout would hold a run for ever."""
+    start, total = clock(), 0
+    for chunk in chunks:
+        total += len(chunk)
+        spent = clock() - start
+        if spent > GRACE_S and total < MIN_RATE * spent:
+            raise PacsError(f"WADO-RS answer: {total} bytes in {spent:.0f} s, under {MIN_RATE} bytes/s: abandoned")
+        yield chunk
+
+
 def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[int], tuple[Path, BinaryIO]],
                 limit: int = MAX_INSTANCE_BYTES, max_parts: int = MAX_PARTS,
                 clock: Callable[[], float] = time.monotonic) -> tuple[list[Path], list[tuple[int, str]]]:
@@ -77,24 +89,17 @@ def split_parts(chunks: Iterable[bytes], boundary: bytes, open_part: Callable[[i
     def write(data: bytes | bytearray) -> None:
         nonlocal size, out
         size += len(data)
-        if out is None:
-            if size > 2 * limit:  # refused, and still coming: an endless part would be read for ever
-                raise PacsError(f"WADO-RS part {n}: over {2 * limit} bytes and still coming: the answer abandoned")
-            return
-        if size > limit:
+        if out is None and size > 2 * limit:  # refused, and still coming: an endless part would be read for ever
+            raise PacsError(f"WADO-RS part {n}: over {2 * limit} bytes and still coming: the answer abandoned")
+        if out is not None and size > limit:
             refused.append((n, f"over {limit} bytes: refused"))
             close(False)
-            return
-        out.write(data)
+        elif out is not None:
+            out.write(data)
 
     try:
-        start, total = clock(), 0
-        for chunk in chunks:
+        for chunk in _paced(chunks, clock):
             buf += chunk
-            total += len(chunk)
-            spent = clock() - start
-            if spent > GRACE_S and total < MIN_RATE * spent:
-                raise PacsError(f"WADO-RS answer: {total} bytes in {spent:.0f} s, under {MIN_RATE} bytes/s: abandoned")
             while True:
                 if state in ("preamble", "body"):
                     i = buf.find(delim)
