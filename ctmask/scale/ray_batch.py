@@ -145,6 +145,10 @@ def _quiet_data_context() -> None:
     progress); errors still print. Ray Data sets its loggers' levels when a dataset first
     runs, so filters, not levels."""
     ray = _ray()
+    # Ray Data logs from its own threads, also while a failed run is being reported: a log record
+    # that cannot be written (its stream replaced or closed) must not print logging's own
+    # "--- Logging error ---" traceback into the user's output (the production setting).
+    logging.raiseExceptions = False
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     for attr in ("print_on_execution_start", "enable_operator_progress_bars"):
