@@ -138,7 +138,7 @@ def onnxruntime_problem(proto: onnx.ModelProto) -> str | None:
 _TRACES: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 _TRACES_LOCK = threading.Lock()
 TRACE_CACHE_BYTES = 768 << 20
-"""Most bytes of serialized traces :func:`traced` keeps (the oldest go first)."""
+"""Most bytes of serialized traces :func:`remember_trace` keeps (the oldest go first)."""
 
 
 def cached_trace(checkpoint_sha256: str, opset: int) -> onnx.ModelProto | None:
