@@ -10,7 +10,9 @@ pre-processing from there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import threading
 import time
 import warnings
@@ -141,29 +143,36 @@ TRACE_CACHE_BYTES = 768 << 20
 """Most bytes of serialized traces :func:`remember_trace` keeps (the oldest go first)."""
 
 
-def cached_trace(checkpoint_sha256: str, opset: int) -> onnx.ModelProto | None:
-    """A fresh copy of this process's earlier verified trace of the same checkpoint bytes at ``opset``.
+def cached_trace(key: str, opset: int) -> onnx.ModelProto | None:
+    """A fresh copy of this process's earlier verified trace of the same model (:func:`trace_key`) at ``opset``.
 
     Tracing is deterministic (fixed example input) and costs seconds to minutes; exporting one
     checkpoint at several precisions (``precision-report``, then ``export --precision fp16`` and
-    ``int8`` from Python) traces the FP32 graph once. The key is the checkpoint file's sha256, so a
-    changed checkpoint is traced anew; each caller gets its own copy to edit.
+    ``int8`` from Python) traces the FP32 graph once. A changed checkpoint has another key and is
+    traced anew; each caller gets its own copy to edit.
     """
     with _TRACES_LOCK:
-        data = _TRACES.get((checkpoint_sha256, opset))
+        data = _TRACES.get((key, opset))
         if data is None:
             return None
-        _TRACES.move_to_end((checkpoint_sha256, opset))
+        _TRACES.move_to_end((key, opset))
     proto = onnx.ModelProto()
     proto.ParseFromString(data)
     return proto
 
 
-def remember_trace(checkpoint_sha256: str, opset: int, proto: onnx.ModelProto) -> None:
+def trace_key(ck) -> str:
+    """What a trace is made from, read from the checkpoint as loaded (not the file again, which may
+    have been replaced since): the weights' digest and the preset the model is built from."""
+    preset = json.dumps(ck.preset.to_dict(), sort_keys=True).encode()
+    return f"{ck.weights_sha256}:{hashlib.sha256(preset).hexdigest()}"
+
+
+def remember_trace(key: str, opset: int, proto: onnx.ModelProto) -> None:
     """Keep a trace that passed :func:`verify_graph` for :func:`cached_trace` (oldest dropped past the limit)."""
     data = proto.SerializeToString()
     with _TRACES_LOCK:
-        _TRACES[(checkpoint_sha256, opset)] = data
+        _TRACES[(key, opset)] = data
         while sum(map(len, _TRACES.values())) > TRACE_CACHE_BYTES:
             _TRACES.popitem(last=False)
 
@@ -181,7 +190,7 @@ def trace_checked(checkpoint: str | Path, opset: int = OPSET) -> tuple[onnx.Mode
                           f"to {MAX_OPSET}", hint=f"pass --opset between {OPSET} and {MAX_OPSET}")
     ck = load_checkpoint(checkpoint, kind="classifier")
     checkpoint_sha256 = sha256_file(checkpoint)
-    cached = cached_trace(checkpoint_sha256, opset)
+    cached = cached_trace(trace_key(ck), opset)
     proto = cached if cached is not None else trace_to_onnx(load_classifier(ck), opset)
     real = default_opset(proto)
     if real != opset:
@@ -195,7 +204,7 @@ def trace_checked(checkpoint: str | Path, opset: int = OPSET) -> tuple[onnx.Mode
     set_metadata(proto, spec)
     verify_graph(proto, spec)
     if cached is None:
-        remember_trace(checkpoint_sha256, opset, proto)
+        remember_trace(trace_key(ck), opset, proto)
     return proto, spec
 
 
