@@ -4,9 +4,14 @@
 # FP16 and INT8 (cpu and tensorrt forms) graphs, all in one `ctmask bench` run on onnxruntime
 # and OpenVINO, batch 8, on test slices.
 # Usage: scripts/bench_heads.sh RUN OUT  (RUN: a `ctmask synth` / `make accuracy` folder with data/)
+# Environment: SUPPRESSION (nms | matrix: the ranked RoIs' suppression), ALSO (more graphs for the same
+# bench run, e.g. another run's fp32.onnx), BENCH (0: make the graphs only).
 set -euo pipefail
 RUN=${1:?usage: scripts/bench_heads.sh RUN OUT}
 OUT=${2:?usage: scripts/bench_heads.sh RUN OUT}
+SUPPRESSION=${SUPPRESSION:-nms}
+ALSO=${ALSO:-}
+BENCH=${BENCH:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 CT=${CTMASK:-.venv/bin/ctmask}
 PY=${PYTHON:-.venv/bin/python}
@@ -15,7 +20,7 @@ mkdir -p "$OUT/held"
 head -16 "$DATA/test_COVIDx_CT.txt" | while read -r name _; do
   ln -sf "$(cd "$DATA/images" && pwd)/$name" "$OUT/held/$name"
 done
-"$PY" - "$OUT/paper-pooled.pt" <<'EOF'
+"$PY" - "$OUT/paper-pooled.pt" "$SUPPRESSION" <<'EOF'
 import dataclasses, sys
 
 import torch
@@ -25,20 +30,23 @@ from ctmask.training.checkpoint import save_checkpoint
 from ctmask.training.model import CovidCTMaskNet
 
 torch.manual_seed(0)
-preset = dataclasses.replace(PAPER, head="pooled")
+preset = dataclasses.replace(PAPER, head="pooled", roi_suppression=sys.argv[2])
 model = CovidCTMaskNet(preset)
 save_checkpoint(sys.argv[1], kind="classifier", preset=preset, model=model.state_dict_for_checkpoint(),
                 config={"note": "untrained seed-0 weights, for speed measurements only"})
 EOF
 CK="$OUT/paper-pooled.pt"
-"$CT" export "$CK" --out "$OUT/fp32.onnx" -q
-"$CT" calibrate "$OUT/fp32.onnx" --images "$DATA/train_COVIDx_CT.txt" --size 16 --out "$OUT/fp32.ranges.json" -q
+[ -f "$OUT/fp32.onnx" ] || "$CT" export "$CK" --out "$OUT/fp32.onnx" -q
+[ -f "$OUT/fp32.ranges.json" ] || "$CT" calibrate "$OUT/fp32.onnx" --images "$DATA/train_COVIDx_CT.txt" --size 16 \
+  --out "$OUT/fp32.ranges.json" -q
 # Islands as the small model's measurement chose them (weights untrained: nothing to measure here).
-"$CT" export "$CK" --out "$OUT/fp16.onnx" --precision fp16 --fp32-blocks none -q
+[ -f "$OUT/fp16.onnx" ] || "$CT" export "$CK" --out "$OUT/fp16.onnx" --precision fp16 --fp32-blocks none -q
 for t in cpu tensorrt; do
-  "$CT" export "$CK" --out "$OUT/int8-$t.onnx" --precision int8 --int8-target "$t" \
+  [ -f "$OUT/int8-$t.onnx" ] || "$CT" export "$CK" --out "$OUT/int8-$t.onnx" --precision int8 --int8-target "$t" \
     --calibration "$OUT/fp32.ranges.json" --fp32-blocks classifier -q
 done
-"$CT" bench "$OUT/fp32.onnx" "$OUT/int8-cpu.onnx" "$OUT/int8-tensorrt.onnx" "$OUT/fp16.onnx" -b 8 \
+[ "$BENCH" = 1 ] || exit 0
+# shellcheck disable=SC2086
+"$CT" bench $ALSO "$OUT/fp32.onnx" "$OUT/int8-cpu.onnx" "$OUT/int8-tensorrt.onnx" "$OUT/fp16.onnx" -b 8 \
   --iterations 5 --warmup 1 --backend onnxruntime-cpu --backend openvino-cpu --images "$OUT/held" \
   --json "$OUT/bench.json" | tee "$OUT/bench.txt"

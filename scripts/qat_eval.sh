@@ -54,48 +54,4 @@ for r in $RANGES; do
   done
 done
 # Agreement with the FP32 graph on every test slice (onnxruntime, one pass per graph).
-"$PY" - "$OUT" "$HELD" "$DATA/test_COVIDx_CT.txt" "${GRAPHS[@]}" <<'PYEOF'
-import json, sys
-from pathlib import Path
-
-import numpy as np
-
-from ctmask.core.graphs import load_proto
-from ctmask.backends.parity import slice_labels
-from ctmask.exporter.sensitivity import run_graph
-from ctmask.runtime.predict import collect_images
-from ctmask.scans.batch import load_batch
-from ctmask.runtime.runner import OnnxRuntimeRunner
-
-out, held, split, graphs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
-files, _ = collect_images([held])
-with OnnxRuntimeRunner(out / "fp32.onnx") as r:
-    spec = r.spec
-loaded = load_batch(files, spec)
-images, ok, bad = loaded.batch, loaded.paths, loaded.failures
-y = slice_labels(ok, split)
-ref = run_graph(load_proto(out / "fp32.onnx"), images)["logits"].argmax(-1)
-ev = json.loads((out / "eval.json").read_text())
-summary = {"n": len(ok), "fp32_accuracy": float(np.mean(ref == y)), "pytorch_accuracy": ev["accuracy"],
-           "pytorch_covid19_sensitivity": ev["per_class"]["covid19"]["sensitivity"],
-           "noise_floor": {str(x["gray_levels"]): x["changed_calls"] for x in ev["noise_floor"]["levels"]}}
-print(f"PyTorch: accuracy {ev['accuracy']:.2%}, COVID-19 sensitivity {summary['pytorch_covid19_sensitivity']:.2%}, "
-      f"noise floor {summary['noise_floor']}; FP32 graph: accuracy {summary['fp32_accuracy']:.2%} on {len(ok)} slices")
-for g in graphs:
-    proto = load_proto(out / f"{g}.onnx")
-    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
-    produced = {o: n for n in proto.graph.node for o in n.output}
-    quantized = sum(1 for n in convs if n.input[0] in produced and produced[n.input[0]].op_type == "DequantizeLinear")
-    calls = run_graph(proto, images)["logits"].argmax(-1)
-    changed = int((calls != ref).sum())
-    cov = y == 2
-    parity = json.loads((out / f"parity-{g}.json").read_text()) if (out / f"parity-{g}.json").exists() else {}
-    summary[g] = {"agreement": 1 - changed / len(ok), "changed": changed, "accuracy": float(np.mean(calls == y)),
-                  "covid19_sensitivity": float(np.mean(calls[cov] == 2)), "convs": len(convs),
-                  "convs_quantized": quantized, "parity": parity.get("verdict", parity.get("passed"))}
-    s = summary[g]
-    print(f"{g:<22} agreement with FP32 {s['agreement']:.2%} ({changed} of {len(ok)} calls changed), accuracy "
-          f"{s['accuracy']:.2%}, COVID-19 sensitivity {s['covid19_sensitivity']:.2%}; convolutions with int8 input "
-          f"{quantized} of {len(convs)}; parity {s['parity']}")
-(out / "agreement.json").write_text(json.dumps(summary, indent=2))
-PYEOF
+"$PY" "$(dirname "$0")/agreement.py" "$OUT" "$HELD" "$DATA/test_COVIDx_CT.txt" "${GRAPHS[@]}"

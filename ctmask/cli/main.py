@@ -231,6 +231,14 @@ def train_cls(
                                                                      "detector's ranked RoIs, keyed by its weights, "
                                                                      "settings and the slices; a rerun with "
                                                                      "another head or seed skips the detector."),
+    suppression: str | None = typer.Option(None, "--suppression", help="Overlap suppression of the ranked RoIs S "
+                                                                        "reads: nms (the paper's hard NMS) | matrix "
+                                                                        "(continuous Gaussian decay). Default: the "
+                                                                        "preset's, or the init classifier's."),
+    rois_from: list[Path] = typer.Option([], "--rois-from", help="heads variant, repeatable: an INT8 / FP16 graph "
+                                                                 "exported from this detector; S also trains on "
+                                                                 "its ranked RoIs (with --consistency: to call a "
+                                                                 "slice the same from both)."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -243,11 +251,12 @@ def train_cls(
         scales = tuple(float(v) for v in perturb.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"--perturb takes comma-separated numbers, got {perturb!r}") from None
-    check_paths({"INIT": init, "--train-split": train_split, "--val-split": val_split,
+    check_paths({"INIT": init, "--train-split": train_split, "--val-split": val_split, "--rois-from": rois_from,
                  "their slices": [*split_images(train_split), *split_images(val_split)]},
                 {"--out": out, "--out's sidecar": out.with_name(out.name + ".json"), "--json": json_out},
                 {"--roi-cache": roi_cache})
-    opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed, scales, consistency, head)
+    opts = ClsTrainOptions(variant, epochs, batch_size, lr, weight_decay, crop, seed, scales, consistency, head,
+                           suppression, tuple(str(g) for g in rois_from))
     train = read_split(train_split)
     val = read_split(val_split) if val_split else None
     summary = train_classifier(preset_for_init(preset, init), init, train, val, out, opts, not quiet, roi_cache)

@@ -9,6 +9,7 @@ stored in every checkpoint and exported graph, and loading checks it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ctmask.core.errors import ConfigError
@@ -33,6 +34,27 @@ RESNET_STAGES = 4
 HEAD_NAMES: tuple[str, ...] = ("paper", "pooled")
 """Classifier heads (``ctmask.training.heads``): ``paper`` is S of the paper, ``pooled`` the
 permutation-invariant head whose calls survive input noise and reduced precision."""
+
+SUPPRESSIONS: dict[str, str] = {
+    "nms": "hard NMS per lesion class at cls_nms_thresh (the paper's): a box above the IoU threshold with a "
+           "higher-scored one is dropped",
+    "matrix": "Gaussian matrix NMS per lesion class (SOLOv2): each score decays by exp(-(IoU^2 - c^2) / sigma) "
+              "against every higher-scored box of its class (c: that box's own largest overlap above it), "
+              "so a score moves continuously with the boxes' overlaps and scores",
+}
+"""Suppression rules of the ranked RoIs S reads (``Preset.roi_suppression``, ``train-cls --suppression``)."""
+
+
+def check_suppression(name: str) -> str:
+    """``name`` if it is a key of :data:`SUPPRESSIONS`.
+
+    Raises:
+        ConfigError: an unknown rule.
+    """
+    if name not in SUPPRESSIONS:
+        raise ConfigError(f"unknown RoI suppression {name!r}; expected one of {list(SUPPRESSIONS)}")
+    return name
+
 
 def check_head(name: str) -> str:
     """Return ``name`` if it is one of :data:`HEAD_NAMES`, else raise :class:`ConfigError` naming them."""
@@ -77,6 +99,12 @@ class Preset:
         mask_type: a key of :data:`MASK_TYPES`; fixes ``num_lesion_classes`` (3 for
             ``both``, 2 for ``ggo`` / ``merge``) and how training merges or drops the
             consolidation masks.
+        roi_suppression: how the ranked RoIs S reads suppress overlapping candidates (a key of
+            :data:`SUPPRESSIONS`): ``nms``, the paper's hard per-class NMS at
+            ``cls_nms_thresh``, or ``matrix``, a continuous Gaussian decay of each score by its
+            overlap with higher-scored boxes of its class. Lesion detections (segmentation,
+            ``detections``) keep hard NMS either way.
+        roi_suppression_sigma: the ``matrix`` decay's sigma (smaller suppresses harder).
     """
 
     name: str
@@ -113,9 +141,14 @@ class Preset:
     fpn_levels: int = RESNET_STAGES
     mask_head_layers: int = 4
     mask_type: str = "both"
+    roi_suppression: str = "nms"
+    roi_suppression_sigma: float = 0.5
 
     def __post_init__(self) -> None:
         check_head(self.head)
+        check_suppression(self.roi_suppression)
+        if not (math.isfinite(self.roi_suppression_sigma) and 0.01 <= self.roi_suppression_sigma <= 10.0):
+            raise ConfigError(f"roi_suppression_sigma {self.roi_suppression_sigma!r}: expected 0.01 to 10")
         if self.mask_type not in MASK_TYPES:
             raise ConfigError(f"unknown mask type {self.mask_type!r}; expected one of {list(MASK_TYPES)}")
         if self.num_lesion_classes != len(MASK_TYPES[self.mask_type]):

@@ -17,7 +17,7 @@ from pathlib import Path
 from ctmask import __version__
 from ctmask.core.errors import ModelError
 from ctmask.core.preprocess import LUNG_WINDOW, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, Preprocessing
-from ctmask.core.presets import CLASS_NAMES, HEAD_NAMES, Preset
+from ctmask.core.presets import CLASS_NAMES, HEAD_NAMES, SUPPRESSIONS, Preset
 
 FORMAT = "ctmask-onnx/3"
 """Value of the ``ctmask.format`` metadata key; bumped when the graph contract changes."""
@@ -207,6 +207,12 @@ def _head(name: str) -> str:
     return name
 
 
+def _suppression(name: str) -> str:
+    if name not in SUPPRESSIONS:
+        raise ValueError(f"ctmask.roi_suppression {name!r} is none of {list(SUPPRESSIONS)}")
+    return name
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """Everything a consumer of an exported graph needs to know about it.
@@ -235,6 +241,11 @@ class GraphSpec:
             ``pooled``; graphs written before the key existed hold the paper's S.
         labels: the graph outputs each row's lesion class (``labels``); False for a graph of
             :data:`UNLABELLED_FORMAT`, which runs without it.
+        suppression: how the ranked RoIs suppress overlaps (``ctmask.core.presets.SUPPRESSIONS``);
+            graphs written before the key existed use ``nms``.
+        detector_sha256: digest of the detector weights and ranking settings that make the
+            graph's ``rois`` (``ctmask.training.roi_cache.detector_digest``); empty for graphs
+            written before the key existed.
         declared_tolerances: the tolerances written in the graph file, if read from one
             (informational: parity uses :attr:`tolerances`, ctmask's table for the precision).
     """
@@ -257,6 +268,8 @@ class GraphSpec:
     source_sha256: str = ""
     head: str = "paper"
     labels: bool = True
+    suppression: str = "nms"
+    detector_sha256: str = ""
     declared_tolerances: dict[str, Tolerance] | None = field(default=None, compare=False)
 
     @property
@@ -273,7 +286,8 @@ class GraphSpec:
         """The spec of a model of ``preset``, trained with ``preprocessing`` (default: none)."""
         if preprocessing is not None:
             kwargs.update(crop=preprocessing.crop, resize=preprocessing.resize, window=preprocessing.window)
-        return cls(preset=preset.name, image_size=preset.image_size, n_rois=preset.n_rois, head=preset.head, **kwargs)
+        return cls(preset=preset.name, image_size=preset.image_size, n_rois=preset.n_rois, head=preset.head,
+                   suppression=preset.roi_suppression, **kwargs)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -317,6 +331,8 @@ class GraphSpec:
             "ctmask.checkpoint": self.checkpoint_name,
             "ctmask.head": self.head,
             "ctmask.weights_sha256": self.weights_sha256,
+            "ctmask.roi_suppression": self.suppression,
+            "ctmask.detector_sha256": self.detector_sha256,
             "ctmask.tolerances": json.dumps({k: t.to_dict() for k, t in self.tolerances.items()}),
         } | ({} if self.precision == "fp32" else {
             "ctmask.source_sha256": self.source_sha256,
@@ -370,6 +386,8 @@ class GraphSpec:
                 source_sha256=meta.get("ctmask.source_sha256", ""),
                 head=_head(meta.get("ctmask.head", "paper")),
                 labels=fmt == FORMAT,
+                suppression=_suppression(meta.get("ctmask.roi_suppression", "nms")),
+                detector_sha256=meta.get("ctmask.detector_sha256", ""),
                 declared_tolerances=_declared_tolerances(meta.get("ctmask.tolerances")),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:

@@ -32,6 +32,7 @@ from ctmask.exporter.translations import translation_table
 from ctmask.training.checkpoint import load_checkpoint
 from ctmask.training.evaluate import load_classifier
 from ctmask.training.model import CovidCTMaskNet
+from ctmask.training.roi_cache import detector_digest
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 """Newest default-domain opset the installed ``onnx`` package knows (and can check)."""
@@ -200,7 +201,8 @@ def trace_checked(checkpoint: str | Path, opset: int = OPSET) -> tuple[onnx.Mode
                           "nothing was written", hint=f"export at opset {real}")
     spec = GraphSpec.for_preset(ck.preset, preprocessing=ck.preprocessing, opset=real,
                                 checkpoint_sha256=checkpoint_sha256,
-                                checkpoint_name=str(Path(checkpoint).resolve()), weights_sha256=ck.weights_sha256)
+                                checkpoint_name=str(Path(checkpoint).resolve()), weights_sha256=ck.weights_sha256,
+                                detector_sha256=detector_digest(ck.model, ck.preset))
     set_metadata(proto, spec)
     verify_graph(proto, spec)
     if cached is None:

@@ -46,3 +46,43 @@ def _grouped_nms_keep_fake(boxes: Tensor, scores: Tensor, iou_threshold: float) 
 def nms_keep(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """:func:`grouped_nms_keep` on detached inputs (NMS has no gradient)."""
     return torch.ops.ctmask.grouped_nms_keep(boxes.detach(), scores.detach(), float(iou_threshold))
+
+
+def matrix_suppression(boxes: Tensor, scores: Tensor, sigma: float) -> Tensor:
+    """Scores after Gaussian matrix NMS (SOLOv2), done per image and per group, static shapes.
+
+    Every candidate's score is multiplied by ``min_j exp(-(IoU(j, i)^2 - c_j^2) / sigma)`` over
+    the candidates ``j`` ranked above it in its group, where ``c_j`` is ``j``'s own largest
+    IoU with a candidate above ``j`` (a box that is itself suppressed suppresses less). Unlike
+    hard NMS nothing is dropped at a threshold: a score moves continuously with the overlaps
+    and, away from exact ties, with the scores, so a change far below anything visible
+    cannot make a box appear or vanish from the ranking.
+
+    Args:
+        boxes: float [B, G, K, 4] (x1, y1, x2, y2).
+        scores: float [B, G, K]; ``-inf`` marks candidates to ignore (they neither suppress
+            nor are kept: they come out ``-inf``).
+        sigma: the Gaussian's width; smaller suppresses harder.
+
+    Returns:
+        float [B, G, K]: the decayed scores, in the input's candidate order.
+    """
+    k = scores.shape[-1]
+    top = scores.topk(k, dim=-1)
+    s, order = top.values, top.indices
+    bx = torch.gather(boxes, 2, order.unsqueeze(-1).expand(*order.shape, 4))
+    area = (bx[..., 2] - bx[..., 0]).clamp(min=0) * (bx[..., 3] - bx[..., 1]).clamp(min=0)
+    lt = torch.maximum(bx[..., :, None, :2], bx[..., None, :, :2])
+    rb = torch.minimum(bx[..., :, None, 2:], bx[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area[..., :, None] + area[..., None, :] - inter
+    ok = s > float("-inf")
+    # above[j, i]: j is ranked above i; only pairs of real candidates count.
+    above = torch.ones(k, k, dtype=torch.bool, device=scores.device).triu(1)
+    pair = above & ok[..., :, None] & ok[..., None, :]
+    iou = torch.where(pair & (union > 0), inter / union.clamp(min=1e-9), torch.zeros_like(inter))
+    comp = iou.amax(-2)  # [.., j]: j's largest IoU with a candidate above it
+    decay = torch.exp(-(iou * iou - (comp * comp).unsqueeze(-1)) / sigma).amin(-2)
+    decayed = torch.where(ok, s * decay, s)  # -inf stays -inf (never -inf * 0)
+    return torch.full_like(scores, float("-inf")).scatter(-1, order, decayed)

@@ -7,8 +7,9 @@ NMS results are scattered into a keep-mask of fixed size, and selection is ``whe
 to a graph in which only the batch dimension is symbolic.
 
 Ranked RoI rows are ``(score, dx, dy, dw, dh)``: the softmax score of one non-background
-class and that class's *encoded* box-regression output (box coder weights 10, 10, 5, 5),
-highest score first. **Padding:** when fewer than N candidates survive (thresholds, NMS,
+class (with ``roi_suppression="matrix"``, that score after the matrix decay) and that class's
+*encoded* box-regression output (box coder weights 10, 10, 5, 5), highest score first.
+**Padding:** when fewer than N candidates survive (thresholds, NMS,
 degenerate boxes), the remaining rows are all zeros. A zero row is never produced by a real
 candidate (softmax scores are > 0), so padding is unambiguous and deterministic.
 
@@ -31,7 +32,7 @@ from torchvision.ops import roi_align
 
 from ctmask.core.presets import Preset
 from ctmask.training.detector import FPN_STRIDES, fixed_anchors, normalize
-from ctmask.training.grouped_nms import nms_keep
+from ctmask.training.grouped_nms import matrix_suppression, nms_keep
 
 NEG_INF = float("-inf")
 
@@ -220,11 +221,20 @@ class RankedRoIs(nn.Module):
         wh_ok = ((boxes[..., 2] - boxes[..., 0]) >= 1e-2) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-2)
         valid = prop_valid.unsqueeze(-1) & wh_ok & (scores > p.cls_score_thresh)  # [B, P, C']
         masked = torch.where(valid, scores, NEG_INF)
-        # NMS per (image, class): classes become the group axis.
-        keep = nms_keep(boxes.transpose(1, 2), masked.transpose(1, 2), p.cls_nms_thresh).transpose(1, 2)
-        keep = (keep & valid).reshape(b, m)
-        scores, deltas = scores.reshape(b, m), deltas.reshape(b, m, 4)
-        ranked = torch.where(keep, scores, NEG_INF)
+        # Suppression per (image, class): classes become the group axis.
+        if p.roi_suppression == "matrix":
+            # Continuous: every valid candidate stays, its score (the row's and the ranking's)
+            # decayed by its overlap with higher-scored boxes of its class.
+            decayed = matrix_suppression(boxes.transpose(1, 2), masked.transpose(1, 2),
+                                         p.roi_suppression_sigma).transpose(1, 2)
+            ranked = decayed.reshape(b, m)
+            scores = torch.where(valid, decayed, torch.zeros_like(decayed)).reshape(b, m)
+        else:
+            keep = nms_keep(boxes.transpose(1, 2), masked.transpose(1, 2), p.cls_nms_thresh).transpose(1, 2)
+            keep = (keep & valid).reshape(b, m)
+            scores = scores.reshape(b, m)
+            ranked = torch.where(keep, scores, NEG_INF)
+        deltas = deltas.reshape(b, m, 4)
         if m < n_rows:
             ranked = torch.cat([ranked, ranked.new_full((b, n_rows - m), NEG_INF)], 1)
             scores = torch.cat([scores, scores.new_zeros(b, n_rows - m)], 1)

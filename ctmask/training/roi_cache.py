@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -39,6 +39,24 @@ _NOT_IN_KEY = {"name", "head", "classifier_width", "num_slice_classes", "mask_he
                "seg_detections"}
 
 
+def ranking_fields(preset: Preset) -> dict:
+    """The preset's fields the ranked RoIs depend on (every field but :data:`_NOT_IN_KEY`'s)."""
+    return {k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_IN_KEY}
+
+
+def detector_digest(checkpoint_weights: Mapping[str, torch.Tensor], preset: Preset) -> str:
+    """Hex sha256 naming the detector that makes the ranked RoIs: its weights (the ``detector.*``
+    entries of a checkpoint's state dict) and the preset fields the ranking reads.
+
+    An exported graph records it (``ctmask.detector_sha256``), so ``train-cls --rois-from`` can
+    tell whether a graph's RoIs are those of the detector being trained on.
+    """
+    detector = {k: v for k, v in checkpoint_weights.items() if k.startswith("detector.")}
+    h = hashlib.sha256(weights_digest(detector).encode())
+    h.update(json.dumps(ranking_fields(preset), sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def cache_key(detector: torch.nn.Module, preset: Preset, entries: list[SplitEntry], crop: bool,
               scales: tuple[float, ...], seed: int, batch_size: int, extra: dict | None = None) -> str:
     """Hex sha256 naming the ranked RoIs of ``entries`` under this detector and these settings.
@@ -52,7 +70,7 @@ def cache_key(detector: torch.nn.Module, preset: Preset, entries: list[SplitEntr
     h = hashlib.sha256()
     h.update(FORMAT.encode() + b"\0")
     h.update(weights_digest(detector.state_dict()).encode())
-    ranking = {k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_IN_KEY}
+    ranking = ranking_fields(preset)
     # The seed draws the perturbed copies only: exact RoIs are the same for every seed.
     h.update(json.dumps({"preset": ranking, "crop": crop, "scales": list(scales), "seed": seed if scales else None,
                          "batch_size": batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__,

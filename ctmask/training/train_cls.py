@@ -15,15 +15,16 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ctmask.core.errors import ConfigError, CtmaskWarning
 from ctmask.core.noise import add_gray_noise
-from ctmask.core.presets import Preset, check_head
+from ctmask.core.presets import Preset, check_head, check_suppression
 from ctmask.core.progress import console, progress
 from ctmask.data.covidx import SplitEntry
 from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
 from ctmask.training.datasets import DEFAULT_CACHE_BYTES, ClassificationDataset, collate_classification
+from ctmask.training.graph_rois import check_graphs, graph_rois
 from ctmask.training.model import VARIANTS, CovidCTMaskNet, load_state, load_weights, set_variant
 from ctmask.training.options import (
     require_adam,
@@ -48,7 +49,10 @@ class ClsTrainOptions:
     (``heads`` with ``perturb``): weight of the squared logit change between each slice's
     perturbed and exact RoIs in the loss. ``head``: the classifier head
     (:mod:`ctmask.training.heads`); None takes the preset's, or the init checkpoint's when it
-    is a classifier.
+    is a classifier. ``suppression``: the ranked RoIs' suppression rule
+    (``ctmask.core.presets.SUPPRESSIONS``); None takes the preset's, or the init classifier's.
+    ``rois_from`` (``heads``): exported graphs of the same detector (an INT8 / FP16 build) whose
+    ranked RoIs are added as one more copy each (:mod:`ctmask.training.graph_rois`).
 
     Raises:
         ConfigError: unknown variant, epochs or batch size < 1, lr <= 0, weight decay < 0.
@@ -64,10 +68,17 @@ class ClsTrainOptions:
     perturb: tuple[float, ...] = ()
     consistency: float = 0.0
     head: str | None = None
+    suppression: str | None = None
+    rois_from: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.head is not None:
             check_head(self.head)
+        if self.suppression is not None:
+            check_suppression(self.suppression)
+        object.__setattr__(self, "rois_from", tuple(str(g) for g in self.rois_from))
+        if self.rois_from and self.variant != "heads":
+            raise ConfigError(f"--rois-from applies to the heads variant (cached RoI copies), not {self.variant}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown classifier variant {self.variant!r}; expected one of {list(VARIANTS)}")
         require_at_least("epochs", self.epochs)
@@ -76,8 +87,8 @@ class ClsTrainOptions:
         object.__setattr__(self, "perturb", check_scales(tuple(self.perturb)))
         if not 0.0 <= float(self.consistency) < float("inf"):
             raise ConfigError(f"consistency weight must be a finite number >= 0, got {self.consistency!r}")
-        if self.consistency and not self.perturb:
-            raise ConfigError("a consistency weight needs perturbed copies: pass --perturb too")
+        if self.consistency and not (self.perturb or self.rois_from):
+            raise ConfigError("a consistency weight needs RoI copies: pass --perturb or --rois-from too")
         if self.consistency and self.variant != "heads":
             raise ConfigError(f"--consistency applies to the heads variant (cached RoI copies), not {self.variant}")
 
@@ -133,6 +144,14 @@ def copies_loss(model: CovidCTMaskNet, x: torch.Tensor, y: torch.Tensor, consist
     return loss
 
 
+def with_graph_copies(data: TensorDataset, copies: torch.Tensor) -> TensorDataset:
+    """``data``'s RoIs ([M, N, 5], or [M, C, N, 5] with perturbed copies) with the graphs'
+    copies [M, G, N, 5] appended: [M, C + G, N, 5], the exact copy still first."""
+    rois, labels = data.tensors
+    rois = rois if rois.dim() == 4 else rois.unsqueeze(1)
+    return TensorDataset(torch.cat([rois, copies.to(rois.dtype)], 1), labels)
+
+
 def logits_of(model: CovidCTMaskNet, x: torch.Tensor, cached: bool) -> torch.Tensor:
     """Logits [B, 3] from images [B, 1, S, S], or from cached ranked RoIs [B, N, 5]."""
     return model.classifier(x) if cached else model(x)[1]
@@ -182,7 +201,8 @@ def preset_for_init(name: str, init: str | Path) -> Preset:
     return own
 
 
-def init_model(preset: Preset, init: str | Path, variant: str, head: str | None = None) -> StartPoint:
+def init_model(preset: Preset, init: str | Path, variant: str, head: str | None = None,
+               suppression: str | None = None) -> StartPoint:
     """Build the model from ``init``.
 
     - a segmentation checkpoint: its detector, a freshly initialised head (``head``, else
@@ -190,16 +210,23 @@ def init_model(preset: Preset, init: str | Path, variant: str, head: str | None 
     - a classifier checkpoint of the same variant: resume (weights, optimiser, epochs);
     - a classifier checkpoint of another variant: fine-tune from its weights, from epoch 0
       (e.g. ``heads+bn`` starting from a quickly trained ``heads`` S).
+
+    ``head`` / ``suppression``: the head and the RoI suppression rule of a fresh classifier
+    (None: the preset's); a classifier checkpoint keeps its own, and naming another is refused.
     """
     ck = load_checkpoint(init, preset=preset.name)
     if ck.kind == "segmentation":
-        model = CovidCTMaskNet(dataclasses.replace(preset, head=head or preset.head))
+        chosen = dataclasses.replace(preset, head=head or preset.head,
+                                     roi_suppression=suppression or preset.roi_suppression)
+        model = CovidCTMaskNet(chosen)
         load_state(model.detector, ck.model, ck.path)
         return StartPoint(model)
-    if head is not None and head != ck.preset.head:
-        raise ConfigError(f"--head {head}: the classifier checkpoint holds the {ck.preset.head!r} head, which "
-                          "training continues", ck.path,
-                          hint=f"start from its segmentation checkpoint for a fresh {head!r} head, or drop --head")
+    for flag, asked, held in (("--head", head, ck.preset.head), ("--suppression", suppression,
+                                                                  ck.preset.roi_suppression)):
+        if asked is not None and asked != held:
+            raise ConfigError(f"{flag} {asked}: the classifier checkpoint holds {held!r}, which training continues",
+                              ck.path, hint=f"start from its segmentation checkpoint for a fresh classifier with "
+                                            f"{asked!r}, or drop {flag}")
     model = CovidCTMaskNet(dataclasses.replace(preset, head=ck.preset.head))
     load_weights(model, ck.model, ck.path)
     if ck.config.get("train", {}).get("variant") != variant:
@@ -254,11 +281,37 @@ def _rois(model: CovidCTMaskNet, data: ClassificationDataset, entries: list[Spli
                        len(entries), model.preset.n_rois)
 
 
+def _datasets(model: CovidCTMaskNet, train: list[SplitEntry], val: list[SplitEntry] | None, opts: ClsTrainOptions,
+              roi_cache: str | Path | None, show: bool) -> tuple[Dataset, Dataset | None]:
+    """The training and validation sets: slices, or for ``heads`` their ranked RoIs (cached,
+    with the perturbed and ``--rois-from`` graph copies)."""
+    cached = opts.variant == "heads"
+    if roi_cache is not None and not cached:
+        import warnings
+
+        warnings.warn(CtmaskWarning(f"--roi-cache is not used by the {opts.variant} variant: its detector trains, "
+                                    "so its RoIs change every step"), stacklevel=3)
+    if opts.rois_from:
+        check_graphs(opts.rois_from, model, opts.crop)  # before the detector's pass, not after
+    # ``heads`` reads every image once (its ranked RoIs are cached), so decoded images are
+    # not kept; the other variants re-read them every epoch, within the cache's budget.
+    cache_bytes = 0 if cached else DEFAULT_CACHE_BYTES
+    size = model.preset.image_size
+    train_data = ClassificationDataset(train, size, opts.crop, cache_bytes)
+    val_data = ClassificationDataset(val, size, opts.crop, cache_bytes) if val else None
+    if not cached:
+        return train_data, val_data
+    rois = _rois(model, train_data, train, opts, roi_cache, show, opts.perturb)
+    if opts.rois_from:
+        rois = with_graph_copies(rois, graph_rois(opts.rois_from, model, train_data, opts.batch_size, opts.crop, show))
+    return rois, (_rois(model, val_data, val, opts, roi_cache, show, ()) if val_data else None)
+
+
 def _train(preset, init, train, val, out, opts: ClsTrainOptions, show_progress: bool,
            roi_cache: str | Path | None = None) -> dict:
     """:func:`train_classifier`'s body (run with deterministic algorithms)."""
     seed_everything(opts.seed)  # S's initialisation
-    start = init_model(preset, init, opts.variant, opts.head)
+    start = init_model(preset, init, opts.variant, opts.head, opts.suppression)
     if start.resumed is not None:
         require_more_epochs(start.resumed, start.epoch, opts.epochs)
     model, history = start.model, start.history
@@ -270,19 +323,7 @@ def _train(preset, init, train, val, out, opts: ClsTrainOptions, show_progress: 
         set_adam_hyperparameters(optimizer, opts.lr, opts.weight_decay)
     t0 = time.perf_counter()
     cached = opts.variant == "heads"
-    if roi_cache is not None and not cached:
-        import warnings
-
-        warnings.warn(CtmaskWarning(f"--roi-cache is not used by the {opts.variant} variant: its detector trains, "
-                                    "so its RoIs change every step"), stacklevel=2)
-    # ``heads`` reads every image once (its ranked RoIs are cached), so decoded images are
-    # not kept; the other variants re-read them every epoch, within the cache's budget.
-    cache_bytes = 0 if cached else DEFAULT_CACHE_BYTES
-    train_data = ClassificationDataset(train, preset.image_size, opts.crop, cache_bytes)
-    val_data = ClassificationDataset(val, preset.image_size, opts.crop, cache_bytes) if val else None
-    if cached:
-        train_data = _rois(model, train_data, train, opts, roi_cache, show_progress, opts.perturb)
-        val_data = _rois(model, val_data, val, opts, roi_cache, show_progress, ()) if val_data else None
+    train_data, val_data = _datasets(model, train, val, opts, roi_cache, show_progress)
     collate = None if cached else collate_classification
     gen = torch.Generator()
     loader = DataLoader(train_data, batch_size=opts.batch_size, shuffle=True, collate_fn=collate, generator=gen)

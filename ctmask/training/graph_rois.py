@@ -1,0 +1,105 @@
+"""RoI copies from exported graphs: S trained on the ranked RoIs its deployed graphs produce.
+
+An INT8 (or FP16) graph of the detector hands S different ranked RoIs than PyTorch's FP32
+detector does on most slices: its scores move by about 0.1 and some candidates change
+(docs/precision.md). Those differences depend on the detector, its ranges and the target,
+never on the head, so the RoIs of an already exported reduced-precision graph of the same
+detector are exactly what S will read once deployed. ``train-cls --rois-from GRAPH`` adds
+them as copies of the training RoIs (beside the exact ones and any ``--perturb`` copies), and
+``--consistency`` penalises the logit change between each slice's exact and graph copy: S
+learns to call a slice the same from both.
+
+A graph is used only if it was exported from this very detector with these ranking
+settings (``ctmask.detector_sha256``), at this input size, N, suppression and crop; anything
+else is refused naming the graph and the mismatch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ctmask.core.errors import ConfigError, ModelError
+from ctmask.core.progress import progress
+from ctmask.core.spec import INPUT, GraphSpec
+from ctmask.runtime.runner import OnnxRuntimeRunner
+from ctmask.training.datasets import ClassificationDataset, collate_classification
+from ctmask.training.model import CovidCTMaskNet
+from ctmask.training.roi_cache import detector_digest
+
+
+def check_graph(spec: GraphSpec, path: str | Path, model: CovidCTMaskNet, crop: bool) -> None:
+    """Raise :class:`ModelError` naming ``path`` unless its RoIs are those of ``model``'s detector.
+
+    Compared: the detector digest (weights and ranking settings), input size, N, the
+    suppression rule and the crop flag.
+    """
+    p = model.preset
+    want = detector_digest(model.state_dict_for_checkpoint(), p)
+    if not spec.detector_sha256:
+        raise ModelError("the graph does not record which detector made its RoIs (no ctmask.detector_sha256: "
+                         "written by an older ctmask)", path,
+                         hint="re-export it from a classifier of this detector (`ctmask export`), then make its "
+                              "FP16 / INT8 graph again")
+    problems = []
+    if spec.detector_sha256 != want:
+        problems.append(f"its detector (ctmask.detector_sha256 {spec.detector_sha256[:12]}...) is not the one "
+                        f"being trained on ({want[:12]}...: other weights or ranking settings)")
+    if (spec.image_size, spec.n_rois) != (p.image_size, p.n_rois):
+        problems.append(f"it takes {spec.image_size} px and ranks N={spec.n_rois}; this model: {p.image_size} px, "
+                        f"N={p.n_rois}")
+    if spec.suppression != p.roi_suppression:
+        problems.append(f"its RoIs use {spec.suppression!r} suppression, this model {p.roi_suppression!r}")
+    if spec.crop != crop:
+        problems.append(f"it was made for {'cropped' if spec.crop else 'uncropped'} slices, training reads them "
+                        f"{'cropped' if crop else 'uncropped'}")
+    if problems:
+        raise ModelError("--rois-from: the graph's RoIs are not this detector's: " + "; ".join(problems), path,
+                         hint="pass FP16 / INT8 graphs exported from a classifier of the same segmentation "
+                              "checkpoint, preset and --suppression")
+
+
+def check_graphs(paths: tuple[str, ...], model: CovidCTMaskNet, crop: bool) -> None:
+    """:func:`check_graph` on each of ``paths`` (loading each in onnxruntime), before any work.
+
+    Raises:
+        ModelError: a graph that does not load or is not of ``model``'s detector, naming it.
+        ConfigError: no graphs.
+    """
+    if not paths:
+        raise ConfigError("--rois-from: no graphs given")
+    for path in paths:
+        with OnnxRuntimeRunner(path) as runner:
+            check_graph(runner.spec, path, model, crop)
+
+
+@torch.no_grad()
+def graph_rois(paths: tuple[str, ...], model: CovidCTMaskNet, data: ClassificationDataset, batch_size: int,
+               crop: bool, show: bool) -> torch.Tensor:
+    """Ranked RoIs [M, G, N, 5] of every slice of ``data`` from each of the G graphs ``paths``
+    (onnxruntime, CPU), in ``data``'s order.
+
+    Raises:
+        ModelError: a graph that does not load, or whose RoIs are not ``model``'s detector's
+            (:func:`check_graph`), naming it.
+        ConfigError: no graphs.
+    """
+    if not paths:
+        raise ConfigError("--rois-from: no graphs given")
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_classification)
+    copies = []
+    for path in paths:
+        with OnnxRuntimeRunner(path) as runner:
+            check_graph(runner.spec, path, model, crop)
+            parts = []
+            with progress(len(loader), f"ranked RoIs of {Path(path).name}", show) as advance:
+                for images, _ in loader:
+                    rois = runner.infer({INPUT: np.ascontiguousarray(images.numpy(), dtype=np.float32)})["rois"]
+                    parts.append(torch.from_numpy(np.asarray(rois, dtype=np.float32)))
+                    advance()
+        n = model.preset.n_rois
+        copies.append(torch.cat(parts) if parts else torch.zeros(0, n, 5))
+    return torch.stack(copies, 1)

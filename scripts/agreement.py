@@ -1,0 +1,67 @@
+"""Class-call agreement of reduced-precision graphs with their FP32 graph on every test slice.
+
+Usage: python scripts/agreement.py OUT HELD SPLIT GRAPH...  (OUT holds fp32.onnx, eval.json and
+GRAPH.onnx / parity-GRAPH.json for each GRAPH; HELD: the test slices; SPLIT: their labels).
+Writes OUT/agreement.json and prints one line per graph (onnxruntime, one pass per graph).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ctmask.backends.parity import slice_labels
+from ctmask.core.graphs import load_proto
+from ctmask.exporter.sensitivity import run_graph
+from ctmask.runtime.predict import collect_images
+from ctmask.runtime.runner import OnnxRuntimeRunner
+from ctmask.scans.batch import load_batch
+
+
+def int8_convolutions(proto) -> tuple[int, int]:
+    """(convolutions reading a dequantized input, all convolutions) of a graph."""
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    produced = {o: n for n in proto.graph.node for o in n.output}
+    quantized = sum(1 for n in convs if n.input[0] in produced and produced[n.input[0]].op_type == "DequantizeLinear")
+    return quantized, len(convs)
+
+
+def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
+    files, _ = collect_images([held])
+    with OnnxRuntimeRunner(out / "fp32.onnx") as r:
+        spec = r.spec
+    loaded = load_batch(files, spec)
+    images, ok = loaded.batch, loaded.paths
+    y = slice_labels(ok, split)
+    ref = run_graph(load_proto(out / "fp32.onnx"), images)["logits"].argmax(-1)
+    ev = json.loads((out / "eval.json").read_text())
+    summary = {"n": len(ok), "fp32_accuracy": float(np.mean(ref == y)), "pytorch_accuracy": ev["accuracy"],
+               "pytorch_covid19_sensitivity": ev["per_class"]["covid19"]["sensitivity"],
+               "noise_floor": {str(x["gray_levels"]): x["changed_calls"] for x in ev["noise_floor"]["levels"]}}
+    print(f"PyTorch: accuracy {ev['accuracy']:.2%}, COVID-19 sensitivity "
+          f"{summary['pytorch_covid19_sensitivity']:.2%}, noise floor {summary['noise_floor']}; FP32 graph: "
+          f"accuracy {summary['fp32_accuracy']:.2%} on {len(ok)} slices")
+    cov = y == 2
+    for g in graphs:
+        proto = load_proto(out / f"{g}.onnx")
+        quantized, convs = int8_convolutions(proto)
+        calls = run_graph(proto, images)["logits"].argmax(-1)
+        changed = int((calls != ref).sum())
+        parity_file = out / f"parity-{g}.json"
+        parity = json.loads(parity_file.read_text()) if parity_file.exists() else {}
+        s = summary[g] = {"agreement": 1 - changed / len(ok), "changed": changed,
+                          "accuracy": float(np.mean(calls == y)),
+                          "covid19_sensitivity": float(np.mean(calls[cov] == 2)),
+                          "convs": convs, "convs_quantized": quantized,
+                          "parity": parity.get("verdict", parity.get("passed"))}
+        print(f"{g:<22} agreement with FP32 {s['agreement']:.2%} ({changed} of {len(ok)} calls changed), accuracy "
+              f"{s['accuracy']:.2%}, COVID-19 sensitivity {s['covid19_sensitivity']:.2%}; convolutions with int8 "
+              f"input {quantized} of {convs}; parity {s['parity']}")
+    (out / "agreement.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:])
