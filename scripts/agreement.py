@@ -2,12 +2,15 @@
 
 Usage: python scripts/agreement.py OUT HELD SPLIT GRAPH...  (OUT holds fp32.onnx, eval.json and
 GRAPH.onnx / parity-GRAPH.json for each GRAPH; HELD: the test slices; SPLIT: their labels).
-Writes OUT/agreement.json and prints one line per graph (onnxruntime, one pass per graph).
+Writes OUT/agreement.json and prints one line per graph (onnxruntime, one pass per graph). With
+BACKEND=openvino the reduced graphs run on OpenVINO instead (against the same onnxruntime FP32 graph's
+calls), written to OUT/agreement-openvino.json.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +32,20 @@ def int8_convolutions(proto) -> tuple[int, int]:
     return quantized, len(convs)
 
 
+def calls_of(path: Path, images: np.ndarray, backend: str) -> np.ndarray:
+    """Class calls of the graph at ``path`` on ``images``, on onnxruntime or OpenVINO (batches of 16)."""
+    if backend == "onnxruntime":
+        return run_graph(load_proto(path), images)["logits"].argmax(-1)
+    from ctmask.core.spec import INPUT
+    from ctmask.runtime.openvino_runner import OpenVinoRunner
+
+    with OpenVinoRunner(path) as runner:
+        return np.concatenate([runner.infer({INPUT: images[i:i + 16]})["logits"].argmax(-1)
+                               for i in range(0, len(images), 16)])
+
+
 def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
+    backend = os.environ.get("BACKEND", "onnxruntime")
     files, _ = collect_images([held])
     with OnnxRuntimeRunner(out / "fp32.onnx") as r:
         spec = r.spec
@@ -48,7 +64,7 @@ def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
     for g in graphs:
         proto = load_proto(out / f"{g}.onnx")
         quantized, convs = int8_convolutions(proto)
-        calls = run_graph(proto, images)["logits"].argmax(-1)
+        calls = calls_of(out / f"{g}.onnx", images, backend)
         changed = int((calls != ref).sum())
         parity_file = out / f"parity-{g}.json"
         parity = json.loads(parity_file.read_text()) if parity_file.exists() else {}
@@ -57,10 +73,13 @@ def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
                           "covid19_sensitivity": float(np.mean(calls[cov] == 2)),
                           "convs": convs, "convs_quantized": quantized,
                           "parity": parity.get("verdict", parity.get("passed"))}
-        print(f"{g:<22} agreement with FP32 {s['agreement']:.2%} ({changed} of {len(ok)} calls changed), accuracy "
+        print(f"{g:<22} ({backend}) agreement with FP32 {s['agreement']:.2%} ({changed} of {len(ok)} calls "
+              f"changed), accuracy "
               f"{s['accuracy']:.2%}, COVID-19 sensitivity {s['covid19_sensitivity']:.2%}; convolutions with int8 "
               f"input {quantized} of {convs}; parity {s['parity']}")
-    (out / "agreement.json").write_text(json.dumps(summary, indent=2))
+    summary["backend"] = backend
+    name = "agreement.json" if backend == "onnxruntime" else f"agreement-{backend}.json"
+    (out / name).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

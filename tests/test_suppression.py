@@ -75,6 +75,22 @@ def test_a_box_crossing_the_nms_threshold_moves_matrix_scores_a_little_and_nms_b
     assert abs(float(m[0] - m[1])) < 1e-3 and float(m[1]) > 0.2
 
 
+def test_exact_ties_are_broken_by_input_order_and_boxes_get_no_gradient():
+    base = torch.tensor([10.0, 10.0, 50.0, 50.0])
+    boxes = torch.stack([base, box_at_iou(base, 0.8), box_at_iou(base, 0.6)])[None, None]
+    scores = torch.tensor([[[0.7, 0.7, 0.7]]])
+    got = matrix_suppression(boxes, scores, 0.5)[0, 0]
+    assert float(got[0]) == pytest.approx(0.7)  # the earliest of the tied boxes counts as above
+    assert float(got[1]) == pytest.approx(0.7 * float(torch.exp(torch.tensor(-0.64 / 0.5))), rel=1e-4)
+    flipped = matrix_suppression(boxes.flip(2), scores, 0.5)[0, 0]
+    assert float(flipped[0]) == pytest.approx(0.7)  # now the other end is first, and it keeps its score
+    b = boxes.clone().requires_grad_(True)
+    s = scores.clone().requires_grad_(True)
+    matrix_suppression(b, s, 0.5).sum().backward()
+    assert b.grad is None or float(b.grad.abs().sum()) == 0.0
+    assert s.grad is not None and float(s.grad.abs().sum()) > 0
+
+
 def test_presets_refuse_unknown_suppression_and_old_dicts_use_nms():
     with pytest.raises(ConfigError, match="unknown RoI suppression"):
         dataclasses.replace(SMALL, roi_suppression="soft")
@@ -97,10 +113,11 @@ def matrix_run(seg_ckpt, synth_dir, tmp_path_factory):
     return out
 
 
-def test_matrix_suppression_is_recorded_and_its_graph_matches_pytorch(matrix_run, synth_dir):
-    from ctmask.exporter.sensitivity import run_graph
-    from ctmask.training.datasets import ClassificationDataset
-    from ctmask.training.evaluate import load_classifier
+def test_matrix_suppression_is_recorded_and_its_graph_passes_parity(matrix_run, synth_dir, tmp_path):
+    from PIL import Image
+
+    from ctmask.backends.parity import check_parity
+    from ctmask.cli.deploy import format_parity
 
     ck = load_checkpoint(matrix_run / "cls.pt")
     assert ck.preset.roi_suppression == "matrix" and ck.config["train"]["suppression"] == "matrix"
@@ -108,16 +125,19 @@ def test_matrix_suppression_is_recorded_and_its_graph_matches_pytorch(matrix_run
     meta = {p.key: p.value for p in proto.metadata_props}
     spec = GraphSpec.from_metadata(meta, matrix_run / "m.onnx")
     assert spec.suppression == "matrix" and len(spec.detector_sha256) == 64
-    assert "NonMaxSuppression" in {n.op_type for n in proto.graph.node}  # the RPN's NMS stays hard
-    data = ClassificationDataset(read_split(synth_dir / "test_COVIDx_CT.txt"), SMALL.image_size, cache_bytes=0)
-    images = torch.stack([data[i][0] for i in range(len(data))])
-    model = load_classifier(ck).eval()
-    with torch.no_grad():
-        rois, logits = model(images)
-    got = run_graph(proto, images.numpy())
-    assert np.abs(got["rois"] - rois.numpy()).max() < 1e-4
-    assert np.abs(got["logits"] - logits.numpy()).max() < 1e-3
-    assert (got["rois"][..., 0] > 0).sum() > 0
+    ops = {n.op_type for n in proto.graph.node}
+    assert "NonMaxSuppression" in ops  # the RPN's NMS stays hard
+    # Real slices, and flat frames: exact score ties among overlapping candidates, which PyTorch and
+    # onnxruntime must break alike.
+    real = sorted((synth_dir / "images").iterdir())[:17]
+    for name in real:
+        (tmp_path / name.name).symlink_to(name)
+    for value in (0, 128, 255):
+        Image.fromarray(np.full((96, 96), value, dtype=np.uint8)).save(tmp_path / f"flat{value}.png")
+    report = check_parity(matrix_run / "cls.pt", matrix_run / "m.onnx", [tmp_path], max_images=20, batch_size=5,
+                          noise_levels=())
+    assert report["passed"], format_parity(report)
+    assert report["n_images"] == 20
 
 
 def test_train_cls_learns_from_a_graphs_rois(matrix_run, seg_ckpt, synth_dir):
@@ -180,9 +200,34 @@ def test_rois_from_refuses_graphs_of_another_detector_or_rule(matrix_run, seg_ck
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_a_matrix_classifier_resumes_with_its_own_rule(matrix_run, synth_dir):
+    train = read_split(synth_dir / "train_COVIDx_CT.txt")
+    out = matrix_run / "resumed.pt"
+    train_classifier(SMALL, matrix_run / "cls.pt", train, None, out, ClsTrainOptions("heads", epochs=2, batch_size=4),
+                     False)
+    ck = load_checkpoint(out)
+    assert ck.epoch == 2 and ck.preset.roi_suppression == "matrix"
+
+
+def test_rows_far_from_the_detectors_are_refused_whatever_the_metadata_says():
+    from ctmask.training.graph_rois import PROFILE_LIMIT, check_rows
+
+    g = torch.Generator().manual_seed(0)
+    exact = torch.rand(50, 64, 5, generator=g)
+    close = exact + 0.05 * torch.randn(50, 64, 5, generator=g)  # INT8-like: the median slice moves 0.09
+    check_rows(close.unsqueeze(1), exact, ("int8.onnx",))
+    other = torch.rand(50, 64, 5, generator=g)
+    other[..., 0] = other[..., 0] * 0.4  # another detector: a different score profile
+    with pytest.raises(ModelError, match=f"at most {PROFILE_LIMIT}") as err:
+        check_rows(torch.stack([close, other], 1), exact, ("int8.onnx", "other.onnx"))
+    assert "other.onnx" in str(err.value)
+
+
 def test_rois_from_options_are_checked(seg_ckpt, synth_dir, matrix_run, tmp_path):
     with pytest.raises(ConfigError, match="--rois-from applies to the heads variant"):
         ClsTrainOptions("heads+bn", rois_from=("g.onnx",))
+    with pytest.raises(ConfigError, match="more than once"):
+        ClsTrainOptions("heads", rois_from=("g.onnx", "h.onnx", "g.onnx"))
     with pytest.raises(ConfigError, match="--perturb or --rois-from"):
         ClsTrainOptions("heads", consistency=1.0)
     with pytest.raises(ConfigError, match="unknown RoI suppression"):

@@ -10,7 +10,10 @@ whose box is at least :data:`MIN_SIZE` wide and high (``remove_small_boxes``), g
 IoU :data:`NMS_IOU` within each lesion class, at most :data:`MAX_DETECTIONS`, highest score first.
 Since the rows are the top N after NMS 0.75, the detections are the
 segmentation rule applied to those N rows (a candidate the 0.75 NMS or the top-N cut dropped
-cannot come back; one the 0.5 NMS drops was a row).
+cannot come back; one the 0.5 NMS drops was a row). A graph whose ranked RoIs use matrix
+suppression (``ctmask.roi_suppression`` = ``matrix``) keeps every candidate instead of the 0.75
+NMS, its row scores decayed by their overlaps: its detections are the same rule on those rows and
+decayed scores, so an overlapped box near :data:`SCORE_THRESHOLD` can fall below it.
 
 The lesion class of a row is the graph's ``labels`` output where the graph has one (1 GGO,
 2 consolidation: the detector's classes, :data:`LESION_NAMES`); a graph without it (exported

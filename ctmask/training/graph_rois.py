@@ -4,14 +4,17 @@ An INT8 (or FP16) graph of the detector hands S different ranked RoIs than PyTor
 detector does on most slices: its scores move by about 0.1 and some candidates change
 (docs/precision.md). Those differences depend on the detector, its ranges and the target,
 never on the head, so the RoIs of an already exported reduced-precision graph of the same
-detector are exactly what S will read once deployed. ``train-cls --rois-from GRAPH`` adds
+detector are what S will read once deployed: exactly so on onnxruntime's CPU kernels, which
+compute them here; OpenVINO and TensorRT compute INT8 slightly differently (measured in
+docs/precision.md). ``train-cls --rois-from GRAPH`` adds
 them as copies of the training RoIs (beside the exact ones and any ``--perturb`` copies), and
 ``--consistency`` penalises the logit change between each slice's exact and graph copy: S
 learns to call a slice the same from both.
 
-A graph is used only if it was exported from this very detector with these ranking
-settings (``ctmask.detector_sha256``), at this input size, N, suppression and crop; anything
-else is refused naming the graph and the mismatch.
+A graph is used only if its metadata says it was exported from this very detector with these
+ranking settings (``ctmask.detector_sha256``), at this input size, N, suppression and crop, and
+if its RoIs then look like the detector's (:func:`check_rows`: the metadata of an edited graph
+can lie); anything else is refused naming the graph and the mismatch.
 """
 
 from __future__ import annotations
@@ -74,6 +77,27 @@ def check_graphs(paths: tuple[str, ...], model: CovidCTMaskNet, crop: bool) -> N
     for path in paths:
         with OnnxRuntimeRunner(path) as runner:
             check_graph(runner.spec, path, model, crop)
+
+
+PROFILE_LIMIT = 0.25
+"""Largest median, over the slices, of the largest difference between a graph's and the
+detector's sorted row scores that :func:`check_rows` accepts. An INT8 graph of the detector
+measured 0.09 (0.2 at the 90th percentile)."""
+
+
+def check_rows(copies: torch.Tensor, exact: torch.Tensor, paths: tuple[str, ...]) -> None:
+    """Raise :class:`ModelError` naming the graph whose RoIs [M, N, 5] (``copies[:, g]``) are too far
+    from the detector's exact RoIs [M, N, 5] to be its own at reduced precision."""
+    if len(exact) == 0:
+        return
+    want = exact[..., 0].sort(-1, descending=True).values
+    for g, path in enumerate(paths):
+        got = copies[:, g, :, 0].sort(-1, descending=True).values
+        gap = float((got - want).abs().amax(-1).median())
+        if not gap <= PROFILE_LIMIT:
+            raise ModelError(f"--rois-from: the graph's RoIs are not this detector's: their sorted scores differ "
+                             f"from the detector's by {gap:.3g} on the median slice (at most {PROFILE_LIMIT} for a "
+                             "reduced-precision graph of it), whatever its metadata says", path)
 
 
 @torch.no_grad()

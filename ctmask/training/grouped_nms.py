@@ -54,9 +54,14 @@ def matrix_suppression(boxes: Tensor, scores: Tensor, sigma: float) -> Tensor:
     Every candidate's score is multiplied by ``min_j exp(-(IoU(j, i)^2 - c_j^2) / sigma)`` over
     the candidates ``j`` ranked above it in its group, where ``c_j`` is ``j``'s own largest
     IoU with a candidate above ``j`` (a box that is itself suppressed suppresses less). Unlike
-    hard NMS nothing is dropped at a threshold: a score moves continuously with the overlaps
-    and, away from exact ties, with the scores, so a change far below anything visible
-    cannot make a box appear or vanish from the ranking.
+    hard NMS nothing is dropped at a threshold: a score moves continuously with the overlaps.
+    What stays discontinuous is which of two overlapping near-equal boxes is "above" (and so
+    decays the other), as NMS's choice of which one to keep is.
+
+    "Above" is ``s_j > s_i``, or ``s_j == s_i`` and ``j`` earlier in the input: computed
+    elementwise in the input's order, with no sort, so every backend breaks exact ties (flat
+    slices, INT8's quantized scores) the same way. The decay is a constant to autograd (as
+    NMS's choice is): gradients reach the scores, never the boxes through the IoU.
 
     Args:
         boxes: float [B, G, K, 4] (x1, y1, x2, y2).
@@ -68,9 +73,7 @@ def matrix_suppression(boxes: Tensor, scores: Tensor, sigma: float) -> Tensor:
         float [B, G, K]: the decayed scores, in the input's candidate order.
     """
     k = scores.shape[-1]
-    top = scores.topk(k, dim=-1)
-    s, order = top.values, top.indices
-    bx = torch.gather(boxes, 2, order.unsqueeze(-1).expand(*order.shape, 4))
+    bx, s = boxes.detach(), scores.detach()
     area = (bx[..., 2] - bx[..., 0]).clamp(min=0) * (bx[..., 3] - bx[..., 1]).clamp(min=0)
     lt = torch.maximum(bx[..., :, None, :2], bx[..., None, :, :2])
     rb = torch.minimum(bx[..., :, None, 2:], bx[..., None, :, 2:])
@@ -78,11 +81,12 @@ def matrix_suppression(boxes: Tensor, scores: Tensor, sigma: float) -> Tensor:
     inter = wh[..., 0] * wh[..., 1]
     union = area[..., :, None] + area[..., None, :] - inter
     ok = s > float("-inf")
-    # above[j, i]: j is ranked above i; only pairs of real candidates count.
-    above = torch.ones(k, k, dtype=torch.bool, device=scores.device).triu(1)
+    # above[.., j, i]: candidate j ranks above candidate i (ties: the earlier one).
+    earlier = torch.ones(k, k, dtype=torch.bool, device=scores.device).triu(1)
+    sj, si = s[..., :, None], s[..., None, :]
+    above = (sj > si) | ((sj == si) & earlier)
     pair = above & ok[..., :, None] & ok[..., None, :]
     iou = torch.where(pair & (union > 0), inter / union.clamp(min=1e-9), torch.zeros_like(inter))
     comp = iou.amax(-2)  # [.., j]: j's largest IoU with a candidate above it
     decay = torch.exp(-(iou * iou - (comp * comp).unsqueeze(-1)) / sigma).amin(-2)
-    decayed = torch.where(ok, s * decay, s)  # -inf stays -inf (never -inf * 0)
-    return torch.full_like(scores, float("-inf")).scatter(-1, order, decayed)
+    return torch.where(ok, scores * decay, scores)  # -inf stays -inf (never -inf * 0)

@@ -24,7 +24,7 @@ from ctmask.core.progress import console, progress
 from ctmask.data.covidx import SplitEntry
 from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
 from ctmask.training.datasets import DEFAULT_CACHE_BYTES, ClassificationDataset, collate_classification
-from ctmask.training.graph_rois import check_graphs, graph_rois
+from ctmask.training.graph_rois import check_graphs, check_rows, graph_rois
 from ctmask.training.model import VARIANTS, CovidCTMaskNet, load_state, load_weights, set_variant
 from ctmask.training.options import (
     require_adam,
@@ -77,6 +77,9 @@ class ClsTrainOptions:
         if self.suppression is not None:
             check_suppression(self.suppression)
         object.__setattr__(self, "rois_from", tuple(str(g) for g in self.rois_from))
+        repeated = sorted({g for g in self.rois_from if self.rois_from.count(g) > 1})
+        if repeated:
+            raise ConfigError(f"--rois-from names {', '.join(repeated)} more than once (its copy would count twice)")
         if self.rois_from and self.variant != "heads":
             raise ConfigError(f"--rois-from applies to the heads variant (cached RoI copies), not {self.variant}")
         if self.variant not in VARIANTS:
@@ -227,7 +230,8 @@ def init_model(preset: Preset, init: str | Path, variant: str, head: str | None 
             raise ConfigError(f"{flag} {asked}: the classifier checkpoint holds {held!r}, which training continues",
                               ck.path, hint=f"start from its segmentation checkpoint for a fresh classifier with "
                                             f"{asked!r}, or drop {flag}")
-    model = CovidCTMaskNet(dataclasses.replace(preset, head=ck.preset.head))
+    model = CovidCTMaskNet(dataclasses.replace(preset, head=ck.preset.head, roi_suppression=ck.preset.roi_suppression,
+                                               roi_suppression_sigma=ck.preset.roi_suppression_sigma))
     load_weights(model, ck.model, ck.path)
     if ck.config.get("train", {}).get("variant") != variant:
         return StartPoint(model)
@@ -303,7 +307,9 @@ def _datasets(model: CovidCTMaskNet, train: list[SplitEntry], val: list[SplitEnt
         return train_data, val_data
     rois = _rois(model, train_data, train, opts, roi_cache, show, opts.perturb)
     if opts.rois_from:
-        rois = with_graph_copies(rois, graph_rois(opts.rois_from, model, train_data, opts.batch_size, opts.crop, show))
+        copies = graph_rois(opts.rois_from, model, train_data, opts.batch_size, opts.crop, show)
+        check_rows(copies, rois.tensors[0] if rois.tensors[0].dim() == 3 else rois.tensors[0][:, 0], opts.rois_from)
+        rois = with_graph_copies(rois, copies)
     return rois, (_rois(model, val_data, val, opts, roi_cache, show, ()) if val_data else None)
 
 
