@@ -233,7 +233,7 @@ def test_rois_from_options_are_checked(seg_ckpt, synth_dir, matrix_run, tmp_path
     with pytest.raises(ConfigError, match="unknown RoI suppression"):
         ClsTrainOptions("heads", suppression="greedy")
     train = read_split(synth_dir / "train_COVIDx_CT.txt")
-    with pytest.raises(ConfigError, match="--suppression nms: the classifier checkpoint holds 'matrix'"):
+    with pytest.raises(ConfigError, match="--suppression nms: the classifier checkpoint holds the 'matrix' suppr"):
         train_classifier(SMALL, matrix_run / "cls.pt", train, None, tmp_path / "x.pt",
                          ClsTrainOptions("heads", epochs=2, suppression="nms"), False)
     split = synth_dir / "train_COVIDx_CT.txt"
@@ -245,4 +245,7 @@ def test_rois_from_options_are_checked(seg_ckpt, synth_dir, matrix_run, tmp_path
                                    str(tmp_path / "y.pt"), "--variant", "heads", "--suppression", "matrix",
                                    "--rois-from", str(split), "-q"])
     assert res.exit_code == 2 and str(split) in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["train-cls", str(seg_ckpt), "--train-split", str(split), "--out",
+                                   str(tmp_path / "y.pt"), "--variant", "heads", "--rois-from", str(tmp_path), "-q"])
+    assert res.exit_code == 2 and "not a folder" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "y.pt").exists()

@@ -468,7 +468,7 @@ def test_training_on_perturbed_copies_with_consistency(seg_ckpt, synth_dir, tmp_
 @pytest.mark.parametrize("kwargs, message", [
     ({"perturb": (0.5,)}, "perturbation scale"),
     ({"perturb": (0.0,)}, "perturbation scale"),
-    ({"consistency": 1.0}, "needs perturbed copies"),
+    ({"consistency": 1.0}, "needs RoI copies"),
     ({"perturb": (1e-3,), "consistency": -1.0}, "consistency weight"),
 ])
 def test_perturbation_options_are_checked(kwargs, message):

@@ -75,6 +75,8 @@ def check_graphs(paths: tuple[str, ...], model: CovidCTMaskNet, crop: bool) -> N
     if not paths:
         raise ConfigError("--rois-from: no graphs given")
     for path in paths:
+        if Path(path).is_dir():
+            raise ModelError("--rois-from takes an exported graph (.onnx), not a folder", path)
         with OnnxRuntimeRunner(path) as runner:
             check_graph(runner.spec, path, model, crop)
 

@@ -224,10 +224,11 @@ def init_model(preset: Preset, init: str | Path, variant: str, head: str | None 
         model = CovidCTMaskNet(chosen)
         load_state(model.detector, ck.model, ck.path)
         return StartPoint(model)
-    for flag, asked, held in (("--head", head, ck.preset.head), ("--suppression", suppression,
-                                                                  ck.preset.roi_suppression)):
+    for flag, asked, held, what in (("--head", head, ck.preset.head, "head"),
+                                    ("--suppression", suppression, ck.preset.roi_suppression, "suppression")):
         if asked is not None and asked != held:
-            raise ConfigError(f"{flag} {asked}: the classifier checkpoint holds {held!r}, which training continues",
+            raise ConfigError(f"{flag} {asked}: the classifier checkpoint holds the {held!r} {what}, which training "
+                              "continues",
                               ck.path, hint=f"start from its segmentation checkpoint for a fresh classifier with "
                                             f"{asked!r}, or drop {flag}")
     model = CovidCTMaskNet(dataclasses.replace(preset, head=ck.preset.head, roi_suppression=ck.preset.roi_suppression,
