@@ -221,13 +221,19 @@ def test_rows_far_from_the_detectors_are_refused_whatever_the_metadata_says():
     with pytest.raises(ModelError, match=f"at most {PROFILE_LIMIT}") as err:
         check_rows(torch.stack([close, other], 1), exact, ("int8.onnx", "other.onnx"))
     assert "other.onnx" in str(err.value)
+    bad = close.clone()
+    bad[3, 5, 0] = float("nan")
+    with pytest.raises(ModelError, match="NaN"):
+        check_rows(bad.unsqueeze(1), exact, ("nan.onnx",))
+    with pytest.raises(ModelError, match=r"rois are \[32, 5\] per slice"):
+        check_rows(close[:, :32].unsqueeze(1), exact, ("short.onnx",))
 
 
 def test_rois_from_options_are_checked(seg_ckpt, synth_dir, matrix_run, tmp_path):
     with pytest.raises(ConfigError, match="--rois-from applies to the heads variant"):
         ClsTrainOptions("heads+bn", rois_from=("g.onnx",))
     with pytest.raises(ConfigError, match="more than once"):
-        ClsTrainOptions("heads", rois_from=("g.onnx", "h.onnx", "g.onnx"))
+        ClsTrainOptions("heads", rois_from=("g.onnx", "h.onnx", "./g.onnx"))
     with pytest.raises(ConfigError, match="--perturb or --rois-from"):
         ClsTrainOptions("heads", consistency=1.0)
     with pytest.raises(ConfigError, match="unknown RoI suppression"):

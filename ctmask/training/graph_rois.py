@@ -13,8 +13,9 @@ learns to call a slice the same from both.
 
 A graph is used only if its metadata says it was exported from this very detector with these
 ranking settings (``ctmask.detector_sha256``), at this input size, N, suppression and crop, and
-if its RoIs then look like the detector's (:func:`check_rows`: the metadata of an edited graph
-can lie); anything else is refused naming the graph and the mismatch.
+if its RoIs are not grossly far from the detector's (:func:`check_rows`, a coarse check: the
+metadata of an edited graph can lie, and a closely related detector's graph passes it); anything
+else is refused naming the graph and the mismatch.
 """
 
 from __future__ import annotations
@@ -88,18 +89,32 @@ measured 0.09 (0.2 at the 90th percentile)."""
 
 
 def check_rows(copies: torch.Tensor, exact: torch.Tensor, paths: tuple[str, ...]) -> None:
-    """Raise :class:`ModelError` naming the graph whose RoIs [M, N, 5] (``copies[:, g]``) are too far
-    from the detector's exact RoIs [M, N, 5] to be its own at reduced precision."""
+    """Raise :class:`ModelError` naming the graph whose RoIs (``copies[:, g]``, [M, N, 5]) are grossly
+    far from the detector's exact RoIs [M, N, 5], or not of their shape, or not finite.
+
+    A coarse sanity check on top of the metadata's detector digest (which is what identifies the
+    detector): it catches a graph of an unrelated detector whose metadata was edited, not a closely
+    related one (an INT8 graph of the same detector before QAT measured within 0.08, as the QAT
+    detector's own INT8 graphs do).
+    """
     if len(exact) == 0:
         return
     want = exact[..., 0].sort(-1, descending=True).values
     for g, path in enumerate(paths):
-        got = copies[:, g, :, 0].sort(-1, descending=True).values
+        rows = copies[:, g]
+        if rows.shape != exact.shape:
+            raise ModelError(f"--rois-from: the graph's rois are {list(rows.shape[1:])} per slice, the detector's "
+                             f"{list(exact.shape[1:])}, whatever its metadata says", path)
+        if not bool(torch.isfinite(rows).all()):
+            raise ModelError("--rois-from: the graph's rois hold NaN or infinite values", path)
+        got = rows[..., 0].sort(-1, descending=True).values
         gap = float((got - want).abs().amax(-1).median())
-        if not gap <= PROFILE_LIMIT:
-            raise ModelError(f"--rois-from: the graph's RoIs are not this detector's: their sorted scores differ "
-                             f"from the detector's by {gap:.3g} on the median slice (at most {PROFILE_LIMIT} for a "
-                             "reduced-precision graph of it), whatever its metadata says", path)
+        if gap > PROFILE_LIMIT:
+            raise ModelError(f"--rois-from: the graph's RoIs are far from this detector's: their sorted scores differ "
+                             f"by {gap:.3g} on the median slice (a reduced-precision graph of it: at most "
+                             f"{PROFILE_LIMIT}), whatever its metadata says", path,
+                             hint="use graphs exported from this detector; a graph of it this far off is badly "
+                                  "calibrated (`ctmask calibrate --method`)")
 
 
 @torch.no_grad()
@@ -127,5 +142,9 @@ def graph_rois(paths: tuple[str, ...], model: CovidCTMaskNet, data: Classificati
                     parts.append(torch.from_numpy(np.asarray(rois, dtype=np.float32)))
                     advance()
         n = model.preset.n_rois
-        copies.append(torch.cat(parts) if parts else torch.zeros(0, n, 5))
+        rois = torch.cat(parts) if parts else torch.zeros(0, n, 5)
+        if tuple(rois.shape) != (len(data), n, 5):
+            raise ModelError(f"--rois-from: the graph's rois are {list(rois.shape)}, expected [{len(data)}, {n}, 5] "
+                             "for this detector, whatever its metadata says", path)
+        copies.append(rois)
     return torch.stack(copies, 1)

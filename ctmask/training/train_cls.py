@@ -77,7 +77,8 @@ class ClsTrainOptions:
         if self.suppression is not None:
             check_suppression(self.suppression)
         object.__setattr__(self, "rois_from", tuple(str(g) for g in self.rois_from))
-        repeated = sorted({g for g in self.rois_from if self.rois_from.count(g) > 1})
+        resolved = [str(Path(g).resolve()) for g in self.rois_from]
+        repeated = sorted({g for g, r in zip(self.rois_from, resolved) if resolved.count(r) > 1})
         if repeated:
             raise ConfigError(f"--rois-from names {', '.join(repeated)} more than once (its copy would count twice)")
         if self.rois_from and self.variant != "heads":
