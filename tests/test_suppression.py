@@ -163,7 +163,7 @@ def test_graph_copies_are_appended_after_the_exact_rows(matrix_run, seg_ckpt, sy
     model = init_model(SMALL, seg_ckpt, "heads", "pooled", "matrix").model
     data = ClassificationDataset(entries, SMALL.image_size, cache_bytes=0)
     exact = ranked_rois_of(model, data, 4, False)
-    copies = graph_rois((str(matrix_run / "m.onnx"),), model, data, 4, False, False)
+    copies = graph_rois((str(matrix_run / "m.onnx"),), model, data, 4, False)
     both = with_graph_copies(exact, copies).tensors[0]
     assert both.shape == (len(entries), 2, SMALL.n_rois, 5)
     assert torch.equal(both[:, 0], exact.tensors[0])

@@ -119,13 +119,13 @@ def check_rows(copies: torch.Tensor, exact: torch.Tensor, paths: tuple[str, ...]
 
 @torch.no_grad()
 def graph_rois(paths: tuple[str, ...], model: CovidCTMaskNet, data: ClassificationDataset, batch_size: int,
-               crop: bool, show: bool) -> torch.Tensor:
+               show: bool) -> torch.Tensor:
     """Ranked RoIs [M, G, N, 5] of every slice of ``data`` from each of the G graphs ``paths``
-    (onnxruntime, CPU), in ``data``'s order.
+    (onnxruntime, CPU), in ``data``'s order. The graphs' metadata is :func:`check_graphs`'s to
+    judge, before the detector's pass; this only refuses rows of the wrong shape.
 
     Raises:
-        ModelError: a graph that does not load, or whose RoIs are not ``model``'s detector's
-            (:func:`check_graph`), naming it.
+        ModelError: a graph that does not load, or whose ``rois`` are not [M, N, 5], naming it.
         ConfigError: no graphs.
     """
     if not paths:
@@ -134,7 +134,6 @@ def graph_rois(paths: tuple[str, ...], model: CovidCTMaskNet, data: Classificati
     copies = []
     for path in paths:
         with OnnxRuntimeRunner(path) as runner:
-            check_graph(runner.spec, path, model, crop)
             parts = []
             with progress(len(loader), f"ranked RoIs of {Path(path).name}", show) as advance:
                 for images, _ in loader:

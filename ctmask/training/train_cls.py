@@ -309,7 +309,7 @@ def _datasets(model: CovidCTMaskNet, train: list[SplitEntry], val: list[SplitEnt
         return train_data, val_data
     rois = _rois(model, train_data, train, opts, roi_cache, show, opts.perturb)
     if opts.rois_from:
-        copies = graph_rois(opts.rois_from, model, train_data, opts.batch_size, opts.crop, show)
+        copies = graph_rois(opts.rois_from, model, train_data, opts.batch_size, show)
         check_rows(copies, rois.tensors[0] if rois.tensors[0].dim() == 3 else rois.tensors[0][:, 0], opts.rois_from)
         rois = with_graph_copies(rois, copies)
     return rois, (_rois(model, val_data, val, opts, roi_cache, show, ()) if val_data else None)
