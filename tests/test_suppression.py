@@ -140,6 +140,20 @@ def test_matrix_suppression_is_recorded_and_its_graph_passes_parity(matrix_run, 
     assert report["n_images"] == 20
 
 
+def test_parity_fails_a_graph_whose_suppression_metadata_lies(matrix_run, synth_dir, tmp_path):
+    from ctmask.backends.parity import check_parity
+
+    proto = onnx.load(str(matrix_run / "m.onnx"))
+    for p in proto.metadata_props:
+        if p.key == "ctmask.roi_suppression":
+            p.value = "nms"
+    onnx.save(proto, str(tmp_path / "lie.onnx"))
+    report = check_parity(matrix_run / "cls.pt", tmp_path / "lie.onnx", [synth_dir / "images"], max_images=4,
+                          batch_size=4, noise_levels=())
+    assert not report["passed"]
+    assert report["metadata_mismatches"] == {"suppression": {"graph": "nms", "checkpoint": "matrix"}}
+
+
 def test_train_cls_learns_from_a_graphs_rois(matrix_run, seg_ckpt, synth_dir):
     from ctmask.training.train_cls import _train  # noqa: F401  (the public entry is train_classifier)
 

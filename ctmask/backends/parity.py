@@ -34,9 +34,10 @@ def _batches(n: int, batch_size: int) -> list[slice]:
 
 
 
-SERVED_METADATA = ("class_names", "crop", "resize", "window", "head")
-"""Graph metadata the runtime acts on or reports, which must equal the checkpoint's (``metadata``
-line): a graph claiming the pooled head while holding the paper's S fails here."""
+SERVED_METADATA = ("class_names", "crop", "resize", "window", "head", "suppression")
+"""Graph metadata the runtime acts on or reports (``train-cls --rois-from`` reads the
+suppression), which must equal the checkpoint's (``metadata`` line): a graph claiming the pooled
+head while holding the paper's S, or hard NMS while it decays, fails here."""
 
 
 def run_pair(reference: Runner, candidate: Runner, images: np.ndarray, batch_size: int,

@@ -221,9 +221,10 @@ def train_cls(
     perturb: str = typer.Option("", "--perturb", help="Comma-separated relative noise scales of the detector, e.g. "
                                                       "1e-3,3e-3,1e-2: S also trains on the RoIs of the detector "
                                                       "perturbed at each scale, so its calls survive FP16 / INT8."),
-    consistency: float = typer.Option(0.0, "--consistency", help="With --perturb (heads variant): weight of the "
-                                                                  "squared logit change between a slice's perturbed "
-                                                                  "and exact RoIs in the loss."),
+    consistency: float = typer.Option(0.0, "--consistency", help="With --perturb or --rois-from (heads variant): "
+                                                                  "weight of the squared logit change between a "
+                                                                  "slice's perturbed (or graph) and exact RoIs in "
+                                                                  "the loss."),
     head: str | None = typer.Option(None, "--head", help="Classifier head: paper (the paper's S) | pooled (its "
                                                          "calls survive input noise, FP16 and INT8). Default: the "
                                                          "preset's, or the init classifier's."),

@@ -50,7 +50,7 @@ def check_graph(spec: GraphSpec, path: str | Path, model: CovidCTMaskNet, crop: 
                               "FP16 / INT8 graph again")
     problems = []
     if spec.detector_sha256 != want:
-        problems.append(f"its detector (ctmask.detector_sha256 {spec.detector_sha256[:12]}...) is not the one "
+        problems.append(f"its detector (ctmask.detector_sha256 {spec.detector_sha256[:12]!r}...) is not the one "
                         f"being trained on ({want[:12]}...: other weights or ranking settings)")
     if (spec.image_size, spec.n_rois) != (p.image_size, p.n_rois):
         problems.append(f"it takes {spec.image_size} px and ranks N={spec.n_rois}; this model: {p.image_size} px, "
