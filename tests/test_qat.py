@@ -119,6 +119,23 @@ def test_qat_checkpoint_is_plain_and_exports_to_a_fully_quantized_graph(qat_ckpt
     produced = {o: n for n in int8.graph.node for o in n.output}
     convs = [n for n in int8.graph.node if n.op_type == "Conv"]
     assert sum(produced[n.input[0]].op_type == "DequantizeLinear" for n in convs) == len(convs) == 32
+    # the cpu (uint8) form quantizes on the very grid the fine-tune trained: the tensorrt
+    # form's scale, zero-point 128
+    cpu = quantize_int8(proto, rf, "cpu", {"classifier"})
+    trt_grid, cpu_grid = activation_grids(int8), activation_grids(cpu)
+    assert set(cpu_grid) == set(trt_grid) and len(cpu_grid) > 40
+    for tensor, (scale, zp) in cpu_grid.items():
+        assert zp == 128 and scale == pytest.approx(trt_grid[tensor][0], rel=1e-6), tensor
+        assert trt_grid[tensor][1] == 0
+
+
+def activation_grids(proto) -> dict[str, tuple[float, int]]:
+    """Activation tensor -> (scale, zero-point) of its QuantizeLinear."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
+            for n in proto.graph.node if n.op_type == "QuantizeLinear"}
 
 
 def test_qat_ranges_refuses_a_checkpoint_without_scales(seg_ckpt, small_onnx, base_ranges, tmp_path):
