@@ -8,6 +8,7 @@ the model's noise floor, and Polygraphy files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,15 @@ from ctmask.core.fileio import atomic_path, sha256_file
 from ctmask.core.graphs import content_sha256, load_proto, precision_problems
 from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
 from ctmask.core.spec import INPUT, PARITY_AGREEMENT, PARITY_OFF_TOLERANCE, GraphSpec, Tolerance, parity_tolerances
+from ctmask.exporter.int8_reference import (
+    TENSOR_SLICES,
+    FakeQuantRunner,
+    apply_int8_reference,
+    compare_tensors,
+    judge_rows,
+    own_movement,
+    reference_amax,
+)
 from ctmask.exporter.parity import CANDIDATES, judge_parity, probe_stability, take_rows
 from ctmask.exporter.reference import TorchRunner
 from ctmask.runtime.predict import collect_images
@@ -131,27 +141,38 @@ def check_parity(
     files, skipped = collect_images(inputs)
     notes: list[str] = []
     graph_file = source_graph(model, notes)
-    with graph_runner(model) as candidate, TorchRunner(checkpoint, candidates=CANDIDATES) as reference:
-        setup = _prepare(candidate.spec, reference.spec, model, checkpoint, graph_file, notes, min_argmax_agreement)
-        images, ok, skipped = _load_slices(files[:max_images], skipped, setup.spec, on_start)
-        expected, actual = run_pair(reference, candidate, images, batch_size, on_batch)
-        runners = {"reference": reference.describe(), "candidate": candidate.describe()}
-        _check_output_shapes(actual, setup.spec, len(ok), model)
-        report = _judge(reference, images, expected, actual, setup, jitter, max_unstable_fraction)
-        report["decisions"] = decisions_report(ok, expected, actual, setup.spec, model, fp32_model, labels, images,
-                                               batch_size)
-        if noise_levels:
-            report["noise_floor"] = reference_noise_floor(reference, images, expected, batch_size, noise_levels)
+    with graph_runner(model) as candidate:
+        amax = int8_reference_amax(candidate.spec, graph_file, notes)
+        with _reference(checkpoint, amax) as reference, \
+                (TorchRunner(checkpoint) if amax else contextlib.nullcontext(reference)) as fp32_ref:
+            setup = _prepare(candidate.spec, reference.spec, model, checkpoint, graph_file, notes,
+                             min_argmax_agreement, fakequant=bool(amax))
+            images, ok, skipped = _load_slices(files[:max_images], skipped, setup.spec, on_start)
+            expected, actual = run_pair(reference, candidate, images, batch_size, on_batch)
+            runners = {"reference": reference.describe(), "candidate": candidate.describe()}
+            _check_output_shapes(actual, setup.spec, len(ok), model)
+            report = _judge(reference, images, expected, actual, setup, jitter, max_unstable_fraction)
+            fp32 = judge_against_fakequant(report, reference, fp32_ref, graph_file, images, expected, setup, actual,
+                                           batch_size, runners)
+            report["decisions"] = decisions_report(ok, fp32, actual, setup.spec, model, fp32_model, labels, images,
+                                                   batch_size)
+            if noise_levels:
+                report["noise_floor"] = reference_noise_floor(fp32_ref, images, fp32, batch_size, noise_levels)
     judged_reference = report.pop("judged_reference")
+    _finish(report, setup, ok)
+    if polygraphy_dir is not None:
+        save_for_polygraphy(polygraphy_dir, images, judged_reference, batch_size)
+    return {**_header(model, checkpoint, setup, expected, len(ok), batch_size, skipped, runners), **report}
+
+
+def _finish(report: dict, setup: _Setup, files: list[Path]) -> None:
+    """Add the metadata verdict and the failing slices' file names to ``report``."""
     report["metadata_mismatches"] = setup.mismatches
     if setup.mismatches:
         report["failures"].append("metadata")
         report["passed"] = False
     for item in report["failing_slices"] + report["probed_slices"]:
-        item["file"] = str(ok[item["index"]])
-    if polygraphy_dir is not None:
-        save_for_polygraphy(polygraphy_dir, images, judged_reference, batch_size)
-    return {**_header(model, checkpoint, setup, expected, len(ok), batch_size, skipped, runners), **report}
+        item["file"] = str(files[item["index"]])
 
 
 @dataclass
@@ -165,10 +186,12 @@ class _Setup:
     off_tolerance: float
     mismatches: dict[str, dict]
     warnings: list[str]
+    fakequant: bool = False
 
 
 def _prepare(spec: GraphSpec, ref_spec: GraphSpec, model: str | Path, checkpoint: str | Path,
-             graph_file: Path | None, notes: list[str], min_argmax_agreement: float | None) -> _Setup:
+             graph_file: Path | None, notes: list[str], min_argmax_agreement: float | None,
+             fakequant: bool = False) -> _Setup:
     """Check the graph against its checkpoint (preset, contents against the declared
     precision) and gather the tolerances, the metadata mismatches and the warnings.
 
@@ -194,8 +217,11 @@ def _prepare(spec: GraphSpec, ref_spec: GraphSpec, model: str | Path, checkpoint
     # What the runtime reads from the graph's metadata must be what the model was trained with.
     mismatches = {name: {"graph": getattr(spec, name), "checkpoint": getattr(ref_spec, name)}
                   for name in SERVED_METADATA if getattr(spec, name) != getattr(ref_spec, name)}
-    return _Setup(spec, ref_spec, tol, min_argmax_agreement, PARITY_OFF_TOLERANCE[spec.precision], mismatches,
-                  _warnings(notes, spec, ref_spec, tol, model, checkpoint))
+    # Against the fake-quantized model, the row lines are judged in aggregate instead of
+    # excusing a share of the slices (ctmask.exporter.int8_reference).
+    return _Setup(spec, ref_spec, tol, min_argmax_agreement,
+                  0.0 if fakequant else PARITY_OFF_TOLERANCE[spec.precision], mismatches,
+                  _warnings(notes, spec, ref_spec, tol, model, checkpoint), fakequant)
 
 
 def _warnings(notes: list[str], spec: GraphSpec, ref_spec: GraphSpec, tol: dict[str, Tolerance],
@@ -249,9 +275,9 @@ def _judge(reference: TorchRunner, images: np.ndarray, expected: dict[str, np.nd
     def probe(indices: list[int]) -> dict[int, dict[str, float]]:
         return probe_stability(reference, images, expected, indices, setup.tol, jitter)
 
+    probing = jitter > 0 and setup.off_tolerance == 0 and not setup.fakequant
     return judge_parity(actual, expected, setup.tol, reference.classify, setup.min_argmax_agreement,
-                        probe if jitter > 0 and setup.off_tolerance == 0 else None, max_unstable_fraction,
-                        setup.off_tolerance)
+                        probe if probing else None, max_unstable_fraction, setup.off_tolerance)
 
 
 def _header(model: str | Path, checkpoint: str | Path, setup: _Setup, expected: dict[str, np.ndarray], n: int,
@@ -271,6 +297,59 @@ def _header(model: str | Path, checkpoint: str | Path, setup: _Setup, expected: 
         "runners": runners,
         "head": setup.ref_spec.head,
     }
+
+
+def _reference(checkpoint: str | Path, amax: dict[str, float]) -> TorchRunner:
+    """The reference runner: the checkpoint fake-quantized at ``amax``, or PyTorch FP32."""
+    if amax:
+        return FakeQuantRunner(checkpoint, amax, candidates=CANDIDATES)
+    return TorchRunner(checkpoint, candidates=CANDIDATES)
+
+
+def _logits(runner: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([runner.infer({INPUT: np.ascontiguousarray(images[b])})["logits"]
+                           for b in _batches(len(images), batch_size)])
+
+
+def int8_reference_amax(spec: GraphSpec, graph_file: Path | None, notes: list[str]) -> dict[str, float]:
+    """The ModelOpt amax of an INT8 graph's fake-quantized reference, or {} (with a note why
+    its rows are judged against PyTorch FP32 instead)."""
+    if spec.precision != "int8":
+        return {}
+    fallback = "its rows are judged against PyTorch FP32, where rounding reorders candidates on most slices"
+    if graph_file is None:
+        notes.append(f"INT8 without its ONNX graph at hand: {fallback}")
+        return {}
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+    except ImportError:
+        notes.append(f"the fake-quantized INT8 reference needs NVIDIA ModelOpt (pip install 'ctmask[qat]'): "
+                     f"{fallback}")
+        return {}
+    amax, why = reference_amax(load_proto(graph_file))
+    if not amax:
+        notes.append(f"no fake-quantized INT8 reference ({why}): {fallback}")
+    return amax
+
+
+def judge_against_fakequant(report: dict, reference: TorchRunner, fp32_ref: TorchRunner, graph_file: Path | None,
+                            images: np.ndarray, expected: dict[str, np.ndarray], setup: _Setup,
+                            actual: dict[str, np.ndarray], batch_size: int, runners: dict) -> dict[str, np.ndarray]:
+    """The PyTorch FP32 logits the decisions are judged against (``{"logits": ...}``). For an
+    INT8 graph judged against its fake-quantized model (``setup.fakequant``), also its verdict,
+    in place (see :mod:`ctmask.exporter.int8_reference`): the row lines against the model's
+    own movement under input noise, ``int8.tensors`` on the first slices, the class against
+    PyTorch FP32 (``fp32_ref``)."""
+    if not setup.fakequant:
+        return {"logits": expected["logits"]}
+    proto = load_proto(graph_file)
+    fp32_logits = _logits(fp32_ref, images, batch_size)
+    runners["reference_fp32"] = fp32_ref.describe()
+    moved = own_movement(reference, images, expected, setup.tol, batch_size)
+    tensors = compare_tensors(proto, reference, np.ascontiguousarray(images[:TENSOR_SLICES]))
+    agreement = float(np.mean(actual["logits"].argmax(-1) == fp32_logits.argmax(-1)))
+    apply_int8_reference(report, judge_rows(report, moved, setup.tol), tensors, agreement, setup.min_argmax_agreement)
+    return {"logits": fp32_logits}
 
 
 def reference_noise_floor(reference: TorchRunner, images: np.ndarray, expected: dict[str, np.ndarray],
@@ -295,7 +374,8 @@ def slice_labels(files: list[Path], split: str | Path) -> np.ndarray:
 def decisions_report(files: list[Path], expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
                      spec: GraphSpec, model: str | Path, fp32_model: str | Path | None,
                      labels: str | Path | None, images: np.ndarray, batch_size: int) -> dict:
-    """Class calls of the graph against PyTorch FP32 (and the FP32 graph), accuracy with labels."""
+    """Class calls of the graph against PyTorch FP32 (``expected["logits"]``; and the FP32
+    graph), accuracy with labels."""
     calls = {"pytorch_fp32": expected["logits"].argmax(-1), spec.precision: actual["logits"].argmax(-1)}
     out: dict = {"precision": spec.precision,
                  "agreement_vs_pytorch_fp32": float(np.mean(calls[spec.precision] == calls["pytorch_fp32"])),

@@ -307,22 +307,29 @@ def format_parity(report: dict) -> str:
              f"{report['precision']} table)",
              f"{'line':<13}{'max abs':>11}{'mean abs':>11}{'max rel':>11}{'needed atol':>13}{'atol':>9}"
              f"{'rtol':>8}  result"]
+    aggregate = report.get("int8_reference", {}).get("rows", {})
     for name, r in report["outputs"].items():
+        verdict = "pass" if r["passed"] else f"FAIL ({r['n_failing']} elements)"
+        if name in aggregate:
+            verdict = f"{r['n_failing']} elements off: judged in aggregate below"
         lines.append(f"{name:<13}{r['max_abs']:>11.3g}{r['mean_abs']:>11.3g}{r['max_rel']:>11.3g}"
-                     f"{r['required_atol']:>13.3g}{r['atol']:>9.0e}{r['rtol']:>8.0e}  "
-                     + ("pass" if r["passed"] else f"FAIL ({r['n_failing']} elements)"))
+                     f"{r['required_atol']:>13.3g}{r['atol']:>9.0e}{r['rtol']:>8.0e}  {verdict}")
     c = report["rois"]
     bad = c["unmatched"] + c["missing"] + c["intruders"] + c["bad_padding"]
     lines.append(f"rois.rows: {c['rows']} real rows; unmatched {c['unmatched']}, missing {c['missing']}, "
-                 f"intruders {c['intruders']}, bad padding {c['bad_padding']}  " + ("pass" if not bad else "FAIL"))
+                 f"intruders {c['intruders']}, bad padding {c['bad_padding']}  "
+                 + ("judged in aggregate below" if aggregate else "pass" if not bad else "FAIL"))
+    lines += _int8_reference_lines(report)
     lines.append(f"near-ties: {c['reordered']} row(s) reordered, {c['cut_swaps']} swapped at the N cut, in "
                  f"{len(c['permuted_slices'])} slice(s) (logits there judged against torch S on the reference's "
                  "rows in the graph's order)")
     for name, m in report.get("metadata_mismatches", {}).items():
         lines.append(f"metadata: the graph's {name} {m['graph']!r} differs from the checkpoint's {m['checkpoint']!r}  "
                      "FAIL")
-    lines.append(f"class agreement (end to end) {report['argmax_agreement']:.2%} "
-                 f"(required {report['min_argmax_agreement']:.1%})")
+    against = " against PyTorch FP32" if aggregate else ""
+    lines.append(f"class agreement (end to end{against}) {report['argmax_agreement']:.2%} "
+                 f"(required {report['min_argmax_agreement']:.1%})"
+                 + (f"; with the fake-quantized model {report['argmax_agreement_fakequant']:.2%}" if aggregate else ""))
     d = report.get("decisions", {})
     if "agreement_vs_fp32_graph" in d:
         lines.append(f"class agreement with the FP32 graph {d['agreement_vs_fp32_graph']:.2%} "
@@ -352,6 +359,30 @@ def format_parity(report: dict) -> str:
     if not report["passed"] and "class" in report["failures"] and report["precision"] != "fp32":
         lines.append(noise_floor_advice(report))
     return "\n".join(lines)
+
+
+def _int8_reference_lines(report: dict) -> list[str]:
+    """An INT8 graph judged against its fake-quantized model: the aggregate row lines and int8.tensors."""
+    ref = report.get("int8_reference")
+    if not ref:
+        return []
+    lines = [f"INT8 reference: the checkpoint fake-quantized at the graph's scales (ModelOpt); on each row line the "
+             f"graph's mean error (rois.rows: bad rows) may be at most {ref['row_factor']:g}x that model's own "
+             f"movement under +-{ref['row_noise_gray_levels']:g} gray level of seeded input noise (the largest of "
+             f"{ref['row_noise_draws']} draws), plus {ref['row_floor']:.0%} of the line's atol "
+             f"({ref['row_slack_rows']} rows):"]
+    for name, r in ref["rows"].items():
+        lines.append(f"  {name:<13} graph {r['graph']:>10.4g}  model under noise {r['reference_under_noise']:>10.4g}  "
+                     f"allowed {r['allowed']:>10.4g}  " + ("pass" if r["passed"] else "FAIL"))
+    t = ref["tensors"]
+    lim = t["limits"]
+    lines.append(f"int8.tensors: {t['tensors']} quantized activations of the backbone, FPN and RPN head on "
+                 f"{t['slices']} slice(s): {t['beyond_one_step']:.2%} of {t['values']} values more than one int8 "
+                 f"step from the model's (at most {lim['beyond_one_step']:.0%}), the largest {t['max_steps']:.0f} "
+                 f"steps at {t['worst_quantizer'] or '-'} (at most {lim['max_steps']:g})"
+                 + (f"; not found in the model: {', '.join(t['unmatched'][:3])}" if t["unmatched"] else "")
+                 + ("  pass" if t["passed"] else "  FAIL"))
+    return lines
 
 
 def noise_floor_advice(report: dict) -> str:

@@ -455,7 +455,7 @@ def format_summary(summary: dict) -> str:
         q = summary["qdq"]
         lines.append(f"  Q/DQ ({summary['int8_target']}): {q['quantize_linear']} QuantizeLinear, "
                      f"{q['dequantize_linear']} DequantizeLinear; activations {q['activation_types']}, "
-                     f"zero-points {'all 0' if q['activation_zero_points_all_zero'] else 'asymmetric'}; "
+                     f"zero-points {_zero_points(q)}; "
                      f"weights {q['weight_types']}")
     final = (summary.get("sensitivity") or {}).get("final")
     if final:
@@ -470,3 +470,12 @@ def format_summary(summary: dict) -> str:
 
 
 COMMANDS = {"export": export}
+
+
+def _zero_points(q: dict) -> str:
+    """The activation zero-points in words: symmetric int8, the QAT grid in uint8, or asymmetric."""
+    if q["activation_zero_points_all_zero"]:
+        return "all 0"
+    if q["activation_zero_points"] == [128]:
+        return "all 128 (a symmetric grid in uint8: the QAT scales)"
+    return "asymmetric"
