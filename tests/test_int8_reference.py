@@ -43,16 +43,19 @@ def qat_scaled(cls_ckpt, small_onnx, synth_dir, tmp_path_factory):
 
 def test_the_graph_scales_are_the_quantizers_amax_on_both_targets(qat_scaled):
     from ctmask.core.graphs import load_proto
-    from ctmask.exporter.int8_reference import graph_activations, reference_amax
+    from ctmask.exporter.int8_graph import read_quantization
 
     for target, path in qat_scaled["graphs"].items():
-        proto = load_proto(path)
-        amax, why = reference_amax(proto)
-        assert not why and set(amax) == set(qat_scaled["amax"]), target
-        for q, a in amax.items():
+        quantization, why = read_quantization(load_proto(path))
+        assert not why and set(quantization.amax) == set(qat_scaled["amax"]), target
+        for q, a in quantization.amax.items():
             assert a == pytest.approx(qat_scaled["amax"][q], rel=1e-5), (target, q)
-        zero_points = {(a.dtype, a.zero_point) for a in graph_activations(proto).values()}
+        zero_points = {(a.dtype, a.zero_point) for a in quantization.activations.values()}
         assert zero_points == ({("int8", 0)} if target == "tensorrt" else {("uint8", 128)})
+        int8_weights = {n.input[0] for n in load_proto(path).graph.node
+                        if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight_quantized")}
+        assert len(quantization.weights) == len(int8_weights) == 27  # 23 detector convolutions (the RPN head's
+        # three serve every level), the box head's and box predictor's two Gemms each
 
 
 def test_residual_and_top_down_paths_read_float(qat_scaled):
@@ -169,3 +172,118 @@ def test_without_modelopt_parity_says_so_and_uses_fp32(qat_scaled, synth_dir, cl
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["runners"]["reference"]["backend"] == "torch-cpu"
     assert any("ctmask[qat]" in w for w in report["warnings"]), report["warnings"]
+
+
+def _export(cls_ckpt, ranges, out, fp32_blocks):
+    res = invoke("export", cls_ckpt, "--out", out, "--precision", "int8", "--int8-target", "tensorrt",
+                 "--calibration", ranges, "--fp32-blocks", fp32_blocks, "-q")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_fp32_blocks_read_float_and_the_reference_quantizes_only_what_the_graph_does(qat_scaled, cls_ckpt, synth_dir,
+                                                                                    tmp_path):
+    """With the backbone body kept FP32, no FP32 convolution reads a DequantizeLinear, and the
+    reference leaves those weights unquantized: int8.tensors holds. With only the box head and
+    box predictor quantized there is no dense activation to compare, said so, no traceback."""
+    from ctmask.core.graphs import load_proto
+
+    ranges = qat_scaled["graphs"]["tensorrt"].parent / "qat.json"
+    body = _export(cls_ckpt, ranges, tmp_path / "body.onnx", "backbone.body,classifier")
+    proto = load_proto(body)
+    produced = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and produced.get(node.input[1]) is None:  # an FP32 convolution
+            src = produced.get(node.input[0])
+            assert src is None or src.op_type != "DequantizeLinear", node.name
+    res = invoke("parity", cls_ckpt, body, "--images", synth_dir / "images", "--no-noise", "--max-images", 4,
+                 "--json", tmp_path / "p.json")
+    report = json.loads((tmp_path / "p.json").read_text())
+    tensors = report["int8_reference"]["tensors"]
+    assert tensors["passed"] and tensors["tensors"] > 0, tensors
+    assert report["runners"]["reference"]["int8_weights"] < 36
+    heads = _export(cls_ckpt, ranges, tmp_path / "heads.onnx", "backbone.body,backbone.fpn,rpn_head,classifier")
+    res = invoke("parity", cls_ckpt, heads, "--images", synth_dir / "images", "--no-noise", "--max-images", 2,
+                 "--json", tmp_path / "q.json")
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.output
+    tensors = json.loads((tmp_path / "q.json").read_text())["int8_reference"]["tensors"]
+    assert tensors["tensors"] == 0 and "no backbone" in tensors["not_compared"]
+
+
+def _constant_scale(proto):
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_1")
+    value = next(t for t in proto.graph.initializer if t.name == q.input[1])
+    proto.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["scale_c"], value=value))
+    q.input[1] = "scale_c"
+
+
+def _lonely_quantize(proto):
+    """A QuantizeLinear without a DequantizeLinear on a tensor no convolution quantizes."""
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_1")
+    proto.graph.node.append(onnx.helper.make_node("QuantizeLinear", ["logits", q.input[1], q.input[2]], ["lonely"]))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("lonely", onnx.TensorProto.INT8, None))
+
+
+def _per_channel_activation(proto):
+    from onnx import numpy_helper
+
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_1")
+    scale = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == q.input[1]))
+    proto.graph.initializer.append(numpy_helper.from_array(np.full(4, scale, np.float32), "per_channel"))
+    q.input[1] = "per_channel"
+
+
+def _no_zero_point(proto):
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_1")
+    del q.input[2]
+
+
+@pytest.mark.parametrize("edit, why", [(_constant_scale, None), (_lonely_quantize, "no quantized convolution"),
+                                       (_per_channel_activation, "per channel"), (_no_zero_point, "asymmetric")])
+def test_odd_quantization_is_read_or_refused_with_a_reason(qat_scaled, edit, why, tmp_path):
+    from ctmask.exporter.int8_graph import read_quantization
+
+    proto = onnx.load(str(qat_scaled["graphs"]["tensorrt"]))
+    edit(proto)
+    quantization, reason = read_quantization(proto)
+    if why is None:  # a scale from a Constant node is read like an initializer
+        assert quantization is not None and not reason
+    else:
+        assert quantization is None and why in reason, reason
+
+
+def _boxes_off_on_one_slice(proto, threshold):
+    """The graph's boxes 10 px off on the slices brighter than ``threshold`` (one of them)."""
+    from onnx import helper, numpy_helper
+
+    producer = next(n for n in proto.graph.node if "boxes" in n.output)
+    producer.output[list(producer.output).index("boxes")] = "boxes_pre"
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array(threshold, np.float32), "thr_t"),
+                                    numpy_helper.from_array(np.array(10.0, np.float32), "shift_t"),
+                                    numpy_helper.from_array(np.array(0.0, np.float32), "zero_t"),
+                                    numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape_t"),
+                                    numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes_t")])
+    proto.graph.node.extend([
+        helper.make_node("ReduceMean", [proto.graph.input[0].name, "axes_t"], ["mean_t"], keepdims=1),
+        helper.make_node("Greater", ["mean_t", "thr_t"], ["bright_t"]),
+        helper.make_node("Where", ["bright_t", "shift_t", "zero_t"], ["off_t"]),
+        helper.make_node("Reshape", ["off_t", "shape_t"], ["off3_t"]),
+        helper.make_node("Add", ["boxes_pre", "off3_t"], ["boxes"])])
+
+
+def test_one_slice_with_wrong_boxes_fails_on_its_worst_slice(qat_scaled, cls_ckpt, synth_dir, tmp_path):
+    from ctmask.runtime.predict import collect_images
+    from ctmask.runtime.runner import OnnxRuntimeRunner
+    from ctmask.scans.batch import load_batch
+
+    graph = qat_scaled["graphs"]["tensorrt"]
+    files, _ = collect_images([synth_dir / "images"])
+    with OnnxRuntimeRunner(graph) as runner:
+        means = np.sort(load_batch(files[:8], runner.spec).batch.reshape(8, -1).mean(1))
+    bad = _tamper(graph, tmp_path / "bad.onnx", lambda p: _boxes_off_on_one_slice(p, (means[-1] + means[-2]) / 2))
+    invoke("parity", cls_ckpt, bad, "--images", synth_dir / "images", "--no-noise", "--max-images", 8,
+           "--json", tmp_path / "p.json")
+    report = json.loads((tmp_path / "p.json").read_text())
+    boxes = report["int8_reference"]["rows"]["boxes"]
+    assert "boxes" in report["failures"] and boxes["graph_worst_slice"] > boxes["allowed_worst_slice"], boxes
+    assert any("boxes" in f["max_abs"] for f in report["failing_slices"])

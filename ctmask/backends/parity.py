@@ -22,6 +22,7 @@ from ctmask.core.fileio import atomic_path, sha256_file
 from ctmask.core.graphs import content_sha256, load_proto, precision_problems
 from ctmask.core.noise import NOISE_GRAY_LEVELS, NoiseFloor
 from ctmask.core.spec import INPUT, PARITY_AGREEMENT, PARITY_OFF_TOLERANCE, GraphSpec, Tolerance, parity_tolerances
+from ctmask.exporter.int8_graph import GraphQuantization, read_quantization
 from ctmask.exporter.int8_reference import (
     TENSOR_SLICES,
     FakeQuantRunner,
@@ -29,9 +30,8 @@ from ctmask.exporter.int8_reference import (
     compare_tensors,
     judge_rows,
     own_movement,
-    reference_amax,
 )
-from ctmask.exporter.parity import CANDIDATES, judge_parity, probe_stability, take_rows
+from ctmask.exporter.parity import CANDIDATES, judge_parity, judge_slices, probe_stability, take_rows
 from ctmask.exporter.reference import TorchRunner
 from ctmask.runtime.predict import collect_images
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
@@ -142,11 +142,12 @@ def check_parity(
     notes: list[str] = []
     graph_file = source_graph(model, notes)
     with graph_runner(model) as candidate:
-        amax = int8_reference_amax(candidate.spec, graph_file, notes)
-        with _reference(checkpoint, amax) as reference, \
-                (TorchRunner(checkpoint) if amax else contextlib.nullcontext(reference)) as fp32_ref:
+        quantization = int8_quantization(candidate.spec, graph_file, notes)
+        fakequant = quantization is not None
+        with _reference(checkpoint, quantization) as reference, \
+                (TorchRunner(checkpoint) if fakequant else contextlib.nullcontext(reference)) as fp32_ref:
             setup = _prepare(candidate.spec, reference.spec, model, checkpoint, graph_file, notes,
-                             min_argmax_agreement, fakequant=bool(amax))
+                             min_argmax_agreement, fakequant=fakequant)
             images, ok, skipped = _load_slices(files[:max_images], skipped, setup.spec, on_start)
             expected, actual = run_pair(reference, candidate, images, batch_size, on_batch)
             runners = {"reference": reference.describe(), "candidate": candidate.describe()}
@@ -161,7 +162,8 @@ def check_parity(
     judged_reference = report.pop("judged_reference")
     _finish(report, setup, ok)
     if polygraphy_dir is not None:
-        save_for_polygraphy(polygraphy_dir, images, judged_reference, batch_size)
+        save_for_polygraphy(polygraphy_dir, images, judged_reference, batch_size,
+                            "pytorch-fakequant" if setup.fakequant else "pytorch")
     return {**_header(model, checkpoint, setup, expected, len(ok), batch_size, skipped, runners), **report}
 
 
@@ -299,10 +301,10 @@ def _header(model: str | Path, checkpoint: str | Path, setup: _Setup, expected: 
     }
 
 
-def _reference(checkpoint: str | Path, amax: dict[str, float]) -> TorchRunner:
-    """The reference runner: the checkpoint fake-quantized at ``amax``, or PyTorch FP32."""
-    if amax:
-        return FakeQuantRunner(checkpoint, amax, candidates=CANDIDATES)
+def _reference(checkpoint: str | Path, quantization: GraphQuantization | None) -> TorchRunner:
+    """The reference runner: the checkpoint fake-quantized as the graph is, or PyTorch FP32."""
+    if quantization is not None:
+        return FakeQuantRunner(checkpoint, quantization, candidates=CANDIDATES)
     return TorchRunner(checkpoint, candidates=CANDIDATES)
 
 
@@ -311,25 +313,25 @@ def _logits(runner: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
                            for b in _batches(len(images), batch_size)])
 
 
-def int8_reference_amax(spec: GraphSpec, graph_file: Path | None, notes: list[str]) -> dict[str, float]:
-    """The ModelOpt amax of an INT8 graph's fake-quantized reference, or {} (with a note why
-    its rows are judged against PyTorch FP32 instead)."""
+def int8_quantization(spec: GraphSpec, graph_file: Path | None, notes: list[str]) -> GraphQuantization | None:
+    """An INT8 graph's quantization as ModelOpt quantizers (its fake-quantized reference), or
+    None (with a note why its rows are judged against PyTorch FP32 instead)."""
     if spec.precision != "int8":
-        return {}
+        return None
     fallback = "its rows are judged against PyTorch FP32, where rounding reorders candidates on most slices"
     if graph_file is None:
         notes.append(f"INT8 without its ONNX graph at hand: {fallback}")
-        return {}
+        return None
     try:
         import modelopt.torch.quantization  # noqa: F401
     except ImportError:
         notes.append(f"the fake-quantized INT8 reference needs NVIDIA ModelOpt (pip install 'ctmask[qat]'): "
                      f"{fallback}")
-        return {}
-    amax, why = reference_amax(load_proto(graph_file))
-    if not amax:
+        return None
+    quantization, why = read_quantization(load_proto(graph_file))
+    if quantization is None:
         notes.append(f"no fake-quantized INT8 reference ({why}): {fallback}")
-    return amax
+    return quantization
 
 
 def judge_against_fakequant(report: dict, reference: TorchRunner, fp32_ref: TorchRunner, graph_file: Path | None,
@@ -342,13 +344,13 @@ def judge_against_fakequant(report: dict, reference: TorchRunner, fp32_ref: Torc
     PyTorch FP32 (``fp32_ref``)."""
     if not setup.fakequant:
         return {"logits": expected["logits"]}
-    proto = load_proto(graph_file)
     fp32_logits = _logits(fp32_ref, images, batch_size)
     runners["reference_fp32"] = fp32_ref.describe()
     moved = own_movement(reference, images, expected, setup.tol, batch_size)
-    tensors = compare_tensors(proto, reference, np.ascontiguousarray(images[:TENSOR_SLICES]))
-    agreement = float(np.mean(actual["logits"].argmax(-1) == fp32_logits.argmax(-1)))
-    apply_int8_reference(report, judge_rows(report, moved, setup.tol), tensors, agreement, setup.min_argmax_agreement)
+    tensors = compare_tensors(load_proto(graph_file), reference, np.ascontiguousarray(images[:TENSOR_SLICES]))
+    judged = judge_slices(actual, expected, setup.tol, reference.classify)
+    flips = actual["logits"].argmax(-1) != fp32_logits.argmax(-1)
+    apply_int8_reference(report, judge_rows(judged, moved, setup.tol), tensors, flips, setup.min_argmax_agreement)
     return {"logits": fp32_logits}
 
 
@@ -406,8 +408,9 @@ def decisions_report(files: list[Path], expected: dict[str, np.ndarray], actual:
 
 
 def save_for_polygraphy(out_dir: str | Path, images: np.ndarray, expected: dict[str, np.ndarray],
-                        batch_size: int) -> dict[str, Path]:
-    """Write ``inputs.json`` and ``reference_outputs.json`` (runner "pytorch") for Polygraphy.
+                        batch_size: int, runner_name: str = "pytorch") -> dict[str, Path]:
+    """Write ``inputs.json`` and ``reference_outputs.json`` (runner ``runner_name``: "pytorch",
+    or "pytorch-fakequant" for an INT8 graph's fake-quantized reference) for Polygraphy.
 
     ``expected`` should be the judged reference (PyTorch's rows, and the logits each
     slice was judged against); Polygraphy compares elementwise, so judge ``rois`` there
@@ -430,7 +433,7 @@ def save_for_polygraphy(out_dir: str | Path, images: np.ndarray, expected: dict[
     paths = {"inputs": out_dir / "inputs.json", "outputs": out_dir / "reference_outputs.json"}
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its "[I] Saving ..." lines would mix into our output
     results = RunResults()
-    results.add(outs, runner_name="pytorch")
+    results.add(outs, runner_name=runner_name)
     with atomic_path(paths["inputs"]) as tmp:
         save_json(feeds, str(tmp), description="ctmask parity inputs")
     with atomic_path(paths["outputs"]) as tmp:

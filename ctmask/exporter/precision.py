@@ -446,11 +446,11 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
     if only_nodes is not None:
         _float_for_others(out, only_nodes)
     else:
-        float_for_unquantized_readers(out, set(op_types))
+        float_for_unquantized_readers(out, set(op_types), set(exclude))
     return out
 
 
-def float_for_unquantized_readers(proto: onnx.ModelProto, op_types: set[str]) -> int:
+def float_for_unquantized_readers(proto: onnx.ModelProto, op_types: set[str], excluded: set[str]) -> int:
     """After Q/DQ insertion: an activation quantized only as a quantized node's *input* is
     read in float by every node that is not quantized (a residual Add, the FPN's upsampling
     of its top-down sum, Shape); return how many inputs were rewired.
@@ -464,13 +464,14 @@ def float_for_unquantized_readers(proto: onnx.ModelProto, op_types: set[str]) ->
     fine-tuned model by more than one int8 step (22 steps at most); 0.5% (6 at most) after
     this rewiring. A quantized node's *output* stays
     quantized for all its readers (ModelOpt's ``output_quantizer``). Q/DQ pairs left
-    without a reader are removed.
+    without a reader are removed. ``excluded``: the nodes left FP32 (``--fp32-blocks``), which
+    read float too.
     """
     graph = proto.graph
     produced = {o: n for n in graph.node for o in n.output}
 
     def quantized(node: onnx.NodeProto) -> bool:
-        return node.op_type in op_types and any(
+        return node.op_type in op_types and node.name not in excluded and any(
             produced.get(i) is not None and produced[i].op_type == "DequantizeLinear" for i in node.input)
 
     original: dict[str, str] = {}

@@ -171,12 +171,13 @@ def quantizers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def wrap_detector(detector: nn.Module, amax: dict[str, float]) -> list[str]:
+def wrap_detector(detector: nn.Module, amax: dict[str, float], weights: set[str] | None = None) -> list[str]:
     """Insert ModelOpt fake-quantization into ``detector`` (in place); return the enabled quantizers.
 
     Enabled: the weight quantizer of every Conv2d / Linear of the graph's detector blocks
-    (dynamic per-channel max |w|), and the activation quantizers named in ``amax`` with
-    those fixed amax values. Everything else (the mask head, BatchNorm inputs ...) is off.
+    (dynamic per-channel max |w|; with ``weights``, only of those modules), and the activation
+    quantizers named in ``amax`` with those fixed amax values. Everything else (the mask head,
+    BatchNorm inputs ...) is off.
 
     Raises:
         ConfigError: ModelOpt is not installed, or an amax names no quantizer of the detector.
@@ -194,7 +195,8 @@ def wrap_detector(detector: nn.Module, amax: dict[str, float]) -> list[str]:
     enabled = []
     for name, q in qs.items():
         module = name.rpartition(".")[0]
-        if name.endswith(".weight_quantizer") and module.startswith(graph_modules):
+        if name.endswith(".weight_quantizer") and module.startswith(graph_modules) \
+                and (weights is None or module in weights):
             q.reset_amax()  # dynamic: each forward's per-channel max |w|, as onnxruntime
             q.enable()
             enabled.append(name)
