@@ -355,9 +355,14 @@ def format_parity(report: dict) -> str:
     if report.get("probe_skipped"):
         lines.append(f"stability probe skipped: {len(report['failing_slices'])} of {report['n_images']} slices fail, "
                      "more than may ever be judged out")
-    for item in report.get("failing_slices", [])[:10]:
+    slices = report.get("failing_slices", [])
+    if aggregate and slices:  # every line judged in aggregate: list the class flips first
+        slices = sorted(slices, key=lambda f: "class" not in f["max_abs"])
+        lines.append(f"{len(slices)} of {report['n_images']} slices are outside the int8 tolerances on some line "
+                     "(row lines judged in aggregate above); class flips against FP32 first:")
+    for item in slices[:10]:
         errs = ", ".join(f"{k} {v:.3g}" for k, v in item["max_abs"].items())
-        lines.append(f"  failing slice {item['file']}: {errs}")
+        lines.append(f"  {'slice' if aggregate else 'failing slice'} {item['file']}: {errs}")
     if "noise_floor" in report:
         lines.append(f"PyTorch's {describe_noise_floor(report['noise_floor'])} (head {report.get('head', 'paper')})")
     lines.append("PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failures"]))
