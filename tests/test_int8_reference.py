@@ -136,7 +136,10 @@ def test_parity_judges_a_qat_scaled_graph_against_its_fake_quantized_model(qat_s
         assert r["passed"] == (r["graph"] <= r["allowed"]) and (name in report["failures"]) != r["passed"]
     # the class line is PyTorch FP32's, whatever the fake-quantized model calls
     assert report["argmax_agreement"] == pytest.approx(report["decisions"]["agreement_vs_pytorch_fp32"])
-    assert "int8.tensors" not in report["failures"] and "s.logits" not in report["failures"]
+    weights = ref["weights"]
+    assert weights["passed"] and weights["weights"] == 27 and weights["max_steps"] <= 0.51 and not weights["problems"]
+    assert not weights["mismatched_grids"]
+    assert not {"int8.tensors", "int8.weights", "int8.grids", "int8.slices", "s.logits"} & set(report["failures"])
     assert "INT8 reference" in res.output and "int8.tensors:" in res.output
 
 
@@ -287,3 +290,51 @@ def test_one_slice_with_wrong_boxes_fails_on_its_worst_slice(qat_scaled, cls_ckp
     boxes = report["int8_reference"]["rows"]["boxes"]
     assert "boxes" in report["failures"] and boxes["graph_worst_slice"] > boxes["allowed_worst_slice"], boxes
     assert any("boxes" in f["max_abs"] for f in report["failing_slices"])
+
+
+def _box_head_weights_noisy(proto):
+    """Irregular errors in the box head's int8 weights (+-4 steps, seeded): another model."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    for t in proto.graph.initializer:
+        if t.name.endswith("box_head.fc7.weight_quantized"):
+            w = numpy_helper.to_array(t).astype(np.int32) + rng.integers(-4, 5, size=t.dims)
+            t.CopyFrom(numpy_helper.from_array(np.clip(w, -127, 127).astype(np.int8), t.name))
+            return
+    raise AssertionError("no box head weight")
+
+
+def _box_output_dequantized_off(proto):
+    """The box predictor's regression output dequantized at 1.07x the scale it was quantized at."""
+    from onnx import numpy_helper
+
+    readers = {i: n for n in proto.graph.node for i in n.input}
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm" and "bbox_pred" in n.input[1])
+    q = readers[gemm.output[0]]
+    dq = readers[q.output[0]]
+    scale = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == dq.input[1]))
+    proto.graph.initializer.append(numpy_helper.from_array((scale * 1.07).astype(np.float32), "dq_off"))
+    dq.input[1] = "dq_off"
+
+
+@pytest.mark.parametrize("edit, line", [(_box_head_weights_noisy, "int8.weights"),
+                                        (_box_output_dequantized_off, "int8.grids")])
+def test_box_head_errors_fail_their_own_line(qat_scaled, synth_dir, cls_ckpt, edit, line, tmp_path):
+    """Outside int8.tensors' dense blocks: the weights are checked against the checkpoint's, and
+    every DequantizeLinear against its QuantizeLinear's grid (the row lines alone let both pass)."""
+    graph = _tamper(qat_scaled["graphs"]["tensorrt"], tmp_path / "bad.onnx", edit)
+    res = invoke("parity", cls_ckpt, graph, "--images", synth_dir / "images", "--no-noise", "--max-images", 8,
+                 "--json", tmp_path / "p.json")
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert res.exit_code == 1 and line in report["failures"], report["failures"]
+    assert f"{line}:" in res.output
+
+
+def test_too_few_slices_fail_the_int8_judgement(qat_scaled, synth_dir, cls_ckpt, tmp_path):
+    invoke("parity", cls_ckpt, qat_scaled["graphs"]["cpu"], "--images", synth_dir / "images", "--no-noise",
+           "--max-images", 2, "--json", tmp_path / "p.json")
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert "int8.slices" in report["failures"]
+    assert all(report["outputs"][k].get("judged_in_aggregate") for k in report["int8_reference"]["rows"]
+               if k in report["outputs"])

@@ -28,6 +28,7 @@ from ctmask.exporter.int8_reference import (
     FakeQuantRunner,
     apply_int8_reference,
     compare_tensors,
+    compare_weights,
     judge_rows,
     own_movement,
 )
@@ -347,10 +348,13 @@ def judge_against_fakequant(report: dict, reference: TorchRunner, fp32_ref: Torc
     fp32_logits = _logits(fp32_ref, images, batch_size)
     runners["reference_fp32"] = fp32_ref.describe()
     moved = own_movement(reference, images, expected, setup.tol, batch_size)
-    tensors = compare_tensors(load_proto(graph_file), reference, np.ascontiguousarray(images[:TENSOR_SLICES]))
+    proto = load_proto(graph_file)
+    tensors = compare_tensors(proto, reference, np.ascontiguousarray(images[:TENSOR_SLICES]))
+    weights = compare_weights(proto, reference)
     judged = judge_slices(actual, expected, setup.tol, reference.classify)
     flips = actual["logits"].argmax(-1) != fp32_logits.argmax(-1)
-    apply_int8_reference(report, judge_rows(judged, moved, setup.tol), tensors, flips, setup.min_argmax_agreement)
+    apply_int8_reference(report, judge_rows(judged, moved, setup.tol), tensors, weights, flips,
+                         setup.min_argmax_agreement)
     return {"logits": fp32_logits}
 
 

@@ -394,6 +394,18 @@ def _int8_reference_lines(report: dict) -> list[str]:
                  + (f"; not found in the model: {', '.join(t['unmatched'][:3])}" if t["unmatched"] else "")
                  + (f" ({t['not_compared']})" if t.get("not_compared") else "")
                  + ("  pass" if t["passed"] else "  FAIL"))
+    w = ref.get("weights")
+    if w:
+        lines.append(f"int8.weights: {w['weights']} int8 weight tensors against the checkpoint's (BatchNorm folded): "
+                     f"at most {w['max_steps']:.3g} of a channel's steps off at {w['worst_module'] or '-'} (at most "
+                     f"{w['limit_steps']:g}: the rounding)" + "".join(f"; {p}" for p in w["problems"][:3])
+                     + ("  pass" if w["passed"] else "  FAIL"))
+        grids = w.get("mismatched_grids", [])
+        lines.append("int8.grids: every DequantizeLinear reads its QuantizeLinear's grid  pass" if not grids else
+                     f"int8.grids: {len(grids)} DequantizeLinear(s) read another grid: {'; '.join(grids[:3])}  FAIL")
+    if report["n_images"] < ref.get("min_slices", 0):
+        lines.append(f"int8.slices: {report['n_images']} slice(s) give no usable estimate of the model's own movement "
+                     f"(at least {ref['min_slices']})  FAIL")
     return lines
 
 

@@ -33,6 +33,8 @@ class Activation:
     zero_point: int
     dtype: str
     quantizers: set[str] = field(default_factory=set)
+    dequantized_grid: tuple[float, int, str] | None = None
+    """The DequantizeLinear's (scale, zero-point, type) where it differs from the QuantizeLinear's."""
 
 
 @dataclass
@@ -43,12 +45,19 @@ class GraphQuantization:
     weights: set[str]
     amax: dict[str, float]
 
+    def mismatched_grids(self) -> list[str]:
+        """Activations whose DequantizeLinear reads another grid than its QuantizeLinear wrote
+        (values come out scaled or shifted): parity's ``int8.grids`` line."""
+        return [f"{a.tensor} (quantized at scale {a.scale:.6g}, zero-point {a.zero_point}; dequantized at "
+                f"{a.dequantized_grid[0]:.6g}, {a.dequantized_grid[1]})"
+                for a in self.activations.values() if a.dequantized_grid is not None]
+
 
 class _Refused(Exception):
     pass
 
 
-class _Graph:
+class GraphIndex:
     """Lookups over a graph: producers, readers, constant values (initializers or Constant nodes)."""
 
     def __init__(self, proto: onnx.ModelProto):
@@ -96,16 +105,29 @@ class _Graph:
         return (q, dq) if q is not None and q.op_type == "QuantizeLinear" else None
 
 
-def _activation(g: _Graph, q: onnx.NodeProto, dq: onnx.NodeProto) -> Activation:
+def _activation(g: GraphIndex, q: onnx.NodeProto, dq: onnx.NodeProto) -> Activation:
     scale, zp, dtype = g.grid(q)
     if (dtype, zp) not in SYMMETRIC_GRIDS:
         raise _Refused(f"activation {q.input[0]!r} has an asymmetric {dtype} grid (zero-point {zp}): ModelOpt's "
                        "quantizers are symmetric (calibrated cpu-form graphs are judged against FP32; quantize "
                        "from QAT scales for a fake-quantized reference)")
-    return Activation(q.input[0], dq.output[0], scale, zp, dtype)
+    dq_grid = g.grid(dq)
+    same = dq_grid[1:] == (zp, dtype) and math.isclose(dq_grid[0], scale, rel_tol=1e-6)
+    return Activation(q.input[0], dq.output[0], scale, zp, dtype, dequantized_grid=None if same else dq_grid)
 
 
-def _scan(g: _Graph, proto: onnx.ModelProto) -> tuple[dict[str, Activation], set[str], set[str]]:
+def _one_grid(seen: Activation | None, new: Activation) -> Activation:
+    """The activation a tensor is quantized with; refused when two Q/DQ pairs put it on two grids."""
+    if seen is None:
+        return new
+    if (seen.dtype, seen.zero_point) != (new.dtype, new.zero_point) \
+            or not math.isclose(seen.scale, new.scale, rel_tol=1e-5):
+        raise _Refused(f"{new.tensor!r} is quantized twice on different grids (scale {seen.scale:.6g} and "
+                       f"{new.scale:.6g}): one tensor has one grid in ModelOpt's model")
+    return seen
+
+
+def _scan(g: GraphIndex, proto: onnx.ModelProto) -> tuple[dict[str, Activation], set[str], set[str]]:
     """(detector activations, detector modules with int8 weights, tensors quantized for other nodes)."""
     inputs: dict[str, Activation] = {}
     outputs: dict[str, Activation] = {}
@@ -125,13 +147,15 @@ def _scan(g: _Graph, proto: onnx.ModelProto) -> tuple[dict[str, Activation], set
         if pair is None:
             raise _Refused(f"the convolution of {module} has int8 weights but reads a float input: ModelOpt's "
                            "reference quantizes both")
-        act = inputs.setdefault(pair[0].input[0], _activation(g, *pair))
+        act = _one_grid(inputs.get(pair[0].input[0]), _activation(g, *pair))
+        inputs[act.tensor] = act
         act.quantizers.add(f"{module}.input_quantizer")
         for q in (r for r in g.readers.get(node.output[0], []) if r.op_type == "QuantizeLinear"):
             dq = next((r for r in g.readers.get(q.output[0], []) if r.op_type == "DequantizeLinear"), None)
             if dq is not None:
-                outputs[node.output[0]] = _activation(g, q, dq)
-                outputs[node.output[0]].quantizers = {f"{output_owner(module)}.output_quantizer"}
+                out = _one_grid(outputs.get(node.output[0]), _activation(g, q, dq))
+                out.quantizers = {f"{output_owner(module)}.output_quantizer"}
+                outputs[node.output[0]] = out
     return {**inputs, **outputs}, weights, foreign
 
 
@@ -145,7 +169,7 @@ def read_quantization(proto: onnx.ModelProto) -> tuple[GraphQuantization | None,
     every FPN level with one set of modules), or an activation QuantizeLinear that is neither
     a quantized convolution's input nor its output (``calibrate --ops residual``).
     """
-    g = _Graph(proto)
+    g = GraphIndex(proto)
     try:
         acts, weights, foreign = _scan(g, proto)
         if not weights:

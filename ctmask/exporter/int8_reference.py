@@ -55,6 +55,14 @@ steps. Rounding flips spread through depth, so a deeper or less trained model ma
 The reference takes its scales from the graph, so other (consistent) scales are not an
 error here: the class line judges them."""
 
+WEIGHT_LIMIT_STEPS = 0.51
+"""``int8.weights``: a dequantized weight may be at most this many of its channel's steps from the
+checkpoint's (BatchNorm-folded) weight: half a step of rounding, plus float slack of the folding."""
+
+MIN_SLICES = 8
+"""Fewer slices than this give no usable estimate of the model's own movement (measured: a
+correct graph failed ``boxes`` on 1 and 2 slices): the row lines then fail, saying so."""
+
 ROW_FACTOR = 1.5
 """A row line passes when the graph's mean absolute error on it (``rois.rows``: its bad rows)
 is at most ``ROW_FACTOR`` times the fake-quantized model's own under the noise, plus
@@ -161,6 +169,53 @@ def compare_tensors(proto: onnx.ModelProto, reference: FakeQuantRunner, images: 
                            and worst_steps <= TENSOR_LIMITS["max_steps"])}
 
 
+def compare_weights(proto: onnx.ModelProto, reference: FakeQuantRunner) -> dict:
+    """``int8.weights``: every int8 weight of the graph, dequantized, against the checkpoint's
+    weight of its module (BatchNorm folded in where the graph folds it), in the graph's own
+    per-channel steps. A correct quantization rounds each weight to its nearest step: at most
+    half a step off (:data:`WEIGHT_LIMIT_STEPS`). Other weights, a scale that does not match
+    the stored integers, a transposed or reshaped weight fail."""
+    import torch
+
+    from ctmask.exporter.int8_graph import GraphIndex
+    from ctmask.training.qat import module_of_weight, output_owner
+
+    g = GraphIndex(proto)
+    modules = dict(reference.module.model.detector.named_modules())
+    worst, worst_module, checked, problems = 0.0, "", 0, []
+    for dq in (n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in g.inits):
+        module = module_of_weight(dq.input[0].removesuffix("_quantized"))
+        if module is None or module not in reference.quantization.weights:
+            continue
+        stored, scale = g.constant(dq.input[0]), g.constant(dq.input[1])
+        zero = g.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % stored.ndim
+        shape = [1] * stored.ndim
+        shape[axis] = -1
+        step = np.asarray(scale, np.float64).reshape(shape if np.size(scale) > 1 else [1] * stored.ndim)
+        graph_w = (stored.astype(np.float64) - np.asarray(zero, np.float64).reshape(step.shape)) * step
+        with torch.no_grad():
+            w = modules[module].weight.detach().double()
+            owner = output_owner(module)
+            if owner != module:  # the graph folds this BatchNorm into the convolution
+                bn = modules[owner]
+                w = w * (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)).view(-1, 1, 1, 1)
+        w = w.cpu().numpy()
+        if w.shape != graph_w.shape and w.T.shape == graph_w.shape:
+            w = w.T
+        if w.shape != graph_w.shape:
+            problems.append(f"{module}: shape {list(graph_w.shape)} in the graph, {list(w.shape)} in the checkpoint")
+            continue
+        off = float((np.abs(graph_w - w) / np.maximum(step, 1e-30)).max())
+        checked += 1
+        if off > worst:
+            worst, worst_module = off, module
+    return {"weights": checked, "max_steps": worst, "worst_module": worst_module, "problems": problems,
+            "mismatched_grids": reference.quantization.mismatched_grids(),
+            "limit_steps": WEIGHT_LIMIT_STEPS,
+            "passed": bool(checked and not problems and worst <= WEIGHT_LIMIT_STEPS)}
+
+
 def row_stats(judged: list) -> dict[str, tuple[float, float]]:
     """Each :data:`ROW_LINES` line over judged slices (:func:`~ctmask.exporter.parity.judge_slices`):
     (mean absolute error over all its judged values, the largest per-slice mean); for
@@ -216,15 +271,25 @@ def judge_rows(judged: list, moved: dict[str, tuple[float, float]], tol: dict[st
     return out
 
 
-def apply_int8_reference(report: dict, rows: dict, tensors: dict, flips: np.ndarray, min_agreement: float) -> None:
+def apply_int8_reference(report: dict, rows: dict, tensors: dict, weights: dict, flips: np.ndarray,
+                         min_agreement: float) -> None:
     """Rewrite a report judged against the fake-quantized model (in place): row lines by
     :func:`judge_rows`, ``int8.tensors``, and ``class`` against PyTorch FP32 (``flips``: per
     slice, the graph's call differs from PyTorch FP32's). Every failing slice stays listed,
     its ``class`` mark now against FP32."""
     failures = [f for f in report["failures"] if f not in ROW_LINES and f != "class"]
     failures += [name for name, r in rows.items() if not r["passed"]]
+    if len(flips) < MIN_SLICES:
+        failures.append("int8.slices")
     if not tensors["passed"]:
         failures.append("int8.tensors")
+    if not weights["passed"]:
+        failures.append("int8.weights")
+    if weights.get("mismatched_grids"):
+        failures.append("int8.grids")
+    for name in ROW_LINES:
+        if name in report["outputs"]:
+            report["outputs"][name]["judged_in_aggregate"] = True  # its own "passed" is element-wise
     agreement = float(1.0 - np.mean(flips)) if len(flips) else 1.0
     report["argmax_agreement_fakequant"] = report["argmax_agreement"]
     report["argmax_agreement"] = agreement
@@ -240,6 +305,6 @@ def apply_int8_reference(report: dict, rows: dict, tensors: dict, flips: np.ndar
     report["int8_reference"] = {"reference": "fake-quantized checkpoint at the graph's scales", "rows": rows,
                                 "row_noise_gray_levels": ROW_NOISE_GRAY_LEVELS, "row_noise_draws": ROW_NOISE_DRAWS,
                                 "row_factor": ROW_FACTOR, "row_floor": ROW_FLOOR, "row_slack_rows": ROW_SLACK_ROWS,
-                                "tensors": tensors}
+                                "tensors": tensors, "weights": weights, "min_slices": MIN_SLICES}
     report["failures"] = failures
     report["passed"] = not failures
