@@ -144,11 +144,10 @@ def check_parity(
     graph_file = source_graph(model, notes)
     with graph_runner(model) as candidate:
         quantization = int8_quantization(candidate.spec, graph_file, notes)
-        fakequant = quantization is not None
         with _reference(checkpoint, quantization) as reference, \
-                (TorchRunner(checkpoint) if fakequant else contextlib.nullcontext(reference)) as fp32_ref:
+                (TorchRunner(checkpoint) if quantization else contextlib.nullcontext(reference)) as fp32_ref:
             setup = _prepare(candidate.spec, reference.spec, model, checkpoint, graph_file, notes,
-                             min_argmax_agreement, fakequant=fakequant)
+                             min_argmax_agreement, fakequant=quantization is not None)
             images, ok, skipped = _load_slices(files[:max_images], skipped, setup.spec, on_start)
             expected, actual = run_pair(reference, candidate, images, batch_size, on_batch)
             runners = {"reference": reference.describe(), "candidate": candidate.describe()}
