@@ -111,9 +111,9 @@ def compare_tensors(proto: onnx.ModelProto, reference: FakeQuantRunner, images: 
 
     The graph runs on onnxruntime's CPU provider with those tensors added as outputs.
     """
-    import onnxruntime as ort
     import torch
 
+    from ctmask.exporter.sensitivity import run_graph
     from ctmask.training.qat import quantizers
 
     acts = [a for a in reference.quantization.activations.values()
@@ -127,11 +127,8 @@ def compare_tensors(proto: onnx.ModelProto, reference: FakeQuantRunner, images: 
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(a.dequantized, onnx.TensorProto.FLOAT, None)
                               for a in acts)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    graph_values = dict(zip([a.dequantized for a in acts], session.run(None, {INPUT: images})))
-    del session, probe
+    graph_values = run_graph(probe, images)
+    del probe
     captured: dict[str, list[np.ndarray]] = {}
     modules = quantizers(reference.module.model.detector)
     wanted = {q for a in acts for q in a.quantizers}
