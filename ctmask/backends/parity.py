@@ -32,7 +32,14 @@ from ctmask.exporter.int8_reference import (
     judge_rows,
     own_movement,
 )
-from ctmask.exporter.parity import CANDIDATES, judge_parity, judge_slices, probe_stability, take_rows
+from ctmask.exporter.parity import (
+    CANDIDATES,
+    SliceJudgement,
+    judge_parity,
+    judge_slices,
+    probe_stability,
+    take_rows,
+)
 from ctmask.exporter.reference import TorchRunner
 from ctmask.runtime.predict import collect_images
 from ctmask.runtime.runner import OnnxRuntimeRunner, Runner
@@ -152,9 +159,9 @@ def check_parity(
             expected, actual = run_pair(reference, candidate, images, batch_size, on_batch)
             runners = {"reference": reference.describe(), "candidate": candidate.describe()}
             _check_output_shapes(actual, setup.spec, len(ok), model)
-            report = _judge(reference, images, expected, actual, setup, jitter, max_unstable_fraction)
-            fp32 = judge_against_fakequant(report, reference, fp32_ref, graph_file, images, expected, setup, actual,
-                                           batch_size, runners)
+            report, judged = _judge(reference, images, expected, actual, setup, jitter, max_unstable_fraction)
+            fp32 = judge_against_fakequant(report, judged, reference, fp32_ref, graph_file, images, expected, setup,
+                                           actual, batch_size, runners)
             report["decisions"] = decisions_report(ok, fp32, actual, setup.spec, model, fp32_model, labels, images,
                                                    batch_size)
             if noise_levels:
@@ -271,15 +278,18 @@ def _check_output_shapes(actual: dict[str, np.ndarray], spec: GraphSpec, n: int,
 
 
 def _judge(reference: TorchRunner, images: np.ndarray, expected: dict[str, np.ndarray],
-           actual: dict[str, np.ndarray], setup: _Setup, jitter: float, max_unstable_fraction: float) -> dict:
-    """:func:`~ctmask.exporter.parity.judge_parity`, with PyTorch's stability probe (FP32, ``jitter`` > 0)."""
+           actual: dict[str, np.ndarray], setup: _Setup, jitter: float,
+           max_unstable_fraction: float) -> tuple[dict, list[SliceJudgement]]:
+    """:func:`~ctmask.exporter.parity.judge_parity`, with PyTorch's stability probe (FP32, ``jitter`` > 0),
+    and the judged slices it worked from."""
 
     def probe(indices: list[int]) -> dict[int, dict[str, float]]:
         return probe_stability(reference, images, expected, indices, setup.tol, jitter)
 
     probing = jitter > 0 and setup.off_tolerance == 0 and not setup.fakequant
+    judged = judge_slices(actual, expected, setup.tol, reference.classify)
     return judge_parity(actual, expected, setup.tol, reference.classify, setup.min_argmax_agreement,
-                        probe if probing else None, max_unstable_fraction, setup.off_tolerance)
+                        probe if probing else None, max_unstable_fraction, setup.off_tolerance, judged), judged
 
 
 def _header(model: str | Path, checkpoint: str | Path, setup: _Setup, expected: dict[str, np.ndarray], n: int,
@@ -334,14 +344,15 @@ def int8_quantization(spec: GraphSpec, graph_file: Path | None, notes: list[str]
     return quantization
 
 
-def judge_against_fakequant(report: dict, reference: TorchRunner, fp32_ref: TorchRunner, graph_file: Path | None,
-                            images: np.ndarray, expected: dict[str, np.ndarray], setup: _Setup,
-                            actual: dict[str, np.ndarray], batch_size: int, runners: dict) -> dict[str, np.ndarray]:
+def judge_against_fakequant(report: dict, judged: list[SliceJudgement], reference: TorchRunner,
+                            fp32_ref: TorchRunner, graph_file: Path | None, images: np.ndarray,
+                            expected: dict[str, np.ndarray], setup: _Setup, actual: dict[str, np.ndarray],
+                            batch_size: int, runners: dict) -> dict[str, np.ndarray]:
     """The PyTorch FP32 logits the decisions are judged against (``{"logits": ...}``). For an
     INT8 graph judged against its fake-quantized model (``setup.fakequant``), also its verdict,
     in place (see :mod:`ctmask.exporter.int8_reference`): the row lines against the model's
-    own movement under input noise, ``int8.tensors`` on the first slices, the class against
-    PyTorch FP32 (``fp32_ref``)."""
+    own movement under input noise (``judged``: the graph's slices as :func:`_judge` judged
+    them), ``int8.tensors`` on the first slices, the class against PyTorch FP32 (``fp32_ref``)."""
     if not setup.fakequant:
         return {"logits": expected["logits"]}
     fp32_logits = _logits(fp32_ref, images, batch_size)
@@ -350,7 +361,6 @@ def judge_against_fakequant(report: dict, reference: TorchRunner, fp32_ref: Torc
     proto = load_proto(graph_file)
     tensors = compare_tensors(proto, reference, np.ascontiguousarray(images[:TENSOR_SLICES]))
     weights = compare_weights(proto, reference)
-    judged = judge_slices(actual, expected, setup.tol, reference.classify)
     flips = actual["logits"].argmax(-1) != fp32_logits.argmax(-1)
     apply_int8_reference(report, judge_rows(judged, moved, setup.tol), tensors, weights, flips,
                          setup.min_argmax_agreement)

@@ -315,7 +315,8 @@ def unstable(failing: list[dict], moved: dict[int, dict[str, float]]) -> set[int
 def judge_parity(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tol: dict[str, Tolerance],
                  classify: Callable[[np.ndarray], dict[str, np.ndarray]], min_argmax_agreement: float = 1.0,
                  probe: Callable[[list[int]], dict[int, dict[str, float]]] | None = None,
-                 max_unstable_fraction: float = 0.05, off_tolerance: float = 0.0) -> dict:
+                 max_unstable_fraction: float = 0.05, off_tolerance: float = 0.0,
+                 judged: list[SliceJudgement] | None = None) -> dict:
     """The parity verdict of a graph's outputs against PyTorch's (see :func:`judge_slices`).
 
     Args:
@@ -329,13 +330,15 @@ def judge_parity(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray],
             the slices may fail :data:`EXCUSABLE_REDUCED` lines only; they are reported as
             ``off_tolerance_slices`` and the class agreement still counts them. Replaces the
             stability probe (0: FP32 rules).
+        judged: the slices already judged by :func:`judge_slices` (None: judged here).
 
     Returns:
         :func:`summarize`'s report over the slices not judged out, plus ``unstable_slices``
         (judged out) and ``probed_slices`` (every probed slice, with the graph's error and
         PyTorch's own movement per failing line, and whether it was judged out).
     """
-    judged = judge_slices(actual, expected, tol, classify)
+    if judged is None:
+        judged = judge_slices(actual, expected, tol, classify)
     if off_tolerance > 0:
         return _judge_reduced(judged, expected, tol, min_argmax_agreement, off_tolerance)
     report = summarize(judged, tol, min_argmax_agreement)
