@@ -318,11 +318,6 @@ def _reference(checkpoint: str | Path, quantization: GraphQuantization | None) -
     return TorchRunner(checkpoint, candidates=CANDIDATES)
 
 
-def _logits(runner: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([runner.infer({INPUT: np.ascontiguousarray(images[b])})["logits"]
-                           for b in _batches(len(images), batch_size)])
-
-
 def int8_quantization(spec: GraphSpec, graph_file: Path | None, notes: list[str]) -> GraphQuantization | None:
     """An INT8 graph's quantization as ModelOpt quantizers (its fake-quantized reference), or
     None (with a note why its rows are judged against PyTorch FP32 instead)."""
@@ -355,7 +350,7 @@ def judge_against_fakequant(report: dict, judged: list[SliceJudgement], referenc
     them), ``int8.tensors`` on the first slices, the class against PyTorch FP32 (``fp32_ref``)."""
     if not setup.fakequant:
         return {"logits": expected["logits"]}
-    fp32_logits = _logits(fp32_ref, images, batch_size)
+    fp32_logits = fp32_ref.infer_batches(images, batch_size)["logits"]
     runners["reference_fp32"] = fp32_ref.describe()
     moved = own_movement(reference, images, expected, setup.tol, batch_size)
     proto = load_proto(graph_file)
@@ -403,8 +398,7 @@ def decisions_report(files: list[Path], expected: dict[str, np.ndarray], actual:
             if spec.precision != "fp32" and content_sha256(load_proto(fp32_model)) != spec.source_sha256:
                 raise ModelError(f"{model} was not made from this FP32 graph (its source's content sha256 is "
                                  f"{spec.source_sha256[:12] or 'missing'}...)", fp32_model)
-            logits = np.concatenate([fp32.infer({INPUT: np.ascontiguousarray(images[b])})["logits"]
-                                     for b in _batches(len(images), batch_size)])
+            logits = fp32.infer_batches(images, batch_size)["logits"]
         calls["fp32_graph"] = logits.argmax(-1)
         out["agreement_vs_fp32_graph"] = float(np.mean(calls[spec.precision] == calls["fp32_graph"]))
         out["changed_vs_fp32_graph"] = int(np.sum(calls[spec.precision] != calls["fp32_graph"]))

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from ctmask.core.noise import add_gray_noise
-from ctmask.core.spec import INPUT, Tolerance
+from ctmask.core.spec import Tolerance
 from ctmask.exporter.int8_graph import GraphQuantization
 from ctmask.exporter.reference import TorchRunner
 
@@ -240,12 +240,7 @@ def own_movement(reference: TorchRunner, images: np.ndarray, expected: dict[str,
 
     moved: dict[str, tuple[float, float]] = {}
     for seed in range(ROW_NOISE_DRAWS):
-        noisy = add_gray_noise(images, gray_levels, seed=seed)
-        runs: dict[str, list] = {}
-        for start in range(0, len(images), batch_size):
-            for k, v in reference.infer({INPUT: np.ascontiguousarray(noisy[start:start + batch_size])}).items():
-                runs.setdefault(k, []).append(v)
-        run = {k: np.concatenate(v) for k, v in runs.items()}
+        run = reference.infer_batches(add_gray_noise(images, gray_levels, seed=seed), batch_size)
         for name, (mean, worst) in row_stats(judge_slices(run, expected, tol, reference.classify)).items():
             before = moved.get(name, (0.0, 0.0))
             moved[name] = (max(before[0], mean), max(before[1], worst))

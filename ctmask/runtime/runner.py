@@ -62,6 +62,14 @@ class Runner(abc.ABC):
                              f"{list(images.shape)}")
         return self.infer_impl(feed)
 
+    def infer_batches(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+        """:meth:`infer` over ``images`` [M, 1, S, S] in batches of ``batch_size``, outputs concatenated."""
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(images), batch_size):
+            for k, v in self.infer({INPUT: np.ascontiguousarray(images[start:start + batch_size])}).items():
+                parts.setdefault(k, []).append(v)
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
     def deactivate(self) -> None:
         if self.is_active:
             self.deactivate_impl()
