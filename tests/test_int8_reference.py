@@ -339,3 +339,62 @@ def test_too_few_slices_fail_the_int8_judgement(qat_scaled, synth_dir, cls_ckpt,
     assert "int8.slices" in report["failures"]
     assert all(report["outputs"][k].get("judged_in_aggregate") for k in report["int8_reference"]["rows"]
                if k in report["outputs"])
+
+
+def _initializer(proto, suffix):
+    return next(t for t in proto.graph.initializer if t.name.endswith(suffix))
+
+
+def _nan_weight_scale(proto):
+    from onnx import numpy_helper
+
+    t = _initializer(proto, "box_predictor.cls_score.weight_scale")
+    scale = numpy_helper.to_array(t).copy()
+    scale[0] = np.nan
+    t.CopyFrom(numpy_helper.from_array(scale, t.name))
+
+
+def _weight_zero_point_scalar(proto):
+    from onnx import numpy_helper
+
+    t = _initializer(proto, "layer1.0.conv2.weight_zero_point")
+    t.CopyFrom(numpy_helper.from_array(np.zeros((), np.int8), t.name))
+
+
+def _weight_in_a_constant_halved(proto):
+    """The box head's fc6 integers halved and moved from an initializer into a Constant node."""
+    from onnx import numpy_helper
+
+    t = _initializer(proto, "box_head.fc6.weight_quantized")
+    halved = (numpy_helper.to_array(t) // 2).astype(np.int8)
+    proto.graph.initializer.remove(t)
+    proto.graph.node.insert(0, onnx.helper.make_node("Constant", [], [t.name],
+                                                     value=numpy_helper.from_array(halved, t.name)))
+
+
+def _second_dequantize_off(proto):
+    """A second DequantizeLinear of relu_2's QuantizeLinear, at 1.25x its scale, for the downsample."""
+    from onnx import numpy_helper
+
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_2")
+    scale = numpy_helper.to_array(_initializer(proto, q.input[1]))
+    proto.graph.initializer.append(numpy_helper.from_array((scale * 1.25).astype(np.float32), "scale_off"))
+    at = list(proto.graph.node).index(q) + 1
+    proto.graph.node.insert(at, onnx.helper.make_node("DequantizeLinear", [q.output[0], "scale_off", q.input[2]],
+                                                      ["relu_2_off"]))
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv" and "downsample" in n.input[1])
+    conv.input[0] = "relu_2_off"
+
+
+@pytest.mark.parametrize("edit, line", [(_nan_weight_scale, "int8.weights"),
+                                        (_weight_zero_point_scalar, "int8.weights"),
+                                        (_weight_in_a_constant_halved, "int8.weights"),
+                                        (_second_dequantize_off, "int8.grids")])
+def test_hostile_weight_and_grid_edits_fail_their_line_without_a_traceback(qat_scaled, synth_dir, cls_ckpt, edit,
+                                                                         line, tmp_path):
+    graph = _tamper(qat_scaled["graphs"]["tensorrt"], tmp_path / "bad.onnx", edit)
+    res = invoke("parity", cls_ckpt, graph, "--images", synth_dir / "images", "--no-noise", "--max-images", 8,
+                 "--json", tmp_path / "p.json")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert line in report["failures"], report["failures"]

@@ -124,6 +124,7 @@ def _one_grid(seen: Activation | None, new: Activation) -> Activation:
             or not math.isclose(seen.scale, new.scale, rel_tol=1e-5):
         raise _Refused(f"{new.tensor!r} is quantized twice on different grids (scale {seen.scale:.6g} and "
                        f"{new.scale:.6g}): one tensor has one grid in ModelOpt's model")
+    seen.dequantized_grid = seen.dequantized_grid or new.dequantized_grid  # any DequantizeLinear off its grid
     return seen
 
 
@@ -151,8 +152,7 @@ def _scan(g: GraphIndex, proto: onnx.ModelProto) -> tuple[dict[str, Activation],
         inputs[act.tensor] = act
         act.quantizers.add(f"{module}.input_quantizer")
         for q in (r for r in g.readers.get(node.output[0], []) if r.op_type == "QuantizeLinear"):
-            dq = next((r for r in g.readers.get(q.output[0], []) if r.op_type == "DequantizeLinear"), None)
-            if dq is not None:
+            for dq in (r for r in g.readers.get(q.output[0], []) if r.op_type == "DequantizeLinear"):
                 out = _one_grid(outputs.get(node.output[0]), _activation(g, q, dq))
                 out.quantizers = {f"{output_owner(module)}.output_quantizer"}
                 outputs[node.output[0]] = out

@@ -127,7 +127,12 @@ def compare_tensors(proto: onnx.ModelProto, reference: FakeQuantRunner, images: 
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(a.dequantized, onnx.TensorProto.FLOAT, None)
                               for a in acts)
-    graph_values = run_graph(probe, images)
+    try:
+        graph_values = run_graph(probe, images)
+    except Exception as exc:  # onnxruntime refuses the graph with its tensors as outputs (its own error types)
+        return {"tensors": 0, "values": 0, "slices": len(images), "beyond_one_step": 1.0, "max_steps": 0.0,
+                "worst_quantizer": "", "unmatched": [], "limits": dict(TENSOR_LIMITS), "passed": False,
+                "not_compared": f"onnxruntime could not run the graph's quantized tensors: {exc}"}
     del probe
     captured: dict[str, list[np.ndarray]] = {}
     modules = quantizers(reference.module.model.detector)
@@ -179,18 +184,18 @@ def compare_weights(proto: onnx.ModelProto, reference: FakeQuantRunner) -> dict:
 
     g = GraphIndex(proto)
     modules = dict(reference.module.model.detector.named_modules())
-    worst, worst_module, checked, problems = 0.0, "", 0, []
-    for dq in (n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in g.inits):
+    worst, worst_module, checked, problems = 0.0, "", set(), []
+    for dq in proto.graph.node:
+        if dq.op_type != "DequantizeLinear" or g.op(dq.input[0]) not in ("", "Constant"):
+            continue  # an activation's (it reads a QuantizeLinear)
         module = module_of_weight(dq.input[0].removesuffix("_quantized"))
         if module is None or module not in reference.quantization.weights:
             continue
-        stored, scale = g.constant(dq.input[0]), g.constant(dq.input[1])
-        zero = g.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % stored.ndim
-        shape = [1] * stored.ndim
-        shape[axis] = -1
-        step = np.asarray(scale, np.float64).reshape(shape if np.size(scale) > 1 else [1] * stored.ndim)
-        graph_w = (stored.astype(np.float64) - np.asarray(zero, np.float64).reshape(step.shape)) * step
+        dequantized = _dequantized_weight(g, dq)
+        if isinstance(dequantized, str):
+            problems.append(f"{module}: {dequantized}")
+            continue
+        graph_w, step = dequantized
         with torch.no_grad():
             w = modules[module].weight.detach().double()
             owner = output_owner(module)
@@ -203,14 +208,39 @@ def compare_weights(proto: onnx.ModelProto, reference: FakeQuantRunner) -> dict:
         if w.shape != graph_w.shape:
             problems.append(f"{module}: shape {list(graph_w.shape)} in the graph, {list(w.shape)} in the checkpoint")
             continue
-        off = float((np.abs(graph_w - w) / np.maximum(step, 1e-30)).max())
-        checked += 1
+        off = float((np.abs(graph_w - w) / step).max())
+        if not np.isfinite(off):
+            problems.append(f"{module}: non-finite weights")
+            continue
+        checked.add(module)
         if off > worst:
             worst, worst_module = off, module
-    return {"weights": checked, "max_steps": worst, "worst_module": worst_module, "problems": problems,
+    problems += [f"{m}: int8 in the graph, but no int8 weight of it was found to check"
+                 for m in sorted(reference.quantization.weights - checked - {p.split(":")[0] for p in problems})]
+    return {"weights": len(checked), "max_steps": worst, "worst_module": worst_module, "problems": problems,
             "mismatched_grids": reference.quantization.mismatched_grids(),
             "limit_steps": WEIGHT_LIMIT_STEPS,
             "passed": bool(checked and not problems and worst <= WEIGHT_LIMIT_STEPS)}
+
+
+def _dequantized_weight(g, dq: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | str:
+    """(the weight a DequantizeLinear of a constant gives, its per-channel step broadcast to it),
+    or what is wrong with it."""
+    stored = g.constant(dq.input[0])
+    scale = g.constant(dq.input[1]) if len(dq.input) > 1 else None
+    if stored is None or scale is None or stored.ndim == 0:
+        return "a non-constant weight or scale"
+    zero = g.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(scale.shape, stored.dtype)
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % stored.ndim
+    if scale.size not in (1, stored.shape[axis]) or zero is None or zero.shape != scale.shape:
+        return (f"scale {list(scale.shape)} and zero-point {list(zero.shape) if zero is not None else 'non-constant'} "
+                f"do not fit a weight {list(stored.shape)} quantized along axis {axis}")
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        return "a non-finite or non-positive scale"
+    shape = [1] * stored.ndim
+    shape[axis] = -1
+    step = np.asarray(scale, np.float64).reshape(shape if scale.size > 1 else [1] * stored.ndim)
+    return (stored.astype(np.float64) - np.asarray(zero, np.float64).reshape(step.shape)) * step, step
 
 
 def row_stats(judged: list) -> dict[str, tuple[float, float]]:
