@@ -167,19 +167,9 @@ def _float_for_others(proto: onnx.ModelProto, nodes: set[str]) -> None:
     running the node in INT8. Q/DQ pairs left without a reader are removed.
     """
     graph = proto.graph
-    produced = {o: n for n in graph.node for o in n.output}
     inputs = {i for n in graph.node if n.name in nodes for i in n.input}
-    original: dict[str, str] = {}
-    for dq in graph.node:
-        if dq.op_type == "DequantizeLinear" and dq.output[0] in inputs:
-            q = produced.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                original[dq.output[0]] = q.input[0]
-    for node in graph.node:
-        if node.name in nodes or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        node.input[:] = [original.get(i, i) for i in node.input]
-    _remove_dead_qdq(graph)
+    original = {dq: tensor for dq, (tensor, _) in _quantized_activations(graph).items() if dq in inputs}
+    _read_float(graph, original, lambda node: node.name in nodes)
 
 
 def convert_fp16(proto: onnx.ModelProto, fp32_blocks: set[str], only_nodes: set[str] | None = None) -> onnx.ModelProto:
@@ -474,17 +464,30 @@ def float_for_unquantized_readers(proto: onnx.ModelProto, op_types: set[str], ex
         return node.op_type in op_types and node.name not in excluded and any(
             produced.get(i) is not None and produced[i].op_type == "DequantizeLinear" for i in node.input)
 
-    original: dict[str, str] = {}
+    original = {dq: tensor for dq, (tensor, source) in _quantized_activations(graph).items()
+                if source is None or not quantized(source)}
+    return _read_float(graph, original, quantized)
+
+
+def _quantized_activations(graph: onnx.GraphProto) -> dict[str, tuple[str, onnx.NodeProto | None]]:
+    """DequantizeLinear output of each quantized activation -> (the float tensor its
+    QuantizeLinear reads, the node producing that tensor or None)."""
+    produced = {o: n for n in graph.node for o in n.output}
+    out = {}
     for dq in graph.node:
         q = produced.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear":
-            continue
-        source = produced.get(q.input[0])
-        if source is None or not quantized(source):
-            original[dq.output[0]] = q.input[0]
+        if q is not None and q.op_type == "QuantizeLinear":
+            out[dq.output[0]] = (q.input[0], produced.get(q.input[0]))
+    return out
+
+
+def _read_float(graph: onnx.GraphProto, original: dict[str, str], keeps_quantized) -> int:
+    """Every node but Q/DQ and those ``keeps_quantized`` accepts reads ``original[t]`` in
+    place of each DequantizeLinear output ``t`` it reads; Q/DQ pairs left without a reader are
+    removed. Returns how many inputs were rewired."""
     rewired = 0
     for node in graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or quantized(node):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or keeps_quantized(node):
             continue
         for k, name in enumerate(node.input):
             if name in original:
