@@ -5,13 +5,15 @@
 # and OpenVINO, batch 8, on test slices.
 # Usage: scripts/bench_heads.sh RUN OUT  (RUN: a `ctmask synth` / `make accuracy` folder with data/)
 # Environment: SUPPRESSION (nms | matrix: the ranked RoIs' suppression), ALSO (more graphs for the same
-# bench run, e.g. another run's fp32.onnx), BENCH (0: make the graphs only).
+# bench run, e.g. another run's fp32.onnx), BENCH (0: make the graphs only), RESIDUALS ("float": the
+# INT8 graphs' residual forms, `export --residual`; "float int8" also writes int8-<target>-r8.onnx).
 set -euo pipefail
 RUN=${1:?usage: scripts/bench_heads.sh RUN OUT}
 OUT=${2:?usage: scripts/bench_heads.sh RUN OUT}
 SUPPRESSION=${SUPPRESSION:-nms}
 ALSO=${ALSO:-}
 BENCH=${BENCH:-1}
+RESIDUALS=${RESIDUALS:-float}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 CT=${CTMASK:-.venv/bin/ctmask}
 PY=${PYTHON:-.venv/bin/python}
@@ -41,12 +43,18 @@ CK="$OUT/paper-pooled.pt"
   --out "$OUT/fp32.ranges.json" -q
 # Islands as the small model's measurement chose them (weights untrained: nothing to measure here).
 [ -f "$OUT/fp16.onnx" ] || "$CT" export "$CK" --out "$OUT/fp16.onnx" --precision fp16 --fp32-blocks none -q
-for t in cpu tensorrt; do
-  [ -f "$OUT/int8-$t.onnx" ] || "$CT" export "$CK" --out "$OUT/int8-$t.onnx" --precision int8 --int8-target "$t" \
-    --calibration "$OUT/fp32.ranges.json" --fp32-blocks classifier -q
+INT8=()
+for r in $RESIDUALS; do
+  suffix=$([ "$r" = float ] && echo "" || echo "-r8")
+  for t in cpu tensorrt; do
+    g="$OUT/int8-$t$suffix.onnx"
+    [ -f "$g" ] || "$CT" export "$CK" --out "$g" --precision int8 --int8-target "$t" --residual "$r" \
+      --calibration "$OUT/fp32.ranges.json" --fp32-blocks classifier -q
+    INT8+=("$g")
+  done
 done
 [ "$BENCH" = 1 ] || exit 0
 # shellcheck disable=SC2086
-"$CT" bench $ALSO "$OUT/fp32.onnx" "$OUT/int8-cpu.onnx" "$OUT/int8-tensorrt.onnx" "$OUT/fp16.onnx" -b 8 \
+"$CT" bench $ALSO "$OUT/fp32.onnx" "${INT8[@]}" "$OUT/fp16.onnx" -b 8 \
   --iterations 5 --warmup 1 --backend onnxruntime-cpu --backend openvino-cpu --images "$OUT/held" \
   --json "$OUT/bench.json" | tee "$OUT/bench.txt"

@@ -398,3 +398,170 @@ def test_hostile_weight_and_grid_edits_fail_their_line_without_a_traceback(qat_s
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     report = json.loads((tmp_path / "p.json").read_text())
     assert line in report["failures"], report["failures"]
+
+
+@pytest.fixture(scope="module")
+def int8_residual(qat_scaled, cls_ckpt, small_onnx, tmp_path_factory):
+    """The tiny graph's QAT-form ranges marked ``residual: int8`` (a ``qat --residual int8``
+    fine-tune) and its tensorrt-form INT8 graph. The first block's input (its identity path)
+    gets an 8x coarser grid than the tiny model's ranges give it (there it is the stem's
+    quantized output, already on its grid), so which form a model reads shows."""
+    import dataclasses
+
+    from ctmask.calibration.ranges import load_ranges
+    from ctmask.core.graphs import load_proto
+    from ctmask.training.qat import graph_quantizers
+
+    folder = tmp_path_factory.mktemp("int8res")
+    rf = load_ranges(qat_scaled["graphs"]["tensorrt"].parent / "qat.json")
+    identity = next(t for t, qs in graph_quantizers(load_proto(small_onnx)).items()
+                    if "backbone.body.layer1.0.conv1.input_quantizer" in qs)
+    coarse = {**rf.ranges, identity: tuple(8 * v for v in rf.ranges[identity])}
+    ranges = dataclasses.replace(rf, ranges=coarse, options={**rf.options, "residual": "int8"}).save(
+        folder / "qat-r8.json")
+    graph = folder / "int8-r8.onnx"
+    res = invoke("export", cls_ckpt, "--out", graph, "--precision", "int8", "--int8-target", "tensorrt",
+                 "--calibration", ranges, "--fp32-blocks", "classifier")
+    assert res.exit_code == 0, res.output
+    assert "residual paths read int8" in res.output
+    return {"graph": graph, "ranges": ranges}
+
+
+def _unquantized_dq_readers(proto):
+    """(op type of each unquantized node reading an input-only activation's DequantizeLinear,
+    same for those reading the float tensor that has a QuantizeLinear)."""
+    produced = {o: n for n in proto.graph.node for o in n.output}
+    quantized_in = {n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"
+                    and (produced.get(n.input[0]) is None or produced[n.input[0]].op_type not in ("Conv", "Gemm"))}
+    as_int8, as_float = [], []
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "Gemm", "QuantizeLinear", "DequantizeLinear", "Shape"):
+            continue
+        for name in node.input:
+            dq = produced.get(name)
+            if dq is not None and dq.op_type == "DequantizeLinear" and produced[dq.input[0]].input[0] in quantized_in:
+                as_int8.append(node.op_type)
+            elif name in quantized_in:
+                as_float.append(node.op_type)
+    return sorted(as_int8), sorted(as_float)
+
+
+def test_an_int8_residual_graph_is_read_and_judged_as_its_fine_tune_trained_it(int8_residual, qat_scaled, cls_ckpt,
+                                                                               synth_dir, tmp_path):
+    """Ranges of a ``--residual int8`` fine-tune: the identity Add and the FPN upsampling read
+    the DequantizeLinear (the float form reads the tensor), parity's reference models that
+    (``residual: int8``) and passes; the float form's reference would not match this graph."""
+    from ctmask.core.graphs import load_proto
+    from ctmask.exporter.int8_graph import read_quantization
+    from ctmask.exporter.int8_reference import FakeQuantRunner, compare_tensors
+    from ctmask.runtime.predict import collect_images
+    from ctmask.scans.batch import load_batch
+
+    proto = load_proto(int8_residual["graph"])
+    as_int8, as_float = _unquantized_dq_readers(proto)
+    assert as_int8 == ["Add", "Resize", "Resize"] and not as_float
+    assert _unquantized_dq_readers(load_proto(qat_scaled["graphs"]["tensorrt"])) == ([], ["Add", "Resize", "Resize"])
+    quantization, why = read_quantization(proto)
+    assert not why and quantization.residual == "int8"
+    assert read_quantization(load_proto(qat_scaled["graphs"]["tensorrt"]))[0].residual == "float"
+    invoke("parity", cls_ckpt, int8_residual["graph"], "--images", synth_dir / "images", "--no-noise",
+           "--max-images", 8, "--json", tmp_path / "p.json")
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["runners"]["reference"]["residual"] == "int8"
+    tensors = report["int8_reference"]["tensors"]
+    assert tensors["passed"] and tensors["tensors"] > 40, tensors
+    assert not {"int8.tensors", "int8.weights", "int8.grids", "int8.slices", "s.logits"} & set(report["failures"])
+    # the same graph against the float form's model: the top-down sums drift off
+    files, _ = collect_images([synth_dir / "images"])
+    with FakeQuantRunner(cls_ckpt, quantization) as right:
+        images = load_batch(files[:4], right.spec).batch
+        matched = compare_tensors(proto, right, images)
+    quantization.residual = "float"
+    with FakeQuantRunner(cls_ckpt, quantization) as wrong:
+        mismatched = compare_tensors(proto, wrong, images)
+    assert mismatched["beyond_one_step"] > max(2 * matched["beyond_one_step"], 0.02), (matched, mismatched)
+
+
+def _one_resize_reads_float(proto):
+    """The finest level's upsampling reads its sum in float, the other paths int8."""
+    produced = {o: n for n in proto.graph.node for o in n.output}
+    node = [n for n in proto.graph.node if n.op_type == "Resize"][-1]
+    q = produced[produced[node.input[0]].input[0]]
+    assert produced[q.input[0]].op_type == "Add"
+    node.input[0] = q.input[0]
+
+
+def _conv_output_read_raw(proto):
+    """The coarsest level's upsampling reads its lateral convolution's output unquantized."""
+    produced = {o: n for n in proto.graph.node for o in n.output}
+    node = next(n for n in proto.graph.node if n.op_type == "Resize")
+    q = produced[produced[node.input[0]].input[0]]
+    assert produced[q.input[0]].op_type == "Conv"
+    node.input[0] = q.input[0]
+
+
+def _relu_reads_int8(proto):
+    """A Relu inserted on the identity path, reading the DequantizeLinear: not a residual reader."""
+    from onnx import helper
+
+    produced = {o: n for n in proto.graph.node for o in n.output}
+
+    def input_only(name):  # a DequantizeLinear of a tensor no quantized node produced
+        dq = produced.get(name)
+        return dq is not None and dq.op_type == "DequantizeLinear" and \
+            produced[produced[dq.input[0]].input[0]].op_type not in ("Conv", "Gemm")
+
+    add = next(n for n in proto.graph.node if n.op_type == "Add" and any(input_only(i) for i in n.input))
+    k = next(k for k, i in enumerate(add.input) if input_only(i))
+    relu = helper.make_node("Relu", [add.input[k]], ["odd_relu"], name="odd_relu")
+    add.input[k] = "odd_relu"
+    proto.graph.node.insert(list(proto.graph.node).index(add), relu)
+
+
+@pytest.mark.parametrize("edit, why", [(_one_resize_reads_float, "one residual form"),
+                                       (_relu_reads_int8, "in int8: the reference models only"),
+                                       (_conv_output_read_raw, "output of a quantized node, unquantized")])
+def test_a_graph_mixing_residual_forms_is_refused(int8_residual, edit, why):
+    from ctmask.exporter.int8_graph import read_quantization
+
+    proto = onnx.load(str(int8_residual["graph"]))
+    edit(proto)
+    quantization, reason = read_quantization(proto)
+    assert quantization is None and why in reason, reason
+
+
+def test_a_ranges_file_with_an_unknown_residual_form_is_refused_by_export(int8_residual, cls_ckpt, tmp_path):
+    import dataclasses
+
+    from ctmask.calibration.ranges import load_ranges
+
+    rf = load_ranges(int8_residual["ranges"])
+    bad = dataclasses.replace(rf, options={**rf.options, "residual": "int4"}).save(tmp_path / "bad.json")
+    res = invoke("export", cls_ckpt, "--out", tmp_path / "g.onnx", "--precision", "int8", "--calibration", bad,
+                 "--fp32-blocks", "classifier")
+    assert res.exit_code != 0 and "residual form 'int4'" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_export_residual_overrides_the_ranges_form_and_says_when_that_is_not_the_trained_model(
+        int8_residual, qat_scaled, cls_ckpt, tmp_path):
+    from ctmask.core.graphs import load_proto
+
+    # a calibrated (not QAT) ranges file: --residual int8 gives the int8 form, without a note
+    res = invoke("export", cls_ckpt, "--out", tmp_path / "cal.onnx", "--precision", "int8", "--calibration",
+                 qat_scaled["base"], "--fp32-blocks", "classifier", "--residual", "int8")
+    assert res.exit_code == 0 and "residual paths read int8" in res.output and "not the model" not in res.output
+    proto = load_proto(tmp_path / "cal.onnx")
+    assert _unquantized_dq_readers(proto)[0] == ["Add", "Resize", "Resize"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["ctmask.calibration"])["residual"] == "int8"
+    # the QAT ranges of an int8 fine-tune, exported float: said so
+    res = invoke("export", cls_ckpt, "--out", tmp_path / "f.onnx", "--precision", "int8", "--calibration",
+                 int8_residual["ranges"], "--fp32-blocks", "classifier", "--residual", "float")
+    assert res.exit_code == 0 and "not the model the fine-tune trained" in res.output, res.output
+    assert _unquantized_dq_readers(load_proto(tmp_path / "f.onnx")) == ([], ["Add", "Resize", "Resize"])
+    for args in (["--precision", "fp16", "--calibration", qat_scaled["base"]], ["--precision", "int8",
+                 "--calibration", qat_scaled["base"], "--fp32-blocks", "classifier"]):
+        res = invoke("export", cls_ckpt, "--out", tmp_path / "x.onnx", *args, "--residual",
+                     "int4" if "int8" in args else "int8")
+        assert res.exit_code != 0 and "--residual" in res.output and "Traceback" not in res.output, res.output

@@ -23,7 +23,8 @@ def base_ranges(small_onnx, synth_dir, tmp_path_factory):
 def qat_ckpt(seg_ckpt, small_onnx, base_ranges, synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("qat") / "seg-qat.pt"
     res = invoke("qat", seg_ckpt, synth_dir / "segmentation" / "train", "--graph", small_onnx, "--ranges",
-                 base_ranges, "--out", out, "--steps", 2, "--batch-size", 2, "--lr", 1e-4, "--distill", 0.5, "-q")
+                 base_ranges, "--out", out, "--steps", 2, "--batch-size", 2, "--lr", 1e-4, "--distill", 0.5,
+                 "--residual", "int8", "-q")
     assert res.exit_code == 0, res.output
     return out
 
@@ -78,6 +79,47 @@ def test_wrapped_detector_fake_quantizes_and_can_switch_it_off(seg_ckpt, small_o
     assert not torch.allclose(fq, ref, atol=1e-4)
 
 
+def test_the_int8_residual_form_reads_the_quantized_tensor_on_residual_paths(seg_ckpt, small_onnx, base_ranges):
+    """``--residual int8``: a block without downsample adds its input as ``conv1`` reads it
+    (on ``conv1``'s input grid), the FPN upsamples each sum as its layer block reads it; with
+    the activation quantizers off the replaced FPN forward is torchvision's."""
+    from ctmask.calibration.ranges import load_ranges
+    from ctmask.core.graphs import load_proto
+    from ctmask.training.checkpoint import load_checkpoint
+    from ctmask.training.detector import build_detector, normalize
+    from ctmask.training.qat import amax_from_ranges, quantizers, wrap_detector
+
+    ck = load_checkpoint(seg_ckpt)
+    amax = amax_from_ranges(load_proto(small_onnx), load_ranges(base_ranges))
+    x = normalize(torch.rand(2, 1, ck.preset.image_size, ck.preset.image_size))
+
+    def features(residual, act):
+        det = build_detector(ck.preset)
+        det.load_state_dict(ck.model)
+        det.eval()
+        wrap_detector(det, act, residual=residual)
+        seen = {}
+        det.backbone.body.layer1[0].register_forward_hook(lambda m, a, o: seen.setdefault("in", a[0]))
+        with torch.no_grad():
+            return det.backbone(x), seen["in"], quantizers(det)
+
+    plain, plain_in, _ = features("float", {})
+    same, same_in, _ = features("int8", {})  # quantizers that are off pass everything through
+    for k in plain:
+        assert torch.equal(plain[k], same[k]), k
+    flt, flt_in, _ = features("float", amax)
+    i8, i8_in, qs = features("int8", amax)
+    # the block without downsample reads its input on conv1's grid, the float form as it is
+    step = float(qs["backbone.body.layer1.0.conv1.input_quantizer"].amax) / 127
+    assert torch.allclose(i8_in / step, torch.round(i8_in / step), atol=1e-3)
+    # the coarsest FPN level has no top-down input, the next one upsamples the coarsest lateral
+    # output (quantized as a convolution's output in both forms): the same in both forms; the
+    # finer ones upsample a sum, rounded in the int8 form only
+    levels = list(flt)
+    assert all(torch.equal(flt[k], i8[k]) for k in levels[-2:])
+    assert all(not torch.equal(flt[k], i8[k]) for k in levels[:-2])
+
+
 def test_qat_checkpoint_is_plain_and_exports_to_a_fully_quantized_graph(qat_ckpt, seg_ckpt, synth_dir,
                                                                        tmp_path):
     from ctmask.calibration.ranges import load_ranges
@@ -97,6 +139,7 @@ def test_qat_checkpoint_is_plain_and_exports_to_a_fully_quantized_graph(qat_ckpt
     assert any(not torch.equal(ck.model[k], before[k]) for k in ck.model)  # it was fine-tuned
     qat = ck.config["qat"]
     assert qat["tool"].startswith("nvidia-modelopt") and len(qat["amax"]) > 40
+    assert qat["residual"] == "int8" and qat["options"]["residual"] == "int8"
 
     cls = tmp_path / "cls.pt"
     train = read_split(synth_dir / "train_COVIDx_CT.txt")
@@ -115,10 +158,14 @@ def test_qat_checkpoint_is_plain_and_exports_to_a_fully_quantized_graph(qat_ckpt
     for tensor, quantizers in graph_quantizers(proto).items():
         a = max(qat["amax"][q] for q in quantizers)
         assert rf.ranges[tensor] == pytest.approx((-a, a))
+    assert rf.options["residual"] == "int8"
     int8 = quantize_int8(proto, rf, "tensorrt", {"classifier"})
     produced = {o: n for n in int8.graph.node for o in n.output}
     convs = [n for n in int8.graph.node if n.op_type == "Conv"]
     assert sum(produced[n.input[0]].op_type == "DequantizeLinear" for n in convs) == len(convs) == 32
+    # trained with --residual int8: the FPN's upsampling reads its sums as the layer blocks do
+    resize = [n for n in int8.graph.node if n.op_type == "Resize"]
+    assert resize and all(produced[n.input[0]].op_type == "DequantizeLinear" for n in resize)
     # the cpu (uint8) form quantizes on the very grid the fine-tune trained: the tensorrt
     # form's scale, zero-point 128
     cpu = quantize_int8(proto, rf, "cpu", {"classifier"})
@@ -136,6 +183,19 @@ def activation_grids(proto) -> dict[str, tuple[float, int]]:
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     return {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
             for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_an_unknown_residual_form_is_refused(small_onnx, base_ranges):
+    from ctmask.calibration.ranges import load_ranges
+    from ctmask.core.errors import ConfigError, RangesError
+    from ctmask.core.graphs import load_proto
+    from ctmask.training.qat import QatOptions, amax_from_ranges, qat_ranges
+
+    with pytest.raises(ConfigError, match="residual"):
+        QatOptions(residual="int4")
+    proto, rf = load_proto(small_onnx), load_ranges(base_ranges)
+    with pytest.raises(RangesError, match="residual form 'x'"):
+        qat_ranges(proto, amax_from_ranges(proto, rf), rf, residual="x")
 
 
 def test_qat_ranges_refuses_a_checkpoint_without_scales(seg_ckpt, small_onnx, base_ranges, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from ctmask.cli.common import JsonOpt, QuietOpt, check_paths, emit_json, human_echo, split_images, user_errors
-from ctmask.cli.precision import MeasureOpt, MethodOpt, SizeOpt, TargetOpt
+from ctmask.cli.precision import MeasureOpt, MethodOpt, ResidualOpt, SizeOpt, TargetOpt
 
 CalibrationOpt = typer.Option(None, "--calibration", help="INT8 ranges: a ranges file from `ctmask calibrate` (no "
                                                           "calibration runs), or slices to calibrate on: a folder, "
@@ -72,6 +72,7 @@ class GraphOptions:
     measure_size: int = 200
     method: str | None = None
     opset: int = 18
+    residual: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def export(
     precision: str | None = PrecisionOpt,
     calibration: Path | None = CalibrationOpt,
     int8_target: str | None = TargetOpt,
+    residual: str | None = ResidualOpt,
     islands: Path | None = IslandsOpt,
     fp32_blocks: str | None = Fp32BlocksOpt,
     calibration_size: int = SizeOpt,
@@ -142,7 +144,8 @@ def export(
 
     triton = _triton_options(triton_repo, triton_name, triton_max_batch, triton_instances, triton_kind,
                              triton_delay_us)
-    graph = GraphOptions(calibration, int8_target, islands, fp32_blocks, calibration_size, measure_size, method, opset)
+    graph = GraphOptions(calibration, int8_target, islands, fp32_blocks, calibration_size, measure_size, method, opset,
+                         residual)
     build = EngineOptions(batch, workspace, timing_cache, images, parity_size)
     packaged = checkpoint.suffix.lower() == ".onnx" or is_engine_path(checkpoint)
     if triton is not None and engine is None and packaged:
@@ -166,7 +169,8 @@ def _package_only(checkpoint: Path, out: Path | None, precision: str | None, gra
     from ctmask.trt.engine import sidecar_path
 
     given = [n for n, v in (("--out", out), ("--precision", precision), ("--calibration", graph.calibration),
-                            ("--int8-target", graph.int8_target), ("--islands", graph.islands),
+                            ("--int8-target", graph.int8_target), ("--residual", graph.residual),
+                            ("--islands", graph.islands),
                             ("--fp32-blocks", graph.fp32_blocks), ("--method", graph.method),
                             ("--timing-cache", build.timing_cache)) if v is not None]
     given += [n for n, v, d in (("--calibration-size", graph.calibration_size, 64), ("--measure-size",
@@ -295,8 +299,9 @@ def _export_graph(checkpoint: Path, out: Path, precision: str, graph: GraphOptio
 
     if precision not in ("fp32", "fp16", "int8"):
         raise ConfigError(f"unknown --precision {precision!r}; expected fp32, fp16 or int8")
-    if precision != "int8" and graph.int8_target is not None:
-        raise ConfigError(f"--int8-target applies to --precision int8, not {precision}")
+    for flag, value in (("--int8-target", graph.int8_target), ("--residual", graph.residual)):
+        if precision != "int8" and value is not None:
+            raise ConfigError(f"{flag} applies to --precision int8, not {precision}")
     if precision == "fp32":
         given = [n for n, v in (("--calibration", graph.calibration), ("--islands", graph.islands),
                                 ("--fp32-blocks", graph.fp32_blocks), ("--method", graph.method)) if v is not None]
@@ -310,7 +315,7 @@ def _export_graph(checkpoint: Path, out: Path, precision: str, graph: GraphOptio
 
     opts = ReducedOptions(precision, graph.calibration, graph.int8_target or "tensorrt", graph.islands,
                           _blocks(graph.fp32_blocks), graph.calibration_size, graph.measure_size,
-                          graph.method or "minmax")
+                          graph.method or "minmax", residual=graph.residual)
     with console.status(f"exporting {checkpoint} at {precision}") as status:
         return export_reduced(checkpoint, out, opts, graph.opset,
                               on_step=None if quiet else lambda s: status.update(f"{precision}: {s}"))
@@ -456,7 +461,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  Q/DQ ({summary['int8_target']}): {q['quantize_linear']} QuantizeLinear, "
                      f"{q['dequantize_linear']} DequantizeLinear; activations {q['activation_types']}, "
                      f"zero-points {_zero_points(q)}; "
-                     f"weights {q['weight_types']}")
+                     f"weights {q['weight_types']}; residual paths read {summary.get('residual', 'float')}")
     final = (summary.get("sensitivity") or {}).get("final")
     if final:
         lines.append(f"  measured on {final['n']} slices against the FP32 graph: {final['changed_calls']} class "

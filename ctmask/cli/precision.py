@@ -19,6 +19,11 @@ MeasureOpt = typer.Option(200, "--measure-size", min=1, help="Slices the FP32 is
                                                              "like the calibration slices): 200 lets 0.5% be one "
                                                              "changed call. With a ranges file, its own slices.")
 MethodOpt = typer.Option(None, "--method", help="Calibration method: minmax (default) | entropy | percentile.")
+ResidualOpt = typer.Option(None, "--residual", help="INT8: what a ResNet block's identity path and the FPN's "
+                                                    "top-down path read: float or int8 (the tensor as the next "
+                                                    "convolution reads it; faster on TensorRT and OpenVINO). "
+                                                    "Default: the form a QAT detector was fine-tuned with (its "
+                                                    "ranges file), else float.")
 TargetOpt = typer.Option(None, "--int8-target", help="Q/DQ flavour: tensorrt (int8 symmetric activations, "
                                                            "zero-point 0) or cpu (uint8 activations: onnxruntime's "
                                                            "fast x86 form). Default: tensorrt.")

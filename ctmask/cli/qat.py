@@ -27,6 +27,9 @@ def qat(
                                             "outputs against the detector before the fine-tune, FP32); "
                                             "0: detection losses only."),
     seed: int = typer.Option(0),
+    residual: str = typer.Option("float", "--residual", help="What a ResNet block's identity path and the FPN's "
+                                 "top-down path read: float (the FP32 model's tensor) or int8 (the tensor as the "
+                                 "next convolution reads it: the placement TensorRT and OpenVINO fuse, faster)."),
     json_out: Path | None = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -38,7 +41,7 @@ def qat(
 
     check_paths({"CHECKPOINT": checkpoint, "TRAIN_DIR": train_dir, "--graph": graph, "--ranges": ranges},
                 {"--out": out, "--out's sidecar": out.with_name(out.name + ".json"), "--json": json_out})
-    opts = QatOptions(steps, batch_size, lr, weight_decay, distill, True, seed)
+    opts = QatOptions(steps, batch_size, lr, weight_decay, distill, True, seed, residual)
     summary = train_qat(checkpoint, list_segmentation(train_dir), graph, ranges, out, opts, not quiet)
     human_echo(json_out)(f"QAT: {summary['steps']} steps, {summary['quantizers']} quantizers "
                          f"({summary['weight_quantizers']} weight), {summary['seconds']:.0f} s; wrote {out}")
@@ -68,11 +71,12 @@ def qat_ranges(
     if not amax:
         raise CheckpointError("not a QAT checkpoint (no config.qat.amax)", checkpoint)
     proto = load_proto(graph)
-    rf = make(proto, amax, load_ranges(base), base, str(graph))
+    residual = ck.config["qat"].get("residual", "float")
+    rf = make(proto, amax, load_ranges(base), base, str(graph), residual=residual)
     rf.save(out)
     if not quiet:
-        typer.echo(f"wrote {out}: {len(graph_quantizers(proto))} detector tensors from the QAT scales, "
-                   f"{len(rf.ranges)} ranges in all")
+        typer.echo(f"wrote {out}: {len(graph_quantizers(proto))} detector tensors from the QAT scales "
+                   f"(residual paths {residual}), {len(rf.ranges)} ranges in all")
 
 
 COMMANDS = {"qat": qat, "qat-ranges": qat_ranges}

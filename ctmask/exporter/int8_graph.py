@@ -44,6 +44,8 @@ class GraphQuantization:
     activations: dict[str, Activation]
     weights: set[str]
     amax: dict[str, float]
+    residual: str = "float"
+    """What the residual and top-down paths read (:data:`ctmask.training.qat.RESIDUAL_FORMS`)."""
 
     def mismatched_grids(self) -> list[str]:
         """Activations whose DequantizeLinear reads another grid than its QuantizeLinear wrote
@@ -159,6 +161,44 @@ def _scan(g: GraphIndex, proto: onnx.ModelProto) -> tuple[dict[str, Activation],
     return {**inputs, **outputs}, weights, foreign
 
 
+RESIDUAL_READERS = ("Add", "Resize")
+"""The nodes that read a convolution's quantized input without being quantized themselves, and
+that the ``int8`` residual form models: a ResNet block's identity Add, the FPN's upsampling."""
+
+
+def _residual_form(g: GraphIndex, acts: dict[str, Activation]) -> str:
+    """``int8`` when the unquantized readers of the graph's input-only activations read their
+    DequantizeLinear, ``float`` when they read the tensor itself; refused when they do both, or
+    when a node the reference cannot model reads one in int8."""
+    as_int8: list[str] = []
+    as_float: list[str] = []
+    for act in acts.values():
+        if any(q.endswith(".output_quantizer") for q in act.quantizers):
+            # a quantized node's output: every reader reads it quantized, in both forms
+            raw = [r for r in g.readers.get(act.tensor, []) if r.op_type not in ("QuantizeLinear", "Shape")]
+            if raw:
+                raise _Refused(f"{raw[0].op_type} {raw[0].name or raw[0].output[0]!r} reads {act.tensor!r}, the "
+                               "output of a quantized node, unquantized: the reference quantizes such an output "
+                               "for every reader")
+            continue
+        dequantized = [dq.output[0] for q in g.readers.get(act.tensor, []) if q.op_type == "QuantizeLinear"
+                       for dq in g.readers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"]
+        reads = [(r, True) for d in dequantized for r in g.readers.get(d, [])]
+        reads += [(r, False) for r in g.readers.get(act.tensor, [])]
+        for node, int8 in reads:
+            if node.op_type in ("QuantizeLinear", "Shape", "Conv", "Gemm", "MatMul"):
+                continue
+            label = f"{node.op_type} {node.name or node.output[0]!r}"
+            if int8 and node.op_type not in RESIDUAL_READERS:
+                raise _Refused(f"{label} reads {act.tensor!r} in int8: the reference models only the residual "
+                               f"paths ({', '.join(RESIDUAL_READERS)}) reading a convolution's quantized input")
+            (as_int8 if int8 else as_float).append(label)
+    if as_int8 and as_float:
+        raise _Refused(f"some residual / top-down paths read int8 ({as_int8[0]}) and others float ({as_float[0]}): "
+                       "the reference models one residual form")
+    return "int8" if as_int8 else "float"
+
+
 def read_quantization(proto: onnx.ModelProto) -> tuple[GraphQuantization | None, str]:
     """The graph's detector quantization as ModelOpt quantizers, or ``(None, why not)``.
 
@@ -167,7 +207,8 @@ def read_quantization(proto: onnx.ModelProto) -> tuple[GraphQuantization | None,
     amax 127 s. Refused: per-channel or non-constant activation grids, asymmetric grids,
     quantized weights behind a float input, a quantizer with two scales (the RPN head runs on
     every FPN level with one set of modules), or an activation QuantizeLinear that is neither
-    a quantized convolution's input nor its output (``calibrate --ops residual``).
+    a quantized convolution's input nor its output (``calibrate --ops residual``), residual
+    paths read in float and in int8 both (:func:`_residual_form`).
     """
     g = GraphIndex(proto)
     try:
@@ -192,6 +233,7 @@ def read_quantization(proto: onnx.ModelProto) -> tuple[GraphQuantization | None,
                 raise _Refused(f"the graph quantizes {node.input[0]!r} (read by {', '.join(readers) or 'nothing'}), "
                                "no quantized convolution's input or output (calibrate --ops residual quantizes Add "
                                "/ Relu / MaxPool): ModelOpt's reference does not model it")
+        residual = _residual_form(g, acts)
     except _Refused as exc:
         return None, str(exc)
-    return GraphQuantization(acts, weights, amax), ""
+    return GraphQuantization(acts, weights, amax, residual), ""

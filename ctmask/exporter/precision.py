@@ -382,15 +382,9 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
 
     Raises:
         PrecisionError: an unknown target or block.
+        RangesError: ranges that miss a quantized tensor or name an unknown :func:`residual_form`.
     """
-    import tempfile
-    from pathlib import Path
-
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
-
     from ctmask.calibration.collect import QUANTIZED_OPS
-    from ctmask.calibration.ranges import ort_method
 
     if target not in INT8_TARGETS:
         raise PrecisionError(f"unknown INT8 target {target!r}; expected one of {', '.join(INT8_TARGETS)}")
@@ -407,8 +401,26 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
         raise RangesError(f"the ranges do not cover {len(missing)} tensor(s) that INT8 quantizes (e.g. "
                           f"{missing[0]!r}): they were measured for other operators or another graph",
                           hint="calibrate this graph again (`ctmask calibrate`)")
-    tensorrt = target == "tensorrt"
-    ranges = ranges if tensorrt else cpu_grid(ranges)
+    residual, tensorrt = residual_form(ranges), target == "tensorrt"
+    out = _quantize_static(work, ranges if tensorrt else cpu_grid(ranges), op_types, exclude, tensorrt)
+    if only_nodes is not None:
+        _float_for_others(out, only_nodes)
+    else:
+        float_for_unquantized_readers(out, set(op_types), set(exclude), residual)
+    return out
+
+
+def _quantize_static(work: onnx.ModelProto, ranges, op_types: list[str], exclude: list[str],
+                     tensorrt: bool) -> onnx.ModelProto:
+    """onnxruntime's ``quantize_static`` (QDQ) of ``work`` at ``ranges``, through its calibration cache."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from ctmask.calibration.ranges import ort_method
+
     with tempfile.TemporaryDirectory(prefix="ctmask-int8-") as tmp:
         src, dst, cache = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx", Path(tmp) / "ranges.json"
         onnx.save(work, str(src))
@@ -432,15 +444,27 @@ def quantize_int8(proto: onnx.ModelProto, ranges, target: str, fp32_blocks: set[
                 extra_options={"ActivationSymmetric": tensorrt, "WeightSymmetric": True,
                                "QuantizeBias": not tensorrt},
             )
-        out = onnx.load(str(dst))
-    if only_nodes is not None:
-        _float_for_others(out, only_nodes)
-    else:
-        float_for_unquantized_readers(out, set(op_types), set(exclude))
-    return out
+        return onnx.load(str(dst))
 
 
-def float_for_unquantized_readers(proto: onnx.ModelProto, op_types: set[str], excluded: set[str]) -> int:
+def residual_form(ranges) -> str:
+    """What the residual and top-down paths of an INT8 graph read (``float`` or ``int8``, see
+    :data:`ctmask.training.qat.RESIDUAL_FORMS`): the ranges file's ``residual`` option (the
+    form a QAT detector was fine-tuned with, from ``ctmask qat-ranges``), else ``float``.
+
+    Raises:
+        RangesError: an unknown form.
+    """
+    form = ranges.options.get("residual", "float")
+    if form not in ("float", "int8"):
+        from ctmask.core.errors import RangesError
+
+        raise RangesError(f"the ranges file names an unknown residual form {form!r}; expected float or int8")
+    return form
+
+
+def float_for_unquantized_readers(proto: onnx.ModelProto, op_types: set[str], excluded: set[str],
+                                  residual: str = "float") -> int:
     """After Q/DQ insertion: an activation quantized only as a quantized node's *input* is
     read in float by every node that is not quantized (a residual Add, the FPN's upsampling
     of its top-down sum, Shape); return how many inputs were rewired.
@@ -456,6 +480,10 @@ def float_for_unquantized_readers(proto: onnx.ModelProto, op_types: set[str], ex
     quantized for all its readers (ModelOpt's ``output_quantizer``). Q/DQ pairs left
     without a reader are removed. ``excluded``: the nodes left FP32 (``--fp32-blocks``), which
     read float too.
+
+    ``residual="int8"`` (a detector fine-tuned with ``ctmask qat --residual int8``): only the
+    excluded nodes read float; the residual Add and the upsampling keep the DequantizeLinear
+    output, as the fine-tune's model reads them (:func:`ctmask.training.qat.quantize_shared_reads`).
     """
     graph = proto.graph
     produced = {o: n for n in graph.node for o in n.output}
@@ -464,9 +492,12 @@ def float_for_unquantized_readers(proto: onnx.ModelProto, op_types: set[str], ex
         return node.op_type in op_types and node.name not in excluded and any(
             produced.get(i) is not None and produced[i].op_type == "DequantizeLinear" for i in node.input)
 
+    def keeps_quantized(node: onnx.NodeProto) -> bool:
+        return quantized(node) or (residual == "int8" and node.name not in excluded)
+
     original = {dq: tensor for dq, (tensor, source) in _quantized_activations(graph).items()
                 if source is None or not quantized(source)}
-    return _read_float(graph, original, quantized)
+    return _read_float(graph, original, keeps_quantized)
 
 
 def _quantized_activations(graph: onnx.GraphProto) -> dict[str, tuple[str, onnx.NodeProto | None]]:

@@ -60,6 +60,9 @@ class ReducedOptions:
             enough that the precision's allowed share of changed calls is at least one).
         method: calibration method (``minmax``, ``entropy``, ``percentile``).
         seed: the class-balanced draw's seed.
+        residual: INT8: what the residual and top-down paths read (``float`` or ``int8``,
+            :data:`ctmask.training.qat.RESIDUAL_FORMS`); None: the ranges file's form (a QAT
+            detector's), else ``float``.
     """
 
     precision: str
@@ -71,12 +74,15 @@ class ReducedOptions:
     measure_size: int = 200
     method: str = "minmax"
     seed: int = 0
+    residual: str | None = None
 
     def check(self) -> None:
         if self.precision not in PRECISIONS or self.precision == "fp32":
             raise ConfigError(f"reduced precision must be fp16 or int8, got {self.precision!r}")
         if self.int8_target not in INT8_TARGETS:
             raise ConfigError(f"unknown --int8-target {self.int8_target!r}; expected one of {', '.join(INT8_TARGETS)}")
+        if self.residual not in (None, "float", "int8"):
+            raise ConfigError(f"unknown --residual {self.residual!r}; expected float or int8")
         if self.precision == "int8" and self.calibration is None:
             raise ConfigError("--precision int8 needs calibration data: pass --calibration DIR|SPLIT (calibrates now) "
                               "or --calibration RANGES.json (from `ctmask calibrate`)")
@@ -211,6 +217,21 @@ def _slices_from_files(files: list[Path], spec: GraphSpec):
     return CalibrationSet(files[0].parent, [], images, bad)
 
 
+def _residual(ranges: RangesFile | None, chosen: str | None) -> tuple[RangesFile | None, str]:
+    """``ranges`` with the residual form ``chosen`` (None: its own), and a note when that is
+    not the form its QAT detector was fine-tuned with."""
+    from ctmask.exporter.precision import residual_form
+
+    if ranges is None or chosen is None:
+        return ranges, ""
+    trained = residual_form(ranges)
+    note = ""
+    if ranges.options.get("qat") and chosen != trained:
+        note = (f"the QAT detector was fine-tuned with its residual paths reading {trained}; this graph reads them "
+                f"{chosen}, so it is not the model the fine-tune trained")
+    return replace(ranges, options={**ranges.options, "residual": chosen}), note
+
+
 def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions, opset: int = OPSET,
                    on_step: Callable[[str], None] | None = None) -> tuple[ExportResult, dict]:
     """Export an FP16 or INT8 graph (module docstring); return the result and a summary.
@@ -239,6 +260,7 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
     ranges, calibrated, cal = (None, False, None)
     if opts.precision == "int8":
         ranges, calibrated, cal = _ranges_for(proto32, spec32, sha, opts, on_step)
+    ranges, residual_note = _residual(ranges, opts.residual)
     reduce = reducer(opts.precision, ranges, opts.int8_target)
     islands, report = _choose_islands(proto32, spec32, sha, opts, ranges, cal, on_step)
     reduced_proto = reduce(proto32, set(islands) | set(ALWAYS_FP32))
@@ -247,8 +269,11 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
     extra = {"ctmask.fp32_islands": json.dumps(islands, sort_keys=True),
              "ctmask.reduced_blocks": json.dumps(sorted(set(BLOCKS) - set(islands)))}
     if ranges is not None:
+        from ctmask.exporter.precision import residual_form
+
         extra["ctmask.calibration"] = json.dumps({"method": ranges.method, "slices": len(ranges.slices),
-                                                  "source_sha256": ranges.graph_sha256})
+                                                  "source_sha256": ranges.graph_sha256,
+                                                  "residual": residual_form(ranges)})
     set_metadata(reduced_proto, spec, extra)
     verify_graph(reduced_proto, spec, out)
     written: dict[str, str] = {}
@@ -266,7 +291,7 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
             Path(path).unlink(missing_ok=True)
         raise DataError(f"cannot write the output ({exc.__class__.__name__}: {exc.strerror or exc})", out) from None
     written = {"graph": str(out), **written}
-    notes = []
+    notes = [residual_note] if residual_note else []
     if not set(BLOCKS) - set(islands) and opts.fp32_blocks is None:
         notes.append(f"no block can run in {opts.precision} without changing more class calls than parity allows, so "
                      "this graph computes in FP32 throughout; --fp32-blocks forces blocks into reduced precision "
@@ -281,8 +306,11 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
         half, single = fp16_initializers(reduced_proto)
         summary["weights"] = {"float16": half, "float32": single}
     else:
+        from ctmask.exporter.precision import residual_form
+
         summary["int8_target"] = opts.int8_target
         summary["qdq"] = qdq_summary(reduced_proto)
+        summary["residual"] = residual_form(ranges)
     return result, summary
 
 

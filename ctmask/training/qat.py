@@ -118,12 +118,14 @@ def amax_from_ranges(proto: onnx.ModelProto, ranges: RangesFile) -> dict[str, fl
 
 
 def qat_ranges(proto: onnx.ModelProto, amax: dict[str, float], base: RangesFile,
-               base_path: str | Path = "the base ranges", graph_name: str = "this graph") -> RangesFile:
+               base_path: str | Path = "the base ranges", graph_name: str = "this graph",
+               residual: str = "float") -> RangesFile:
     """The ranges file of ``proto`` (an export of a QAT checkpoint) with the fine-tune's scales.
 
     Every detector tensor the INT8 graph quantizes gets ``[-amax, amax]`` of its quantizer
     (the range the fine-tune trained with); other tensors keep ``base``'s ranges (a
-    calibration of the same graph).
+    calibration of the same graph). ``residual``, the fine-tune's residual form
+    (:data:`RESIDUAL_FORMS`), goes into the options, and ``export --precision int8`` writes it.
 
     Raises:
         RangesError: ``base`` (read from ``base_path``) was measured on another graph than
@@ -131,6 +133,9 @@ def qat_ranges(proto: onnx.ModelProto, amax: dict[str, float], base: RangesFile,
     """
     from ctmask.core.graphs import content_sha256
 
+    if residual not in RESIDUAL_FORMS:
+        raise RangesError(f"unknown residual form {residual!r} in the QAT checkpoint; expected one of "
+                          f"{', '.join(RESIDUAL_FORMS)}")
     base.check_graph(content_sha256(proto), base_path, graph_name)
     ranges = dict(base.ranges)
     for tensor, quantizers in graph_quantizers(proto).items():
@@ -140,7 +145,7 @@ def qat_ranges(proto: onnx.ModelProto, amax: dict[str, float], base: RangesFile,
         a = max(amax[q] for q in quantizers)
         ranges[tensor] = (-a, a)
     return RangesFile(method=base.method, graph_sha256=base.graph_sha256, ranges=ranges, slices=base.slices,
-                      options={**base.options, "qat": True}, graph=base.graph)
+                      options={**base.options, "qat": True, "residual": residual}, graph=base.graph)
 
 
 # --- ModelOpt wrapping ---------------------------------------------------------------
@@ -171,17 +176,22 @@ def quantizers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def wrap_detector(detector: nn.Module, amax: dict[str, float], weights: set[str] | None = None) -> list[str]:
+def wrap_detector(detector: nn.Module, amax: dict[str, float], weights: set[str] | None = None,
+                  residual: str = "float") -> list[str]:
     """Insert ModelOpt fake-quantization into ``detector`` (in place); return the enabled quantizers.
 
     Enabled: the weight quantizer of every Conv2d / Linear of the graph's detector blocks
     (dynamic per-channel max |w|; with ``weights``, only of those modules), and the activation
     quantizers named in ``amax`` with those fixed amax values. Everything else (the mask head,
-    BatchNorm inputs ...) is off.
+    BatchNorm inputs ...) is off. ``residual`` (one of :data:`RESIDUAL_FORMS`): what the
+    residual and top-down paths read (``int8``: :func:`quantize_shared_reads`).
 
     Raises:
-        ConfigError: ModelOpt is not installed, or an amax names no quantizer of the detector.
+        ConfigError: ModelOpt is not installed, an amax names no quantizer of the detector, or
+            an unknown ``residual``.
     """
+    if residual not in RESIDUAL_FORMS:
+        raise ConfigError(f"unknown residual form {residual!r}; expected one of {', '.join(RESIDUAL_FORMS)}")
     try:
         import modelopt.torch.quantization as mtq
     except ImportError as exc:
@@ -206,7 +216,74 @@ def wrap_detector(detector: nn.Module, amax: dict[str, float], weights: set[str]
             enabled.append(name)
         else:
             q.disable()
+    if residual == "int8":
+        quantize_shared_reads(detector)
     return sorted(enabled)
+
+
+RESIDUAL_FORMS = ("float", "int8")
+"""What the readers of a convolution's quantized input that are not quantized themselves (a
+ResNet block's identity path, the FPN's top-down upsampling) read: ``float``, the tensor as it
+is (ModelOpt's ``input_quantizer`` rounds that module's input only); ``int8``, the tensor as the
+convolution reads it, rounded once for every reader. ``int8`` is the Q/DQ graph onnxruntime's
+quantizer writes before :func:`ctmask.exporter.precision.float_for_unquantized_readers`, and
+the placement TensorRT's and OpenVINO's int8 kernels fuse (a convolution with its residual add
+in int8)."""
+
+
+def quantize_shared_reads(detector: nn.Module) -> list[str]:
+    """Make ``detector`` (wrapped by ModelOpt) read its shared activations as the ``int8``
+    residual form has them; return the blocks changed.
+
+    - a ResNet block without a downsample adds its input to its output: a forward pre-hook
+      hands the block its input through ``conv1``'s input quantizer, so the identity path reads
+      what ``conv1`` reads (``conv1`` quantizes it again: on the same grid that changes nothing);
+    - the FPN's top-down path upsamples each level's sum as that level's layer-block
+      convolution reads it (:func:`_fpn_forward_int8`).
+
+    A disabled quantizer passes its input through, so a block whose convolution is not
+    quantized keeps reading float.
+    """
+    import types
+
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    changed = []
+    for name, module in detector.backbone.body.named_modules():
+        if isinstance(module, (BasicBlock, Bottleneck)) and module.downsample is None:
+            module.register_forward_pre_hook(_identity_as_conv1_reads)
+            changed.append(f"backbone.body.{name}")
+    fpn = detector.backbone.fpn
+    if len(fpn.layer_blocks) > 1:
+        fpn.forward = types.MethodType(_fpn_forward_int8, fpn)
+        changed.append("backbone.fpn")
+    return changed
+
+
+def _identity_as_conv1_reads(block: nn.Module, args: tuple) -> tuple:
+    return (block.conv1.input_quantizer(args[0]), *args[1:])
+
+
+def _fpn_forward_int8(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's ``FeaturePyramidNetwork.forward`` (0.2x) with one change: the top-down
+    upsampling reads the level's sum through the input quantizer of the layer-block
+    convolution that reads the same sum (nearest upsampling copies values, so this equals
+    quantizing the upsampled map)."""
+    from collections import OrderedDict
+
+    names = list(x.keys())
+    feats = list(x.values())
+    last_inner = self.get_result_from_inner_blocks(feats[-1], -1)
+    results = [self.get_result_from_layer_blocks(last_inner, -1)]
+    for idx in range(len(feats) - 2, -1, -1):
+        inner_lateral = self.get_result_from_inner_blocks(feats[idx], idx)
+        shared = self.layer_blocks[idx + 1][0].input_quantizer(last_inner)
+        inner_top_down = nn.functional.interpolate(shared, size=inner_lateral.shape[-2:], mode="nearest")
+        last_inner = inner_lateral + inner_top_down
+        results.insert(0, self.get_result_from_layer_blocks(last_inner, idx))
+    if self.extra_blocks is not None:
+        results, names = self.extra_blocks(results, feats, names)
+    return OrderedDict(zip(names, results))
 
 
 @contextlib.contextmanager
@@ -242,7 +319,8 @@ class QatOptions:
     """Options of :func:`train_qat` (stored in the checkpoint config).
 
     Raises:
-        ConfigError: steps or batch size < 1, lr <= 0, weight decay or distill < 0.
+        ConfigError: steps or batch size < 1, lr <= 0, weight decay or distill < 0, an unknown
+            residual form (:data:`RESIDUAL_FORMS`).
     """
 
     steps: int = 300
@@ -252,10 +330,13 @@ class QatOptions:
     distill: float = 1.0
     hflip: bool = True
     seed: int = 0
+    residual: str = "float"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("QAT steps and batch size must be >= 1")
+        if self.residual not in RESIDUAL_FORMS:
+            raise ConfigError(f"unknown --residual {self.residual!r}; expected one of {', '.join(RESIDUAL_FORMS)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.distill < 0:
             raise ConfigError("QAT needs lr > 0, weight decay >= 0 and distill >= 0")
 
@@ -344,8 +425,8 @@ def train_qat(
         samples: training slices (CNCB layout, :func:`ctmask.data.cncb.list_segmentation`).
         graph: an FP32 graph exported from a classifier on this detector (ctmask export).
         ranges: its ranges file (``ctmask calibrate``): the initial activation scales.
-        out: segmentation checkpoint to write (FP32 weights; ``config["qat"]`` holds the
-            activation amax of every quantizer, the options and the loss history).
+        out: segmentation checkpoint to write (FP32 weights; ``config["qat"]``: the activation
+            amax of every quantizer, the residual form, the options and the loss history).
         opts: steps, batch size, Adam settings, distillation weight, augmentation, seed.
 
     Returns:
@@ -376,7 +457,7 @@ def train_qat(
         teacher = build_detector(ck.preset)
         load_state(teacher, ck.model, ck.path)
         teacher.eval().requires_grad_(False)
-    enabled = wrap_detector(detector, amax)
+    enabled = wrap_detector(detector, amax, residual=opts.residual)
     params = [p for p in detector.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
     data = SegmentationDataset(samples, ck.preset.image_size, hflip=opts.hflip, mask_type=ck.preset.mask_type)
@@ -401,8 +482,8 @@ def train_qat(
         config={**{k: v for k, v in ck.config.items() if k not in ("qat",)},
                 "qat": {"from": str(checkpoint), "graph": str(graph), "ranges": str(ranges),
                         "ranges_method": rf.method, "options": asdict(opts), "tool": _tool(),
-                        "quantizers": enabled, "amax": learned, "first_losses": first, "last_losses": last,
-                        "seconds": seconds},
+                        "quantizers": enabled, "amax": learned, "residual": opts.residual, "first_losses": first,
+                        "last_losses": last, "seconds": seconds},
                 "environment": environment()},
     )
     return {"steps": len(history), "quantizers": len(enabled), "weight_quantizers": sum(n.endswith("weight_quantizer")
