@@ -518,6 +518,46 @@ def _relu_reads_int8(proto):
     proto.graph.node.insert(list(proto.graph.node).index(add), relu)
 
 
+def _identity_pair(proto, scale_factor, same_quantize):
+    """The first block's identity Add reads its own DequantizeLinear: of a second QuantizeLinear
+    at ``scale_factor`` x the convolution's scale, or (``same_quantize``) of the convolution's
+    QuantizeLinear, dequantized at ``scale_factor`` x."""
+    from onnx import helper, numpy_helper
+
+    produced = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name: t for t in proto.graph.initializer}
+    add = next(n for n in proto.graph.node if n.op_type == "Add" and any(
+        produced.get(i) is not None and produced[i].op_type == "DequantizeLinear"
+        and produced[produced[produced[i].input[0]].input[0]].op_type == "MaxPool" for i in n.input))
+    k = next(k for k, i in enumerate(add.input) if produced.get(i) is not None
+             and produced[i].op_type == "DequantizeLinear")
+    dq = produced[add.input[k]]
+    q = produced[dq.input[0]]
+    scale = numpy_helper.to_array(inits[q.input[1]]) * scale_factor
+    proto.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), "odd_scale"))
+    nodes = [] if same_quantize else [helper.make_node("QuantizeLinear", [q.input[0], "odd_scale", q.input[2]],
+                                                       ["odd_q"], name="odd_q")]
+    nodes.append(helper.make_node("DequantizeLinear", [q.output[0] if same_quantize else "odd_q", "odd_scale",
+                                                       q.input[2]], ["odd_dq"], name="odd_dq"))
+    add.input[k] = "odd_dq"
+    at = list(proto.graph.node).index(add)
+    for n in reversed(nodes):
+        proto.graph.node.insert(at, n)
+
+
+def test_a_residual_reader_off_the_convolutions_grid_is_refused_or_fails_int8_grids(int8_residual):
+    from ctmask.exporter.int8_graph import read_quantization
+
+    proto = onnx.load(str(int8_residual["graph"]))
+    _identity_pair(proto, 8.0, same_quantize=False)
+    quantization, reason = read_quantization(proto)
+    assert quantization is None and "quantized twice on different grids" in reason, reason
+    proto = onnx.load(str(int8_residual["graph"]))
+    _identity_pair(proto, 2.0, same_quantize=True)
+    quantization, reason = read_quantization(proto)
+    assert not reason and quantization.mismatched_grids(), reason
+
+
 @pytest.mark.parametrize("edit, why", [(_one_resize_reads_float, "one residual form"),
                                        (_relu_reads_int8, "in int8: the reference models only"),
                                        (_conv_output_read_raw, "output of a quantized node, unquantized")])
@@ -536,11 +576,37 @@ def test_a_ranges_file_with_an_unknown_residual_form_is_refused_by_export(int8_r
     from ctmask.calibration.ranges import load_ranges
 
     rf = load_ranges(int8_residual["ranges"])
-    bad = dataclasses.replace(rf, options={**rf.options, "residual": "int4"}).save(tmp_path / "bad.json")
-    res = invoke("export", cls_ckpt, "--out", tmp_path / "g.onnx", "--precision", "int8", "--calibration", bad,
-                 "--fp32-blocks", "classifier")
-    assert res.exit_code != 0 and "residual form 'int4'" in res.output and "Traceback" not in res.output
-    assert not (tmp_path / "g.onnx").exists()
+    for value in ("int4", None, 5):
+        bad = dataclasses.replace(rf, options={**rf.options, "residual": value}).save(tmp_path / "bad.json")
+        for override in ([], ["--residual", "float"]):
+            res = invoke("export", cls_ckpt, "--out", tmp_path / "g.onnx", "--precision", "int8", "--calibration",
+                         bad, "--fp32-blocks", "classifier", *override)
+            assert res.exit_code != 0 and "options.residual must be one of float, int8, got " + json.dumps(value) \
+                in res.output and "bad.json" in res.output and "Traceback" not in res.output, res.output
+            assert not (tmp_path / "g.onnx").exists()
+
+
+def test_a_precision_report_of_the_other_residual_form_is_refused(int8_residual):
+    import dataclasses
+
+    from ctmask.calibration.ranges import load_ranges
+    from ctmask.core.errors import DataError
+    from ctmask.exporter.reduced import REPORT_FORMAT, load_report
+
+    rf = load_ranges(int8_residual["ranges"])
+    report = int8_residual["ranges"].parent / "report.json"
+    for measured, ok in (("float", False), ("int8", True)):
+        report.write_text(json.dumps({"format": REPORT_FORMAT, "source_sha256": "s", "int8_target": "tensorrt",
+                                      "calibration": {"residual": measured, "ranges_sha256": rf.content_sha256()},
+                                      "choice": {"precision": "int8", "fp32_islands": {}}}))
+        if ok:
+            assert load_report(report, "int8", "s", "tensorrt", rf)["calibration"]["residual"] == "int8"
+        else:
+            with pytest.raises(DataError, match="residual paths reading 'float'"):
+                load_report(report, "int8", "s", "tensorrt", rf)
+    float_form = dataclasses.replace(rf, options={**rf.options, "residual": "float"})
+    with pytest.raises(DataError, match="residual"):
+        load_report(report, "int8", "s", "tensorrt", float_form)
 
 
 def test_export_residual_overrides_the_ranges_form_and_says_when_that_is_not_the_trained_model(

@@ -198,6 +198,18 @@ def test_an_unknown_residual_form_is_refused(small_onnx, base_ranges):
         qat_ranges(proto, amax_from_ranges(proto, rf), rf, residual="x")
 
 
+def test_qat_ranges_names_the_checkpoint_of_an_unknown_residual_form(qat_ckpt, small_onnx, base_ranges, tmp_path):
+    from ctmask.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(qat_ckpt, kind="segmentation")
+    bad = tmp_path / "bad-qat.pt"
+    save_checkpoint(bad, kind="segmentation", preset=ck.preset, model=ck.model, epoch=ck.epoch,
+                    config={**ck.config, "qat": {**ck.config["qat"], "residual": None}})
+    res = invoke("qat-ranges", small_onnx, "--qat", bad, "--base", base_ranges, "--out", tmp_path / "r.json")
+    assert res.exit_code != 0 and "unknown residual form null" in res.output and "bad-qat.pt" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "r.json").exists()
+
+
 def test_qat_ranges_refuses_a_checkpoint_without_scales(seg_ckpt, small_onnx, base_ranges, tmp_path):
     res = invoke("qat-ranges", small_onnx, "--qat", seg_ckpt, "--base", base_ranges, "--out", tmp_path / "r.json")
     assert res.exit_code == 2 and "not a QAT checkpoint" in res.output

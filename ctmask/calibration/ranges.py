@@ -32,6 +32,10 @@ MAX_ABS = 1e6
 is corrupt (its int8 scale would lose every value, and beyond 3.4e38 it is inf in float32)."""
 
 
+RESIDUAL_FORMS = ("float", "int8")
+"""What an INT8 graph's residual and top-down paths read (``options.residual``): ``float``, or
+``int8`` as the next convolution reads them (:func:`ctmask.training.qat.quantize_shared_reads`)."""
+
 def ort_method(name: str):
     """onnxruntime's ``CalibrationMethod`` for a ctmask method name."""
     from onnxruntime.quantization import CalibrationMethod
@@ -140,6 +144,9 @@ def load_ranges(path: str | Path) -> RangesFile:
         if op_types is not None and (not isinstance(op_types, list) or not op_types
                                      or not set(op_types) <= set(KNOWN_OPS)):
             raise ValueError(f"options.op_types must be a list of {', '.join(KNOWN_OPS)}, got {op_types!r}")
+        if options.get("residual", "float") not in RESIDUAL_FORMS:
+            raise ValueError(f"options.residual must be one of {', '.join(RESIDUAL_FORMS)}, got "
+                             f"{json.dumps(options['residual'])}")
         if not isinstance(d["slices"], list) or not all(isinstance(x, dict) and "file" in x for x in d["slices"]):
             raise ValueError("slices must be a list of {file, label, sha256}")
         rf = RangesFile(method=method, graph_sha256=str(d["graph"]["sha256"]), ranges=ranges,

@@ -99,6 +99,7 @@ def precision_report(
                                                       "folder; for INT8 also a ranges file (its slices are used)."),
     precision: str = typer.Option("fp16", "--precision", help="fp16 | int8."),
     int8_target: str | None = TargetOpt,
+    residual: str | None = ResidualOpt,
     size: int = SizeOpt,
     measure_size: int = MeasureOpt,
     method: str | None = MethodOpt,
@@ -118,7 +119,7 @@ def precision_report(
     check_paths({"CHECKPOINT": checkpoint, "--images": images, "its slices": split_images(images)},
                 {"--out": out, "--json": json_out})
     opts = ReducedOptions(precision, images, int8_target or "tensorrt", None, None, size, measure_size,
-                          method or "minmax")
+                          method or "minmax", residual=residual)
     with console.status(f"measuring {checkpoint} at {precision}") as status:
         report = measure_precision(checkpoint, opts, out,
                                    on_step=None if quiet else lambda s: status.update(f"{precision}: {s}"),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -62,7 +63,7 @@ def qat_ranges(
     from ctmask.core.errors import CheckpointError
     from ctmask.core.graphs import load_proto
     from ctmask.training.checkpoint import load_checkpoint
-    from ctmask.training.qat import graph_quantizers
+    from ctmask.training.qat import RESIDUAL_FORMS, graph_quantizers
     from ctmask.training.qat import qat_ranges as make
 
     check_paths({"GRAPH": graph, "--qat": checkpoint, "--base": base}, {"--out": out})
@@ -71,7 +72,12 @@ def qat_ranges(
     if not amax:
         raise CheckpointError("not a QAT checkpoint (no config.qat.amax)", checkpoint)
     proto = load_proto(graph)
-    residual = ck.config["qat"].get("residual", "float")
+    qat = ck.config["qat"]
+    options = qat.get("options") if isinstance(qat.get("options"), dict) else {}
+    residual = qat.get("residual", options.get("residual", "float"))
+    if residual not in RESIDUAL_FORMS:
+        raise CheckpointError(f"the QAT checkpoint names an unknown residual form {json.dumps(residual)} "
+                              f"(config.qat.residual; expected {' or '.join(RESIDUAL_FORMS)})", checkpoint)
     rf = make(proto, amax, load_ranges(base), base, str(graph), residual=residual)
     rf.save(out)
     if not quiet:

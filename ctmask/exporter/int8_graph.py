@@ -168,8 +168,10 @@ that the ``int8`` residual form models: a ResNet block's identity Add, the FPN's
 
 def _residual_form(g: GraphIndex, acts: dict[str, Activation]) -> str:
     """``int8`` when the unquantized readers of the graph's input-only activations read their
-    DequantizeLinear, ``float`` when they read the tensor itself; refused when they do both, or
-    when a node the reference cannot model reads one in int8."""
+    DequantizeLinear, ``float`` when they read the tensor itself; refused when they do both, when
+    a node the reference cannot model reads one in int8, or when a residual reader's pair
+    quantizes on another grid than the convolution's (a DequantizeLinear off its QuantizeLinear's
+    grid is recorded for ``int8.grids``)."""
     as_int8: list[str] = []
     as_float: list[str] = []
     for act in acts.values():
@@ -181,18 +183,20 @@ def _residual_form(g: GraphIndex, acts: dict[str, Activation]) -> str:
                                "output of a quantized node, unquantized: the reference quantizes such an output "
                                "for every reader")
             continue
-        dequantized = [dq.output[0] for q in g.readers.get(act.tensor, []) if q.op_type == "QuantizeLinear"
-                       for dq in g.readers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"]
-        reads = [(r, True) for d in dequantized for r in g.readers.get(d, [])]
-        reads += [(r, False) for r in g.readers.get(act.tensor, [])]
-        for node, int8 in reads:
+        pairs = [(q, dq) for q in g.readers.get(act.tensor, []) if q.op_type == "QuantizeLinear"
+                 for dq in g.readers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"]
+        reads = [(r, pair) for pair in pairs for r in g.readers.get(pair[1].output[0], [])]
+        reads += [(r, None) for r in g.readers.get(act.tensor, [])]
+        for node, pair in reads:
             if node.op_type in ("QuantizeLinear", "Shape", "Conv", "Gemm", "MatMul"):
                 continue
             label = f"{node.op_type} {node.name or node.output[0]!r}"
-            if int8 and node.op_type not in RESIDUAL_READERS:
+            if pair is not None and node.op_type not in RESIDUAL_READERS:
                 raise _Refused(f"{label} reads {act.tensor!r} in int8: the reference models only the residual "
                                f"paths ({', '.join(RESIDUAL_READERS)}) reading a convolution's quantized input")
-            (as_int8 if int8 else as_float).append(label)
+            if pair is not None:  # on the convolution's grid, or refused / reported by int8.grids
+                _one_grid(act, _activation(g, *pair))
+            (as_float if pair is None else as_int8).append(label)
     if as_int8 and as_float:
         raise _Refused(f"some residual / top-down paths read int8 ({as_int8[0]}) and others float ({as_float[0]}): "
                        "the reference models one residual form")

@@ -121,8 +121,8 @@ def compare_tensors(proto: onnx.ModelProto, reference: FakeQuantRunner, images: 
     acts = [a for a in reference.quantization.activations.values()
             if all(q.startswith(DENSE_MODULES) for q in a.quantizers)]
     if not acts:
-        return {"tensors": 0, "values": 0, "slices": len(images), "beyond_one_step": 0.0, "max_steps": 0.0,
-                "worst_quantizer": "", "unmatched": [], "limits": dict(TENSOR_LIMITS), "passed": True,
+        return {"tensors": 0, "values": 0, "slices": len(images), "beyond_one_step": 0.0, "another_grid_point": 0.0,
+                "max_steps": 0.0, "worst_quantizer": "", "unmatched": [], "limits": dict(TENSOR_LIMITS), "passed": True,
                 "not_compared": "the graph quantizes no backbone, FPN or RPN head activation"}
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
@@ -132,9 +132,9 @@ def compare_tensors(proto: onnx.ModelProto, reference: FakeQuantRunner, images: 
     try:
         graph_values = run_graph(probe, images)
     except Exception as exc:  # onnxruntime refuses the graph with its tensors as outputs (its own error types)
-        return {"tensors": 0, "values": 0, "slices": len(images), "beyond_one_step": 1.0, "max_steps": 0.0,
-                "worst_quantizer": "", "unmatched": [], "limits": dict(TENSOR_LIMITS), "passed": False,
-                "not_compared": f"onnxruntime could not run the graph's quantized tensors: {exc}"}
+        return {"tensors": 0, "values": 0, "slices": len(images), "beyond_one_step": 1.0, "another_grid_point": 1.0,
+                "max_steps": 0.0, "worst_quantizer": "", "unmatched": [], "limits": dict(TENSOR_LIMITS),
+                "passed": False, "not_compared": f"onnxruntime could not run the graph's quantized tensors: {exc}"}
     del probe
     captured: dict[str, list[np.ndarray]] = {}
     modules = quantizers(reference.module.model.detector)

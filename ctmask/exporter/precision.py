@@ -455,11 +455,14 @@ def residual_form(ranges) -> str:
     Raises:
         RangesError: an unknown form.
     """
+    from ctmask.calibration.ranges import RESIDUAL_FORMS
+
     form = ranges.options.get("residual", "float")
-    if form not in ("float", "int8"):
+    if form not in RESIDUAL_FORMS:
         from ctmask.core.errors import RangesError
 
-        raise RangesError(f"the ranges file names an unknown residual form {form!r}; expected float or int8")
+        raise RangesError(f"the ranges name an unknown residual form {json.dumps(form)}; expected "
+                          f"{' or '.join(RESIDUAL_FORMS)}")
     return form
 
 
@@ -482,8 +485,10 @@ def float_for_unquantized_readers(proto: onnx.ModelProto, op_types: set[str], ex
     read float too.
 
     ``residual="int8"`` (a detector fine-tuned with ``ctmask qat --residual int8``): only the
-    excluded nodes read float; the residual Add and the upsampling keep the DequantizeLinear
-    output, as the fine-tune's model reads them (:func:`ctmask.training.qat.quantize_shared_reads`).
+    excluded nodes read float; every other reader keeps the DequantizeLinear output (on the
+    presets: the residual Add and the upsampling, as the fine-tune's model reads them,
+    :func:`ctmask.training.qat.quantize_shared_reads`; parity refuses a graph where another
+    kind of node does). The per-node sensitivity graphs (``only_nodes``) read float either way.
     """
     graph = proto.graph
     produced = {o: n for n in graph.node for o in n.output}

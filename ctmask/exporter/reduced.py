@@ -83,6 +83,8 @@ class ReducedOptions:
             raise ConfigError(f"unknown --int8-target {self.int8_target!r}; expected one of {', '.join(INT8_TARGETS)}")
         if self.residual not in (None, "float", "int8"):
             raise ConfigError(f"unknown --residual {self.residual!r}; expected float or int8")
+        if self.residual is not None and self.precision != "int8":
+            raise ConfigError(f"--residual applies to --precision int8, not {self.precision}")
         if self.precision == "int8" and self.calibration is None:
             raise ConfigError("--precision int8 needs calibration data: pass --calibration DIR|SPLIT (calibrates now) "
                               "or --calibration RANGES.json (from `ctmask calibrate`)")
@@ -147,6 +149,13 @@ def load_report(path: Path, precision: str, source_sha256: str, int8_target: str
             not all(isinstance(v, str) for v in islands.values()):
         raise DataError("malformed precision report (fp32_islands)", path)
     if ranges is not None:
+        from ctmask.exporter.precision import residual_form
+
+        form = (d.get("calibration") or {}).get("residual", "float")
+        if form != residual_form(ranges):
+            raise DataError(f"the report measured INT8 with residual paths reading {form!r}, this export reads them "
+                            f"{residual_form(ranges)!r} (the two forms move different calls)", path,
+                            hint="measure again, or export with the report's --residual")
         measured = (d.get("calibration") or {}).get("ranges_sha256")
         if measured != ranges.content_sha256():
             raise DataError("the report was measured with other INT8 ranges than --calibration gives; its "
@@ -360,6 +369,7 @@ def measure_precision(checkpoint: str | Path, opts: ReducedOptions, out: str | P
     ranges, cal = None, None
     if opts.precision == "int8":
         ranges, _, cal = _ranges_for(proto32, spec32, sha, opts, on_step)
+        ranges, _ = _residual(ranges, opts.residual)
     report = _measure(proto32, spec32, sha, opts, ranges, cal, on_step, nodes)
     if out is not None:
         write_json_atomic(out, report)
@@ -369,10 +379,13 @@ def measure_precision(checkpoint: str | Path, opts: ReducedOptions, out: str | P
 def precision_report(choice: IslandChoice, source_sha256: str, spec: GraphSpec, opts: ReducedOptions,
                      ranges: RangesFile | None) -> dict:
     """The JSON report of a sensitivity measurement (reusable with ``--islands``)."""
+    from ctmask.exporter.precision import residual_form
+
     return {"format": REPORT_FORMAT, "source_sha256": source_sha256, "preset": spec.preset,
             "checkpoint": spec.checkpoint_name, "weights_sha256": spec.weights_sha256,
             "int8_target": opts.int8_target if opts.precision == "int8" else None,
             "calibration": None if ranges is None else {"method": ranges.method, "slices": len(ranges.slices),
-                                                         "ranges_sha256": ranges.content_sha256()},
+                                                         "ranges_sha256": ranges.content_sha256(),
+                                                         "residual": residual_form(ranges)},
             "measured_against": "the FP32 graph in onnxruntime (proven against PyTorch by `ctmask parity`)",
             "choice": choice.to_dict()}

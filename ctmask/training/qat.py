@@ -38,6 +38,7 @@ import onnx
 import torch
 from torch import nn
 
+from ctmask.calibration.ranges import RESIDUAL_FORMS as _RESIDUAL_FORMS
 from ctmask.calibration.ranges import RangesFile
 from ctmask.core.errors import ConfigError, RangesError
 
@@ -134,8 +135,7 @@ def qat_ranges(proto: onnx.ModelProto, amax: dict[str, float], base: RangesFile,
     from ctmask.core.graphs import content_sha256
 
     if residual not in RESIDUAL_FORMS:
-        raise RangesError(f"unknown residual form {residual!r} in the QAT checkpoint; expected one of "
-                          f"{', '.join(RESIDUAL_FORMS)}")
+        raise RangesError(f"unknown residual form {residual!r}; expected one of {', '.join(RESIDUAL_FORMS)}")
     base.check_graph(content_sha256(proto), base_path, graph_name)
     ranges = dict(base.ranges)
     for tensor, quantizers in graph_quantizers(proto).items():
@@ -221,7 +221,7 @@ def wrap_detector(detector: nn.Module, amax: dict[str, float], weights: set[str]
     return sorted(enabled)
 
 
-RESIDUAL_FORMS = ("float", "int8")
+RESIDUAL_FORMS = _RESIDUAL_FORMS
 """What the readers of a convolution's quantized input that are not quantized themselves (a
 ResNet block's identity path, the FPN's top-down upsampling) read: ``float``, the tensor as it
 is (ModelOpt's ``input_quantizer`` rounds that module's input only); ``int8``, the tensor as the
