@@ -604,6 +604,16 @@ def test_a_precision_report_of_the_other_residual_form_is_refused(int8_residual)
         else:
             with pytest.raises(DataError, match="residual paths reading 'float'"):
                 load_report(report, "int8", "s", "tensorrt", rf)
+    for calibration, why in (("x", r"malformed precision report \(calibration\)"),
+                             ({"residual": None}, "calibration.residual null"),
+                             ({"ranges_sha256": rf.content_sha256()}, "reading 'float'")):  # no key: float
+        report.write_text(json.dumps({"format": REPORT_FORMAT, "source_sha256": "s", "int8_target": "tensorrt",
+                                      "calibration": calibration, "choice": {"precision": "int8", "fp32_islands": {}}}))
+        with pytest.raises(DataError, match=why):
+            load_report(report, "int8", "s", "tensorrt", rf)
+    report.write_text(json.dumps({"format": REPORT_FORMAT, "source_sha256": "s", "int8_target": "tensorrt",
+                                  "calibration": {"residual": "int8", "ranges_sha256": rf.content_sha256()},
+                                  "choice": {"precision": "int8", "fp32_islands": {}}}))
     float_form = dataclasses.replace(rf, options={**rf.options, "residual": "float"})
     with pytest.raises(DataError, match="residual"):
         load_report(report, "int8", "s", "tensorrt", float_form)

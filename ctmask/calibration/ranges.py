@@ -36,6 +36,7 @@ RESIDUAL_FORMS = ("float", "int8")
 """What an INT8 graph's residual and top-down paths read (``options.residual``): ``float``, or
 ``int8`` as the next convolution reads them (:func:`ctmask.training.qat.quantize_shared_reads`)."""
 
+
 def ort_method(name: str):
     """onnxruntime's ``CalibrationMethod`` for a ctmask method name."""
     from onnxruntime.quantization import CalibrationMethod

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from ctmask.calibration.ranges import CALIBRATE_HINT, RangesFile, load_ranges
+from ctmask.calibration.ranges import CALIBRATE_HINT, RESIDUAL_FORMS, RangesFile, load_ranges
 from ctmask.core.errors import ConfigError, DataError
 from ctmask.core.fileio import write_json_atomic
 from ctmask.core.graphs import content_sha256
@@ -148,15 +148,22 @@ def load_report(path: Path, precision: str, source_sha256: str, int8_target: str
     if not isinstance(islands, dict) or not set(islands) <= set(BLOCKS) or \
             not all(isinstance(v, str) for v in islands.values()):
         raise DataError("malformed precision report (fp32_islands)", path)
+    calibration = d.get("calibration")
+    if calibration is not None and not isinstance(calibration, dict):
+        raise DataError("malformed precision report (calibration)", path)
+    # A report without the key predates the residual form: every earlier export read float.
+    form = (calibration or {}).get("residual", "float")
+    if form not in RESIDUAL_FORMS:
+        raise DataError(f"malformed precision report (calibration.residual {json.dumps(form)}; expected "
+                        f"{' or '.join(RESIDUAL_FORMS)})", path)
     if ranges is not None:
         from ctmask.exporter.precision import residual_form
 
-        form = (d.get("calibration") or {}).get("residual", "float")
         if form != residual_form(ranges):
             raise DataError(f"the report measured INT8 with residual paths reading {form!r}, this export reads them "
                             f"{residual_form(ranges)!r} (the two forms move different calls)", path,
                             hint="measure again, or export with the report's --residual")
-        measured = (d.get("calibration") or {}).get("ranges_sha256")
+        measured = (calibration or {}).get("ranges_sha256")
         if measured != ranges.content_sha256():
             raise DataError("the report was measured with other INT8 ranges than --calibration gives; its "
                             "measurement would not describe this graph", path,
