@@ -171,6 +171,23 @@ def load_report(path: Path, precision: str, source_sha256: str, int8_target: str
     return d
 
 
+def _check_before_trace(out: Path, opts: ReducedOptions) -> None:
+    """What is refused before the trace: an output path that is a folder or the calibration
+    source, a broken ranges file."""
+    for path in (out, sidecar(out, "ranges"), sidecar(out, "precision")):
+        if path.is_dir():
+            raise ConfigError("output path is a folder", path)
+    if opts.calibration is not None and out.resolve() == opts.calibration.resolve():
+        raise ConfigError("--out would overwrite the calibration source", out)
+    _check_ranges_early(opts)
+
+
+def _check_ranges_early(opts: ReducedOptions) -> None:
+    """A ranges file given to INT8 is read before the trace, so a broken one is refused in a second."""
+    if opts.precision == "int8" and opts.calibration is not None and is_ranges_file(opts.calibration):
+        load_ranges(opts.calibration)
+
+
 def _ranges_for(proto: onnx.ModelProto, spec: GraphSpec, sha: str, opts: ReducedOptions,
                 on_step: Callable[[str], None] | None) -> tuple[RangesFile, bool, object]:
     """(ranges, calibrated now?, calibration set or None)."""
@@ -264,11 +281,7 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
     opts.check()
     t0 = time.perf_counter()
     out = Path(out)
-    for path in (out, sidecar(out, "ranges"), sidecar(out, "precision")):
-        if path.is_dir():
-            raise ConfigError("output path is a folder", path)
-    if opts.calibration is not None and out.resolve() == opts.calibration.resolve():
-        raise ConfigError("--out would overwrite the calibration source", out)
+    _check_before_trace(out, opts)
     if on_step:
         on_step("tracing the FP32 graph")
     proto32, spec32 = trace_checked(checkpoint, opset)
@@ -369,6 +382,7 @@ def measure_precision(checkpoint: str | Path, opts: ReducedOptions, out: str | P
     """
     opts = replace(opts, islands_report=None, fp32_blocks=None)
     opts.check()
+    _check_ranges_early(opts)
     if on_step:
         on_step("tracing the FP32 graph")
     proto32, spec32 = trace_checked(checkpoint, opset)
