@@ -33,8 +33,14 @@ is corrupt (its int8 scale would lose every value, and beyond 3.4e38 it is inf i
 
 
 RESIDUAL_FORMS = ("float", "int8")
-"""What an INT8 graph's residual and top-down paths read (``options.residual``): ``float``, or
-``int8`` as the next convolution reads them (:func:`ctmask.training.qat.quantize_shared_reads`)."""
+"""What an INT8 graph's residual and top-down paths (a ResNet block's identity path, the FPN's
+top-down upsampling: the readers of a convolution's quantized input that are not quantized
+themselves) read, ``options.residual``: ``float``, the tensor as it is (ModelOpt's
+``input_quantizer`` rounds that module's input only); ``int8``, the tensor as the convolution
+reads it, rounded once for every reader. ``int8`` is the Q/DQ graph onnxruntime's quantizer
+writes before :func:`ctmask.exporter.precision.float_for_unquantized_readers`, and the placement
+TensorRT's and OpenVINO's int8 kernels fuse (a convolution with its residual add in int8); a QAT
+fine-tune trains it with :func:`ctmask.training.qat.quantize_shared_reads`."""
 
 
 def ort_method(name: str):

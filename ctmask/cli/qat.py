@@ -59,11 +59,11 @@ def qat_ranges(
     quiet: bool = QuietOpt,
 ) -> None:
     """The ranges file of GRAPH with the activation scales the QAT fine-tune trained with."""
-    from ctmask.calibration.ranges import load_ranges
+    from ctmask.calibration.ranges import RESIDUAL_FORMS, load_ranges
     from ctmask.core.errors import CheckpointError
     from ctmask.core.graphs import load_proto
     from ctmask.training.checkpoint import load_checkpoint
-    from ctmask.training.qat import RESIDUAL_FORMS, graph_quantizers
+    from ctmask.training.qat import graph_quantizers
     from ctmask.training.qat import qat_ranges as make
 
     check_paths({"GRAPH": graph, "--qat": checkpoint, "--base": base}, {"--out": out})

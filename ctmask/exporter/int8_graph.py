@@ -45,7 +45,7 @@ class GraphQuantization:
     weights: set[str]
     amax: dict[str, float]
     residual: str = "float"
-    """What the residual and top-down paths read (:data:`ctmask.training.qat.RESIDUAL_FORMS`)."""
+    """What the residual and top-down paths read (:data:`ctmask.calibration.ranges.RESIDUAL_FORMS`)."""
 
     def mismatched_grids(self) -> list[str]:
         """Activations whose DequantizeLinear reads another grid than its QuantizeLinear wrote
@@ -97,6 +97,11 @@ class GraphIndex:
         else:
             zp = np.zeros((), np.uint8)  # ONNX: no zero-point means uint8, zero-point 0
         return float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]), str(zp.dtype)
+
+    def pairs(self, tensor: str) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+        """Every (QuantizeLinear, DequantizeLinear) pair that quantizes ``tensor``."""
+        return [(q, dq) for q in self.readers.get(tensor, []) if q.op_type == "QuantizeLinear"
+                for dq in self.readers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"]
 
     def quantize_of(self, dq_output: str) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
         """(QuantizeLinear, DequantizeLinear) behind a DQ output, or None."""
@@ -153,11 +158,10 @@ def _scan(g: GraphIndex, proto: onnx.ModelProto) -> tuple[dict[str, Activation],
         act = _one_grid(inputs.get(pair[0].input[0]), _activation(g, *pair))
         inputs[act.tensor] = act
         act.quantizers.add(f"{module}.input_quantizer")
-        for q in (r for r in g.readers.get(node.output[0], []) if r.op_type == "QuantizeLinear"):
-            for dq in (r for r in g.readers.get(q.output[0], []) if r.op_type == "DequantizeLinear"):
-                out = _one_grid(outputs.get(node.output[0]), _activation(g, q, dq))
-                out.quantizers = {f"{output_owner(module)}.output_quantizer"}
-                outputs[node.output[0]] = out
+        for q, dq in g.pairs(node.output[0]):
+            out = _one_grid(outputs.get(node.output[0]), _activation(g, q, dq))
+            out.quantizers = {f"{output_owner(module)}.output_quantizer"}
+            outputs[node.output[0]] = out
     return {**inputs, **outputs}, weights, foreign
 
 
@@ -183,9 +187,7 @@ def _residual_form(g: GraphIndex, acts: dict[str, Activation]) -> str:
                                "output of a quantized node, unquantized: the reference quantizes such an output "
                                "for every reader")
             continue
-        pairs = [(q, dq) for q in g.readers.get(act.tensor, []) if q.op_type == "QuantizeLinear"
-                 for dq in g.readers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"]
-        reads = [(r, pair) for pair in pairs for r in g.readers.get(pair[1].output[0], [])]
+        reads = [(r, pair) for pair in g.pairs(act.tensor) for r in g.readers.get(pair[1].output[0], [])]
         reads += [(r, None) for r in g.readers.get(act.tensor, [])]
         for node, pair in reads:
             if node.op_type in ("QuantizeLinear", "Shape", "Conv", "Gemm", "MatMul"):

@@ -121,9 +121,7 @@ def compare_tensors(proto: onnx.ModelProto, reference: FakeQuantRunner, images: 
     acts = [a for a in reference.quantization.activations.values()
             if all(q.startswith(DENSE_MODULES) for q in a.quantizers)]
     if not acts:
-        return {"tensors": 0, "values": 0, "slices": len(images), "beyond_one_step": 0.0, "another_grid_point": 0.0,
-                "max_steps": 0.0, "worst_quantizer": "", "unmatched": [], "limits": dict(TENSOR_LIMITS), "passed": True,
-                "not_compared": "the graph quantizes no backbone, FPN or RPN head activation"}
+        return _not_compared(len(images), "the graph quantizes no backbone, FPN or RPN head activation", passed=True)
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     del probe.graph.output[:]
@@ -132,9 +130,8 @@ def compare_tensors(proto: onnx.ModelProto, reference: FakeQuantRunner, images: 
     try:
         graph_values = run_graph(probe, images)
     except Exception as exc:  # onnxruntime refuses the graph with its tensors as outputs (its own error types)
-        return {"tensors": 0, "values": 0, "slices": len(images), "beyond_one_step": 1.0, "another_grid_point": 1.0,
-                "max_steps": 0.0, "worst_quantizer": "", "unmatched": [], "limits": dict(TENSOR_LIMITS),
-                "passed": False, "not_compared": f"onnxruntime could not run the graph's quantized tensors: {exc}"}
+        return _not_compared(len(images), f"onnxruntime could not run the graph's quantized tensors: {exc}",
+                             passed=False)
     del probe
     captured: dict[str, list[np.ndarray]] = {}
     modules = quantizers(reference.module.model.detector)
@@ -173,6 +170,15 @@ def compare_tensors(proto: onnx.ModelProto, reference: FakeQuantRunner, images: 
             "unmatched": unmatched, "limits": dict(TENSOR_LIMITS),
             "passed": bool(total and not unmatched and fraction <= TENSOR_LIMITS["beyond_one_step"]
                            and worst_steps <= TENSOR_LIMITS["max_steps"])}
+
+
+def _not_compared(slices: int, why: str, passed: bool) -> dict:
+    """``int8.tensors`` when nothing was compared: passed (nothing to compare) or failed (the
+    graph's tensors could not be read), every fraction at its best or worst value."""
+    worst = 0.0 if passed else 1.0
+    return {"tensors": 0, "values": 0, "slices": slices, "beyond_one_step": worst, "another_grid_point": worst,
+            "max_steps": 0.0, "worst_quantizer": "", "unmatched": [], "limits": dict(TENSOR_LIMITS),
+            "passed": passed, "not_compared": why}
 
 
 def compare_weights(proto: onnx.ModelProto, reference: FakeQuantRunner) -> dict:

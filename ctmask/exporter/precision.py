@@ -449,7 +449,7 @@ def _quantize_static(work: onnx.ModelProto, ranges, op_types: list[str], exclude
 
 def residual_form(ranges) -> str:
     """What the residual and top-down paths of an INT8 graph read (``float`` or ``int8``, see
-    :data:`ctmask.training.qat.RESIDUAL_FORMS`): the ranges file's ``residual`` option (the
+    :data:`ctmask.calibration.ranges.RESIDUAL_FORMS`): the ranges file's ``residual`` option (the
     form a QAT detector was fine-tuned with, from ``ctmask qat-ranges``), else ``float``.
 
     Raises:

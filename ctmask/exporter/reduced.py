@@ -36,6 +36,7 @@ from ctmask.exporter.precision import (
     PRECISIONS,
     fp16_initializers,
     qdq_summary,
+    residual_form,
 )
 from ctmask.exporter.sensitivity import ALWAYS_FP32, IslandChoice, choose_islands, node_reducer, reducer
 
@@ -61,7 +62,7 @@ class ReducedOptions:
         method: calibration method (``minmax``, ``entropy``, ``percentile``).
         seed: the class-balanced draw's seed.
         residual: INT8: what the residual and top-down paths read (``float`` or ``int8``,
-            :data:`ctmask.training.qat.RESIDUAL_FORMS`); None: the ranges file's form (a QAT
+            :data:`ctmask.calibration.ranges.RESIDUAL_FORMS`); None: the ranges file's form (a QAT
             detector's), else ``float``.
     """
 
@@ -81,8 +82,8 @@ class ReducedOptions:
             raise ConfigError(f"reduced precision must be fp16 or int8, got {self.precision!r}")
         if self.int8_target not in INT8_TARGETS:
             raise ConfigError(f"unknown --int8-target {self.int8_target!r}; expected one of {', '.join(INT8_TARGETS)}")
-        if self.residual not in (None, "float", "int8"):
-            raise ConfigError(f"unknown --residual {self.residual!r}; expected float or int8")
+        if self.residual is not None and self.residual not in RESIDUAL_FORMS:
+            raise ConfigError(f"unknown --residual {self.residual!r}; expected {' or '.join(RESIDUAL_FORMS)}")
         if self.residual is not None and self.precision != "int8":
             raise ConfigError(f"--residual applies to --precision int8, not {self.precision}")
         if self.precision == "int8" and self.calibration is None:
@@ -157,11 +158,10 @@ def load_report(path: Path, precision: str, source_sha256: str, int8_target: str
         raise DataError(f"malformed precision report (calibration.residual {json.dumps(form)}; expected "
                         f"{' or '.join(RESIDUAL_FORMS)})", path)
     if ranges is not None:
-        from ctmask.exporter.precision import residual_form
-
-        if form != residual_form(ranges):
+        ours = residual_form(ranges)
+        if form != ours:
             raise DataError(f"the report measured INT8 with residual paths reading {form!r}, this export reads them "
-                            f"{residual_form(ranges)!r} (the two forms move different calls)", path,
+                            f"{ours!r} (the two forms move different calls)", path,
                             hint="measure again, or export with the report's --residual")
         measured = (calibration or {}).get("ranges_sha256")
         if measured != ranges.content_sha256():
@@ -253,8 +253,6 @@ def _slices_from_files(files: list[Path], spec: GraphSpec):
 def _residual(ranges: RangesFile | None, chosen: str | None) -> tuple[RangesFile | None, str]:
     """``ranges`` with the residual form ``chosen`` (None: its own), and a note when that is
     not the form its QAT detector was fine-tuned with."""
-    from ctmask.exporter.precision import residual_form
-
     if ranges is None or chosen is None:
         return ranges, ""
     trained = residual_form(ranges)
@@ -298,8 +296,6 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
     extra = {"ctmask.fp32_islands": json.dumps(islands, sort_keys=True),
              "ctmask.reduced_blocks": json.dumps(sorted(set(BLOCKS) - set(islands)))}
     if ranges is not None:
-        from ctmask.exporter.precision import residual_form
-
         extra["ctmask.calibration"] = json.dumps({"method": ranges.method, "slices": len(ranges.slices),
                                                   "source_sha256": ranges.graph_sha256,
                                                   "residual": residual_form(ranges)})
@@ -335,8 +331,6 @@ def export_reduced(checkpoint: str | Path, out: str | Path, opts: ReducedOptions
         half, single = fp16_initializers(reduced_proto)
         summary["weights"] = {"float16": half, "float32": single}
     else:
-        from ctmask.exporter.precision import residual_form
-
         summary["int8_target"] = opts.int8_target
         summary["qdq"] = qdq_summary(reduced_proto)
         summary["residual"] = residual_form(ranges)
@@ -400,8 +394,6 @@ def measure_precision(checkpoint: str | Path, opts: ReducedOptions, out: str | P
 def precision_report(choice: IslandChoice, source_sha256: str, spec: GraphSpec, opts: ReducedOptions,
                      ranges: RangesFile | None) -> dict:
     """The JSON report of a sensitivity measurement (reusable with ``--islands``)."""
-    from ctmask.exporter.precision import residual_form
-
     return {"format": REPORT_FORMAT, "source_sha256": source_sha256, "preset": spec.preset,
             "checkpoint": spec.checkpoint_name, "weights_sha256": spec.weights_sha256,
             "int8_target": opts.int8_target if opts.precision == "int8" else None,

@@ -38,8 +38,7 @@ import onnx
 import torch
 from torch import nn
 
-from ctmask.calibration.ranges import RESIDUAL_FORMS as _RESIDUAL_FORMS
-from ctmask.calibration.ranges import RangesFile
+from ctmask.calibration.ranges import RESIDUAL_FORMS, RangesFile
 from ctmask.core.errors import ConfigError, RangesError
 
 GRAPH_MODULES = {
@@ -126,7 +125,8 @@ def qat_ranges(proto: onnx.ModelProto, amax: dict[str, float], base: RangesFile,
     Every detector tensor the INT8 graph quantizes gets ``[-amax, amax]`` of its quantizer
     (the range the fine-tune trained with); other tensors keep ``base``'s ranges (a
     calibration of the same graph). ``residual``, the fine-tune's residual form
-    (:data:`RESIDUAL_FORMS`), goes into the options, and ``export --precision int8`` writes it.
+    (:data:`~ctmask.calibration.ranges.RESIDUAL_FORMS`), goes into the options, and
+    ``export --precision int8`` writes it.
 
     Raises:
         RangesError: ``base`` (read from ``base_path``) was measured on another graph than
@@ -183,8 +183,9 @@ def wrap_detector(detector: nn.Module, amax: dict[str, float], weights: set[str]
     Enabled: the weight quantizer of every Conv2d / Linear of the graph's detector blocks
     (dynamic per-channel max |w|; with ``weights``, only of those modules), and the activation
     quantizers named in ``amax`` with those fixed amax values. Everything else (the mask head,
-    BatchNorm inputs ...) is off. ``residual`` (one of :data:`RESIDUAL_FORMS`): what the
-    residual and top-down paths read (``int8``: :func:`quantize_shared_reads`).
+    BatchNorm inputs ...) is off. ``residual`` (one of
+    :data:`~ctmask.calibration.ranges.RESIDUAL_FORMS`): what the residual and top-down paths
+    read (``int8``: :func:`quantize_shared_reads`).
 
     Raises:
         ConfigError: ModelOpt is not installed, an amax names no quantizer of the detector, or
@@ -219,16 +220,6 @@ def wrap_detector(detector: nn.Module, amax: dict[str, float], weights: set[str]
     if residual == "int8":
         quantize_shared_reads(detector)
     return sorted(enabled)
-
-
-RESIDUAL_FORMS = _RESIDUAL_FORMS
-"""What the readers of a convolution's quantized input that are not quantized themselves (a
-ResNet block's identity path, the FPN's top-down upsampling) read: ``float``, the tensor as it
-is (ModelOpt's ``input_quantizer`` rounds that module's input only); ``int8``, the tensor as the
-convolution reads it, rounded once for every reader. ``int8`` is the Q/DQ graph onnxruntime's
-quantizer writes before :func:`ctmask.exporter.precision.float_for_unquantized_readers`, and
-the placement TensorRT's and OpenVINO's int8 kernels fuse (a convolution with its residual add
-in int8)."""
 
 
 def quantize_shared_reads(detector: nn.Module) -> list[str]:
@@ -320,7 +311,7 @@ class QatOptions:
 
     Raises:
         ConfigError: steps or batch size < 1, lr <= 0, weight decay or distill < 0, an unknown
-            residual form (:data:`RESIDUAL_FORMS`).
+            residual form (:data:`~ctmask.calibration.ranges.RESIDUAL_FORMS`).
     """
 
     steps: int = 300
