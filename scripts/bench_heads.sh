@@ -6,7 +6,8 @@
 # Usage: scripts/bench_heads.sh RUN OUT  (RUN: a `ctmask synth` / `make accuracy` folder with data/)
 # Environment: SUPPRESSION (nms | matrix: the ranked RoIs' suppression), ALSO (more graphs for the same
 # bench run, e.g. another run's fp32.onnx), BENCH (0: make the graphs only), RESIDUALS ("float": the
-# INT8 graphs' residual forms, `export --residual`; "float int8" also writes int8-<target>-r8.onnx).
+# INT8 graphs' residual forms, `export --residual`; "float int8" also writes int8-<target>-r8.onnx),
+# FP32_BLOCKS (classifier: the INT8 graphs' `--fp32-blocks`), TAG (with FP32_BLOCKS: int8-<target>[-r8]-TAG.onnx).
 set -euo pipefail
 RUN=${1:?usage: scripts/bench_heads.sh RUN OUT}
 OUT=${2:?usage: scripts/bench_heads.sh RUN OUT}
@@ -14,6 +15,8 @@ SUPPRESSION=${SUPPRESSION:-nms}
 ALSO=${ALSO:-}
 BENCH=${BENCH:-1}
 RESIDUALS=${RESIDUALS:-float}
+FP32_BLOCKS=${FP32_BLOCKS:-classifier}
+TAG=${TAG:+-$TAG}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 CT=${CTMASK:-.venv/bin/ctmask}
 PY=${PYTHON:-.venv/bin/python}
@@ -47,9 +50,9 @@ INT8=()
 for r in $RESIDUALS; do
   suffix=$([ "$r" = float ] && echo "" || echo "-r8")
   for t in cpu tensorrt; do
-    g="$OUT/int8-$t$suffix.onnx"
+    g="$OUT/int8-$t$suffix$TAG.onnx"
     [ -f "$g" ] || "$CT" export "$CK" --out "$g" --precision int8 --int8-target "$t" --residual "$r" \
-      --calibration "$OUT/fp32.ranges.json" --fp32-blocks classifier -q
+      --calibration "$OUT/fp32.ranges.json" --fp32-blocks "$FP32_BLOCKS" -q
     INT8+=("$g")
   done
 done

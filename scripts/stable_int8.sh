@@ -5,12 +5,15 @@
 #     ranked RoIs depend on the detector, its ranges and the target, never on the head;
 #  2. per SEED, the head trained again on the exact RoIs plus both INT8 graphs' RoIs, with the
 #     consistency term (`train-cls --rois-from ... --consistency`); then its FP32 graph, its own
-#     INT8 graphs (every detector block int8, only the head FP32), `ctmask parity` of each against
-#     PyTorch, and the class agreement of each with the FP32 graph on every test slice.
+#     INT8 graphs (every convolution int8; FP32: the head and, by default, the box head's two
+#     Linear layers, whose scores the ranking reads), `ctmask parity` of each against PyTorch, and
+#     the class agreement of each with the FP32 graph on every test slice.
 # Usage: scripts/stable_int8.sh SEG RUN OUT  (SEG: a `ctmask qat` segmentation checkpoint, or any
 # with QAT=0; RUN: a `make accuracy` folder, RUN/data).
 # Environment: SEED (0), SUPPRESSION (matrix), CONSISTENCY (1), QAT (1: quantize from SEG's QAT
-# scales via `ctmask qat-ranges`), METHOD (entropy), CAL_SIZE (128), PARITY (200), TARGETS ("tensorrt cpu").
+# scales via `ctmask qat-ranges`), METHOD (entropy), CAL_SIZE (128), PARITY (200), TARGETS ("tensorrt cpu"),
+# FP32_BLOCKS (classifier,box_head,box_predictor: the seeds' INT8 graphs' `--fp32-blocks`), PASS1_FP32_BLOCKS
+# (classifier: pass 1's, whose RoIs are the training copies; both as measured in docs/precision.md).
 set -euo pipefail
 SEG=${1:?usage: scripts/stable_int8.sh SEG RUN OUT}
 RUN=${2:?usage: scripts/stable_int8.sh SEG RUN OUT}
@@ -23,6 +26,8 @@ METHOD=${METHOD:-entropy}
 CAL_SIZE=${CAL_SIZE:-128}
 PARITY=${PARITY:-200}
 TARGETS=${TARGETS:-tensorrt cpu}
+FP32_BLOCKS=${FP32_BLOCKS:-classifier,box_head,box_predictor}
+PASS1_FP32_BLOCKS=${PASS1_FP32_BLOCKS:-classifier}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 CT=${CTMASK:-.venv/bin/ctmask}
 PY=${PYTHON:-.venv/bin/python}
@@ -40,8 +45,8 @@ train() {  # DIR SEED [train-cls options...]
     --out "$dir/cls.pt" --json "$dir/train-cls.json" -q "$@"
 }
 
-int8_graphs() {  # DIR: its FP32 graph, ranges and INT8 graphs (one per target)
-  local dir=$1 ranges
+int8_graphs() {  # DIR BLOCKS: its FP32 graph, ranges and INT8 graphs (one per target, BLOCKS in FP32)
+  local dir=$1 blocks=$2 ranges
   [ -f "$dir/fp32.onnx" ] || "$CT" export "$dir/cls.pt" --out "$dir/fp32.onnx" -q
   [ -f "$dir/base.ranges.json" ] || "$CT" calibrate "$dir/fp32.onnx" --images "$DATA/train_COVIDx_CT.txt" \
     --size "$CAL_SIZE" --method "$METHOD" --out "$dir/base.ranges.json" -q
@@ -53,13 +58,13 @@ int8_graphs() {  # DIR: its FP32 graph, ranges and INT8 graphs (one per target)
   fi
   for t in $TARGETS; do
     [ -f "$dir/int8-$t.onnx" ] || "$CT" export "$dir/cls.pt" --out "$dir/int8-$t.onnx" --precision int8 \
-      --int8-target "$t" --calibration "$ranges" --fp32-blocks classifier --json "$dir/export-int8-$t.json" -q
+      --int8-target "$t" --calibration "$ranges" --fp32-blocks "$blocks" --json "$dir/export-int8-$t.json" -q
   done
 }
 
 t0=$(date +%s)
 train "$OUT/pass1" 0
-int8_graphs "$OUT/pass1"
+int8_graphs "$OUT/pass1" "$PASS1_FP32_BLOCKS"
 t1=$(date +%s)
 echo "pass 1 (exact head, its INT8 graphs): $((t1 - t0)) s"
 FROM=()
@@ -68,7 +73,7 @@ S="$OUT/seed$SEED"
 train "$S" "$SEED" "${FROM[@]}" --consistency "$CONSISTENCY"
 [ -f "$S/eval.json" ] || "$CT" evaluate "$S/cls.pt" --split "$DATA/test_COVIDx_CT.txt" --roi-cache "$OUT/roi-cache" \
   --json "$S/eval.json" -q
-int8_graphs "$S"
+int8_graphs "$S" "$FP32_BLOCKS"
 t2=$(date +%s)
 echo "pass 2 (seed $SEED: head on exact + INT8 RoIs, evaluate, graphs): $((t2 - t1)) s"
 GRAPHS=()
