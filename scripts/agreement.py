@@ -2,9 +2,10 @@
 
 Usage: python scripts/agreement.py OUT HELD SPLIT GRAPH...  (OUT holds fp32.onnx, eval.json and
 GRAPH.onnx / parity-GRAPH.json for each GRAPH; HELD: the test slices; SPLIT: their labels).
-Writes OUT/agreement.json and prints one line per graph (onnxruntime, one pass per graph). With
-BACKEND=openvino the reduced graphs run on OpenVINO instead (against the same onnxruntime FP32 graph's
-calls), written to OUT/agreement-openvino.json.
+Writes OUT/agreement.json (merged into an existing one: other graphs' entries stay) and prints one
+line per graph (onnxruntime, one pass per graph). With BACKEND=openvino the reduced graphs run on
+OpenVINO instead (against the same onnxruntime FP32 graph's calls), written to
+OUT/agreement-openvino.json.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
               f"input {quantized} of {convs}; parity {s['parity']}")
     summary["backend"] = backend
     name = "agreement.json" if backend == "onnxruntime" else f"agreement-{backend}.json"
-    (out / name).write_text(json.dumps(summary, indent=2))
+    path = out / name
+    # Another run's graphs (e.g. fp16 after the int8 ones) stay in the file; this run's replace theirs.
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**kept, **summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ ALSO=${ALSO:-}
 BENCH=${BENCH:-1}
 RESIDUALS=${RESIDUALS:-float}
 FP32_BLOCKS=${FP32_BLOCKS:-classifier}
+[[ "${TAG:-}" =~ ^[A-Za-z0-9._-]*$ ]] || { echo "TAG '$TAG': letters, digits, '.', '_' and '-' only" >&2; exit 2; }
 TAG=${TAG:+-$TAG}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 CT=${CTMASK:-.venv/bin/ctmask}
 PY=${PYTHON:-.venv/bin/python}
+"$PY" "$(dirname "$0")/graph_islands.py" "$FP32_BLOCKS"
 DATA="$RUN/data"
 mkdir -p "$OUT/held"
 head -16 "$DATA/test_COVIDx_CT.txt" | while read -r name _; do
@@ -51,8 +53,12 @@ for r in $RESIDUALS; do
   suffix=$([ "$r" = float ] && echo "" || echo "-r8")
   for t in cpu tensorrt; do
     g="$OUT/int8-$t$suffix$TAG.onnx"
-    [ -f "$g" ] || "$CT" export "$CK" --out "$g" --precision int8 --int8-target "$t" --residual "$r" \
-      --calibration "$OUT/fp32.ranges.json" --fp32-blocks "$FP32_BLOCKS" -q
+    if [ -f "$g" ]; then  # reused only when made with these FP32 blocks
+      "$PY" "$(dirname "$0")/graph_islands.py" "$FP32_BLOCKS" "$g"
+    else
+      "$CT" export "$CK" --out "$g" --precision int8 --int8-target "$t" --residual "$r" \
+        --calibration "$OUT/fp32.ranges.json" --fp32-blocks "$FP32_BLOCKS" -q
+    fi
     INT8+=("$g")
   done
 done

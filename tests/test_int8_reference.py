@@ -214,6 +214,31 @@ def test_fp32_blocks_read_float_and_the_reference_quantizes_only_what_the_graph_
     assert tensors["tensors"] == 0 and "no backbone" in tensors["not_compared"]
 
 
+def test_box_head_in_float_keeps_every_convolution_int8_and_the_reference_follows(qat_scaled, cls_ckpt, tmp_path):
+    """The recommended placement (`--fp32-blocks classifier,box_head,box_predictor`): every
+    convolution reads int8, no Gemm / MatMul does, and the fake-quantized reference read from the
+    graph quantizes no weight or activation of the box head or box predictor."""
+    from ctmask.core.graphs import load_proto
+    from ctmask.exporter.int8_graph import read_quantization
+
+    ranges = qat_scaled["graphs"]["tensorrt"].parent / "qat.json"
+    proto = load_proto(_export(cls_ckpt, ranges, tmp_path / "box.onnx", "classifier,box_head,box_predictor"))
+    produced = {o: n for n in proto.graph.node for o in n.output}
+
+    def reads_int8(node):
+        src = produced.get(node.input[0])
+        return src is not None and src.op_type == "DequantizeLinear"
+
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs and all(reads_int8(n) for n in convs), [n.name for n in convs if not reads_int8(n)]
+    dense = [n.name for n in proto.graph.node if n.op_type in ("Gemm", "MatMul") and reads_int8(n)]
+    assert not dense, dense
+    q, why = read_quantization(proto)
+    assert q is not None, why
+    box = [m for m in (*q.weights, *q.amax) if "box_head" in m or "box_predictor" in m]
+    assert q.weights and q.amax and not box, box
+
+
 def _constant_scale(proto):
     q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_1")
     value = next(t for t in proto.graph.initializer if t.name == q.input[1])

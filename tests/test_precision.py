@@ -195,6 +195,8 @@ def test_bad_int8_requests_write_nothing(cls_ckpt, tmp_path):
         (("--precision", "fp16"), "--calibration"),
         (("--precision", "int8", "--int8-target", "gpu", "--calibration", tmp_path), "unknown --int8-target"),
         (("--precision", "fp16", "--fp32-blocks", "backbone,head"), "unknown block"),
+        (("--precision", "fp16", "--fp32-blocks", " , "), "names no block"),
+        (("--precision", "fp16", "--fp32-blocks", "none,classifier"), "cannot go with block names"),
         (("--precision", "fp32", "--calibration", tmp_path), "only apply to"),
     ]
     (tmp_path / "bad.json").write_text("{not json")

@@ -87,9 +87,25 @@ class EngineOptions:
 
 
 def _blocks(value: str | None) -> tuple[str, ...] | None:
+    """``--fp32-blocks``: None (not given), () for ``none``, else the named blocks.
+
+    Raises:
+        ConfigError: an empty value (it would reduce every block, S included, silently), or
+            ``none`` next to block names.
+    """
+    from ctmask.core.errors import ConfigError
+
     if value is None:
         return None
-    return tuple(b.strip() for b in value.split(",") if b.strip() and b.strip() != "none")
+    names = tuple(b.strip() for b in value.split(",") if b.strip())
+    if not names:
+        raise ConfigError(f"--fp32-blocks {value!r} names no block: pass block names (e.g. classifier,box_head) "
+                          "or `none` to reduce every block")
+    if "none" in names:
+        if len(names) > 1:
+            raise ConfigError(f"--fp32-blocks {value!r}: `none` (reduce every block) cannot go with block names")
+        return ()
+    return names
 
 
 @user_errors
