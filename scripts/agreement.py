@@ -10,6 +10,7 @@ OUT/agreement-openvino.json.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -55,7 +56,9 @@ def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
     y = slice_labels(ok, split)
     ref = run_graph(load_proto(out / "fp32.onnx"), images)["logits"].argmax(-1)
     ev = json.loads((out / "eval.json").read_text())
-    summary = {"n": len(ok), "fp32_accuracy": float(np.mean(ref == y)), "pytorch_accuracy": ev["accuracy"],
+    fp32_sha = hashlib.sha256((out / "fp32.onnx").read_bytes()).hexdigest()
+    summary = {"n": len(ok), "fp32_sha256": fp32_sha, "fp32_accuracy": float(np.mean(ref == y)),
+               "pytorch_accuracy": ev["accuracy"],
                "pytorch_covid19_sensitivity": ev["per_class"]["covid19"]["sensitivity"],
                "noise_floor": {str(x["gray_levels"]): x["changed_calls"] for x in ev["noise_floor"]["levels"]}}
     print(f"PyTorch: accuracy {ev['accuracy']:.2%}, COVID-19 sensitivity "
@@ -81,8 +84,15 @@ def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
     summary["backend"] = backend
     name = "agreement.json" if backend == "onnxruntime" else f"agreement-{backend}.json"
     path = out / name
-    # Another run's graphs (e.g. fp16 after the int8 ones) stay in the file; this run's replace theirs.
-    kept = json.loads(path.read_text()) if path.exists() else {}
+    # Another run's graphs (e.g. fp16 after the int8 ones) stay in the file, this run's replace theirs,
+    # when that run measured against the same FP32 graph on as many slices; else the file starts afresh.
+    try:
+        kept = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        kept = {}
+    if kept and (kept.get("fp32_sha256"), kept.get("n")) != (summary["fp32_sha256"], summary["n"]):
+        print(f"{path}: its other entries were measured against another FP32 graph or slice count: not kept")
+        kept = {}
     path.write_text(json.dumps({**kept, **summary}, indent=2))
 
 

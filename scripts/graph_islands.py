@@ -1,9 +1,10 @@
 """Check `export --fp32-blocks` names, and that exported graphs hold exactly those FP32 blocks.
 
 Usage: python scripts/graph_islands.py BLOCKS [GRAPH...]  (BLOCKS: `export --fp32-blocks`'s value, e.g.
-classifier,box_head,box_predictor). Exits 1 with a message naming the problem when BLOCKS names an
-unknown block, or when a GRAPH's FP32 blocks (its `ctmask.fp32_islands`; `ranking`, FP32 by
-construction, not counted) are others. The scripts that skip an export when its graph already exists
+classifier,box_head,box_predictor, read by the same parser `export` uses). Exits 1 with one line naming
+the problem when BLOCKS is not a value `export` takes, or when a GRAPH is not a ctmask reduced-precision
+graph or holds other FP32 blocks (its `ctmask.fp32_islands`; `ranking`, FP32 by construction, is not
+counted on either side). The scripts that skip an export when its graph already exists
 (stable_int8.sh, bench_heads.sh) call this before any work and before reusing a graph, so a graph made
 with other islands is never reused under a new setting.
 """
@@ -14,26 +15,45 @@ import json
 import sys
 
 import onnx
+from google.protobuf.message import DecodeError
 
-from ctmask.exporter.precision import BLOCKS
+from ctmask.core.errors import CtmaskError
+from ctmask.exporter.reduced import parse_fp32_blocks
+
+ALWAYS_FP32 = {"ranking"}
 
 
-def main(blocks: str, graphs: list[str]) -> int:
-    asked = {b.strip() for b in blocks.split(",") if b.strip() and b.strip() != "none"}
-    unknown = asked - set(BLOCKS)
-    if unknown or not blocks.strip():
-        print(f"FP32 blocks {blocks!r}: {'unknown ' + str(sorted(unknown)) if unknown else 'empty'}; blocks are "
-              f"{', '.join(BLOCKS)} (or none)", file=sys.stderr)
-        return 1
-    for graph in graphs:
+def held_blocks(graph: str) -> set[str]:
+    """The FP32 blocks a ctmask FP16 / INT8 graph records (``ranking`` left out)."""
+    try:
         meta = {p.key: p.value for p in onnx.load(graph, load_external_data=False).metadata_props}
-        held = set(json.loads(meta.get("ctmask.fp32_islands", "{}"))) - {"ranking"}
-        if held != asked:
-            print(f"{graph}: its FP32 blocks are {sorted(held) or 'none'}, not {sorted(asked) or 'none'} as asked: "
-                  "move it away (or pick another OUT / TAG) and run again", file=sys.stderr)
-            return 1
+    except (OSError, ValueError, DecodeError) as exc:  # a missing file, a folder, not ONNX
+        raise CtmaskError(f"{graph}: not a readable ONNX graph ({type(exc).__name__}: {exc})") from None
+    if "ctmask.fp32_islands" not in meta:
+        raise CtmaskError(f"{graph}: records no FP32 islands (not a graph of `ctmask export --precision fp16|int8`)")
+    try:
+        return set(json.loads(meta["ctmask.fp32_islands"])) - ALWAYS_FP32
+    except (ValueError, TypeError) as exc:
+        raise CtmaskError(f"{graph}: its ctmask.fp32_islands is not a JSON object ({exc})") from None
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python scripts/graph_islands.py BLOCKS [GRAPH...]", file=sys.stderr)
+        return 2
+    try:
+        asked = set(parse_fp32_blocks(argv[0])) - ALWAYS_FP32
+        for graph in argv[1:]:
+            held = held_blocks(graph)
+            if held != asked:
+                raise CtmaskError(f"{graph}: its FP32 blocks are {sorted(held) or 'none'}, not "
+                                  f"{sorted(asked) or 'none'} as asked: move it away (or write to another folder) "
+                                  "and run again")
+    except CtmaskError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+    sys.exit(main(sys.argv[1:]))

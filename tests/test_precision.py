@@ -4,6 +4,7 @@ both targets, the sensitivity measurement, and parity of FP16 / INT8 graphs."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,19 @@ def test_ranges_of_another_graph_are_refused(ranges_file, cls_ckpt, tmp_path):
     assert res.exit_code == 2, res.output
     assert "ranges were measured on" in res.output and str(other) in res.output
     assert not out.exists() and not list(tmp_path.glob("m.*"))
+
+
+def test_fp32_blocks_values():
+    from ctmask.core.errors import ConfigError
+    from ctmask.exporter.reduced import parse_fp32_blocks
+
+    assert parse_fp32_blocks("none") == parse_fp32_blocks(" none, none ,") == ()
+    assert parse_fp32_blocks(",classifier, box_head,classifier,") == ("classifier", "box_head")
+    assert parse_fp32_blocks("classifier,ranking") == ("classifier", "ranking")
+    for value, message in (("", "names no block"), (" , ", "names no block"), ("none,classifier", "cannot go with"),
+                           ("classifier,head", "unknown block(s) ['head']"), ("NONE", "unknown block")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_fp32_blocks(value)
 
 
 def test_bad_int8_requests_write_nothing(cls_ckpt, tmp_path):

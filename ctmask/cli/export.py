@@ -87,25 +87,10 @@ class EngineOptions:
 
 
 def _blocks(value: str | None) -> tuple[str, ...] | None:
-    """``--fp32-blocks``: None (not given), () for ``none``, else the named blocks.
+    """``--fp32-blocks``: None (not given), else :func:`~ctmask.exporter.reduced.parse_fp32_blocks`."""
+    from ctmask.exporter.reduced import parse_fp32_blocks
 
-    Raises:
-        ConfigError: an empty value (it would reduce every block, S included, silently), or
-            ``none`` next to block names.
-    """
-    from ctmask.core.errors import ConfigError
-
-    if value is None:
-        return None
-    names = tuple(b.strip() for b in value.split(",") if b.strip())
-    if not names:
-        raise ConfigError(f"--fp32-blocks {value!r} names no block: pass block names (e.g. classifier,box_head) "
-                          "or `none` to reduce every block")
-    if "none" in names:
-        if len(names) > 1:
-            raise ConfigError(f"--fp32-blocks {value!r}: `none` (reduce every block) cannot go with block names")
-        return ()
-    return names
+    return None if value is None else parse_fp32_blocks(value)
 
 
 @user_errors

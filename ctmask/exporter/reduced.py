@@ -105,6 +105,27 @@ class ReducedOptions:
                               f"{self.measure_size}")
 
 
+def parse_fp32_blocks(value: str) -> tuple[str, ...]:
+    """``export --fp32-blocks``'s value: the named blocks (each once, in order), or () for ``none``.
+
+    Raises:
+        ConfigError: a value that names no block (it would reduce every block, S included,
+            silently), ``none`` next to block names, or an unknown block.
+    """
+    names = tuple(dict.fromkeys(b.strip() for b in value.split(",") if b.strip()))
+    if not names:
+        raise ConfigError(f"--fp32-blocks {value!r} names no block: pass block names (e.g. classifier,box_head) "
+                          "or `none` to reduce every block")
+    if names == ("none",):
+        return ()
+    if "none" in names:
+        raise ConfigError(f"--fp32-blocks {value!r}: `none` (reduce every block) cannot go with block names")
+    unknown = sorted(set(names) - set(BLOCKS))
+    if unknown:
+        raise ConfigError(f"unknown block(s) {unknown} in --fp32-blocks; blocks are {', '.join(BLOCKS)} (or none)")
+    return names
+
+
 def is_ranges_file(path: Path) -> bool:
     return path.suffix.lower() == ".json"
 
