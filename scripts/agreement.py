@@ -10,7 +10,6 @@ OUT/agreement-openvino.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ctmask.backends.parity import slice_labels
+from ctmask.core.fileio import sha256_file
 from ctmask.core.graphs import load_proto
 from ctmask.exporter.sensitivity import run_graph
 from ctmask.runtime.predict import collect_images
@@ -56,8 +56,7 @@ def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
     y = slice_labels(ok, split)
     ref = run_graph(load_proto(out / "fp32.onnx"), images)["logits"].argmax(-1)
     ev = json.loads((out / "eval.json").read_text())
-    fp32_sha = hashlib.sha256((out / "fp32.onnx").read_bytes()).hexdigest()
-    summary = {"n": len(ok), "fp32_sha256": fp32_sha, "fp32_accuracy": float(np.mean(ref == y)),
+    summary = {"n": len(ok), "fp32_sha256": sha256_file(out / "fp32.onnx"), "fp32_accuracy": float(np.mean(ref == y)),
                "pytorch_accuracy": ev["accuracy"],
                "pytorch_covid19_sensitivity": ev["per_class"]["covid19"]["sensitivity"],
                "noise_floor": {str(x["gray_levels"]): x["changed_calls"] for x in ev["noise_floor"]["levels"]}}

@@ -11,30 +11,29 @@ with other islands is never reused under a new setting.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from ctmask.core.errors import CtmaskError
+from ctmask.core.spec import GraphSpec
 from ctmask.exporter.reduced import parse_fp32_blocks
-
-ALWAYS_FP32 = {"ranking"}
+from ctmask.exporter.sensitivity import ALWAYS_FP32
 
 
 def held_blocks(graph: str) -> set[str]:
-    """The FP32 blocks a ctmask FP16 / INT8 graph records (``ranking`` left out)."""
+    """The FP32 blocks a ctmask FP16 / INT8 graph records (``ranking`` left out), read by the
+    runtime's own metadata reader (:meth:`ctmask.core.spec.GraphSpec.from_metadata`)."""
     try:
         meta = {p.key: p.value for p in onnx.load(graph, load_external_data=False).metadata_props}
     except (OSError, ValueError, DecodeError) as exc:  # a missing file, a folder, not ONNX
         raise CtmaskError(f"{graph}: not a readable ONNX graph ({type(exc).__name__}: {exc})") from None
-    if "ctmask.fp32_islands" not in meta:
-        raise CtmaskError(f"{graph}: records no FP32 islands (not a graph of `ctmask export --precision fp16|int8`)")
-    try:
-        return set(json.loads(meta["ctmask.fp32_islands"])) - ALWAYS_FP32
-    except (ValueError, TypeError) as exc:
-        raise CtmaskError(f"{graph}: its ctmask.fp32_islands is not a JSON object ({exc})") from None
+    spec = GraphSpec.from_metadata(meta, graph)
+    if spec.precision not in ("fp16", "int8") or "ctmask.fp32_islands" not in meta:
+        raise CtmaskError(f"{graph}: a {spec.precision} graph that records no FP32 islands (not a graph of "
+                          "`ctmask export --precision fp16|int8`)")
+    return set(spec.fp32_islands) - set(ALWAYS_FP32)
 
 
 def main(argv: list[str]) -> int:
@@ -42,7 +41,7 @@ def main(argv: list[str]) -> int:
         print("usage: python scripts/graph_islands.py BLOCKS [GRAPH...]", file=sys.stderr)
         return 2
     try:
-        asked = set(parse_fp32_blocks(argv[0])) - ALWAYS_FP32
+        asked = set(parse_fp32_blocks(argv[0])) - set(ALWAYS_FP32)
         for graph in argv[1:]:
             held = held_blocks(graph)
             if held != asked:

@@ -96,10 +96,7 @@ class ReducedOptions:
             raise ConfigError(f"--precision {self.precision} chooses its FP32 islands by measuring on calibration "
                               "slices: pass --calibration DIR|SPLIT, or reuse a measurement with --islands REPORT")
         if self.fp32_blocks is not None:
-            unknown = set(self.fp32_blocks) - set(BLOCKS)
-            if unknown:
-                raise ConfigError(f"unknown block(s) {sorted(unknown)} in --fp32-blocks; blocks are "
-                                  f"{', '.join(BLOCKS)}")
+            _check_known_blocks(self.fp32_blocks)
         if self.size < 1 or self.measure_size < 1:
             raise ConfigError(f"calibration and measurement sizes must be >= 1, got {self.size} and "
                               f"{self.measure_size}")
@@ -120,10 +117,14 @@ def parse_fp32_blocks(value: str) -> tuple[str, ...]:
         return ()
     if "none" in names:
         raise ConfigError(f"--fp32-blocks {value!r}: `none` (reduce every block) cannot go with block names")
+    _check_known_blocks(names)
+    return names
+
+
+def _check_known_blocks(names) -> None:
     unknown = sorted(set(names) - set(BLOCKS))
     if unknown:
         raise ConfigError(f"unknown block(s) {unknown} in --fp32-blocks; blocks are {', '.join(BLOCKS)} (or none)")
-    return names
 
 
 def is_ranges_file(path: Path) -> bool:
