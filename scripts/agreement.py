@@ -10,6 +10,7 @@ OUT/agreement-openvino.json.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ctmask.backends.parity import slice_labels
-from ctmask.core.fileio import sha256_file
+from ctmask.core.fileio import sha256_file, write_json_atomic
 from ctmask.core.graphs import load_proto
 from ctmask.exporter.sensitivity import run_graph
 from ctmask.runtime.predict import collect_images
@@ -56,7 +57,9 @@ def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
     y = slice_labels(ok, split)
     ref = run_graph(load_proto(out / "fp32.onnx"), images)["logits"].argmax(-1)
     ev = json.loads((out / "eval.json").read_text())
-    summary = {"n": len(ok), "fp32_sha256": sha256_file(out / "fp32.onnx"), "fp32_accuracy": float(np.mean(ref == y)),
+    slices = hashlib.sha256("\n".join(sorted(Path(p).name for p in ok)).encode()).hexdigest()
+    summary = {"n": len(ok), "fp32_sha256": sha256_file(out / "fp32.onnx"), "slices_sha256": slices,
+               "fp32_accuracy": float(np.mean(ref == y)),
                "pytorch_accuracy": ev["accuracy"],
                "pytorch_covid19_sensitivity": ev["per_class"]["covid19"]["sensitivity"],
                "noise_floor": {str(x["gray_levels"]): x["changed_calls"] for x in ev["noise_floor"]["levels"]}}
@@ -71,7 +74,8 @@ def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
         changed = int((calls != ref).sum())
         parity_file = out / f"parity-{g}.json"
         parity = json.loads(parity_file.read_text()) if parity_file.exists() else {}
-        s = summary[g] = {"agreement": 1 - changed / len(ok), "changed": changed,
+        s = summary[g] = {"graph_sha256": sha256_file(out / f"{g}.onnx"), "agreement": 1 - changed / len(ok),
+                          "changed": changed,
                           "accuracy": float(np.mean(calls == y)),
                           "covid19_sensitivity": float(np.mean(calls[cov] == 2)),
                           "convs": convs, "convs_quantized": quantized,
@@ -84,15 +88,18 @@ def main(out: Path, held: str, split: str, graphs: list[str]) -> None:
     name = "agreement.json" if backend == "onnxruntime" else f"agreement-{backend}.json"
     path = out / name
     # Another run's graphs (e.g. fp16 after the int8 ones) stay in the file, this run's replace theirs,
-    # when that run measured against the same FP32 graph on as many slices; else the file starts afresh.
+    # when that run measured against the same FP32 graph on the same slices; else the file starts afresh.
     try:
         kept = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
+    except (OSError, ValueError):
+        kept = None
+    key = ("fp32_sha256", "n", "slices_sha256")
+    if kept is None or not isinstance(kept, dict) or any(kept.get(k) != summary[k] for k in key):
+        if kept:
+            print(f"{path}: its other entries were measured against another FP32 graph or other slices (or the "
+                  "file is not an agreement summary): not kept")
         kept = {}
-    if kept and (kept.get("fp32_sha256"), kept.get("n")) != (summary["fp32_sha256"], summary["n"]):
-        print(f"{path}: its other entries were measured against another FP32 graph or slice count: not kept")
-        kept = {}
-    path.write_text(json.dumps({**kept, **summary}, indent=2))
+    write_json_atomic(path, {**kept, **summary})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ SUPPRESSION=${SUPPRESSION:-nms}
 ALSO=${ALSO:-}
 BENCH=${BENCH:-1}
 RESIDUALS=${RESIDUALS:-float}
-FP32_BLOCKS=${FP32_BLOCKS:-classifier}
+FP32_BLOCKS=${FP32_BLOCKS-classifier}
 [[ "${TAG:-}" =~ ^[A-Za-z0-9._-]*$ ]] || { echo "TAG '$TAG': letters, digits, '.', '_' and '-' only" >&2; exit 2; }
 TAG=${TAG:+-$TAG}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}

@@ -26,8 +26,8 @@ METHOD=${METHOD:-entropy}
 CAL_SIZE=${CAL_SIZE:-128}
 PARITY=${PARITY:-200}
 TARGETS=${TARGETS:-tensorrt cpu}
-FP32_BLOCKS=${FP32_BLOCKS:-classifier,box_head,box_predictor}
-PASS1_FP32_BLOCKS=${PASS1_FP32_BLOCKS:-classifier}
+FP32_BLOCKS=${FP32_BLOCKS-classifier,box_head,box_predictor}
+PASS1_FP32_BLOCKS=${PASS1_FP32_BLOCKS-classifier}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 CT=${CTMASK:-.venv/bin/ctmask}
 PY=${PYTHON:-.venv/bin/python}

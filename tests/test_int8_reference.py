@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -609,6 +610,13 @@ def test_a_ranges_file_with_an_unknown_residual_form_is_refused_by_export(int8_r
             assert res.exit_code != 0 and "options.residual must be one of float, int8, got " + json.dumps(value) \
                 in res.output and "bad.json" in res.output and "Traceback" not in res.output, res.output
             assert not (tmp_path / "g.onnx").exists()
+    from ctmask.core.errors import RangesError
+
+    d = json.loads(Path(int8_residual["ranges"]).read_text())
+    d["options"] = [["residual", "int8"]]  # dict() would take the pairs: an object is required
+    (tmp_path / "pairs.json").write_text(json.dumps(d))
+    with pytest.raises(RangesError, match="options must be a JSON object, got list"):
+        load_ranges(tmp_path / "pairs.json")
 
 
 def test_a_precision_report_of_the_other_residual_form_is_refused(int8_residual):

@@ -146,7 +146,10 @@ def load_ranges(path: str | Path) -> RangesFile:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}")
         ranges = {str(name): _pair(value) for name, value in dict(d["ranges"]).items()}
-        options = dict(d.get("options", {}))
+        options = d.get("options", {})
+        if not isinstance(options, dict):
+            raise TypeError(f"options must be a JSON object, got {type(options).__name__}")
+        options = dict(options)
         op_types = options.get("op_types")
         if op_types is not None and (not isinstance(op_types, list) or not op_types
                                      or not set(op_types) <= set(KNOWN_OPS)):
